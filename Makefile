@@ -1,0 +1,60 @@
+# The front door. `make help` lists the targets.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CACHE ?= $(HOME)/.cache/rlhf-operator
+LOCKS := images/operator/requirements.txt images/stages/requirements.txt tests/requirements-dev.txt
+# The virtualenv lives outside the clone, keyed by the lock files, so fresh clones reuse it.
+VENV := $(CACHE)/venv-$(shell cat $(LOCKS) | sha256sum | cut -c1-12)
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/stages
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv controlplane demo test test-fast lint fmt generate verify clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
+
+$(VENV)/.complete: $(LOCKS)
+	@echo "creating $(VENV) (first run only)"
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(addprefix -r ,$(LOCKS))
+	touch $@
+
+venv: $(VENV)/.complete ## create the Python environment (cached outside the clone)
+	ln -sfn $(VENV) .venv
+
+controlplane: ## build etcd, kube-apiserver and kubectl from their Go modules (cached)
+	bash tests/controlplane/build.sh >/dev/null
+
+setup: venv controlplane ## everything the demo and the tests need
+
+demo: venv ## run a complete tiny RLHF pipeline locally on the CPU and write a report
+	$(PY) -m rlhf_operator.cli quickstart --workdir $(or $(WORKDIR),$(CURDIR)/.quickstart)
+
+test: setup ## run the whole test suite against a real kube-apiserver
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv ## ruff, mypy and import-linter (module layering)
+	$(PY) -m ruff check operator stages tests images
+	$(PY) -m ruff format --check operator stages tests images
+	$(PY) -m mypy
+	cd $(CURDIR) && $(VENV)/bin/lint-imports
+
+fmt: venv ## format the code
+	$(PY) -m ruff format operator stages tests images
+	$(PY) -m ruff check --fix operator stages tests images
+
+generate: venv ## regenerate the CRD, the chart's CRD and docs/reference.md from the API models
+	$(PY) -m rlhf_operator.api.generate
+
+verify: venv lint ## fail if a generated file is stale, or lint fails
+	$(PY) -m rlhf_operator.api.generate --check
+
+clean: ## remove local outputs (not the caches)
+	rm -rf .quickstart .pytest_cache .mypy_cache .ruff_cache .venv

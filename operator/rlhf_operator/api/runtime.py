@@ -1,0 +1,118 @@
+"""The Kubernetes side of a run: image, scheduling, storage, secrets and Job policy."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from .base import ApiModel, Rule
+
+DEFAULT_STAGE_IMAGE = "ghcr.io/rlhf-operator/rlhf-stages:0.1.0"
+WORKSPACE_MOUNT_PATH = "/workspace"
+
+Quantity = Annotated[
+    str,
+    Field(
+        max_length=32,
+        pattern=r"^[+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+    ),
+]
+"""A Kubernetes resource quantity such as ``4``, ``500m`` or ``16Gi``."""
+
+DNSName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+
+
+class Resources(ApiModel):
+    """Compute for one stage's pod."""
+
+    gpus: Annotated[int, Field(ge=0, le=64)] = 1
+    """NVIDIA GPUs (``nvidia.com/gpu``); the stage runs one training process per GPU."""
+    cpu: Quantity | None = None
+    """CPU request and limit, e.g. ``8``."""
+    memory: Quantity | None = None
+    """Memory request and limit, e.g. ``64Gi``."""
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the run's namespace. Secret values never appear in specs, events or logs."""
+
+    name: DNSName
+    """Secret name."""
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+    """Key within the Secret."""
+
+
+class Secrets(ApiModel):
+    """Credentials, by reference only."""
+
+    hf_token: SecretKeyRef | None = None
+    """Hugging Face token, exposed to stages as ``HF_TOKEN`` (gated or private hub models and datasets)."""
+    wandb_api_key: SecretKeyRef | None = None
+    """Weights & Biases API key, exposed to stages as ``WANDB_API_KEY``."""
+
+
+class WandB(ApiModel):
+    """Weights & Biases reporting. Unset: stages report nowhere but the run's status."""
+
+    project: Annotated[str, Field(min_length=1, max_length=128)]
+    """W&B project."""
+    entity: Annotated[str, Field(max_length=128)] | None = None
+    """W&B team or user."""
+    mode: Literal["online", "offline"] = "online"
+    """``offline`` writes runs to the volume for a later ``wandb sync`` and needs no key."""
+
+
+class Storage(ApiModel):
+    """The shared volume, mounted at /workspace in every stage; checkpoints pass through it."""
+
+    rules = (
+        Rule(
+            cel="!has(self.existingClaim) || (!has(self.size) && !has(self.storageClassName))",
+            message="existingClaim uses a PVC you made; size and storageClassName only apply to one the operator creates",
+            field_path=".existingClaim",
+            check=lambda s: s.existing_claim is None or (s.size is None and s.storage_class_name is None),
+        ),
+    )
+
+    existing_claim: DNSName | None = None
+    """Use this existing PersistentVolumeClaim. Unset: the operator creates ``<run>-workspace``."""
+    size: Quantity | None = None
+    """Size of the PVC the operator creates (default 100Gi)."""
+    storage_class_name: DNSName | None = None
+    """StorageClass of the PVC the operator creates; unset uses the cluster default."""
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
+        default_factory=lambda: ["ReadWriteOnce"], min_length=1, max_length=3
+    )
+    """Access modes of the PVC the operator creates. Stages run one at a time, so RWO suffices."""
+    keep_on_delete: bool = False
+    """Keep an operator-created PVC (and the models on it) when the run is deleted."""
+
+
+class Runtime(ApiModel):
+    """Pod and Job settings applied to every stage's Job."""
+
+    image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_STAGE_IMAGE
+    """The stage image (``images/stages``)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Image pull policy."""
+    image_pull_secrets: list[DNSName] = Field(default_factory=list, max_length=16)
+    """Names of Secrets used to pull the image."""
+    service_account_name: DNSName | None = None
+    """ServiceAccount the stage pods run as; unset uses the namespace default."""
+    node_selector: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict, max_length=32)
+    """Node labels the stage pods must match, e.g. ``{nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB}``."""
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, max_length=32)
+    """Pod tolerations (core/v1 Toleration), e.g. for tainted GPU nodes."""
+    affinity: dict[str, Any] | None = None
+    """Pod affinity (core/v1 Affinity)."""
+    priority_class_name: DNSName | None = None
+    """PriorityClass of the stage pods."""
+    queue_name: DNSName | None = None
+    """Kueue LocalQueue; the Jobs are created suspended and labelled for Kueue to admit."""
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 2
+    """Retries of a stage's pod before the stage, and the run, fail. Config errors are never retried."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Time limit for each stage's Job."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Delete each finished stage Job after this many seconds (the run's status keeps the results)."""

@@ -1,0 +1,320 @@
+"""Per-stage configuration. The stage entrypoints load these same models from their config file."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from .base import ApiModel, Rule
+from .runtime import Resources
+from .sources import DatasetSource, ModelSource
+from .training import LoRA, Quantization, TrainingSettings
+
+DEFAULT_PROMPT_TEMPLATE = "Question: {question}\n\nAnswer: {response}"
+
+
+def _quantization_needs_lora() -> Rule:
+    # Server-side defaulting only fills objects the user wrote, hence the has() guards.
+    return Rule(
+        cel="!has(self.quantization) || !has(self.quantization.mode) || self.quantization.mode == 'none'"
+        " || !has(self.lora) || !has(self.lora.enabled) || self.lora.enabled",
+        message="quantization (8bit/4bit) trains through a LoRA adapter: set lora.enabled: true or quantization.mode: none",
+        field_path=".quantization",
+        check=lambda s: s.quantization.mode == "none" or s.lora.enabled,
+    )
+
+
+def _enabled_needs_dataset() -> Rule:
+    return Rule(
+        cel="(has(self.enabled) && !self.enabled) || has(self.dataset)",
+        message="an enabled stage needs a dataset (or set enabled: false)",
+        field_path=".dataset",
+        check=lambda s: not s.enabled or s.dataset is not None,
+    )
+
+
+def _template_rule(*required: str) -> Rule:
+    cel = " && ".join(f"self.promptTemplate.contains('{{{name}}}')" for name in required)
+    return Rule(
+        cel=f"!has(self.promptTemplate) || ({cel})",
+        message="promptTemplate must contain " + ", ".join(f"{{{name}}}" for name in required),
+        field_path=".promptTemplate",
+        check=lambda s: all(f"{{{name}}}" in s.prompt_template for name in required),
+    )
+
+
+PromptTemplate = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class StageBase(ApiModel):
+    """Fields every stage has."""
+
+    enabled: bool = True
+    """Run this stage. A disabled stage is reported as Skipped; later stages use its input instead."""
+    resources: Resources = Field(default_factory=Resources)
+    """Compute for this stage's pod."""
+
+
+class TrainedStage(StageBase):
+    """A stage that trains weights on a dataset."""
+
+    dataset: DatasetSource | None = None
+    """Training data."""
+    lora: LoRA = Field(default_factory=LoRA)
+    """LoRA adapter settings."""
+    quantization: Quantization = Field(default_factory=Quantization)
+    """Base-model quantization (QLoRA with 4bit)."""
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    """Optimisation settings."""
+
+
+class SFTStage(TrainedStage):
+    """Supervised fine-tuning of the base model on demonstrations."""
+
+    rules = (_enabled_needs_dataset(), _quantization_needs_lora(), _template_rule("response"))
+
+    prompt_template: PromptTemplate = DEFAULT_PROMPT_TEMPLATE
+    """Python format string over the dataset's columns. Everything before ``{response}`` is the prompt."""
+    system_column: Annotated[str, Field(max_length=128)] | None = None
+    """Column with a system prompt (e.g. OpenOrca's ``system_prompt``), prepended to the prompt when set."""
+    messages_column: Annotated[str, Field(max_length=128)] | None = None
+    """Column of chat messages (``[{role, content}]``); when set, the tokenizer's chat template is used
+    instead of promptTemplate."""
+    completion_only_loss: bool = True
+    """Compute the loss on the response tokens only, not the prompt."""
+
+
+class RewardStage(TrainedStage):
+    """Pairwise reward model: learns to score the chosen answer above the rejected one."""
+
+    rules = (_enabled_needs_dataset(), _quantization_needs_lora())
+
+    model: ModelSource | None = None
+    """Base of the reward model, e.g. ``OpenAssistant/reward-model-deberta-v3-large-v2``. Unset: the SFT model."""
+    prompt_template: PromptTemplate = "Question: {prompt}\n\nAnswer: "
+    """How a ``prompt`` column is rendered before the answer; unused when the dataset holds whole
+    transcripts in ``chosen``/``rejected`` (hh-rlhf)."""
+    max_length: Annotated[int, Field(ge=8, le=131072)] = 512
+    """Maximum tokens of prompt plus answer scored by the reward model."""
+
+
+class ResponseLength(ApiModel):
+    """Range of generated response lengths, in tokens."""
+
+    rules = (
+        Rule(
+            cel="!has(self.min) || !has(self.max) || self.min <= self.max",
+            message="min must not exceed max",
+            field_path=".min",
+            check=lambda r: r.min <= r.max,
+        ),
+    )
+
+    min: Annotated[int, Field(ge=1, le=8192)] = 4
+    """Fewest new tokens sampled per response."""
+    max: Annotated[int, Field(ge=1, le=8192)] = 32
+    """Most new tokens sampled per response."""
+
+
+class Generation(ApiModel):
+    """Sampling settings for rollouts."""
+
+    temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    """Softmax temperature."""
+    top_k: Annotated[int, Field(ge=0)] = 0
+    """Sample from the k most likely tokens; 0 disables."""
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """Nucleus sampling mass; 1 disables."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Further ``generate()`` keyword arguments, passed through as given (e.g. ``repetition_penalty``)."""
+
+
+class PolicyOptimisationBase(StageBase):
+    """What the on-policy methods (PPO, GRPO, RLOO) share: prompts, rollouts and the KL anchor."""
+
+    dataset: DatasetSource | None = None
+    """Prompts to roll out on (a ``prompt`` column, or columns filling promptTemplate)."""
+    prompt_template: PromptTemplate = "Question: {prompt}\n\nAnswer:"
+    """Python format string over the dataset's columns producing the prompt."""
+    lora: LoRA = Field(default_factory=LoRA)
+    """LoRA adapter on the policy; the reference model is the same weights with the adapter disabled."""
+    quantization: Quantization = Field(default_factory=Quantization)
+    """Base-model quantization."""
+    reward_model: ModelSource | None = None
+    """Reward model to optimise against. Unset: the output of this run's reward stage."""
+    generation: Generation = Field(default_factory=Generation)
+    """Sampling settings."""
+    response_length: ResponseLength = Field(default_factory=ResponseLength)
+    """Lengths of sampled responses."""
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 1.4e-5
+    """Policy learning rate."""
+    total_steps: Annotated[int, Field(ge=1)] = 100
+    """Optimisation steps (one batch of rollouts each)."""
+    save_freq: Annotated[int, Field(ge=1)] = 20
+    """Write a resumable checkpoint every N steps."""
+    missing_eos_penalty: Annotated[float, Field(ge=0.0)] | None = 1.0
+    """Subtracted from the reward of a response that did not end with EOS; unset disables."""
+    seed: Annotated[int, Field(ge=0)] = 42
+    """Random seed."""
+
+
+class PPOStage(PolicyOptimisationBase):
+    """Proximal policy optimisation against the reward model, with a KL penalty to the reference."""
+
+    rules = (
+        _enabled_needs_dataset(),
+        _quantization_needs_lora(),
+        Rule(
+            cel="!has(self.batchSize) || !has(self.miniBatchSize) || self.batchSize % self.miniBatchSize == 0",
+            message="miniBatchSize must divide batchSize",
+            field_path=".miniBatchSize",
+            check=lambda p: p.batch_size % p.mini_batch_size == 0,
+        ),
+        Rule(
+            cel="!has(self.miniBatchSize) || !has(self.batchSize) || self.miniBatchSize <= self.batchSize",
+            message="miniBatchSize must not exceed batchSize",
+            field_path=".miniBatchSize",
+            check=lambda p: p.mini_batch_size <= p.batch_size,
+        ),
+    )
+
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
+    """Prompts rolled out per step."""
+    mini_batch_size: Annotated[int, Field(ge=1, le=65536)] = 16
+    """Rollouts per gradient update; must divide batchSize."""
+    ppo_epochs: Annotated[int, Field(ge=1, le=100)] = 4
+    """Optimisation passes over each batch of rollouts."""
+    init_kl_coef: Annotated[float, Field(ge=0.0, le=100.0)] = 0.2
+    """Initial coefficient of the per-token KL penalty to the reference model."""
+    adaptive_kl: bool = True
+    """Adapt the KL coefficient towards klTarget (Ziegler et al. 2019)."""
+    kl_target: Annotated[float, Field(gt=0.0)] = 6.0
+    """Target KL per sequence for the adaptive controller."""
+    kl_horizon: Annotated[int, Field(ge=1)] = 10000
+    """Horizon of the adaptive controller, in rollouts."""
+    clip_range: Annotated[float, Field(gt=0.0, le=10.0)] = 0.2
+    """Policy ratio clip range."""
+    clip_range_value: Annotated[float, Field(gt=0.0, le=100.0)] = 0.2
+    """Value prediction clip range."""
+    value_loss_coef: Annotated[float, Field(ge=0.0, le=100.0)] = 0.1
+    """Weight of the value loss."""
+    gamma: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    """Discount factor."""
+    lam: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages per batch."""
+    max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
+    """Gradient clipping norm."""
+
+
+class GRPOStage(PolicyOptimisationBase):
+    """Group relative policy optimisation (TRL GRPOTrainer) with this run's reward model."""
+
+    rules = (_enabled_needs_dataset(), _quantization_needs_lora())
+
+    num_generations: Annotated[int, Field(ge=2, le=256)] = 4
+    """Completions sampled per prompt; advantages are relative within the group."""
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 8
+    """Prompts per step."""
+    beta: Annotated[float, Field(ge=0.0, le=100.0)] = 0.04
+    """KL coefficient to the reference model."""
+
+
+class RLOOStage(GRPOStage):
+    """REINFORCE leave-one-out (TRL RLOOTrainer) with this run's reward model."""
+
+    rules = (_enabled_needs_dataset(), _quantization_needs_lora())
+
+
+class DPOStage(TrainedStage):
+    """Direct preference optimisation on chosen/rejected pairs (TRL DPOTrainer)."""
+
+    rules = (_enabled_needs_dataset(), _quantization_needs_lora())
+
+    beta: Annotated[float, Field(gt=0.0, le=100.0)] = 0.1
+    """Strength of the implicit KL constraint to the reference."""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair"] = (
+        "sigmoid"
+    )
+    """DPO loss variant."""
+    prompt_template: PromptTemplate = "Question: {prompt}\n\nAnswer:"
+    """How a ``prompt`` column is rendered."""
+
+
+class ReSTStage(StageBase):
+    """ReST (Gulcehre et al. 2023): Grow (sample and score) then Improve (filter and fine-tune), repeated."""
+
+    rules = (
+        _enabled_needs_dataset(),
+        Rule(
+            cel="!has(self.thresholds) || self.thresholds.all(t, t >= 0.0 && t < 1.0)",
+            message="thresholds are reward quantiles in [0, 1)",
+            field_path=".thresholds",
+            check=lambda r: all(0.0 <= t < 1.0 for t in r.thresholds),
+        ),
+    )
+
+    dataset: DatasetSource | None = None
+    """Prompts for the Grow step."""
+    prompt_template: PromptTemplate = "Question: {prompt}\n\nAnswer:"
+    """How a ``prompt`` column is rendered."""
+    grow_steps: Annotated[int, Field(ge=1, le=100)] = 2
+    """Grow iterations; each samples a fresh dataset from the current policy."""
+    samples_per_prompt: Annotated[int, Field(ge=1, le=256)] = 4
+    """Completions sampled per prompt in a Grow step."""
+    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], min_length=1, max_length=32)
+    """Rising reward-quantile thresholds, one per Improve step within a Grow step."""
+    lora: LoRA = Field(default_factory=LoRA)
+    """LoRA adapter settings."""
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    """Optimisation settings of each Improve step."""
+    generation: Generation = Field(default_factory=Generation)
+    """Sampling settings of the Grow step."""
+    response_length: ResponseLength = Field(default_factory=ResponseLength)
+    """Lengths of sampled responses."""
+
+
+class RLAIFStage(StageBase):
+    """AI feedback: a judge model labels preference pairs under a written constitution."""
+
+    rules = (
+        _enabled_needs_dataset(),
+        Rule(
+            cel="has(self.constitution) != has(self.constitutionConfigMap)",
+            message="set exactly one of constitution (a list of principles) or constitutionConfigMap",
+            field_path=".constitution",
+            check=lambda r: (r.constitution is None) != (r.constitution_config_map is None),
+        ),
+    )
+
+    judge: ModelSource
+    """The judge: a causal LM that compares two answers under the constitution."""
+    constitution: list[Annotated[str, Field(min_length=1, max_length=2048)]] | None = Field(
+        default=None, min_length=1, max_length=64
+    )
+    """Principles the judge applies, e.g. ``Prefer the answer that is kind and on topic.``"""
+    constitution_config_map: Annotated[str, Field(max_length=253)] | None = None
+    """ConfigMap (key ``constitution``, one principle per line) holding the principles instead."""
+    dataset: DatasetSource | None = None
+    """Prompts whose completions are labelled."""
+    prompt_template: PromptTemplate = "Question: {prompt}\n\nAnswer:"
+    """How a ``prompt`` column is rendered."""
+    both_orders: bool = True
+    """Ask the judge with both answer orders and keep agreeing verdicts (mitigates position bias)."""
+    then: Literal["PPO", "DPO"] = "PPO"
+    """What consumes the labelled pairs: a reward model then PPO, or DPO directly."""
+    generation: Generation = Field(default_factory=Generation)
+    """Sampling settings for the completions to be judged."""
+    response_length: ResponseLength = Field(default_factory=ResponseLength)
+    """Lengths of sampled completions."""
+
+
+class MergeStage(StageBase):
+    """Folds the LoRA adapter into the base weights: a standalone model and tokenizer."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype of the merged weights."""
+    resources: Resources = Field(default_factory=lambda: Resources(gpus=0, cpu="4", memory="32Gi"))
+    """Merging needs no GPU, only memory for the full weights."""

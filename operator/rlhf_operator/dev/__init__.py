@@ -1,0 +1,1 @@
+"""Development-only helpers: a local control plane and a Job executor. Never used in production."""

@@ -1,0 +1,191 @@
+"""A real, local Kubernetes control plane for tests and `rlhfctl dev` (not a production component).
+
+Starts etcd and kube-apiserver (built from their Go modules by ``tests/controlplane/build.sh``)
+on free loopback ports, with RBAC on and static-token users: an admin (system:masters) and
+the operator's own identity, which holds no rights until RBAC grants them. There is no kubelet,
+scheduler or controller-manager; ``rlhf_operator.dev.executor`` plays the Job controller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+BUILD_SCRIPT = REPO / "tests" / "controlplane" / "build.sh"
+OPERATOR_USER = "system:serviceaccount:rlhf-system:rlhf-operator"
+
+
+def binaries_dir() -> Path:
+    """Directory holding etcd, kube-apiserver and kubectl; builds them on first use (cached)."""
+    override = os.environ.get("RLHF_CONTROLPLANE_BIN")
+    if override:
+        return Path(override)
+    out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    token: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass
+class ControlPlane:
+    """A running etcd + kube-apiserver pair and the credentials to reach it."""
+
+    workdir: Path
+    bin_dir: Path
+    url: str
+    ca_file: Path
+    admin: User
+    operator: User
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def kubeconfig(self, user: User | None = None, path: Path | None = None) -> Path:
+        """Writes a kubeconfig for ``user`` (default: admin) and returns its path."""
+        user = user or self.admin
+        path = path or self.workdir / f"kubeconfig-{user.name.replace(':', '-')}"
+        path.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters:\n- name: local\n  cluster:\n    server: {self.url}\n"
+            f"    certificate-authority: {self.ca_file}\n"
+            f"users:\n- name: {user.name}\n  user:\n    token: {user.token}\n"
+            f"contexts:\n- name: local\n  context:\n    cluster: local\n    user: {user.name}\n"
+            "current-context: local\n"
+        )
+        path.chmod(0o600)
+        return path
+
+    def kubectl(self, *args: str, user: User | None = None, input: str | None = None, check: bool = True) -> str:
+        """Runs the kubectl built with the control plane; returns stdout, raises with stderr on failure."""
+        cmd = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig(user)), *args]
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        return proc.stdout if check else proc.stdout + proc.stderr
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+
+
+def _wait_ready(url: str, token: str, ca_file: Path, procs: list[subprocess.Popen[bytes]], log: Path) -> None:
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file.exists() else ssl._create_unverified_context()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"control plane process exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
+        request = urllib.request.Request(f"{url}/readyz", headers={"Authorization": f"Bearer {token}"})
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            with urllib.request.urlopen(request, context=context, timeout=5) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.5)
+    raise TimeoutError(f"kube-apiserver not ready after 120 s; see {log}")
+
+
+def start(workdir: Path | None = None, bin_dir: Path | None = None) -> ControlPlane:
+    """Starts etcd and kube-apiserver; the caller must ``stop()`` the result."""
+    bin_dir = bin_dir or binaries_dir()
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="rlhf-controlplane-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    certs = workdir / "certs"
+    certs.mkdir(exist_ok=True)
+    sa_key = certs / "sa.key"
+    subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
+
+    admin = User("admin", secrets.token_hex(16), ("system:masters",))
+    operator = User(OPERATOR_USER, secrets.token_hex(16), ("system:serviceaccounts", "system:serviceaccounts:rlhf-system"))
+    tokens = workdir / "tokens.csv"
+    tokens.write_text(
+        "".join(f'{u.token},{u.name},{u.name},"{",".join(u.groups)}"\n' for u in (admin, operator))
+    )
+    tokens.chmod(0o600)
+
+    etcd_client, etcd_peer, api_port = free_port(), free_port(), free_port()
+    log = workdir / "controlplane.log"
+    log_file = log.open("ab")
+    etcd = subprocess.Popen(
+        [
+            str(bin_dir / "etcd"),
+            "--data-dir", str(workdir / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_client}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_client}",
+            "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-cluster", f"default=http://127.0.0.1:{etcd_peer}",
+            "--unsafe-no-fsync",  # test data only: trades durability for speed
+            "--log-level", "warn",
+        ],
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    apiserver = subprocess.Popen(
+        [
+            str(bin_dir / "kube-apiserver"),
+            "--etcd-servers", f"http://127.0.0.1:{etcd_client}",
+            "--bind-address", "127.0.0.1",
+            "--advertise-address", "127.0.0.1",
+            "--secure-port", str(api_port),
+            "--cert-dir", str(certs),
+            "--authorization-mode", "RBAC",
+            "--token-auth-file", str(tokens),
+            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file", str(sa_key),
+            "--service-account-signing-key-file", str(sa_key),
+            "--service-cluster-ip-range", "10.96.0.0/16",
+            "--disable-admission-plugins", "ServiceAccount",
+            "--v", "1",
+        ],
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"https://127.0.0.1:{api_port}"
+    plane = ControlPlane(workdir, bin_dir, url, certs / "apiserver.crt", admin, operator, [etcd, apiserver])
+    try:
+        _wait_ready(url, admin.token, plane.ca_file, plane.processes, log)
+    except BaseException:
+        plane.stop()
+        raise
+    return plane
+
+
+@contextlib.contextmanager
+def running(workdir: Path | None = None) -> Iterator[ControlPlane]:
+    """Context manager form of ``start()`` that always stops and cleans up."""
+    owned = workdir is None
+    plane = start(workdir)
+    try:
+        yield plane
+    finally:
+        plane.stop()
+        if owned:
+            shutil.rmtree(plane.workdir, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Stage entry points run inside the RLHF pipeline Jobs."""
