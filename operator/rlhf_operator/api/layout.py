@@ -1,0 +1,136 @@
+"""The contract between the operator and the stages: invocation, volume layout, results.
+
+Everything a stage reads or writes on the shared volume is named here, once, so the operator
+(which reports artifact paths) and the stages (which write them) cannot disagree. See
+docs/stage-protocol.md for the prose version.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from .base import ApiModel
+from .run import RLHFRunSpec
+
+INVOCATION_KIND = "StageInvocation"
+CONFIG_MOUNT_PATH = "/etc/rlhf"
+CONFIG_FILE_NAME = "invocation.yaml"
+TERMINATION_LOG_ENV = "RLHF_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a termination message
+MANIFEST_FILE = "manifest.json"
+
+# Exit codes with a meaning to the Job's podFailurePolicy: configuration and input errors are
+# never retried (retrying cannot fix them); anything else is retried up to backoffLimit.
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 2
+EXIT_INPUT_MISSING = 3
+NON_RETRYABLE_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_INPUT_MISSING)
+
+# Stages that train an adapter (or full weights) on top of the current policy.
+POLICY_STAGES = frozenset({"sft", "ppo", "dpo", "rest", "grpo", "rloo"})
+
+
+class RunRef(ApiModel):
+    """Which run a stage belongs to."""
+
+    namespace: Annotated[str, Field(max_length=63)] = "default"
+    """Namespace of the RLHFRun."""
+    name: Annotated[str, Field(max_length=63)]
+    """Name of the RLHFRun."""
+    uid: str | None = None
+    """UID of the RLHFRun, recorded in manifests."""
+
+
+class StageInvocation(ApiModel):
+    """What a stage container is given: the whole run spec plus where it lives on the volume."""
+
+    api_version: Literal["rlhf-operator.io/v1alpha1"] = "rlhf-operator.io/v1alpha1"
+    """API version."""
+    kind: Literal["StageInvocation"] = INVOCATION_KIND
+    """Kind."""
+    stage: Annotated[str, Field(max_length=32)]
+    """The stage to run (a name from the method's pipeline)."""
+    run: RunRef
+    """The run this stage belongs to."""
+    workspace: str = "/workspace"
+    """Mount path of the shared volume; every spec path is relative to it."""
+    spec: RLHFRunSpec
+    """The run's spec, as admitted."""
+
+    @property
+    def run_dir(self) -> PurePosixPath:
+        return run_dir(self.run.namespace, self.run.name)
+
+
+class StageResult(ApiModel):
+    """What a stage reports when it exits: written as JSON to its termination log (at most 4 KiB)."""
+
+    stage: str
+    """Stage name."""
+    succeeded: bool
+    """Whether the stage finished its work."""
+    step: int = 0
+    """Last completed step."""
+    total_steps: int | None = None
+    """Planned steps."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Final metrics (a few headline numbers; the full history is in the manifest)."""
+    artifact_path: str | None = None
+    """Output directory, relative to the volume root."""
+    message: str | None = None
+    """Error or summary for humans."""
+    exit_code: int = 0
+    """The process exit code."""
+
+
+def run_dir(namespace: str, name: str) -> PurePosixPath:
+    """Directory of a run on the volume, relative to its root."""
+    return PurePosixPath("runs") / namespace / name
+
+
+def stage_output(run: PurePosixPath, stage: str) -> PurePosixPath:
+    """A stage's final output directory (appears atomically, complete with its manifest)."""
+    return run / stage
+
+
+def stage_checkpoints(run: PurePosixPath, stage: str) -> PurePosixPath:
+    """Where a stage keeps resumable checkpoints while it runs."""
+    return run / f"{stage}.checkpoints"
+
+
+def stage_progress_file(run: PurePosixPath, stage: str) -> PurePosixPath:
+    """Progress of a running stage (JSON), rewritten as it goes."""
+    return run / f"{stage}.progress.json"
+
+
+def enabled_before(spec: RLHFRunSpec, stage: str) -> list[str]:
+    """Enabled stages that run before ``stage`` in this run's pipeline."""
+    pipeline = spec.pipeline()
+    earlier = pipeline[: pipeline.index(stage)]
+    return [s for s in earlier if spec.stage(s) is not None and spec.stage(s).enabled]
+
+
+def policy_base(spec: RLHFRunSpec, stage: str, run: PurePosixPath) -> PurePosixPath | None:
+    """The standalone model a policy stage starts from: SFT's output if SFT ran, else None (the base).
+
+    SFT always leaves a standalone model (its LoRA merged), so preference and RL stages train a
+    fresh adapter on it and use it, adapter disabled, as their reference.
+    """
+    if "sft" in enabled_before(spec, stage) and stage != "sft":
+        return stage_output(run, "sft") / "model"
+    return None
+
+
+def last_policy_stage(spec: RLHFRunSpec) -> str | None:
+    """The last enabled stage before merge that changes the policy."""
+    stages = [s for s in enabled_before(spec, "merge") if s in POLICY_STAGES]
+    return stages[-1] if stages else None
+
+
+def describe(spec: RLHFRunSpec) -> dict[str, Any]:
+    """Stage-by-stage plan for humans (used by `rlhfctl render` and docs)."""
+    return {s: bool(spec.stage(s) is not None and spec.stage(s).enabled) for s in spec.pipeline()}
