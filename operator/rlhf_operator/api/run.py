@@ -235,6 +235,8 @@ class RLHFRunStatus(ApiModel):
     """When the first stage started."""
     completion_time: str | None = None
     """When the run succeeded or failed."""
+    retry_token: Annotated[str, Field(max_length=253)] | None = None
+    """The value of the ``rlhf-operator.io/retry`` annotation last acted upon (see docs/operator.md)."""
 
 
 class RLHFRun(ApiModel):
