@@ -2,8 +2,9 @@
 
 Starts etcd and kube-apiserver (built from their Go modules by ``tests/controlplane/build.sh``)
 on free loopback ports, with RBAC on and static-token users: an admin (system:masters) and
-the operator's own identity, which holds no rights until RBAC grants them. There is no kubelet,
-scheduler or controller-manager; ``rlhf_operator.dev.executor`` plays the Job controller.
+the operator's own identity, which holds no rights until RBAC grants them. kube-controller-manager
+runs with its garbage collector only, so owner references cascade deletions as in a real cluster.
+There is no kubelet, scheduler or Job controller; ``rlhf_operator.dev.executor`` plays those.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO / "tests" / "controlplane" / "build.sh"
@@ -172,10 +174,27 @@ def start(workdir: Path | None = None, bin_dir: Path | None = None) -> ControlPl
     plane = ControlPlane(workdir, bin_dir, url, certs / "apiserver.crt", admin, operator, [etcd, apiserver])
     try:
         _wait_ready(url, admin.token, plane.ca_file, plane.processes, log)
+        plane.processes.append(_start_garbage_collector(plane, log_file))
     except BaseException:
         plane.stop()
         raise
     return plane
+
+
+def _start_garbage_collector(plane: ControlPlane, log_file: Any) -> subprocess.Popen[bytes]:
+    """kube-controller-manager with only the garbage collector: deleting a run deletes what it owns."""
+    return subprocess.Popen(
+        [
+            str(plane.bin_dir / "kube-controller-manager"),
+            "--kubeconfig", str(plane.kubeconfig(plane.admin, plane.workdir / "kubeconfig-controller-manager")),
+            "--controllers", "garbagecollector",
+            "--leader-elect=false",
+            "--secure-port", "0",
+            "--concurrent-gc-syncs", "5",
+            "--v", "1",
+        ],
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
 
 
 @contextlib.contextmanager
