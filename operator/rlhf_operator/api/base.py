@@ -18,6 +18,10 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 
+RULE_ERROR = "rlhf_rule"
+"""Pydantic error type of a failed cross-field rule; its context names the offending field."""
+
+
 @dataclass(frozen=True)
 class Rule:
     """A cross-field check, evaluated by the API server (CEL) and by Python alike."""
@@ -48,6 +52,8 @@ class ApiModel(BaseModel):
         use_attribute_docstrings=True,
         validate_default=True,
         frozen=True,
+        # Strict, like the API server: "yes" is not a boolean and "3" is not an integer.
+        strict=True,
     )
 
     rules: ClassVar[tuple[Rule, ...]] = ()
@@ -57,8 +63,7 @@ class ApiModel(BaseModel):
         for rule in type(self).rules:
             if not rule.check(self):
                 where = (rule.field_path or "").lstrip(".")
-                text = f"{where}: {rule.message}" if where else rule.message
-                raise PydanticCustomError("rule", text)
+                raise PydanticCustomError(RULE_ERROR, "{message}", {"field": where, "message": rule.message})
         return self
 
     @classmethod

@@ -1,0 +1,48 @@
+"""Small builders for RLHFRun manifests used across tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+def load_example(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "examples" / name).read_text())
+
+
+def minimal_run(name: str = "run") -> dict[str, Any]:
+    """The smallest valid PPO run."""
+    return {
+        "apiVersion": "rlhf-operator.io/v1alpha1",
+        "kind": "RLHFRun",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"name": "facebook/opt-350m"},
+            "sft": {"dataset": {"name": "Open-Orca/OpenOrca"}},
+            "reward": {"dataset": {"name": "Anthropic/hh-rlhf"}},
+            "ppo": {"dataset": {"name": "Open-Orca/OpenOrca", "columns": {"prompt": "question"}}},
+        },
+    }
+
+
+_DELETE = object()
+
+
+def patched(doc: dict[str, Any], path: str, value: Any = _DELETE) -> dict[str, Any]:
+    """A copy of ``doc`` with the dotted ``path`` set to ``value`` (or removed when no value is given)."""
+    out = copy.deepcopy(doc)
+    *parents, leaf = path.split(".")
+    node = out
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is _DELETE:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+    return out

@@ -1,0 +1,94 @@
+"""The API models themselves: documentation, generated files, defaults, offline validation."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rlhf_operator.api import RLHFRun, RLHFRunSpec
+from rlhf_operator.api.generate import GENERATED, stale_files
+from rlhf_operator.api.reference import _walk
+from rlhf_operator.api.validation import validate_manifest
+
+from .builders import EXAMPLES, REPO, minimal_run, patched
+
+
+def test_every_field_of_every_type_is_documented():
+    undocumented = [
+        f"{model.__name__}.{name}"
+        for model in _walk(RLHFRun)
+        for name, field in model.model_fields.items()
+        if not (field.description or "").strip()
+    ]
+    assert undocumented == []
+
+
+def test_every_type_is_documented():
+    assert [m.__name__ for m in _walk(RLHFRun) if not (m.__doc__ or "").strip()] == []
+
+
+def test_generated_files_are_fresh():
+    assert stale_files() == [], "run `make generate`"
+
+
+def test_stale_check_detects_an_edit(tmp_path):
+    for rel, produce in GENERATED.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(produce())
+    assert stale_files(tmp_path) == []
+    crd = tmp_path / "crds/rlhfruns.rlhf-operator.io.yaml"
+    crd.write_text(crd.read_text().replace("miniBatchSize", "minibatchSize"))
+    assert stale_files(tmp_path) == ["crds/rlhfruns.rlhf-operator.io.yaml"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_validate_offline(example):
+    model, errors = validate_manifest(yaml.safe_load(example.read_text()))
+    assert errors == []
+    assert model is not None
+
+
+def test_minimal_example_is_short():
+    lines = [ln for ln in (REPO / "examples/minimal.yaml").read_text().splitlines() if ln.strip()]
+    assert len(lines) <= 15
+
+
+def test_defaults_fill_a_minimal_spec():
+    run = RLHFRun.model_validate(minimal_run())
+    assert run.spec.pipeline() == ("sft", "reward", "ppo", "merge")
+    assert run.spec.ppo is not None and run.spec.ppo.adaptive_kl is True
+    assert run.spec.sft is not None and run.spec.sft.lora.enabled is True
+    assert run.spec.merge.enabled is True
+
+
+def test_wire_form_round_trips():
+    spec = RLHFRun.model_validate(minimal_run()).spec
+    again = RLHFRunSpec.model_validate(spec.to_wire())
+    assert again == spec
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "pipeline"),
+    [
+        ("DPO", {"dpo": {"dataset": {"name": "a/b"}}}, ("sft", "dpo", "merge")),
+        ("GRPO", {"grpo": {"dataset": {"name": "a/b"}}}, ("sft", "reward", "grpo", "merge")),
+        ("RLAIF", {"rlaif": {"judge": {"name": "a/j"}, "constitution": ["be kind"], "dataset": {"name": "a/b"}}},
+         ("sft", "rlaif", "reward", "ppo", "merge")),
+        ("RLAIF", {"rlaif": {"judge": {"name": "a/j"}, "constitution": ["be kind"], "dataset": {"name": "a/b"},
+                             "then": "DPO"}, "dpo": {"dataset": {"name": "a/b"}}},
+         ("sft", "rlaif", "dpo", "merge")),
+    ],
+)
+def test_methods_choose_their_pipeline(method, extra, pipeline):
+    doc = patched(minimal_run(), "spec.method", method)
+    doc["spec"].update(extra)
+    model, errors = validate_manifest(doc)
+    assert errors == []
+    assert model is not None and model.spec.pipeline() == pipeline
+
+
+def test_errors_name_every_bad_field_at_once():
+    doc = patched(patched(minimal_run(), "spec.ppo.miniBatchSize", 0), "spec.sft.lora", {"r": 0})
+    _, errors = validate_manifest(doc)
+    assert any(e.startswith("spec.ppo.miniBatchSize") for e in errors)
+    assert any(e.startswith("spec.sft.lora.r") for e in errors)
