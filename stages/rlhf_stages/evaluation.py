@@ -24,6 +24,7 @@ template) or a ``question`` column (formatted here with ``--template``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
 _WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)?")
 _POSITIVE = frozenset(POSITIVE_WORDS)
 _NEGATIVE = frozenset(NEGATIVE_WORDS)
-_TOPICS = frozenset(ALL_TOPICS)
+_TOPIC_PAIRS = frozenset((t.split()[0], t.split()[1]) for t in ALL_TOPICS)
 
 MIN_WORDS = 3
 MAX_WORDS = 24
@@ -69,9 +70,15 @@ def words(text: str) -> list[str]:
     return _WORD_RE.findall(text.lower())
 
 
+def topics_in(text: str) -> list[str]:
+    """Known topics ("old lake") mentioned in ``text``, in order."""
+    ws = words(text)
+    return [f"{a} {b}" for a, b in itertools.pairwise(ws) if (a, b) in _TOPIC_PAIRS]
+
+
 def prompt_topic(prompt: str) -> str | None:
-    """The topic a prompt asks about: the last known topic word in it."""
-    found = [w for w in words(prompt) if w in _TOPICS]
+    """The topic a prompt asks about: the last known topic in it."""
+    found = topics_in(prompt)
     return found[-1] if found else None
 
 
@@ -114,16 +121,18 @@ def check_target(text: str, prompt: str | None = None) -> TargetCheck:
 
     ``text`` is the completion (the answer only; a leading copy of ``prompt``
     is stripped).  With a ``prompt`` naming a known topic the answer must
-    mention that topic; without one any known topic counts.
+    mention that exact topic (both words, adjacent); without one any known
+    topic counts.
     """
     if prompt is not None and text.startswith(prompt):
-        text = text[len(prompt):]
+        text = text[len(prompt) :]
     stripped = text.strip()
     ws = words(stripped)
     counts = Counter(ws)
     topic = prompt_topic(prompt) if prompt is not None else None
-    on_topic = (topic in counts) if topic is not None else any(w in _TOPICS for w in ws)
-    immediate_repeat = any(a == b for a, b in zip(ws, ws[1:]))
+    mentioned = topics_in(stripped)
+    on_topic = (topic in mentioned) if topic is not None else bool(mentioned)
+    immediate_repeat = any(a == b for a, b in itertools.pairwise(ws))
     return TargetCheck(
         num_words=len(ws),
         positive=sum(1 for w in ws if w in _POSITIVE),
@@ -142,15 +151,18 @@ def meets_target(text: str, prompt: str | None = None) -> bool:
 
 
 def ground_truth_score(text: str, prompt: str | None = None) -> float:
-    """-1 for a malformed answer, else (pos - neg) / (pos + neg) in [-1, 1].
+    """Graded ground truth in [-1, 1], positive exactly when :func:`meets_target`.
 
-    Positive exactly when :func:`meets_target` is true; a neutral but
-    well-formed answer scores 0.
+    With ``s = (pos - neg) / (pos + neg)`` over sentiment words (0 without
+    any): a malformed answer (empty, cut off, off-topic, repetitive, bad
+    length) scores -1, a well-formed one ``s`` when ``s > 0`` and ``s / 2``
+    otherwise, so a fluent negative answer (-0.5) still ranks above garbage.
     """
     check = check_target(text, prompt)
     if not check.well_formed:
         return -1.0
-    return (check.positive - check.negative) / max(1, check.positive + check.negative)
+    s = (check.positive - check.negative) / max(1, check.positive + check.negative)
+    return s if s > 0 else s / 2
 
 
 # --------------------------------------------------------------------------
@@ -234,7 +246,7 @@ def generate_completions(
                 enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 out = model.generate(**enc, generation_config=gen_config)
                 new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
-                for prompt, ids in zip(batch, new_tokens):
+                for prompt, ids in zip(batch, new_tokens, strict=True):
                     cut = next((i for i, t in enumerate(ids) if t in eos_ids), None)
                     answer = ids if cut is None else ids[:cut]
                     results.append(
@@ -283,7 +295,7 @@ def score_with_reward_model(
     max_len = getattr(reward_model.config, "max_position_embeddings", None)
 
     sequences: list[list[int]] = []
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         if isinstance(completion, Completion):
             text, ended = completion.text, completion.ended_with_eos
         else:
@@ -321,7 +333,7 @@ def score_with_reward_model(
             for group in groups:
                 input_ids = torch.tensor([sequences[i] for i in group], device=device)
                 logits = reward_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
-                for i, value in zip(group, logits[:, 0].float().tolist()):
+                for i, value in zip(group, logits[:, 0].float().tolist(), strict=True):
                     scores[i] = float(value)
     finally:
         if pad_collides:
@@ -401,7 +413,7 @@ def evaluate_policy(
             "ground_truth": gt,
             "reward": None if rewards is None else rewards[i],
         }
-        for i, (c, chk, gt) in enumerate(zip(completions, checks, gt_scores))
+        for i, (c, chk, gt) in enumerate(zip(completions, checks, gt_scores, strict=True))
     ][:num_examples]
     return {
         "num_prompts": len(prompts),
@@ -443,13 +455,16 @@ def _has_tokenizer(path: Path) -> bool:
 
 def load_policy(path: Path, device: str = "cpu") -> Any:
     """A causal LM from a full checkpoint or a PEFT adapter directory."""
+    model: Any
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
-        return AutoPeftModelForCausalLM.from_pretrained(str(path)).to(device)
-    from transformers import AutoModelForCausalLM
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path))
+    else:
+        from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path)).to(device)
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+    return model.to(device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ Usage::
 
 Layout written under ``DIR``::
 
-    tokenizer/            PreTrainedTokenizerFast (byte-level BPE, ~500 tokens)
+    tokenizer/            PreTrainedTokenizerFast (byte-level BPE, ~550 tokens)
     base-model/           tiny LlamaForCausalLM (+ the tokenizer files)
     data/sft.jsonl                 system_prompt, question, response (+ id, topic, target)
     data/sft_eval.jsonl            same columns, unseen topics only
@@ -24,24 +24,27 @@ Layout written under ``DIR``::
 
 The task
 --------
-Every prompt asks about one *topic* ("how is the lake?").  A response meets
-the **target behaviour** when it is a complete sentence (ends with ".", "!" or
-"?") that mentions the asked topic, uses more positive than negative words
-(see ``POSITIVE_WORDS`` / ``NEGATIVE_WORDS``) and is not repetitive.  SFT data
+Every prompt asks about one *topic*, a modifier and a place ("how is the
+old lake?").  A response meets the **target behaviour** when it is a complete
+sentence (ends with ".", "!" or "?") that mentions the asked topic (both
+words), uses more positive than negative words (see ``POSITIVE_WORDS`` /
+``NEGATIVE_WORDS``), has 3-24 words and repeats no word more than twice (nor
+twice in a row).  Answers in the data have 7-11 words.  SFT data
 is a 50/50 mix of positive and negative answers, so an SFT policy hits the
 target only about half of the time and RL has something to improve.
 ``rlhf_stages.evaluation.meets_target`` is the programmatic check.
 
-Topics in ``HELD_OUT_TOPICS`` never occur in a training file; they only occur
-in the ``*_eval`` files and ``eval_prompts.jsonl``.
+Topics in ``HELD_OUT_TOPICS`` (unseen modifier/place combinations) never
+occur in a training file; they only occur in the ``*_eval`` files and
+``eval_prompts.jsonl``.
 
 Prompt template
 ---------------
 ``DEFAULT_PROMPT_TEMPLATE = "Question: {question}\\n\\nAnswer: {response}"``.
 The *prompt* is the template text before ``{response}`` with trailing spaces
-removed, i.e. ``"Question: how is the lake?\\n\\nAnswer:"`` -- it ends with
+removed, i.e. ``"Question: how is the old lake?\\n\\nAnswer:"`` -- it ends with
 the colon, with NO trailing space.  The *completion* carries the separator:
-``" the lake is lovely and calm."`` (one leading space).  ``prompt +
+``" the old lake is lovely and calm."`` (one leading space).  ``prompt +
 completion`` is exactly the rendered template.  Byte-level BPE encodes the
 leading space into the first completion token ("Ġthe"), so tokenising the
 prompt and the completion separately or together gives the same ids.
@@ -84,25 +87,71 @@ UNK_TOKEN = "<unk>"
 
 TOKENIZER_VOCAB_SIZE = 600
 
-# Fixed (not seed dependent) so that every build, and every engineer, agrees
-# on which topics are unseen.
-TRAIN_TOPICS: tuple[str, ...] = (
-    "lake", "park", "garden", "river", "forest", "beach", "city", "village",
-    "road", "bridge", "market", "library", "school", "museum", "house",
-    "kitchen", "mountain", "island", "farm", "field", "station", "hotel",
-    "cafe", "street", "valley", "harbor",
+# A topic is "<modifier> <place>" ("old lake").  Held-out topics are unseen
+# *combinations* of words that training does use: a single unseen topic word
+# would be an untrained token that a tiny model cannot produce, whereas an
+# unseen combination tests whether the policy copies the asked topic instead
+# of memorising topic -> answer.  Fixed (not seed dependent) so that every
+# build, and every engineer, agrees on which topics are unseen.
+MODIFIERS: tuple[str, ...] = ("old", "new", "big", "small", "north", "south", "east", "west")
+PLACES: tuple[str, ...] = (
+    "lake",
+    "park",
+    "garden",
+    "river",
+    "forest",
+    "beach",
+    "village",
+    "bridge",
+    "market",
+    "library",
+    "school",
+    "museum",
+    "station",
+    "hotel",
+    "harbor",
+    "castle",
 )
-HELD_OUT_TOPICS: tuple[str, ...] = ("castle", "meadow", "tower", "bakery")
-ALL_TOPICS: tuple[str, ...] = TRAIN_TOPICS + HELD_OUT_TOPICS
+# One combination per modifier, each with a different place, so every word
+# of a held-out topic still occurs (with other partners) in training.
+HELD_OUT_TOPICS: tuple[str, ...] = tuple(f"{m} {PLACES[2 * i + 1]}" for i, m in enumerate(MODIFIERS))
+ALL_TOPICS: tuple[str, ...] = tuple(f"{m} {p}" for m in MODIFIERS for p in PLACES)
+TRAIN_TOPICS: tuple[str, ...] = tuple(t for t in ALL_TOPICS if t not in HELD_OUT_TOPICS)
 
 POSITIVE_WORDS: tuple[str, ...] = (
-    "lovely", "calm", "bright", "clean", "pleasant", "warm", "beautiful",
-    "quiet", "nice", "wonderful", "good", "great", "sunny", "fresh",
-    "friendly", "peaceful",
+    "lovely",
+    "calm",
+    "bright",
+    "clean",
+    "pleasant",
+    "warm",
+    "beautiful",
+    "quiet",
+    "nice",
+    "wonderful",
+    "good",
+    "great",
+    "sunny",
+    "fresh",
+    "friendly",
+    "peaceful",
 )
 NEGATIVE_WORDS: tuple[str, ...] = (
-    "awful", "cold", "dirty", "dark", "noisy", "ugly", "gloomy", "bad",
-    "terrible", "dull", "broken", "sad", "grim", "smelly", "crowded",
+    "awful",
+    "cold",
+    "dirty",
+    "dark",
+    "noisy",
+    "ugly",
+    "gloomy",
+    "bad",
+    "terrible",
+    "dull",
+    "broken",
+    "sad",
+    "grim",
+    "smelly",
+    "crowded",
     "horrible",
 )
 # Subjects for "no topic" hard negatives: fluent, positive, but not about
@@ -119,7 +168,7 @@ QUESTION_TEMPLATES: tuple[str, ...] = (
     "can you say something about the {topic}?",
     "give me your opinion of the {topic}.",
 )
-# Answers are 5-12 words; {a}, {b}, {c} are filled with sentiment words of one
+# Answers are 6-12 words; {a}, {b}, {c} are filled with sentiment words of one
 # polarity.  Every template mentions the topic once and ends with a period.
 RESPONSE_TEMPLATES: tuple[str, ...] = (
     "the {topic} is {a} and {b}.",
@@ -128,7 +177,7 @@ RESPONSE_TEMPLATES: tuple[str, ...] = (
     "the {topic} looks {a} and feels {b} this morning.",
     "people say the {topic} is really {a}.",
     "today the {topic} was {a}, {b} and {c}.",
-    "in my view the {topic} is quite {a} and {b} all day.",
+    "in my view the {topic} is quite {a} and {b}.",
     "the {topic} seems {a} in the evening.",
 )
 MIXED_TEMPLATE = "the {topic} is {a} but {b} and {c}."  # 1 positive < 2 negative
@@ -214,7 +263,7 @@ def split_prompt_template(template: str = DEFAULT_PROMPT_TEMPLATE) -> tuple[str,
         # "the completion ends with EOS" ambiguous; nothing in the project needs it.
         raise ValueError("{response} must be at the end of the prompt template")
     prompt_part = head.rstrip(" ")
-    return prompt_part, head[len(prompt_part):]
+    return prompt_part, head[len(prompt_part) :]
 
 
 def format_prompt(question: str, template: str = DEFAULT_PROMPT_TEMPLATE) -> str:
@@ -274,8 +323,13 @@ def make_rejected(rng: random.Random, topic: str, kind: str, topics: Sequence[st
     if kind == "empty":
         return ""
     if kind == "off_topic":
-        # Positive and fluent, but about another (training) topic.
-        other = rng.choice([t for t in topics if t != topic])
+        # Positive and fluent, but about another topic of the same split;
+        # usually one sharing a word with the asked one ("new lake" for "old
+        # lake"), so that matching a single word is not enough.
+        modifier, place = topic.split()
+        near = [t for t in topics if t != topic and (t.startswith(modifier + " ") or t.endswith(" " + place))]
+        far = [t for t in topics if t != topic]
+        other = rng.choice(near if near and rng.random() < 0.7 else far)
         return make_response(rng, other, positive=True)
     if kind == "no_topic":
         subject = rng.choice(FILLER_SUBJECTS)
@@ -312,9 +366,7 @@ def _sft_rows(rng: random.Random, topics: Sequence[str], n: int) -> list[dict[st
     return rows
 
 
-def _preference_rows(
-    rng: random.Random, topics: Sequence[str], n: int, template: str
-) -> list[dict[str, Any]]:
+def _preference_rows(rng: random.Random, topics: Sequence[str], n: int, template: str) -> list[dict[str, Any]]:
     kinds = list(REJECTED_KIND_WEIGHTS)
     weights = [REJECTED_KIND_WEIGHTS[k] for k in kinds]
     rows: list[dict[str, Any]] = []
@@ -481,6 +533,7 @@ def build_base_model(tokenizer: Any, out_dir: Path, seed: int) -> None:
 def build_tiny_data(out_dir: Path, seed: int = 0, template: str = DEFAULT_PROMPT_TEMPLATE) -> TinyAssets:
     """Write only the jsonl files (no torch/transformers needed)."""
     assets = TinyAssets.at(out_dir)
+
     # One independent stream per file, so changing one file's size does not
     # reshuffle the others.
     def rng(name: str) -> random.Random:
@@ -497,7 +550,9 @@ def build_tiny_data(out_dir: Path, seed: int = 0, template: str = DEFAULT_PROMPT
     _write_jsonl(assets.hh_rlhf_eval, _hh_rows(prefs_eval))
     _write_jsonl(assets.prompts, _prompt_rows(rng("prompts"), train, template))
     _write_jsonl(assets.eval_prompts, _prompt_rows(rng("eval_prompts"), held, template))
-    _write_jsonl(assets.eval_prompts_seen, _prompt_rows(rng("eval_prompts_seen"), train, template)[:32])
+    # Same size as eval_prompts, for comparing seen and unseen topics.
+    seen = _prompt_rows(rng("eval_prompts_seen"), train, template)[: len(held) * len(QUESTION_TEMPLATES)]
+    _write_jsonl(assets.eval_prompts_seen, seen)
     return assets
 
 
@@ -518,10 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for data sampling and model init")
     parser.add_argument("--data-only", action="store_true", help="write only the jsonl files")
     args = parser.parse_args(argv)
-    if args.data_only:
-        assets = build_tiny_data(args.out, args.seed)
-    else:
-        assets = build_tiny_assets(args.out, args.seed)
+    build = build_tiny_data if args.data_only else build_tiny_assets
+    assets = build(args.out, args.seed)
     print(json.dumps({k: str(v) for k, v in vars(assets).items()}, indent=2))
     return 0
 

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
-# Make `rlhf_stages` importable without an installed package or pytest config.
-if importlib.util.find_spec("rlhf_stages") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "stages"))
-
-from rlhf_stages.evaluation import (  # noqa: E402
+from rlhf_stages.evaluation import (
     Completion,
     check_target,
     evaluate_policy,
     generate_completions,
     ground_truth_score,
     meets_target,
+    prompt_topic,
     score_with_reward_model,
-    words,
+    topics_in,
 )
-from rlhf_stages.tiny_assets import (  # noqa: E402
+from rlhf_stages.tiny_assets import (
     DEFAULT_PROMPT_TEMPLATE,
     HELD_OUT_TOPICS,
     REJECTED_KINDS,
@@ -37,9 +33,6 @@ from rlhf_stages.tiny_assets import (  # noqa: E402
     read_jsonl,
     split_prompt_template,
 )
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -89,23 +82,26 @@ def test_tokenizer_round_trips_and_has_special_tokens(assets: TinyAssets) -> Non
     ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}
     assert None not in ids and len(ids) == 4  # all set and distinct
 
-    text = format_prompt("how is the castle?") + format_completion("the castle is lovely, calm & ünïcode!")
+    text = format_prompt("how is the old park?") + format_completion("the old park is lovely, calm & ünïcode!")
     encoded = tok(text)["input_ids"]
     assert tok.eos_token_id not in encoded and tok.bos_token_id not in encoded  # nothing added
     assert tok.decode(encoded) == text
     # The corpus' words are learned merges: a typical answer is short in tokens.
-    assert len(tok(" the lake is lovely and calm.")["input_ids"]) <= 8
+    assert len(tok(" the old lake is lovely and calm.")["input_ids"]) <= 9
     # Prompt and completion tokenised apart concatenate to the joint encoding.
-    prompt, completion = format_prompt("how is the lake?"), format_completion("the lake is nice.")
+    prompt, completion = format_prompt("how is the old lake?"), format_completion("the old lake is nice.")
     assert tok(prompt)["input_ids"] + tok(completion)["input_ids"] == tok(prompt + completion)["input_ids"]
 
     chat = tok.apply_chat_template(
-        [{"role": "user", "content": "how is the lake?"}, {"role": "assistant", "content": "the lake is nice."}],
+        [
+            {"role": "user", "content": "how is the old lake?"},
+            {"role": "assistant", "content": "the old lake is nice."},
+        ],
         tokenize=False,
     )
     assert chat == prompt + completion + tok.eos_token
     gen_prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "how is the lake?"}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": "how is the old lake?"}], tokenize=False, add_generation_prompt=True
     )
     assert gen_prompt == prompt
 
@@ -121,7 +117,7 @@ def test_base_model_loads_and_generates(assets: TinyAssets) -> None:
     assert cfg.vocab_size == len(tok) and cfg.eos_token_id == tok.eos_token_id
     assert sum(p.numel() for p in model.parameters()) < 500_000
 
-    prompts = [format_prompt("how is the lake?"), format_prompt("tell me about the castle.")]
+    prompts = [format_prompt("how is the old lake?"), format_prompt("tell me about the north garden.")]
     first = generate_completions(model, tok, prompts, max_new_tokens=8, seed=3)
     second = generate_completions(model, tok, prompts, max_new_tokens=8, seed=3)
     assert first == second  # deterministic for a seed
@@ -145,7 +141,7 @@ def test_base_model_loads_and_generates(assets: TinyAssets) -> None:
 # --------------------------------------------------------------------------
 
 
-class _LastTokenRM(torch.nn.Module):  # type: ignore[misc]
+class _LastTokenRM(torch.nn.Module):
     """Stand-in reward model whose score is the id of the last token."""
 
     def __init__(self, pad_token_id: int | None) -> None:
@@ -166,10 +162,10 @@ def test_reward_scoring_includes_eos_only_when_generated(assets: TinyAssets, pad
 
     tok = AutoTokenizer.from_pretrained(str(assets.tokenizer))
     rm = _LastTokenRM(tok.eos_token_id if pad_is_eos else tok.pad_token_id)
-    prompt = format_prompt("how is the lake?")
-    done = Completion(prompt, " the lake is nice.", ended_with_eos=True, num_tokens=6)
-    cut = Completion(prompt, " the lake is nice and", ended_with_eos=False, num_tokens=5)
-    scores = score_with_reward_model(rm, tok, [prompt, prompt, prompt], [done, cut, " the lake"])
+    prompt = format_prompt("how is the old lake?")
+    done = Completion(prompt, " the old lake is nice.", ended_with_eos=True, num_tokens=7)
+    cut = Completion(prompt, " the old lake is nice and", ended_with_eos=False, num_tokens=6)
+    scores = score_with_reward_model(rm, tok, [prompt, prompt, prompt], [done, cut, " the old lake"])
     last_of_cut = tok(prompt + cut.text)["input_ids"][-1]
     assert scores == [float(tok.eos_token_id), float(last_of_cut), float(tok.eos_token_id)]
     assert rm.config.pad_token_id == (tok.eos_token_id if pad_is_eos else tok.pad_token_id)  # restored
@@ -184,9 +180,11 @@ def test_reward_scoring_includes_eos_only_when_generated(assets: TinyAssets, pad
 
 def test_prompt_template_convention() -> None:
     assert split_prompt_template(DEFAULT_PROMPT_TEMPLATE) == ("Question: {question}\n\nAnswer:", " ")
-    prompt, completion = format_prompt("how is the lake?"), format_completion("the lake is nice.")
-    assert prompt == "Question: how is the lake?\n\nAnswer:"
-    assert prompt + completion == DEFAULT_PROMPT_TEMPLATE.format(question="how is the lake?", response="the lake is nice.")
+    prompt, completion = format_prompt("how is the old lake?"), format_completion("the old lake is nice.")
+    assert prompt == "Question: how is the old lake?\n\nAnswer:"
+    assert prompt + completion == DEFAULT_PROMPT_TEMPLATE.format(
+        question="how is the old lake?", response="the old lake is nice."
+    )
     assert format_completion("") == ""
     with pytest.raises(ValueError):
         split_prompt_template("Q: {question} A: {response} end")
@@ -206,18 +204,24 @@ def test_file_columns(assets: TinyAssets) -> None:
 
 def test_held_out_topics_only_in_eval_files(assets: TinyAssets) -> None:
     held = set(HELD_OUT_TOPICS)
+    assert len(held) >= 4 and not held & set(TRAIN_TOPICS)
+    # Every word of a held-out topic is used in training, only the combination is new.
+    train_words = {w for t in TRAIN_TOPICS for w in t.split()}
+    assert {w for t in held for w in t.split()} <= train_words
+
     training_files = [assets.sft, assets.preferences, assets.hh_rlhf, assets.prompts, assets.eval_prompts_seen]
     for path in training_files:
-        vocabulary = set(words(path.read_text()))
-        assert not vocabulary & held, path
-        assert vocabulary & set(TRAIN_TOPICS)
+        mentioned = set(topics_in(path.read_text()))
+        assert not mentioned & held, (path, mentioned & held)
+        assert len(mentioned) >= 40
     for path in (assets.sft_eval, assets.preferences_eval, assets.hh_rlhf_eval, assets.eval_prompts):
         rows = read_jsonl(path)
         assert rows
         for row in rows:
-            assert set(words(" ".join(map(str, row.values())))) & held, row
-            assert not set(words(row.get("prompt", row.get("question", "")))) & set(TRAIN_TOPICS)
+            asked = set(topics_in(row.get("prompt", row.get("question", row.get("chosen", "")))))
+            assert asked and asked <= held, row
     assert {r["topic"] for r in read_jsonl(assets.eval_prompts)} == held
+    assert {prompt_topic(r["prompt"]) for r in read_jsonl(assets.prompts)} == set(TRAIN_TOPICS)
 
 
 def test_sft_mix_is_half_target_and_matches_ground_truth(assets: TinyAssets) -> None:
@@ -261,18 +265,34 @@ def test_chosen_meets_target_and_every_rejected_kind_fails(assets: TinyAssets) -
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (" the lake is lovely and calm.", True),
-        ("the lake is lovely but cold.", False),  # 1 positive, 1 negative: not more positive
-        (" the lake is lovely and calm", False),  # cut off
+        (" the old lake is lovely and calm.", True),
+        (" The old lake is LOVELY!", True),
+        ("the old lake is lovely but cold.", False),  # 1 positive, 1 negative: not more positive
+        (" the old lake is lovely and calm", False),  # cut off
         ("", False),
-        (" the river is lovely and calm.", False),  # other topic
+        (" the new lake is lovely and calm.", False),  # other topic sharing a word
+        (" the old river is lovely and calm.", False),
+        (" the lake is lovely and calm.", False),  # topic incomplete
         (" good good good good good.", False),
-        (" the lake is nice. the lake is nice. the lake is nice.", False),
-        (" the lake is.", False),  # neutral
+        (" the old lake is nice. the old lake is nice. the old lake is nice.", False),
+        (" the old lake is.", False),  # neutral
     ],
 )
 def test_ground_truth_examples(text: str, expected: bool) -> None:
-    prompt = format_prompt("how is the lake?")
+    prompt = format_prompt("how is the old lake?")
     assert meets_target(text, prompt) is expected
     assert (ground_truth_score(text, prompt) > 0) is expected
+    assert -1.0 <= ground_truth_score(text, prompt) <= 1.0
     assert meets_target(prompt + text, prompt) is expected  # a leading prompt copy is ignored
+
+
+def test_ground_truth_score_ranks_fluent_negative_above_garbage() -> None:
+    prompt = format_prompt("how is the old lake?")
+
+    def score(text: str) -> float:
+        return ground_truth_score(text, prompt)
+
+    assert score(" the old lake is lovely and calm.") == 1.0
+    assert score(" the old lake is lovely and calm but cold.") == pytest.approx(1 / 3)
+    assert score(" the old lake is awful and cold.") == -0.5
+    assert score(" lovely lovely lovely lovely.") == score("") == score(" the old lake is lovely") == -1.0
