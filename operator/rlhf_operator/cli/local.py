@@ -1,0 +1,193 @@
+"""``rlhfctl run-local FILE``: the run's stages in order, as local processes, through the same
+stage entrypoint the Jobs run (``python -m rlhf_stages <stage> --config ...``).
+
+The volume is a local directory. Re-running skips stages whose output is complete and resumes an
+interrupted one from its last checkpoint (the stage entrypoint does both). Ctrl-C sends SIGTERM to
+the running stage, which saves a checkpoint, and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from rlhf_operator.api import layout
+from rlhf_operator.api.run import RLHFRun
+
+from .validate import ManifestError, load_runs
+
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # operator/ in a checkout; site-packages when installed
+
+
+@dataclass
+class StageRun:
+    """What happened to one stage in a local run."""
+
+    stage: str
+    status: str  # Succeeded, Skipped, Failed, Interrupted
+    seconds: float
+    result: dict[str, Any]
+    log_file: Path | None = None
+
+
+def stage_env(result_file: Path) -> dict[str, str]:
+    """Environment for a stage process: the source roots importable, results to a local file."""
+    roots = [str(SOURCE_ROOT)]
+    stages_root = SOURCE_ROOT.parent / "stages"
+    if (stages_root / "rlhf_stages").is_dir():
+        roots.append(str(stages_root))
+    existing = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([*roots, *([existing] if existing else [])]),
+        layout.TERMINATION_LOG_ENV: str(result_file),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def write_invocation(run: RLHFRun, stage: str, volume: Path, workdir: Path, namespace: str) -> Path:
+    invocation = layout.StageInvocation(
+        stage=stage,
+        run=layout.RunRef(namespace=namespace, name=run.metadata.get("name", "run"), uid=None),
+        workspace=str(volume),
+        spec=run.spec,
+    )
+    path = workdir / "invocations" / f"{stage}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(invocation.to_wire(), sort_keys=False))
+    return path
+
+
+class ProgressLine:
+    """One self-overwriting progress bar per stage on a terminal; a line every 10 s otherwise."""
+
+    def __init__(self, stage: str, stream: IO[str]) -> None:
+        self.stage, self.stream = stage, stream
+        self.tty = stream.isatty()
+        self.last_print = 0.0
+
+    def update(self, progress: dict[str, Any], elapsed: float) -> None:
+        percent = progress.get("percent")
+        step, total = progress.get("step", 0), progress.get("totalSteps")
+        metrics = progress.get("metrics", {})
+        shown = " ".join(f"{k}={v:.3g}" for k, v in list(metrics.items())[:3])
+        bar = ""
+        if percent is not None:
+            filled = int(percent / 5)
+            bar = "[" + "#" * filled + "." * (20 - filled) + f"] {percent:3d}% "
+        text = f"  {self.stage:<7} {bar}step {step}{f'/{total}' if total else ''} {elapsed:5.0f}s {shown}"
+        if self.tty:
+            self.stream.write("\r" + text[:110].ljust(110))
+            self.stream.flush()
+        elif time.monotonic() - self.last_print > 10:
+            self.stream.write(text + "\n")
+            self.last_print = time.monotonic()
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\r" + " " * 110 + "\r")
+
+
+def run_stage(run: RLHFRun, stage: str, volume: Path, workdir: Path, namespace: str, python: str) -> StageRun:
+    config = write_invocation(run, stage, volume, workdir, namespace)
+    result_file = workdir / "results" / f"{stage}.json"
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.unlink(missing_ok=True)
+    log_file = workdir / "logs" / f"{stage}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    run_dir = layout.run_dir(namespace, run.metadata.get("name", "run"))
+    progress_file = volume / layout.stage_progress_file(run_dir, stage)
+    line = ProgressLine(stage, sys.stderr)
+    started = time.monotonic()
+    status = "Failed"
+    with log_file.open("ab") as log:
+        proc = subprocess.Popen(
+            [python, "-m", "rlhf_stages", stage, "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, env=stage_env(result_file),
+        )
+        try:
+            while proc.poll() is None:
+                time.sleep(0.5)
+                if progress_file.exists():
+                    try:
+                        line.update(json.loads(progress_file.read_text()), time.monotonic() - started)
+                    except (OSError, json.JSONDecodeError):
+                        pass  # being replaced this instant; the next poll reads it
+            status = "Succeeded" if proc.returncode == 0 else "Failed"
+        except KeyboardInterrupt:
+            # The stage saves a checkpoint on SIGTERM; the next run-local resumes from it.
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            status = "Interrupted"
+        finally:
+            line.done()
+    result = json.loads(result_file.read_text()) if result_file.exists() else {}
+    return StageRun(stage, status, time.monotonic() - started, result, log_file)
+
+
+def run_pipeline(
+    run: RLHFRun, volume: Path, workdir: Path, namespace: str = "default", python: str = sys.executable,
+    out: IO[str] = sys.stdout,
+) -> list[StageRun]:
+    """Runs every enabled stage in order; stops at the first that does not succeed."""
+    volume.mkdir(parents=True, exist_ok=True)
+    done: list[StageRun] = []
+    for stage in run.spec.pipeline():
+        section = run.spec.stage(stage)
+        if section is None or not section.enabled:
+            print(f"  {stage:<7} skipped (disabled)", file=out)
+            done.append(StageRun(stage, "Skipped", 0.0, {}))
+            continue
+        print(f"  {stage:<7} running (log: {workdir / 'logs' / (stage + '.log')})", file=out, flush=True)
+        outcome = run_stage(run, stage, volume, workdir, namespace, python)
+        done.append(outcome)
+        metrics = outcome.result.get("metrics", {})
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6])
+        print(f"  {stage:<7} {outcome.status} in {outcome.seconds:.1f}s {shown}", file=out, flush=True)
+        if outcome.status != "Succeeded":
+            message = outcome.result.get("message") or _tail(outcome.log_file)
+            print(f"  {stage} did not succeed: {message}", file=out)
+            break
+    return done
+
+
+def _tail(path: Path | None, lines: int = 15) -> str:
+    if path is None or not path.exists():
+        return ""
+    return "\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def add_arguments(_: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, metavar="FILE", help="an RLHFRun manifest")
+    parser.add_argument("--workdir", type=Path, default=Path(".rlhf-local"),
+                        help="invocations, logs and results go here (default: .rlhf-local)")
+    parser.add_argument("--volume", type=Path, default=None,
+                        help="the local directory standing in for the shared volume (default: WORKDIR/volume)")
+    parser.add_argument("--namespace", default="default", help="namespace used in the run's volume paths")
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs the stages")
+
+
+def run(args: Any) -> int:
+    try:
+        (manifest,) = load_runs(args.file)[:1]
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    workdir = args.workdir.resolve()
+    volume = (args.volume or workdir / "volume").resolve()
+    print(f"run {manifest.metadata.get('name')} ({manifest.spec.method}) on volume {volume}")
+    outcomes = run_pipeline(manifest, volume, workdir, args.namespace, args.python)
+    if outcomes and outcomes[-1].status == "Interrupted":
+        print("stopped; run the same command again to resume from the last checkpoint")
+        return 130
+    return 0 if all(o.status in ("Succeeded", "Skipped") for o in outcomes) else 1

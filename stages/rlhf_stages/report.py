@@ -1,0 +1,172 @@
+"""The run report: did alignment work? Markdown with PNG plots, and the same figures as JSON.
+
+    python -m rlhf_stages.report --run-dir DIR --before eval-sft.json --after eval-merged.json \
+        [--timings timings.json] --out REPORT_DIR
+
+Reads the stage manifests in the run directory (metrics and per-step history) and two
+evaluations from ``rlhf_stages.evaluation`` (the SFT policy and the aligned policy on the same
+held-out prompts), and writes ``report.md``, ``report.json`` and ``*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Curves worth plotting per stage: (history key, label). The first key a stage has is used.
+CURVES: dict[str, list[tuple[str, str]]] = {
+    "sft": [("loss", "SFT training loss")],
+    "reward": [("loss", "reward-model training loss")],
+    "ppo": [("reward_mean", "PPO mean reward"), ("kl", "PPO KL to reference"), ("value_loss", "PPO value loss")],
+    "dpo": [("loss", "DPO loss")],
+    "grpo": [("reward", "GRPO reward")],
+    "rloo": [("reward", "RLOO reward")],
+    "rest": [("reward_mean", "ReST reward")],
+}
+
+
+def read_manifests(run_dir: Path) -> dict[str, dict[str, Any]]:
+    manifests = {}
+    for path in sorted(run_dir.glob("*/manifest.json")):
+        manifests[path.parent.name] = json.loads(path.read_text())
+    return manifests
+
+
+def history_of(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    details = manifest.get("details") or {}
+    history = details.get("history") or details.get("log_history") or []
+    return [h for h in history if isinstance(h, dict)]
+
+
+def series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for index, entry in enumerate(history):
+        value = entry.get(key)
+        if isinstance(value, int | float):
+            xs.append(float(entry.get("step", index + 1)))
+            ys.append(float(value))
+    return xs, ys
+
+
+def plot(xs: Sequence[float], ys: Sequence[float], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display here or in a pod
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.plot(xs, ys, marker="." if len(xs) < 60 else None)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_report(run_dir: Path, before: dict[str, Any], after: dict[str, Any], timings: dict[str, float],
+                 out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    manifests = read_manifests(run_dir)
+    plots: list[dict[str, str]] = []
+    for stage, curves in CURVES.items():
+        history = history_of(manifests.get(stage, {}))
+        for key, title in curves:
+            xs, ys = series(history, key)
+            if len(xs) >= 2:
+                name = f"{stage}_{key}.png"
+                plot(xs, ys, title, out / name)
+                plots.append({"stage": stage, "metric": key, "file": name})
+
+    def pick(evaluation: dict[str, Any]) -> dict[str, float]:
+        keys = ("reward_mean", "reward_std", "target_rate", "ground_truth_mean", "eos_rate", "mean_length_tokens")
+        return {k: float(evaluation[k]) for k in keys if isinstance(evaluation.get(k), int | float)}
+
+    reward_metrics = manifests.get("reward", {}).get("metrics", {})
+    policy_stage = next((s for s in ("ppo", "grpo", "rloo", "dpo", "rest") if s in manifests), None)
+    report = {
+        "stages": {s: {"metrics": m.get("metrics", {}), "step": m.get("step"), "seconds": timings.get(s)}
+                   for s, m in manifests.items()},
+        "reward_model_eval_accuracy": reward_metrics.get("eval_accuracy"),
+        "policy_stage": policy_stage,
+        "policy_final_kl": manifests.get(policy_stage or "", {}).get("metrics", {}).get("kl"),
+        "heldout": {"sft": pick(before), "aligned": pick(after)},
+        "improvement": {
+            "reward_mean": float(after["reward_mean"]) - float(before["reward_mean"]),
+            "target_rate": float(after["target_rate"]) - float(before["target_rate"]),
+        },
+        "samples": {"sft": before.get("samples", [])[:5], "aligned": after.get("samples", [])[:5]},
+        "plots": plots,
+        "timings_seconds": timings,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return format(value, spec) if isinstance(value, int | float) else "n/a"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    sft, aligned = report["heldout"]["sft"], report["heldout"]["aligned"]
+    lines = [
+        "# RLHF run report",
+        "",
+        f"Held-out prompts (topics never seen in training). Policy stage: `{report['policy_stage']}`.",
+        "",
+        "| | SFT policy | aligned policy | change |",
+        "|---|---|---|---|",
+    ]
+    for key, label in (("reward_mean", "reward-model score (mean)"), ("target_rate", "ground-truth target rate"),
+                       ("eos_rate", "ends with EOS"), ("mean_length_tokens", "mean length (tokens)")):
+        a, b = sft.get(key), aligned.get(key)
+        change = _fmt(b - a, "+.3f") if isinstance(a, float) and isinstance(b, float) else "n/a"
+        lines.append(f"| {label} | {_fmt(a)} | {_fmt(b)} | {change} |")
+    lines += [
+        "",
+        f"Reward model held-out pair accuracy: **{_fmt(report['reward_model_eval_accuracy'])}**. "
+        f"Final KL to the reference: **{_fmt(report['policy_final_kl'])}**.",
+        "",
+        "## Stages",
+        "",
+        "| stage | wall time (s) | headline metrics |",
+        "|---|---|---|",
+    ]
+    for stage, info in report["stages"].items():
+        metrics = ", ".join(f"{k}={_fmt(v, '.4g')}" for k, v in list(info["metrics"].items())[:6])
+        lines.append(f"| {stage} | {_fmt(info['seconds'], '.1f')} | {_cell(metrics)} |")
+    if report["plots"]:
+        lines += ["", "## Curves", ""]
+        lines += [f"![{p['stage']} {p['metric']}]({p['file']})" for p in report["plots"]]
+    lines += ["", "## Samples (same held-out prompts)", "", "| prompt | SFT policy | aligned policy |", "|---|---|---|"]
+    for before, after in zip(report["samples"]["sft"], report["samples"]["aligned"], strict=False):
+        lines.append(f"| {_cell(before.get('prompt', ''))} | {_cell(before.get('text', ''))} | "
+                     f"{_cell(after.get('text', ''))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--before", type=Path, required=True, help="evaluation JSON of the SFT policy")
+    parser.add_argument("--after", type=Path, required=True, help="evaluation JSON of the aligned policy")
+    parser.add_argument("--timings", type=Path, default=None, help="JSON of stage -> seconds")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    timings = json.loads(args.timings.read_text()) if args.timings else {}
+    build_report(args.run_dir, json.loads(args.before.read_text()), json.loads(args.after.read_text()),
+                 timings, args.out)
+    print(f"wrote {args.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
