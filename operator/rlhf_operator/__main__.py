@@ -1,0 +1,84 @@
+"""``python -m rlhf_operator run``: the operator process (kopf + leader election + probes + metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from kubernetes import client, config
+
+
+def _api_client(kubeconfig: str | None) -> client.ApiClient:
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_operator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument("--namespace", help="watch only this namespace (default: all namespaces)")
+    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    run.add_argument("--identity", default=os.environ.get("POD_NAME") or socket.gethostname(),
+                     help="this replica's name in the leader Lease (default: $POD_NAME or the hostname)")
+    run.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "rlhf-system"))
+    run.add_argument("--lease-name", default="rlhf-operator")
+    run.add_argument("--lease-duration", type=float, default=15.0, help="seconds a leader's Lease lasts unrenewed")
+    run.add_argument("--no-leader-election", action="store_true", help="act at once (a single replica only)")
+    run.add_argument("--health-host", default="0.0.0.0")
+    run.add_argument("--health-port", type=int, default=8080, help="/healthz, /readyz and /metrics (0: any port)")
+    run.add_argument("--resync", type=float, default=30.0, help="seconds between full resyncs of all runs")
+    run.add_argument("--workers", type=int, default=4, help="runs reconciled concurrently")
+    run.add_argument("--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf logs in through the same kubeconfig
+    import kopf
+
+    from . import handlers  # noqa: F401  (registers the handlers)
+    from .controller import Controller
+    from .executor import Cluster
+    from .health import Health, serve
+    from .leader import LeaseElector
+    from .metrics import Metrics
+
+    api_client = _api_client(args.kubeconfig)
+    metrics, health = Metrics(), Health()
+    server = serve(health, metrics, args.health_host, args.health_port)
+    logging.getLogger(__name__).info("probes and metrics on port %d", server.server_port)
+    elector = None
+    if not args.no_leader_election:
+        elector = LeaseElector(
+            api_client, args.lease_namespace, args.lease_name, args.identity, args.lease_duration,
+            on_lost=lambda: os._exit(1),  # a leader that cannot renew must stop acting now
+        )
+    controller = Controller(
+        Cluster(api_client, args.identity), metrics, health, elector, args.namespace, args.resync, args.workers
+    )
+    kopf.run(
+        standalone=True,  # one actor is guaranteed by the Lease, not by kopf peering
+        clusterwide=args.namespace is None,
+        namespaces=[args.namespace] if args.namespace else (),
+        memo=kopf.Memo(controller=controller),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

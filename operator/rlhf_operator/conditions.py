@@ -1,0 +1,100 @@
+"""Run conditions, following the Kubernetes API conventions (metav1.Condition).
+
+Four condition types are always present (set on the first visit, Unknown or False until known):
+``Running``, ``Suspended``, ``Succeeded`` and ``Failed``. Reasons are the constants below (one
+CamelCase word each); docs/operator.md lists them. ``lastTransitionTime`` only moves when the
+status flips, so rewriting an unchanged condition is a no-op (and no status write happens).
+"""
+
+from __future__ import annotations
+
+from .api.run import Condition
+
+RUNNING = "Running"
+SUSPENDED = "Suspended"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+TYPES = (RUNNING, SUSPENDED, SUCCEEDED, FAILED)
+
+# Reasons.
+INITIALIZING = "Initializing"  # first visit, nothing started yet
+STAGE_PENDING = "StagePending"  # a stage's Job exists but its pod has not started (or is queued)
+STAGE_RUNNING = "StageRunning"
+SUSPEND_REQUESTED = "SuspendRequested"  # spec.suspend is true
+NOT_SUSPENDED = "NotSuspended"
+PIPELINE_COMPLETED = "PipelineCompleted"
+IN_PROGRESS = "InProgress"
+NO_FAILURE = "NoFailure"
+RUN_FINISHED = "RunFinished"  # Running=False once the run succeeded or failed
+# Failed=True reasons: why the failed stage's Job failed.
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"  # retryable errors exhausted the Job's retries
+DEADLINE_EXCEEDED = "DeadlineExceeded"  # activeDeadlineSeconds elapsed
+CONFIG_ERROR = "ConfigError"  # the stage exited 2: its configuration cannot work (not retried)
+INPUT_MISSING = "InputMissing"  # the stage exited 3: an input is missing (not retried)
+STAGE_FAILED = "StageFailed"  # any other Job failure
+STAGE_LOST = "StageLost"  # the failed stage's Job is gone and its reason with it
+
+JOB_REASONS = {"BackoffLimitExceeded": BACKOFF_LIMIT_EXCEEDED, "DeadlineExceeded": DEADLINE_EXCEEDED}
+
+
+def failure_reason(job_reason: str | None, exit_code: int | None) -> str:
+    """The run's Failed reason from the Job's Failed reason and the stage's exit code."""
+    if job_reason in JOB_REASONS:
+        return JOB_REASONS[job_reason]
+    if exit_code == 2:
+        return CONFIG_ERROR
+    if exit_code == 3:
+        return INPUT_MISSING
+    return STAGE_FAILED
+
+
+def set_condition(
+    conditions: list[Condition],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> list[Condition]:
+    """A copy of ``conditions`` with ``type_`` set; the transition time changes only with the status."""
+    out: list[Condition] = []
+    found = False
+    for cond in conditions:
+        if cond.type != type_:
+            out.append(cond)
+            continue
+        found = True
+        changed = cond.status != status
+        out.append(
+            Condition(
+                type=type_,
+                status=status,  # type: ignore[arg-type]
+                reason=reason,
+                message=message,
+                last_transition_time=now if changed else cond.last_transition_time,
+                observed_generation=generation,
+            )
+        )
+    if not found:
+        out.append(
+            Condition(
+                type=type_,
+                status=status,  # type: ignore[arg-type]
+                reason=reason,
+                message=message,
+                last_transition_time=now,
+                observed_generation=generation,
+            )
+        )
+    order = {t: i for i, t in enumerate(TYPES)}
+    return sorted(out, key=lambda c: order.get(c.type, len(TYPES)))
+
+
+def get(conditions: list[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def is_true(conditions: list[Condition], type_: str) -> bool:
+    cond = get(conditions, type_)
+    return cond is not None and cond.status == "True"

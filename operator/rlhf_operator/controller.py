@@ -1,0 +1,85 @@
+"""The operator's moving parts, wired together: leader election, the work queue, resync, health.
+
+Created by ``__main__`` and handed to the kopf handlers through kopf's memo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .executor import Cluster
+from .health import Health
+from .leader import LeaseElector
+from .metrics import Metrics
+from .reconcile import Reconciler
+from .workqueue import Key, WorkQueue
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(
+        self,
+        cluster: Cluster,
+        metrics: Metrics,
+        health: Health,
+        elector: LeaseElector | None,
+        namespace: str | None = None,
+        resync_seconds: float = 30.0,
+        workers: int = 4,
+    ) -> None:
+        self.cluster = cluster
+        self.metrics = metrics
+        self.health = health
+        self.elector = elector
+        self.namespace = namespace
+        self.resync_seconds = resync_seconds
+        self.reconciler = Reconciler(cluster, metrics)
+        self.queue = WorkQueue(self._process, workers=workers)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def wait_for_leadership(self) -> None:
+        # The heartbeat starts first: a standby replica is alive (liveness) while it waits to lead.
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        if self.elector is None:  # --no-leader-election: a single replica by construction
+            self.health.leading = True
+            return
+        self.elector.start()
+        while not self.elector.leading.is_set():
+            await asyncio.sleep(0.2)
+        self.health.leading = True
+
+    def start(self) -> None:
+        self.queue.start()
+        self._tasks.append(asyncio.create_task(self._resync(), name="resync"))
+        self.health.watching = True
+
+    async def stop(self) -> None:
+        self.health.watching = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.queue.stop()
+        if self.elector is not None:
+            await asyncio.to_thread(self.elector.stop)
+
+    async def _process(self, key: Key) -> None:
+        await asyncio.to_thread(self.reconciler.reconcile, *key)
+
+    async def _resync(self) -> None:
+        """Level-triggered safety net: every run is reconciled at least once per interval."""
+        while True:
+            try:
+                runs = await asyncio.to_thread(self.cluster.list_runs, self.namespace)
+                for run in runs:
+                    meta = run["metadata"]
+                    self.queue.add((meta["namespace"], meta["name"]))
+            except Exception as exc:
+                log.warning("resync failed: %s", exc)
+            await asyncio.sleep(self.resync_seconds)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.health.beat()
+            await asyncio.sleep(2)

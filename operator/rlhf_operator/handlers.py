@@ -1,0 +1,77 @@
+"""kopf handlers: thin. They turn watch events into queued run keys and start the machinery.
+
+No handler decides anything: RLHFRun, Job and Pod events all just enqueue the run they concern,
+and a periodic resync enqueues every run (level-triggered: a missed event delays a pass by one
+resync interval, it never loses one). Only event-watching handlers are used, so kopf writes nothing
+onto runs (no finalizers, no annotations): re-applying a manifest is a true no-op, and deleting a
+run never waits for the operator. Children go with the run through their owner references.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from .api.run import GROUP, PLURAL, VERSION
+from .children import LABEL_MANAGED_BY, LABEL_RUN, MANAGER
+from .controller import Controller
+
+log = logging.getLogger(__name__)
+MANAGED = {LABEL_MANAGED_BY: MANAGER}
+
+
+def _runtime(memo: Any) -> Controller:
+    return memo["controller"]  # type: ignore[no-any-return]
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    runtime = _runtime(memo)
+    settings.posting.enabled = False  # the operator posts its own, meaningful events
+    settings.watching.server_timeout = 300
+    settings.networking.error_backoffs = [1, 2, 5, 10]
+    # A standby replica waits here: kopf starts no watch until startup handlers return.
+    await runtime.wait_for_leadership()
+    runtime.start()
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """kopf talks to the API server with the same credentials as the operator's client."""
+    cfg = _runtime(memo).cluster.api_client.configuration
+    keys = cfg.api_key or {}
+    scheme, _, token = (keys.get("authorization") or keys.get("BearerToken") or "").partition(" ")
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await _runtime(memo).stop()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def run_event(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    _runtime(memo).queue.add((namespace, name))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+async def job_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+    if LABEL_RUN in labels:
+        _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+async def pod_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
+    if LABEL_RUN in labels:
+        _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
+

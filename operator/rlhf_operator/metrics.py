@@ -1,0 +1,71 @@
+"""Prometheus metrics: runs by phase, stage durations, reconcile counts, errors and latency.
+
+A registry of our own (not the process-global default) so tests can read exact values and the
+exposition holds only what the operator means to publish.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .api.run import StageStatus
+
+PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    try:
+        return max(0.0, (datetime.strptime(end, fmt) - datetime.strptime(start, fmt)).total_seconds())
+    except ValueError:
+        return None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.runs = Gauge("rlhf_runs", "RLHFRuns known to this operator, by phase", ["phase"], registry=self.registry)
+        self.stage_duration = Histogram(
+            "rlhf_stage_duration_seconds",
+            "Wall time of finished stages, from Job start to completion",
+            ["stage", "result"],
+            buckets=(10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, float("inf")),
+            registry=self.registry,
+        )
+        self.reconciles = Counter("rlhf_reconcile_total", "Reconcile passes", registry=self.registry)
+        self.reconcile_errors = Counter(
+            "rlhf_reconcile_errors_total", "Reconcile passes that raised", ["error"], registry=self.registry
+        )
+        self.reconcile_seconds = Histogram(
+            "rlhf_reconcile_duration_seconds", "Duration of one reconcile pass", registry=self.registry
+        )
+        self._phases: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+        for phase in PHASES:
+            self.runs.labels(phase).set(0)
+
+    def run_phase(self, namespace: str, name: str, phase: str | None) -> None:
+        """Record a run's phase (None: the run is gone) and refresh the per-phase gauge."""
+        with self._lock:
+            if phase is None:
+                self._phases.pop((namespace, name), None)
+            else:
+                self._phases[(namespace, name)] = phase
+            counts = dict.fromkeys(PHASES, 0)
+            for value in self._phases.values():
+                counts[value] = counts.get(value, 0) + 1
+            for key, count in counts.items():
+                self.runs.labels(key).set(count)
+
+    def stage_finished(self, stage: StageStatus) -> None:
+        seconds = _seconds(stage.start_time, stage.completion_time)
+        if seconds is not None:
+            self.stage_duration.labels(stage.name, stage.phase).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,96 @@
+"""One reconcile pass for one run: read, plan, act, write status (once, only if changed), post events.
+
+Synchronous (the Kubernetes client blocks); the handlers run it in a worker thread. Ordering
+matters for crash safety: actions first (all idempotent), then the status, then events, so a crash
+at any point leaves nothing a later pass cannot redo.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from .actions import PostEvent
+from .api.run import RLHFRunSpec, RLHFRunStatus
+from .executor import Cluster
+from .metrics import Metrics
+from .observe import observe
+from .planner import RunView, plan
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(self, cluster: Cluster, metrics: Metrics, clock: Callable[[], datetime] | None = None) -> None:
+        self.cluster = cluster
+        self.metrics = metrics
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    def reconcile(self, namespace: str, name: str) -> bool:
+        """Returns whether the run still needs watching (False: gone or finished)."""
+        started = time.monotonic()
+        self.metrics.reconciles.inc()
+        try:
+            return self._reconcile(namespace, name)
+        except ApiException as exc:
+            # Conflict: the run changed since it was read; the next pass starts from the new version.
+            self.metrics.reconcile_errors.labels("Conflict" if exc.status == 409 else "ApiError").inc()
+            raise
+        except Exception as exc:
+            self.metrics.reconcile_errors.labels(type(exc).__name__).inc()
+            raise
+        finally:
+            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+
+    def _reconcile(self, namespace: str, name: str) -> bool:
+        body = self.cluster.get_run(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            # Deleted: the garbage collector removes the children through their owner references.
+            self.metrics.run_phase(namespace, name, None)
+            return False
+        view = self._view(body)
+        jobs, pods, pvc = self.cluster.children(namespace, name, want_pvc=view.spec.storage.existing_claim is None)
+        result = plan(view, observe(view.uid, jobs, pods, pvc), self.clock())
+        events: list[PostEvent] = []
+        for action in result.actions:
+            if isinstance(action, PostEvent):
+                events.append(action)
+            else:
+                log.info("%s/%s: %s", namespace, name, type(action).__name__)
+                self.cluster.perform(body, action)
+        new_status = result.status.to_wire()
+        if new_status != (body.get("status") or {}):
+            self.cluster.write_status(body, new_status)
+        for event in events:
+            self.cluster.perform(body, event)
+        for stage in result.finished:
+            self.metrics.stage_finished(stage)
+        self.metrics.run_phase(namespace, name, result.status.phase)
+        return result.status.phase not in ("Succeeded", "Failed")
+
+    @staticmethod
+    def _view(body: dict[str, Any]) -> RunView:
+        meta = body["metadata"]
+        try:
+            spec = RLHFRunSpec.model_validate(body.get("spec") or {}, strict=False)
+        except ValidationError:
+            # Admission (the CRD's schema and CEL rules) refuses invalid specs; one that still gets
+            # here was stored before a stricter CRD. It is logged and counted, never acted upon.
+            log.exception("%s/%s: the stored spec is invalid", meta.get("namespace"), meta.get("name"))
+            raise
+        status = body.get("status")
+        return RunView(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta["uid"],
+            generation=int(meta.get("generation") or 1),
+            spec=spec,
+            status=RLHFRunStatus.model_validate(status, strict=False) if status else None,
+            annotations=dict(meta.get("annotations") or {}),
+        )

@@ -1,0 +1,63 @@
+"""A keyed work queue in the style of client-go's: each run is reconciled by one worker at a time.
+
+Watch events only *enqueue* a run's key; duplicates collapse while the key waits, and a key that
+is re-added while being processed is processed once more afterwards. So a burst of Job and Pod
+events costs one or two passes, never two concurrent passes over the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (namespace, name)
+
+
+class WorkQueue:
+    def __init__(self, process: Callable[[Key], Awaitable[None]], workers: int = 4, retry_delay: float = 2.0) -> None:
+        self._process = process
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._queued: set[Key] = set()
+        self._processing: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._workers = workers
+        self._retry_delay = retry_delay
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def add(self, key: Key, delay: float = 0.0) -> None:
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.add, key)
+            return
+        if key in self._processing:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work(), name=f"reconcile-worker-{i}") for i in range(self._workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            self._processing.add(key)
+            try:
+                await self._process(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile of %s/%s failed; retrying in %.0fs", *key, self._retry_delay)
+                self.add(key, self._retry_delay)
+            finally:
+                self._processing.discard(key)
+                if key in self._dirty:
+                    self._dirty.discard(key)
+                    self.add(key)
