@@ -1,0 +1,166 @@
+"""Dev/test only: run a Pod's single container as a local process, the way a kubelet would run it.
+
+Volumes become local directories (every PersistentVolumeClaim is the one ``--volume-dir``;
+ConfigMaps and Secrets are written out as files; emptyDirs are fresh directories), container paths
+in the command, args and env are rewritten to them, and a StageInvocation's ``workspace`` is
+pointed at the local volume. The termination log is a local file whose content becomes the
+container's termination message. Not shipped: a real cluster runs the image.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..api.layout import INVOCATION_KIND, TERMINATION_LOG_ENV, TERMINATION_MESSAGE_LIMIT
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@dataclass
+class LocalProcess:
+    """One container attempt, running."""
+
+    pod: str
+    namespace: str
+    popen: subprocess.Popen[bytes]
+    pod_dir: Path
+    log_file: Path
+    termination_log: Path
+    started: float = field(default_factory=time.time)
+    fallback_to_logs: bool = True
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def terminate(self, grace: float = 20.0) -> int:
+        """SIGTERM the process group, SIGKILL it after ``grace`` seconds (like a pod deletion)."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        return int(self.popen.returncode)
+
+    def termination_message(self) -> str:
+        text = ""
+        if self.termination_log.exists():
+            text = self.termination_log.read_bytes()[:TERMINATION_MESSAGE_LIMIT].decode("utf-8", "replace")
+        if not text.strip() and self.fallback_to_logs and self.popen.returncode not in (0, None):
+            # terminationMessagePolicy FallbackToLogsOnError: the log's tail (at most 80 lines).
+            lines = self.log_file.read_text(errors="replace").splitlines()[-80:] if self.log_file.exists() else []
+            text = "\n".join(lines)[-TERMINATION_MESSAGE_LIMIT:]
+        return text
+
+
+def _rewrite_path(path: str, mounts: list[tuple[str, Path]]) -> str:
+    for prefix, local in mounts:  # longest mount path first
+        if path == prefix or path.startswith(prefix + "/"):
+            return f"{local}{path[len(prefix):]}"
+    return path
+
+
+def _rewrite(value: str, mounts: list[tuple[str, Path]]) -> str:
+    """A container path (or ``--flag=/path``) as the local path it is mounted from."""
+    if value.startswith("-") and "=" in value:
+        flag, _, path = value.partition("=")
+        return f"{flag}={_rewrite_path(path, mounts)}"
+    return _rewrite_path(value, mounts)
+
+
+def _materialise(volume: dict[str, Any], target: Path, namespace: str, read: Any, volume_dir: Path) -> Path:
+    """A pod volume as a local directory (``read(kind, namespace, name)`` fetches ConfigMaps/Secrets)."""
+    if "persistentVolumeClaim" in volume:
+        return volume_dir
+    target.mkdir(parents=True, exist_ok=True)
+    if "configMap" in volume:
+        data = read("configmap", namespace, volume["configMap"]["name"]).get("data") or {}
+        for key, text in data.items():
+            body = yaml.safe_load(text) if key.endswith((".yaml", ".yml")) else None
+            if isinstance(body, dict) and body.get("kind") == INVOCATION_KIND:
+                body["workspace"] = str(volume_dir)  # the stage resolves every spec path against this
+                text = yaml.safe_dump(body, sort_keys=True)
+            (target / key).write_text(text)
+    elif "secret" in volume:
+        data = read("secret", namespace, volume["secret"]["secretName"]).get("data") or {}
+        for key, encoded in data.items():
+            (target / key).write_bytes(base64.b64decode(encoded))
+    return target
+
+
+def _env_value(var: dict[str, Any], pod: dict[str, Any], read: Any) -> str | None:
+    if "value" in var:
+        return str(var["value"])
+    source = var.get("valueFrom") or {}
+    namespace = pod["metadata"]["namespace"]
+    if "secretKeyRef" in source:
+        ref = source["secretKeyRef"]
+        data = read("secret", namespace, ref["name"]).get("data") or {}
+        return base64.b64decode(data[ref["key"]]).decode() if ref["key"] in data else None
+    if "configMapKeyRef" in source:
+        ref = source["configMapKeyRef"]
+        return (read("configmap", namespace, ref["name"]).get("data") or {}).get(ref["key"])
+    if "fieldRef" in source:
+        path = source["fieldRef"]["fieldPath"]
+        return {"metadata.name": pod["metadata"]["name"], "metadata.namespace": namespace}.get(path)
+    return None
+
+
+def launch(
+    pod: dict[str, Any], work_dir: Path, volume_dir: Path, read: Any, python_path: list[str] | None = None
+) -> LocalProcess:
+    """Start the pod's (only) container as a local process group."""
+    meta, spec = pod["metadata"], pod["spec"]
+    container = spec["containers"][0]
+    pod_dir = work_dir / meta["namespace"] / meta["name"]
+    pod_dir.mkdir(parents=True, exist_ok=True)
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    mounts: list[tuple[str, Path]] = []
+    for mount in container.get("volumeMounts") or []:
+        volume = volumes[mount["name"]]
+        local = _materialise(volume, pod_dir / "volumes" / mount["name"], meta["namespace"], read, volume_dir)
+        mounts.append((mount["mountPath"].rstrip("/"), local))
+    mounts.sort(key=lambda m: len(m[0]), reverse=True)
+
+    argv = [*(container.get("command") or []), *(container.get("args") or [])]
+    if argv and argv[0] == "python":
+        argv[0] = sys.executable
+    elif argv and argv[0] == "torchrun":
+        argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
+    argv = [_rewrite(a, mounts) for a in argv]
+
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
+    for var in container.get("env") or []:
+        value = _env_value(var, pod, read)
+        if value is not None:
+            env[var["name"]] = _rewrite(value, mounts)
+    termination_log = pod_dir / "termination-log"
+    env[TERMINATION_LOG_ENV] = str(termination_log)
+    paths = [*(python_path or []), str(REPO / "operator"), str(REPO / "stages")]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("HOME", str(pod_dir))
+    log_file = pod_dir / "container.log"
+    with log_file.open("ab") as out:
+        popen = subprocess.Popen(
+            argv, env=env, cwd=pod_dir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: SIGTERM reaches torchrun's workers too
+        )
+    return LocalProcess(
+        pod=meta["name"], namespace=meta["namespace"], popen=popen, pod_dir=pod_dir, log_file=log_file,
+        termination_log=termination_log,
+        fallback_to_logs=container.get("terminationMessagePolicy") == "FallbackToLogsOnError",
+    )
