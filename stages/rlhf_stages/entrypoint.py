@@ -168,6 +168,28 @@ def _write_result(result: StageResult) -> None:
     write_termination_log(result)
 
 
+def _cpu_threads(quantity: str | None) -> int | None:
+    """Whole CPUs in a Kubernetes quantity ("2", "1500m"), at least 1."""
+    if not quantity:
+        return None
+    try:
+        cpus = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    except ValueError:
+        return None
+    return max(1, int(cpus))
+
+
+def _limit_threads(ctx: StageContext, processes: int) -> None:
+    """Match torch's CPU threads to the pod's CPU limit (before torch is imported).
+
+    torch sizes its thread pool by the host's cores, not the container's quota: on a shared
+    node that oversubscribes the quota and small models train many times slower.
+    """
+    threads = _cpu_threads(getattr(ctx.config.resources, "cpu", None))
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, threads // processes))
+
+
 def _requested_nproc(ctx: StageContext, nproc: int | None) -> int:
     if os.environ.get("RLHF_NPROC_CHILD") or "LOCAL_RANK" in os.environ:
         return 1  # already one of the launched processes
@@ -197,6 +219,7 @@ def execute(stage: str, config: Path, nproc: int | None = None) -> int:
         if hasattr(module, "validate"):
             module.validate(ctx)
         processes = _requested_nproc(ctx, nproc)
+        _limit_threads(ctx, processes)
         if processes > 1:
             return _launch_distributed(stage, config, processes)
         _install_sigterm(ctx)
@@ -210,7 +233,7 @@ def execute(stage: str, config: Path, nproc: int | None = None) -> int:
         log(f"{stage}: done, metrics {outcome.metrics}")
         return layout.EXIT_OK
     except StageError as exc:
-        log(f"{stage}: {exc}")
+        log(f"{stage} failed: {exc}")
         step = getattr(exc, "step", 0)
         if ctx is None or ctx.is_main:
             _write_result(_result(ctx, stage, exc.exit_code, str(exc), step=step))

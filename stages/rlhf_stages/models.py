@@ -122,14 +122,20 @@ def _device_map() -> dict[str, Any]:
 
 
 def load_tokenizer(location: ModelLocation) -> Any:
-    """The tokenizer, with a pad token (the EOS token when the tokenizer has none)."""
+    """The tokenizer, with a pad token.
+
+    A missing pad token becomes UNK when there is one, else EOS. Not EOS first: a sequence
+    classifier reads its score at the last non-pad token, so with pad == EOS the EOS that ends
+    every scored answer would be skipped.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(location.id, **location.kwargs())
     if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise StageConfigError(f"tokenizer of {location.label} has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
+        fallback = tokenizer.unk_token or tokenizer.eos_token
+        if fallback is None:
+            raise StageConfigError(f"tokenizer of {location.label} has no pad, UNK or EOS token")
+        tokenizer.pad_token = fallback
     return tokenizer
 
 
