@@ -41,6 +41,15 @@ def report_to(ctx: StageContext) -> list[str]:
     return ["wandb"]
 
 
+def checkpointing_field() -> str:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (old name deprecated);
+    TRL still defaults the old one to True, so the new one must be set to win."""
+    from transformers import TrainingArguments
+
+    names = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def trainer_kwargs(ctx: StageContext, t: TrainingSettings, *, has_eval: bool) -> dict[str, Any]:
     """Keyword arguments for any TRL ``*Config`` (a TrainingArguments subclass).
 
@@ -62,7 +71,7 @@ def trainer_kwargs(ctx: StageContext, t: TrainingSettings, *, has_eval: bool) ->
         "max_grad_norm": t.max_grad_norm,
         "bf16": t.bf16,
         "fp16": t.fp16,
-        "gradient_checkpointing": t.gradient_checkpointing,
+        checkpointing_field(): t.gradient_checkpointing,
         "logging_steps": t.logging_steps,
         "save_strategy": "steps",
         "save_steps": t.save_steps,
