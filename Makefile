@@ -13,7 +13,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/stages
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv controlplane demo test test-fast lint fmt generate verify clean
+.PHONY: help setup venv controlplane charttools demo test test-fast lint fmt generate verify clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -32,7 +32,10 @@ venv: $(VENV)/.complete ## create the Python environment (cached outside the clo
 controlplane: ## build etcd, kube-apiserver and kubectl from their Go modules (cached)
 	bash tests/controlplane/build.sh >/dev/null
 
-setup: venv controlplane ## everything the demo and the tests need
+charttools: ## build helm and kubeconform from their Go modules (cached)
+	bash tests/tools/build.sh >/dev/null
+
+setup: venv controlplane charttools ## everything the demo and the tests need
 
 demo: venv ## run a complete tiny RLHF pipeline locally on the CPU and write a report
 	$(PY) -m rlhf_operator.cli quickstart --workdir $(or $(WORKDIR),$(CURDIR)/.quickstart)
@@ -50,11 +53,13 @@ fmt: venv ## format the code
 	$(PY) -m ruff format operator stages tests images
 	$(PY) -m ruff check --fix operator stages tests images
 
-generate: venv ## regenerate the CRD, the chart's CRD and docs/reference.md from the API models
+generate: venv ## regenerate the CRD, the chart's CRD, docs/reference.md and the chart's values table
 	$(PY) -m rlhf_operator.api.generate
+	$(PY) tests/chart/valuesdoc.py
 
 verify: venv lint ## fail if a generated file is stale, or lint fails
 	$(PY) -m rlhf_operator.api.generate --check
+	$(PY) tests/chart/valuesdoc.py --check
 
 clean: ## remove local outputs (not the caches)
 	rm -rf .quickstart .pytest_cache .mypy_cache .ruff_cache .venv
