@@ -161,6 +161,10 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
                 cfg = build_config_map(run.identity, spec, st.name)
                 job_manifest = build_job(run.identity, spec, st.name)
                 actions.append(CreateJob(cfg, job_manifest))
+                known = next((o for o in old.stages if o.name == st.name and o.phase == "Pending"), None)
+                if known is None or known.job_name is None:
+                    name = job_manifest["metadata"]["name"]
+                    actions.append(PostEvent("Normal", "JobCreated", f"created Job {name} for stage {st.name}"))
                 stages[i] = st.model_copy(update={"job_name": job_manifest["metadata"]["name"]})
             break
         if job.deleting:
@@ -282,8 +286,6 @@ def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> li
         prev = before.get(st.name)
         if prev is not None and prev.phase == st.phase:
             continue
-        if st.phase == "Pending" and st.job_name and (prev is None or prev.job_name is None or prev.phase == "Failed"):
-            out.append(PostEvent("Normal", "JobCreated", f"created Job {st.job_name} for stage {st.name}"))
         if st.phase in STAGE_EVENTS:
             kind, reason = STAGE_EVENTS[st.phase]
             if st.phase == "Running" and prev is not None and prev.phase == "Suspended":

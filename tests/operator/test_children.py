@@ -1,0 +1,108 @@
+"""The pure builders: every Job setting the issue asks for, deterministic output, and layering."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from rlhf_operator.api.run import RLHFRunSpec
+from rlhf_operator.children import (
+    RunIdentity,
+    build_config_map,
+    build_job,
+    build_pvc,
+    labels,
+    stage_command,
+)
+
+from .harness import REPO, tiny_run
+
+RUN = RunIdentity("tiny", "ns", "uid-1")
+
+
+def spec(**changes: object) -> RLHFRunSpec:
+    return RLHFRunSpec.model_validate(tiny_run(**changes)["spec"], strict=False)
+
+
+def full_spec() -> RLHFRunSpec:
+    doc = tiny_run(
+        runtime={
+            "image": "registry/stages:1", "imagePullSecrets": ["pull"], "serviceAccountName": "trainer",
+            "nodeSelector": {"gpu": "a100"}, "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "affinity": {"nodeAffinity": {}}, "priorityClassName": "high", "queueName": "team-a",
+            "backoffLimit": 4, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 600,
+        },
+        secrets={"hfToken": {"name": "hf", "key": "token"}, "wandbApiKey": {"name": "wb", "key": "key"}},
+        wandb={"project": "rlhf", "entity": "me"},
+    )
+    doc["spec"]["ppo"]["resources"] = {"gpus": 4, "cpu": "16", "memory": "64Gi"}
+    return RLHFRunSpec.model_validate(doc["spec"], strict=False)
+
+
+def test_job_carries_every_setting() -> None:
+    job = build_job(RUN, full_spec(), "ppo")
+    meta, jspec = job["metadata"], job["spec"]
+    pod = jspec["template"]["spec"]
+    container = pod["containers"][0]
+    assert meta["name"] == "tiny-ppo" and meta["namespace"] == "ns"
+    assert meta["ownerReferences"][0] | {"uid": "uid-1", "controller": True, "kind": "RLHFRun"} == meta[
+        "ownerReferences"][0]
+    assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert meta["labels"]["rlhf-operator.io/stage"] == "ppo" and meta["labels"]["app.kubernetes.io/instance"] == "tiny"
+    assert jspec["suspend"] is True  # created suspended for Kueue to admit
+    assert (jspec["backoffLimit"], jspec["activeDeadlineSeconds"], jspec["ttlSecondsAfterFinished"]) == (4, 3600, 600)
+    rules = jspec["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2, 3]
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "trainer"
+    assert pod["nodeSelector"] == {"gpu": "a100"} and pod["priorityClassName"] == "high"
+    assert pod["tolerations"] and pod["affinity"] == {"nodeAffinity": {}}
+    assert pod["imagePullSecrets"] == [{"name": "pull"}]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["resources"]["limits"] == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "4"}
+    assert container["command"][:4] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "wb"
+    assert env["WANDB_PROJECT"]["value"] == "rlhf" and env["WANDB_ENTITY"]["value"] == "me"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/workspace"] == "workspace" and mounts["/etc/rlhf"] == "config"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == "tiny-workspace"
+    assert volumes["config"]["configMap"]["name"] == "tiny-ppo"
+
+
+def test_single_process_without_launcher() -> None:
+    assert stage_command("sft", 1) == ["python", "-m", "rlhf_stages", "sft", "--config", "/etc/rlhf/invocation.yaml"]
+    assert stage_command("merge", 0)[0] == "python"
+
+
+def test_builders_are_deterministic() -> None:
+    s = full_spec()
+    assert build_job(RUN, s, "sft") == build_job(RUN, s, "sft")
+    assert build_config_map(RUN, s, "sft") == build_config_map(RUN, s, "sft")
+
+
+def test_config_map_holds_the_invocation() -> None:
+    text = build_config_map(RUN, spec(), "reward")["data"]["invocation.yaml"]
+    assert "kind: StageInvocation" in text and "stage: reward" in text and "uid: uid-1" in text
+
+
+def test_pvc_owned_unless_kept() -> None:
+    assert build_pvc(RUN, spec())["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert build_pvc(RUN, spec())["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    kept = build_pvc(RUN, spec(storage={"size": "1Gi", "keepOnDelete": True}))
+    assert "ownerReferences" not in kept["metadata"]
+    assert labels("tiny")["app.kubernetes.io/managed-by"] == "rlhf-operator"
+
+
+def test_pure_modules_import_neither_kopf_nor_kubernetes() -> None:
+    code = (
+        "import sys, rlhf_operator.planner, rlhf_operator.children, rlhf_operator.observe;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('kopf', 'kubernetes')];"
+        "assert not bad, bad"
+    )
+    env = {"PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'stages'}"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

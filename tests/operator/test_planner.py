@@ -1,0 +1,214 @@
+"""Table-driven tests of the pure planner: (spec, status, observed Jobs) -> (actions, status)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from rlhf_operator.actions import CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
+from rlhf_operator.api.layout import StageResult
+from rlhf_operator.api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
+from rlhf_operator.observe import JobObservation, Observed, Progress
+from rlhf_operator.planner import RETRY_ANNOTATION, RunView, plan
+
+from .harness import tiny_run
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+PIPELINE = ("sft", "reward", "ppo", "merge")
+
+
+# --- small builders ------------------------------------------------------------------------------
+def spec(**changes: Any) -> RLHFRunSpec:
+    return RLHFRunSpec.model_validate(tiny_run(**changes)["spec"], strict=False)
+
+
+def view(status: RLHFRunStatus | None = None, generation: int = 1, annotations: dict | None = None,
+         **spec_changes: Any) -> RunView:
+    return RunView("tiny", "ns", "uid-1", generation, spec(**spec_changes), status, annotations or {})
+
+
+def job(stage: str, **kw: Any) -> JobObservation:
+    return JobObservation(name=f"tiny-{stage}", stage=stage, uid=f"job-{stage}", **kw)
+
+
+def done(stage: str, **metrics: float) -> JobObservation:
+    result = StageResult(stage=stage, succeeded=True, step=10, total_steps=10, metrics=metrics,
+                         artifact_path=f"runs/ns/tiny/{stage}")
+    return job(stage, complete=True, succeeded=1, pods=1, result=result, start_time="2026-01-01T11:00:00Z",
+               completion_time="2026-01-01T11:30:00Z")
+
+
+def running(stage: str, step: int = 0, total: int | None = None, **kw: Any) -> JobObservation:
+    progress = Progress(step, total) if total else None
+    fields: dict[str, Any] = {"active": 1, "pods": 1, "start_time": "2026-01-01T11:50:00Z", "progress": progress}
+    return job(stage, **{**fields, **kw})
+
+
+def failed(stage: str, reason: str = "BackoffLimitExceeded", exit_code: int = 1) -> JobObservation:
+    result = StageResult(stage=stage, succeeded=False, message="corrupt", exit_code=exit_code)
+    return job(stage, failed_condition=True, failed=2, pods=2, reason=reason, result=result, exit_code=exit_code)
+
+
+def observed(*jobs: JobObservation, pvc: bool = True) -> Observed:
+    return Observed({j.stage: j for j in jobs}, pvc)
+
+
+def kinds(actions: list) -> list[str]:
+    out = []
+    for a in actions:
+        if isinstance(a, PostEvent):
+            out.append(f"Event:{a.reason}")
+        elif isinstance(a, CreateJob | DeleteJob):
+            out.append(f"{type(a).__name__}:{a.name}")
+        elif isinstance(a, SetJobSuspend):
+            out.append(f"Suspend:{a.name}={a.suspend}")
+        else:
+            out.append(type(a).__name__)
+    return out
+
+
+def settle(v: RunView, obs: Observed) -> RLHFRunStatus:
+    """The status after one pass (as if written)."""
+    return plan(v, obs, NOW).status
+
+
+def cond(status: RLHFRunStatus, type_: str) -> tuple[str, str]:
+    c = next(c for c in status.conditions if c.type == type_)
+    return c.status, c.reason
+
+
+# --- the table -------------------------------------------------------------------------------------
+CASES = [
+    # (id, run view kwargs, observed jobs, expected action kinds (events omitted), phase, current stage)
+    ("new run creates PVC and the first Job", {}, observed(pvc=False),
+     ["EnsurePVC", "CreateJob:tiny-sft"], "Pending", "sft"),
+    ("existing claim: no PVC", {"storage": {"existingClaim": "data"}}, observed(pvc=False),
+     ["CreateJob:tiny-sft"], "Pending", "sft"),
+    ("first stage running", {}, observed(running("sft", 3, 10)), [], "Running", "sft"),
+    ("stage done: next Job", {}, observed(done("sft")), ["CreateJob:tiny-reward"], "Running", "reward"),
+    ("never two Jobs at once", {}, observed(done("sft"), running("reward")), [], "Running", "reward"),
+    ("all done", {}, observed(*(done(s) for s in PIPELINE)), [], "Succeeded", None),
+    ("failure ends the run", {}, observed(done("sft"), failed("reward")), [], "Failed", "reward"),
+    ("suspend suspends the live Job", {"suspend": True}, observed(running("sft")),
+     ["Suspend:tiny-sft=True"], "Suspended", "sft"),
+    ("suspended run creates no Job", {"suspend": True}, observed(done("sft")), [], "Suspended", "reward"),
+    ("resume unsuspends", {}, observed(running("sft", suspended=True, active=0)),
+     ["Suspend:tiny-sft=False"], "Pending", "sft"),  # Running again once its new pod starts
+    ("Kueue admits: operator leaves suspend alone", {"runtime": {"queueName": "gpu"}},
+     observed(job("sft", suspended=True)), [], "Pending", "sft"),
+    ("later Job proves an earlier stage (TTL'd Job)", {}, observed(running("reward")), [], "Running", "reward"),
+    ("disabled stage skipped", {"sft": {**tiny_run()["spec"]["sft"], "enabled": False}}, observed(),
+     ["CreateJob:tiny-reward"], "Pending", "reward"),
+]
+
+
+@pytest.mark.parametrize(("case", "kw", "obs", "want", "phase", "current"), CASES, ids=[c[0] for c in CASES])
+def test_plan(case: str, kw: dict, obs: Observed, want: list[str], phase: str, current: str | None) -> None:
+    result = plan(view(**kw), obs, NOW)
+    assert [k for k in kinds(result.actions) if not k.startswith("Event:")] == want
+    assert result.status.phase == phase
+    assert result.status.current_stage == current
+
+
+def test_plan_is_a_fixed_point() -> None:
+    """Planning again over its own status changes nothing and does nothing (re-apply, missed events)."""
+    for _, kw, obs, *_ in CASES:
+        first = plan(view(**kw), obs, NOW)
+        again = plan(view(first.status, **kw), obs, NOW.replace(minute=5))
+        assert again.status == first.status
+        assert [a for a in again.actions if not isinstance(a, CreateJob | EnsurePVC | SetJobSuspend)] == []
+
+
+def test_job_creation_is_repeated_until_observed_never_doubled() -> None:
+    """A lost status write just repeats the same deterministic create (an AlreadyExists)."""
+    one = plan(view(), observed(), NOW)
+    two = plan(view(one.status), observed(), NOW)
+    assert [a.job for a in two.actions if isinstance(a, CreateJob)] == [
+        a.job for a in one.actions if isinstance(a, CreateJob)
+    ]
+
+
+def test_conditions_failure_reason_and_message() -> None:
+    status = settle(view(), observed(done("sft"), failed("reward")))
+    assert cond(status, "Failed") == ("True", "BackoffLimitExceeded")
+    assert cond(status, "Running") == ("False", "RunFinished")
+    message = next(c.message for c in status.conditions if c.type == "Failed")
+    assert "stage reward" in message and "corrupt" in message
+    config = settle(view(), observed(failed("sft", reason="PodFailurePolicy", exit_code=2)))
+    assert cond(config, "Failed") == ("True", "ConfigError")
+
+
+def test_conditions_present_from_first_visit_with_generation() -> None:
+    status = settle(view(generation=3), observed(pvc=False))
+    assert {c.type for c in status.conditions} == {"Running", "Suspended", "Succeeded", "Failed"}
+    assert all(c.observed_generation == 3 for c in status.conditions)
+    assert cond(status, "Running") == ("Unknown", "StagePending")
+
+
+def test_transition_time_moves_only_with_status() -> None:
+    first = settle(view(), observed(running("sft")))
+    later = plan(view(first), observed(running("sft", 5, 10)), NOW.replace(hour=13)).status
+    t0 = {c.type: c.last_transition_time for c in first.conditions}
+    assert {c.type: c.last_transition_time for c in later.conditions} == t0
+
+
+def test_progress_eta_reward_and_summary() -> None:
+    status = settle(view(), observed(done("sft"), done("reward"), running("ppo", 4, 10)))
+    ppo = next(s for s in status.stages if s.name == "ppo")
+    assert ppo.progress is not None and ppo.progress.percent == 40
+    assert ppo.progress.eta_seconds == 900  # 10 minutes for 4 steps -> 15 minutes for 6
+    assert status.progress == "2/4 ppo 40%"
+    final = settle(view(status), observed(done("sft"), done("reward"), done("ppo", reward_mean=0.5), done("merge")))
+    assert final.reward == 0.5 and final.output_model == "runs/ns/tiny/merge/model"
+    assert next(s for s in final.stages if s.name == "ppo").metrics == {"reward_mean": 0.5}
+
+
+def test_events_on_transitions() -> None:
+    first = plan(view(), observed(running("sft")), NOW)
+    assert "Event:StageStarted" in kinds(first.actions)
+    second = plan(view(first.status), observed(done("sft")), NOW)
+    assert {"Event:StageSucceeded", "Event:JobCreated"} <= set(kinds(second.actions))
+    quiet = plan(view(second.status), observed(done("sft"), running("reward")), NOW)
+    assert "Event:StageSucceeded" not in kinds(quiet.actions)
+
+
+def test_retry_deletes_the_failed_job_then_recreates_it() -> None:
+    failed_status = settle(view(), observed(done("sft"), failed("reward")))
+    annotations = {RETRY_ANNOTATION: "1"}
+    retry = plan(view(failed_status, annotations=annotations), observed(done("sft"), failed("reward")), NOW)
+    assert [k for k in kinds(retry.actions) if not k.startswith("Event:Stage")] == [
+        "DeleteJob:tiny-reward", "Event:RetryRequested", "Event:RunRunning"]
+    assert retry.status.phase == "Running" and retry.status.retry_token == "1"
+    nxt = plan(view(retry.status, annotations=annotations), observed(done("sft")), NOW)
+    assert kinds(nxt.actions)[:1] == ["CreateJob:tiny-reward"]
+    # The same token again is not a new retry.
+    again = plan(view(nxt.status, annotations=annotations), observed(done("sft"), running("reward")), NOW)
+    assert not any(isinstance(a, DeleteJob) for a in again.actions)
+
+
+def test_failed_run_is_final_without_retry() -> None:
+    failed_status = settle(view(), observed(done("sft"), failed("reward")))
+    gone = plan(view(failed_status), observed(done("sft")), NOW)  # the failed Job was TTL-deleted
+    assert not any(isinstance(a, CreateJob) for a in gone.actions)
+    assert gone.status.phase == "Failed"
+
+
+def test_spec_edit_while_running_applies_to_later_stages() -> None:
+    status = settle(view(), observed(running("sft")))
+    edited = plan(view(status, generation=2, runtime={"backoffLimit": 5}), observed(running("sft")), NOW)
+    assert "Event:SpecChanged" in kinds(edited.actions)
+    assert not any(isinstance(a, CreateJob | DeleteJob) for a in edited.actions)  # the running Job is kept
+    later = plan(view(edited.status, generation=2, runtime={"backoffLimit": 5}), observed(done("sft")), NOW)
+    create = next(a for a in later.actions if isinstance(a, CreateJob))
+    assert create.job["spec"]["backoffLimit"] == 5
+    assert edited.status.observed_generation == 2
+
+
+def test_stage_entries_keep_history() -> None:
+    status = settle(view(), observed(done("sft", loss=0.1)))
+    sft = next(s for s in status.stages if s.name == "sft")
+    assert sft == StageStatus(name="sft", phase="Succeeded", job_name="tiny-sft", attempts=1,
+                              start_time="2026-01-01T11:00:00Z", completion_time="2026-01-01T11:30:00Z",
+                              progress=sft.progress, metrics={"loss": 0.1}, artifact_path="runs/ns/tiny/sft")
