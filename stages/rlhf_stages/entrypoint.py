@@ -151,15 +151,17 @@ def _launch_distributed(stage: str, config: Path, nproc: int) -> int:
         # Pods get SIGTERM on PID 1: pass it on, torchrun forwards it to every rank.
         signal.signal(signal.SIGTERM, lambda s, f: child.send_signal(signal.SIGTERM))
         code = child.wait()
+        code = 128 - code if code < 0 else code  # killed by a signal
         if result_file.exists() and result_file.stat().st_size:
-            text = result_file.read_text(encoding="utf-8")
-            rank0 = StageResult.model_validate_json(text)
-            code = rank0.exit_code if code != 0 and rank0.exit_code != 0 else code if code == 0 else rank0.exit_code
-            _write_result(rank0.model_copy(update={"exit_code": code}))
-        else:
-            _write_result(StageResult(stage=stage, succeeded=False, exit_code=code or 1,
+            rank0 = StageResult.model_validate_json(result_file.read_text(encoding="utf-8"))
+            # torchrun exits 1 whatever failed; rank 0's code keeps its meaning (2, 3, 143).
+            code = 0 if code == 0 else rank0.exit_code or code
+            _write_result(rank0.model_copy(update={"exit_code": code, "succeeded": code == 0}))
+        else:  # rank 0 died before reporting
+            code = code or 1
+            _write_result(StageResult(stage=stage, succeeded=False, exit_code=code,
                                       message=f"distributed launch failed with exit code {code}"))
-        return code if code >= 0 else 128 - code
+        return code
 
 
 def _write_result(result: StageResult) -> None:

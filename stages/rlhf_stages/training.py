@@ -87,6 +87,8 @@ def trainer_kwargs(ctx: StageContext, t: TrainingSettings, *, has_eval: bool) ->
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         "remove_unused_columns": True,
+        # Every parameter that trains is used in every forward pass; the search costs a graph walk.
+        "ddp_find_unused_parameters": False,
     }
 
 

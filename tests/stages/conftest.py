@@ -71,16 +71,20 @@ def stage_env(result_file: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_stage(stage: str, config: Path, result_file: Path, **env: str) -> subprocess.Popen[str]:
+def start_stage(
+    stage: str, config: Path, result_file: Path, *args: str, **env: str
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "rlhf_stages", stage, "--config", str(config)],
+        [sys.executable, "-m", "rlhf_stages", stage, "--config", str(config), *args],
         env=stage_env(result_file, **env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
 
-def run_stage(stage: str, config: Path, result_file: Path, timeout: float = 300, **env: str) -> tuple[int, str]:
+def run_stage(
+    stage: str, config: Path, result_file: Path, *args: str, timeout: float = 300, **env: str
+) -> tuple[int, str]:
     """Run ``python -m rlhf_stages`` as a real subprocess; returns (exit code, output)."""
-    proc = start_stage(stage, config, result_file, **env)
+    proc = start_stage(stage, config, result_file, *args, **env)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 

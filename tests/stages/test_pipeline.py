@@ -153,3 +153,19 @@ def test_merge_without_adapter_converts_the_sft_model(workspace: Path, pipeline:
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(tensor, original[name].to(torch.bfloat16)), name
     assert _manifest(run_dir(workspace, run) / "merge")["inputs"]["sourceStage"] == "sft"
+
+
+def test_two_processes_match_one(workspace: Path, tmp_path: Path) -> None:
+    """``--nproc 2`` runs SFT data-parallel (gloo on CPU): same effective batch, similar loss, one output."""
+    losses = {}
+    for nproc, batch in ((1, 16), (2, 8)):
+        run = f"ddp-{nproc}"
+        spec = tiny_spec(sft={"training": {"maxSteps": 30, "perDeviceTrainBatchSize": batch, "saveSteps": 15}})
+        config = write_invocation(workspace, "sft", run, spec)
+        code, output = run_stage("sft", config, tmp_path / f"{run}.json", "--nproc", str(nproc))
+        assert code == 0, output[-3000:]
+        result = read_result(tmp_path / f"{run}.json")
+        assert result["succeeded"] and result["step"] == 30
+        losses[nproc] = result["metrics"]["eval_loss"]
+        assert sorted(p.name for p in run_dir(workspace, run).iterdir()) == ["sft", "sft.progress.json"]
+    assert abs(losses[1] - losses[2]) < 0.25, losses
