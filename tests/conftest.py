@@ -22,7 +22,12 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlp
     plane = controlplane.start(tmp_path_factory.mktemp("controlplane"))
     try:
         plane.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/rlhfruns.rlhf-operator.io")
+        # `kubectl wait` errors out (instead of waiting) while the new CRD has no status.conditions yet.
+        for _ in range(60):
+            if plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                             "crd/rlhfruns.rlhf-operator.io", check=False).startswith("customresourcedefinition"):
+                break
+            time.sleep(0.5)
         _wait_for_openapi(plane)
         yield plane
     finally:
