@@ -1,7 +1,7 @@
 """``rlhfctl``: validate, render and run RLHFRuns locally, and inspect them on a cluster.
 
-Each subcommand lives in its own module and is imported only when used, so ``rlhfctl validate``
-stays fast and needs neither a cluster client nor the training stack.
+Each subcommand lives in its own module; cluster clients and the training stack are imported only
+when a command needs them, so ``rlhfctl validate`` stays fast and works anywhere.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "render": ("render", "print the Kubernetes objects the operator would create for each stage"),
     "run-local": ("local", "run the stages in order as local processes, the volume a local directory"),
     "quickstart": ("quickstart", "build tiny assets, run the tiny pipeline on the CPU and write a report"),
-    # "dev": ("dev", "start a local control plane, the operator and the dev executor"),
+    "dev": ("dev", "start a local control plane, the operator and the dev executor"),
     "status": ("cluster", "show a run's stages as a table"),
     "logs": ("cluster", "print the logs of a run's stage"),
 }
