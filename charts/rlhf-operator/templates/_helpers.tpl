@@ -75,6 +75,10 @@ ClusterRoleBinding), a list means a Role and RoleBinding in each (and nothing el
 
 {{/* Fail early on settings that cannot work together. */}}
 {{- define "rlhf-operator.validate" -}}
+{{- $kube := .Capabilities.KubeVersion.Version }}
+{{- if and (not (hasPrefix "v0.0.0" $kube)) (semverCompare "<1.29.0-0" $kube) }}
+{{- fail (printf "Kubernetes %s is too old: rlhf-operator needs 1.29 or newer" $kube) }}
+{{- end }}
 {{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) }}
 {{- fail "replicaCount > 1 needs leaderElection.enabled: two replicas without a Lease would both act on every run" }}
 {{- end }}
