@@ -3,7 +3,8 @@
 Starts etcd and kube-apiserver (built from their Go modules by ``tests/controlplane/build.sh``)
 on free loopback ports, with RBAC on and static-token users: an admin (system:masters) and
 the operator's own identity, which holds no rights until RBAC grants them. kube-controller-manager
-runs with its garbage collector only, so owner references cascade deletions as in a real cluster.
+runs its garbage collector (and PVC protection) only, so owner references cascade deletions as in
+a real cluster.
 There is no kubelet, scheduler or Job controller; ``rlhf_operator.dev.executor`` plays those.
 """
 
@@ -187,7 +188,8 @@ def _start_garbage_collector(plane: ControlPlane, log_file: Any) -> subprocess.P
         [
             str(plane.bin_dir / "kube-controller-manager"),
             "--kubeconfig", str(plane.kubeconfig(plane.admin, plane.workdir / "kubeconfig-controller-manager")),
-            "--controllers", "garbagecollector",
+            # pvc-protection removes the kubernetes.io/pvc-protection finalizer of deleted, unused PVCs.
+            "--controllers", "garbagecollector,pvc-protection",
             "--leader-elect=false",
             "--secure-port", "0",
             "--concurrent-gc-syncs", "5",

@@ -103,6 +103,7 @@ class DevJobController:
             proc = self.procs.pop(uid)
             log.info("job of %s/%s deleted: terminating", proc.namespace, proc.pod)
             proc.terminate(self.grace_seconds)
+        self._finish_pod_deletions(selector)
         for job in jobs:
             try:
                 self.sync(job)
@@ -149,6 +150,26 @@ class DevJobController:
         else:
             self._maybe_start(job, status)
         self._write(job, status, before)
+
+    def _finish_pod_deletions(self, selector: str) -> None:
+        """The kubelet's part of a graceful pod deletion: stop the containers, then remove the pod."""
+        if self.namespace:
+            resp = self.core.list_namespaced_pod(self.namespace, label_selector=selector, _preload_content=False)
+        else:
+            resp = self.core.list_pod_for_all_namespaces(label_selector=selector, _preload_content=False)
+        for pod in json.loads(resp.data).get("items") or []:
+            meta = pod["metadata"]
+            if not meta.get("deletionTimestamp"):
+                continue
+            for uid, proc in list(self.procs.items()):
+                if (proc.namespace, proc.pod) == (meta["namespace"], meta["name"]):
+                    self.procs.pop(uid)
+                    proc.terminate(self.grace_seconds)
+            try:
+                self.core.delete_namespaced_pod(meta["name"], meta["namespace"], grace_period_seconds=0)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
 
     # --- transitions ---------------------------------------------------------------------------
     def _exited(self, job: dict[str, Any], status: dict[str, Any], proc: LocalProcess) -> None:
