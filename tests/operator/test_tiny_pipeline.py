@@ -1,0 +1,53 @@
+"""The real thing: examples/tiny.yaml through the real API server, the operator, and the real stages.
+
+Slow (trains four tiny models on the CPU), so marked ``training``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from .harness import Env, tiny_run
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.training]
+
+
+@pytest.fixture
+def assets(env: Env) -> None:
+    from rlhf_stages.tiny_assets import build_tiny_assets
+
+    build_tiny_assets(env.volume / "assets")
+
+
+def test_tiny_example_runs_to_succeeded(env: Env, assets: None) -> None:
+    env.start_executor(fake=False)
+    env.start_operator()
+    env.apply(tiny_run())
+    run = env.wait_phase("tiny", "Succeeded", timeout=1500)
+    status = run["status"]
+    assert status["outputModel"] == f"runs/{env.namespace}/tiny/merge/model"
+    model = env.volume / status["outputModel"]
+    assert (model / "config.json").exists(), sorted(p.name for p in model.iterdir())
+    for stage in status["stages"]:
+        assert stage["phase"] == "Succeeded" and stage["metrics"], stage
+    assert status["reward"] is not None
+    assert status["progress"] == "4/4"
+
+
+def test_corrupt_model_exhausts_retries(env: Env, assets: None) -> None:
+    """A real, retryable failure: the base model's weights are garbage (exit 1, retried, then Failed)."""
+    base = env.volume / "assets" / "base-model"
+    for weights in base.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    (base / "config.json").write_text(json.dumps({"model_type": "llama"}) + "garbage")
+    env.start_executor(fake=False)
+    env.start_operator()
+    env.apply(tiny_run())  # runtime.backoffLimit: 1
+    run = env.wait_phase("tiny", "Failed", timeout=600)
+    failed = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and "stage sft" in failed["message"], failed
+    assert failed["reason"] in ("BackoffLimitExceeded", "ConfigError", "InputMissing"), failed
+    shutil.rmtree(base)
