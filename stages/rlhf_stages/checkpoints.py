@@ -108,7 +108,7 @@ class StageCallback(TrainerCallback):
         _barrier()  # every rank has written its RNG state into the checkpoint
         name = f"checkpoint-{state.global_step}"
         if self.ctx.is_main:
-            source = Path(args.output_dir) / name
+            source = Path(str(args.output_dir)) / name
             target = self.ctx.checkpoints_dir / name
             if target.exists():  # the same step saved twice (e.g. a SIGTERM right after a save)
                 shutil.rmtree(target)

@@ -83,6 +83,7 @@ class StageContext:
     world_size: int = 1
     stop_requested: threading.Event = field(default_factory=threading.Event)
     _last_progress: float = 0.0
+    _progress_origin: tuple[int, float] | None = None  # (step, time) of the first report, for the ETA
 
     @classmethod
     def create(cls, invocation: StageInvocation) -> StageContext:
@@ -143,11 +144,18 @@ class StageContext:
             return
         self._last_progress = now
         percent = min(100, int(100 * step / total)) if total else None
+        if self._progress_origin is None:
+            self._progress_origin = (step, now)  # a resumed run starts at its checkpoint's step
+        first_step, first_time = self._progress_origin
+        eta = None
+        if total and step > first_step:
+            eta = int((now - first_time) / (step - first_step) * max(0, total - step))
         body = {
             "stage": self.stage,
             "step": step,
             "totalSteps": total,
             "percent": percent,
+            "etaSeconds": eta,
             "metrics": {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)},
             "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -57,7 +57,7 @@ def _from_deeplake(location: str) -> Dataset:
     ds = deeplake.open_read_only(location, token=os.environ.get("ACTIVELOOP_TOKEN") or None)
     columns: dict[str, list[Any]] = {}
     for column in ds.schema.columns:
-        values = ds[column.name][:]
+        values: Any = ds[column.name][:]
         columns[column.name] = values.tolist() if hasattr(values, "tolist") else list(values)
     return Dataset.from_dict(columns)
 
@@ -136,7 +136,7 @@ def split_response_template(template: str) -> tuple[str, str]:
     if tail.strip():
         raise StageConfigError("promptTemplate: {response} must come last (the completion ends the sequence)")
     prompt = head.rstrip(" ")
-    return prompt, head[len(prompt):]
+    return prompt, head[len(prompt) :]
 
 
 def render(template: str, row: dict[str, Any]) -> str:

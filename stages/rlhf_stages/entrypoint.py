@@ -117,8 +117,9 @@ def stage_module(stage: str) -> Any:
         raise
 
 
-def _result(ctx: StageContext | None, stage: str, code: int, message: str, outcome: StageOutcome | None = None,
-            step: int = 0) -> StageResult:
+def _result(
+    ctx: StageContext | None, stage: str, code: int, message: str, *, outcome: StageOutcome | None = None, step: int = 0
+) -> StageResult:
     return StageResult(
         stage=stage,
         succeeded=code == layout.EXIT_OK,
@@ -144,8 +145,18 @@ def _launch_distributed(stage: str, config: Path, nproc: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         env = {**os.environ, layout.TERMINATION_LOG_ENV: str(result_file), "RLHF_NPROC_CHILD": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "rlhf_stages", stage, "--config", str(config)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "rlhf_stages",
+            stage,
+            "--config",
+            str(config),
+        ]
         log(f"launching {nproc} processes: {' '.join(cmd)}")
         child = subprocess.Popen(cmd, env=env)
         # Pods get SIGTERM on PID 1: pass it on, torchrun forwards it to every rank.
@@ -159,8 +170,14 @@ def _launch_distributed(stage: str, config: Path, nproc: int) -> int:
             _write_result(rank0.model_copy(update={"exit_code": code, "succeeded": code == 0}))
         else:  # rank 0 died before reporting
             code = code or 1
-            _write_result(StageResult(stage=stage, succeeded=False, exit_code=code,
-                                      message=f"distributed launch failed with exit code {code}"))
+            _write_result(
+                StageResult(
+                    stage=stage,
+                    succeeded=False,
+                    exit_code=code,
+                    message=f"distributed launch failed with exit code {code}",
+                )
+            )
         return code
 
 
@@ -212,10 +229,11 @@ def execute(stage: str, config: Path, nproc: int | None = None) -> int:
         done = outputs.completed_manifest(ctx.output_dir)
         if done is not None:
             log(f"{stage}: already done ({ctx.relative(ctx.output_dir)}/manifest.json is complete)")
-            previous = StageOutcome(metrics=done.get("metrics", {}), step=done.get("step", 0),
-                                    total_steps=done.get("totalSteps"))
+            previous = StageOutcome(
+                metrics=done.get("metrics", {}), step=done.get("step", 0), total_steps=done.get("totalSteps")
+            )
             if ctx.is_main:
-                _write_result(_result(ctx, stage, 0, "already done", previous))
+                _write_result(_result(ctx, stage, 0, "already done", outcome=previous))
             return layout.EXIT_OK
         module = stage_module(stage)
         if hasattr(module, "validate"):
@@ -231,7 +249,7 @@ def execute(stage: str, config: Path, nproc: int | None = None) -> int:
         if ctx.is_main:
             shutil.rmtree(ctx.checkpoints_dir, ignore_errors=True)
             ctx.write_progress(outcome.step, outcome.total_steps, outcome.metrics, force=True)
-            _write_result(_result(ctx, stage, 0, outcome.message or "done", outcome))
+            _write_result(_result(ctx, stage, 0, outcome.message or "done", outcome=outcome))
         log(f"{stage}: done, metrics {outcome.metrics}")
         return layout.EXIT_OK
     except StageError as exc:
@@ -255,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-stage", description="Run one RLHF pipeline stage.")
     parser.add_argument("stage", help=f"stage to run ({', '.join(STAGES)})")
     parser.add_argument("--config", required=True, type=Path, help="StageInvocation file (YAML or JSON)")
-    parser.add_argument("--nproc", type=int, default=None,
-                        help="data-parallel processes (default: the stage's resources.gpus)")
+    parser.add_argument(
+        "--nproc", type=int, default=None, help="data-parallel processes (default: the stage's resources.gpus)"
+    )
     args = parser.parse_args(argv)
     return execute(args.stage, args.config, args.nproc)

@@ -124,9 +124,10 @@ def result_json(result: StageResult) -> str:
         text = json.dumps(body, sort_keys=True)
     if len(text.encode()) > limit and body.get("message"):
         overflow = len(text.encode()) - limit
-        body["message"] = body["message"].encode()[: max(0, len(body["message"].encode()) - overflow - 8)].decode(
-            errors="ignore"
-        ) + "..."
+        body["message"] = (
+            body["message"].encode()[: max(0, len(body["message"].encode()) - overflow - 8)].decode(errors="ignore")
+            + "..."
+        )
         text = json.dumps(body, sort_keys=True)
     return text
 

@@ -43,9 +43,9 @@ def validate(ctx: StageContext) -> None:
     cfg = ctx.config
     data.check_source(ctx, cfg.dataset, "reward.dataset")
     models.check_quantization(cfg.quantization, "reward", cfg.resources.gpus)
-    if cfg.model is None and layout.policy_base(ctx.spec, ctx.stage, ctx.invocation.run_dir) is not None:
-        if completed_manifest(ctx.stage_output_of("sft")) is None:
-            raise StageInputMissing("reward: the SFT stage's output is not complete (runs/.../sft/manifest.json)")
+    on_sft = cfg.model is None and layout.policy_base(ctx.spec, ctx.stage, ctx.invocation.run_dir) is not None
+    if on_sft and completed_manifest(ctx.stage_output_of("sft")) is None:
+        raise StageInputMissing("reward: the SFT stage's output is not complete (runs/.../sft/manifest.json)")
     models.check_model_dir(base_location(ctx), "reward.model")
 
 
@@ -76,10 +76,11 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 def tokenize_pairs(ds: Dataset, tokenizer: Any, max_length: int) -> tuple[Dataset, int]:
     """``chosen_ids``/``rejected_ids`` (what RewardTrainer takes as already processed); drops long pairs."""
-    tokenized = ds.map(
-        lambda row: {"chosen_ids": encode(tokenizer, row["chosen"]), "rejected_ids": encode(tokenizer, row["rejected"])},
-        remove_columns=ds.column_names,
-    )
+
+    def ids(row: dict[str, str]) -> dict[str, list[int]]:
+        return {"chosen_ids": encode(tokenizer, row["chosen"]), "rejected_ids": encode(tokenizer, row["rejected"])}
+
+    tokenized = ds.map(ids, remove_columns=ds.column_names)
     kept = tokenized.filter(lambda r: len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length)
     return kept, len(tokenized) - len(kept)
 
@@ -135,8 +136,15 @@ def run(ctx: StageContext) -> StageOutcome:
         raise StageConfigError(f"reward.maxLength: every pair is longer than {cfg.max_length} tokens")
 
     dtype = models.training_dtype(t.bf16, t.fp16)
-    model = models.load_model(base, AutoModelForSequenceClassification, cfg.quantization, "reward", "float32",
-                              num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    model = models.load_model(
+        base,
+        AutoModelForSequenceClassification,
+        cfg.quantization,
+        "reward",
+        "float32",
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     peft_config = models.lora_config(cfg.lora, "SEQ_CLS") if cfg.lora.enabled else None
 
@@ -173,9 +181,14 @@ def run(ctx: StageContext) -> StageOutcome:
             "evalPairs": len(eval_ds) if eval_ds is not None else 0,
             "droppedTooLong": dropped + eval_dropped,
         },
-        details={"resumedFromStep": resumed_from, "lora": cfg.lora.enabled, "quantization": cfg.quantization.mode,
-                 "dtype": dtype, "eosAppended": tokenizer.eos_token_id is not None,
-                 "logHistory": callback.history[-50:]},
+        details={
+            "resumedFromStep": resumed_from,
+            "lora": cfg.lora.enabled,
+            "quantization": cfg.quantization.mode,
+            "dtype": dtype,
+            "eosAppended": tokenizer.eos_token_id is not None,
+            "logHistory": callback.history[-50:],
+        },
         message=f"reward model done: eval_accuracy={metrics.get('eval_accuracy', float('nan')):.3f}",
     )
 
@@ -190,7 +203,8 @@ def _save(ctx: StageContext, trainer: Any, tokenizer: Any, base: models.ModelLoc
     adapter_dir: Path = ctx.staging_dir / "adapter"
     trainer.model.save_pretrained(str(adapter_dir))
     models.record_adapter_base(adapter_dir, base.label)
-    merged = models.merge_adapter(base, adapter_dir, AutoModelForSequenceClassification, dtype, num_labels=1,
-                                  pad_token_id=tokenizer.pad_token_id)
+    merged = models.merge_adapter(
+        base, adapter_dir, AutoModelForSequenceClassification, dtype, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     merged.config.pad_token_id = tokenizer.pad_token_id
     models.save_standalone(merged, tokenizer, model_dir)

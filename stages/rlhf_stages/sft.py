@@ -50,14 +50,14 @@ def build_examples(ds: Dataset, cfg: Any) -> Dataset:
     ds = data.normalise_alpaca(ds)
     prompt_template, prefix = data.split_response_template(cfg.prompt_template)
     needed = [*data.template_fields(prompt_template), "response"]
-    if any(c not in ds.column_names for c in needed) and "chosen" in ds.column_names:
-        if data.is_hh_transcript(ds[0]["chosen"]):
+    hh = "chosen" in ds.column_names and data.is_hh_transcript(ds[0]["chosen"])
+    if hh and any(c not in ds.column_names for c in needed):
 
-            def transcript(row: dict[str, Any]) -> dict[str, str]:
-                prompt, completion = data.split_hh_transcript(row["chosen"])
-                return {"prompt": prompt, "completion": completion}
+        def transcript(row: dict[str, Any]) -> dict[str, str]:
+            prompt, completion = data.split_hh_transcript(row["chosen"])
+            return {"prompt": prompt, "completion": completion}
 
-            return ds.map(transcript, remove_columns=ds.column_names)
+        return ds.map(transcript, remove_columns=ds.column_names)
     data.check_columns(ds, needed, "sft.promptTemplate")
     if cfg.system_column is not None:
         data.check_columns(ds, [cfg.system_column], "sft.systemColumn")
@@ -125,8 +125,13 @@ def run(ctx: StageContext) -> StageOutcome:
             "trainRows": len(train_ds),
             "evalRows": len(eval_ds) if eval_ds is not None else 0,
         },
-        details={"resumedFromStep": resumed_from, "lora": cfg.lora.enabled, "quantization": cfg.quantization.mode,
-                 "dtype": dtype, "logHistory": callback.history[-50:]},
+        details={
+            "resumedFromStep": resumed_from,
+            "lora": cfg.lora.enabled,
+            "quantization": cfg.quantization.mode,
+            "dtype": dtype,
+            "logHistory": callback.history[-50:],
+        },
         message=f"SFT done: eval_loss={metrics.get('eval_loss', float('nan')):.4f}",
     )
 

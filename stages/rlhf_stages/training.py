@@ -29,8 +29,7 @@ def report_to(ctx: StageContext) -> list[str]:
     """W&B only when the spec asks for it; its settings travel as the env vars wandb reads."""
     wandb = ctx.spec.wandb
     if wandb is None:
-        os.environ.setdefault("WANDB_DISABLED", "true")
-        return []
+        return ["none"]
     os.environ["WANDB_PROJECT"] = wandb.project
     os.environ["WANDB_MODE"] = wandb.mode
     if wandb.entity:

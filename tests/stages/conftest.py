@@ -51,8 +51,15 @@ def _merge(into: dict[str, Any], changes: dict[str, Any]) -> None:
 
 
 def write_invocation(workspace: Path, stage: str, run: str, spec: dict[str, Any], **extra: Any) -> Path:
-    body = {"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "StageInvocation", "stage": stage,
-            "run": {"name": run}, "workspace": str(workspace), "spec": spec, **extra}
+    body = {
+        "apiVersion": "rlhf-operator.io/v1alpha1",
+        "kind": "StageInvocation",
+        "stage": stage,
+        "run": {"name": run},
+        "workspace": str(workspace),
+        "spec": spec,
+        **extra,
+    }
     path = workspace / "configs" / f"{run}-{stage}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(body))
@@ -65,18 +72,29 @@ def run_dir(workspace: Path, run: str) -> Path:
 
 def stage_env(result_file: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RLHF_ALLOW_CPU_QUANTIZATION", "RLHF_DEBUG_STEP_DELAY_S")}
-    env.update({"PYTHONPATH": PYTHON_PATH, "RLHF_TERMINATION_LOG": str(result_file), "WANDB_MODE": "offline",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    env.update(
+        {
+            "PYTHONPATH": PYTHON_PATH,
+            "RLHF_TERMINATION_LOG": str(result_file),
+            "WANDB_MODE": "offline",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+        }
+    )
     env.update(extra)
     return env
 
 
-def start_stage(
-    stage: str, config: Path, result_file: Path, *args: str, **env: str
-) -> subprocess.Popen[str]:
+def start_stage(stage: str, config: Path, result_file: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "rlhf_stages", stage, "--config", str(config), *args],
-        env=stage_env(result_file, **env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=stage_env(result_file, **env),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 

@@ -7,21 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_spec
 
+from conftest import tiny_spec
 from rlhf_operator.api import DatasetSource, SFTStage
 from rlhf_operator.api.layout import RunRef, StageInvocation
 from rlhf_stages import data
 from rlhf_stages.context import StageConfigError, StageContext, StageInputMissing
 from rlhf_stages.sft import build_examples
 
-ROWS = [{"question": f"how is the old lake {i}?", "response": f"the old lake is calm {i}.", "system_prompt": "Be nice."}
-        for i in range(20)]
+ROWS = [
+    {"question": f"how is the old lake {i}?", "response": f"the old lake is calm {i}.", "system_prompt": "Be nice."}
+    for i in range(20)
+]
 
 
 def _ctx(volume: Path) -> StageContext:
-    invocation = StageInvocation(stage="sft", run=RunRef(name="data"), workspace=str(volume),
-                                 spec=tiny_spec())  # type: ignore[arg-type]
+    invocation = StageInvocation(stage="sft", run=RunRef(name="data"), workspace=str(volume), spec=tiny_spec())  # type: ignore[arg-type]
     return StageContext.create(invocation)
 
 
@@ -44,7 +45,8 @@ def test_jsonl_parquet_and_saved_hf_datasets_agree(volume: Path) -> None:
     Dataset.from_list(ROWS).to_parquet(str(volume / "d" / "rows.parquet"))
     Dataset.from_list(ROWS).save_to_disk(str(volume / "d" / "saved"))
     DatasetDict({"train": Dataset.from_list(ROWS), "test": Dataset.from_list(ROWS[:2])}).save_to_disk(
-        str(volume / "d" / "saved_dict"))
+        str(volume / "d" / "saved_dict")
+    )
     sources = [
         _source(format="jsonl", path="d/rows.jsonl"),
         _source(format="parquet", path="d/rows.parquet"),
@@ -65,8 +67,13 @@ def test_deeplake_local_dataset(volume: Path) -> None:
     ds.add_column("instruction", deeplake.types.Text())
     ds.add_column("answer", deeplake.types.Text())
     ds.add_column("score", deeplake.types.Int64())
-    ds.append({"instruction": [r["question"] for r in ROWS], "answer": [r["response"] for r in ROWS],
-               "score": list(range(len(ROWS)))})
+    ds.append(
+        {
+            "instruction": [r["question"] for r in ROWS],
+            "answer": [r["response"] for r in ROWS],
+            "score": list(range(len(ROWS))),
+        }
+    )
     ds.commit()
     source = _source(format="deeplake", path="d/lake", columns={"question": "instruction", "response": "answer"})
     rows = data.load_rows(_ctx(volume), source, seed=0)
@@ -90,7 +97,7 @@ def test_column_mapping_sampling_and_split(volume: Path) -> None:
 
 
 def test_missing_path_is_input_missing(volume: Path) -> None:
-    with pytest.raises(StageInputMissing, match="d/nope.jsonl"):
+    with pytest.raises(StageInputMissing, match=r"d/nope\.jsonl"):
         data.check_source(_ctx(volume), _source(format="jsonl", path="d/nope.jsonl"), "sft.dataset")
 
 
@@ -102,15 +109,21 @@ def test_openorca_template_with_system_column() -> None:
     from datasets import Dataset
 
     examples = build_examples(Dataset.from_list(ROWS[:1]), _sft(systemColumn="system_prompt"))
-    assert examples[0] == {"prompt": "Be nice.\n\nQuestion: how is the old lake 0?\n\nAnswer:",
-                           "completion": " the old lake is calm 0."}
+    assert examples[0] == {
+        "prompt": "Be nice.\n\nQuestion: how is the old lake 0?\n\nAnswer:",
+        "completion": " the old lake is calm 0.",
+    }
 
 
 def test_alpaca_rows_become_question_and_response() -> None:
     from datasets import Dataset
 
-    rows = Dataset.from_list([{"instruction": "Say hi.", "input": "", "output": "hi"},
-                              {"instruction": "Translate.", "input": "bonjour", "output": "hello"}])
+    rows = Dataset.from_list(
+        [
+            {"instruction": "Say hi.", "input": "", "output": "hi"},
+            {"instruction": "Translate.", "input": "bonjour", "output": "hello"},
+        ]
+    )
     examples = build_examples(rows, _sft(promptTemplate="### Instruction:\n{question}\n### Response:\n{response}"))
     assert examples[0] == {"prompt": "### Instruction:\nSay hi.\n### Response:\n", "completion": "hi"}
     assert examples[1]["prompt"].startswith("### Instruction:\nTranslate.\n\nbonjour")

@@ -9,17 +9,21 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import PYTHON_PATH, REPO, read_result, tiny_spec, write_invocation
 
+from conftest import PYTHON_PATH, REPO, read_result, tiny_spec, write_invocation
+from rlhf_operator.api.layout import StageResult
 from rlhf_stages.entrypoint import main
 from rlhf_stages.outputs import result_json
-from rlhf_operator.api.layout import StageResult
 
 # (case id, stage, changes to the tiny spec or the invocation, text the error must contain)
 BAD_CONFIGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("unknown spec key", "sft", {"spec": {"sft": {"learningRate": 0.1}}}, "spec.sft.learningRate"),
-    ("bad learning rate", "sft", {"spec": {"sft": {"training": {"learningRate": -1}}}},
-     "spec.sft.training.learningRate"),
+    (
+        "bad learning rate",
+        "sft",
+        {"spec": {"sft": {"training": {"learningRate": -1}}}},
+        "spec.sft.training.learningRate",
+    ),
     ("bad lora rank", "sft", {"spec": {"sft": {"lora": {"enabled": True, "r": 0}}}}, "spec.sft.lora.r"),
     ("template without response", "sft", {"spec": {"sft": {"promptTemplate": "Q: {question}"}}}, "promptTemplate"),
     ("absolute dataset path", "sft", {"spec": {"sft": {"dataset": {"path": "/etc/passwd"}}}}, "spec.sft.dataset.path"),
@@ -39,11 +43,11 @@ def _config(workspace: Path, stage: str, changes: dict[str, Any]) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("stage", "changes", "expected"), [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+@pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
 def test_bad_config_exits_2_naming_the_field(
-    tmp_path: Path, in_process: Path, capsys: pytest.CaptureFixture[str], stage: str, changes: dict[str, Any],
-    expected: str,
+    tmp_path: Path, in_process: Path, capsys: pytest.CaptureFixture[str], case: tuple[str, str, dict[str, Any], str]
 ) -> None:
+    _, stage, changes, expected = case
     config = _config(tmp_path, stage, changes)
     assert main([stage, "--config", str(config)]) == 2
     err = capsys.readouterr().err

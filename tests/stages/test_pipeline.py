@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
 
+from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
 from rlhf_stages.entrypoint import main
 
 pytestmark = pytest.mark.training
@@ -110,7 +110,9 @@ def _fake_policy_adapter(workspace: Path, spec: dict[str, Any]) -> Path:
     return ppo / "adapter"
 
 
-def test_merge_folds_the_policy_adapter_into_sft_model(workspace: Path, pipeline: dict[str, Any], tmp_path: Path) -> None:
+def test_merge_folds_the_policy_adapter_into_sft_model(
+    workspace: Path, pipeline: dict[str, Any], tmp_path: Path
+) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -138,7 +140,9 @@ def test_merge_folds_the_policy_adapter_into_sft_model(workspace: Path, pipeline
     assert (merged_dir / "tokenizer.json").is_file()
 
 
-def test_merge_without_adapter_converts_the_sft_model(workspace: Path, pipeline: dict[str, Any], in_process: Path) -> None:
+def test_merge_without_adapter_converts_the_sft_model(
+    workspace: Path, pipeline: dict[str, Any], in_process: Path
+) -> None:
     import torch
     from safetensors.torch import load_file
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import read_result, run_dir, run_stage, start_stage, tiny_spec, write_invocation
 
 pytestmark = pytest.mark.training
@@ -42,7 +43,7 @@ def test_kill_resume_sigterm_resume(workspace: Path, tmp_path: Path) -> None:
 
     # 1. SIGKILL right after the first complete checkpoint: no output, the checkpoint survives.
     proc = start_stage("sft", config, tmp_path / "a.json", **SLOW)
-    _wait_for(lambda: (checkpoints / "checkpoint-4").is_dir(), proc)
+    _wait_for((checkpoints / "checkpoint-4").is_dir, proc)
     proc.kill()
     proc.wait(timeout=30)
     assert not (run_dir(workspace, RUN) / "sft").exists()

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import read_result, run_dir, tiny_spec, write_invocation
 
+from conftest import read_result, run_dir, tiny_spec, write_invocation
 from rlhf_stages.entrypoint import main
 from rlhf_stages.tiny_assets import read_jsonl
 
@@ -24,9 +24,14 @@ def test_qlora_on_cpu_with_the_allow_switch(
 
     monkeypatch.setenv("RLHF_ALLOW_CPU_QUANTIZATION", "1")
     run = f"qlora-{mode}"
-    spec = tiny_spec(sft={"lora": {"enabled": True, "r": 4, "alpha": 8},
-                          "quantization": {"mode": mode, "computeDtype": "float32"},
-                          "dataset": {"maxSamples": 64}, "training": FEW_STEPS})
+    spec = tiny_spec(
+        sft={
+            "lora": {"enabled": True, "r": 4, "alpha": 8},
+            "quantization": {"mode": mode, "computeDtype": "float32"},
+            "dataset": {"maxSamples": 64},
+            "training": FEW_STEPS,
+        }
+    )
     assert main(["sft", "--config", str(write_invocation(workspace, "sft", run, spec))]) == 0, read_result(in_process)
     out = run_dir(workspace, run) / "sft"
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -39,16 +44,29 @@ def test_qlora_on_cpu_with_the_allow_switch(
 
 def test_chat_messages_with_lora(workspace: Path, in_process: Path) -> None:
     rows = read_jsonl(workspace / "assets" / "data" / "sft.jsonl")[:64]
-    chats = [{"conversation": [{"role": "system", "content": r["system_prompt"]},
-                               {"role": "user", "content": r["question"]},
-                               {"role": "assistant", "content": r["response"]}]} for r in rows]
+    chats = [
+        {
+            "conversation": [
+                {"role": "system", "content": r["system_prompt"]},
+                {"role": "user", "content": r["question"]},
+                {"role": "assistant", "content": r["response"]},
+            ]
+        }
+        for r in rows
+    ]
     path = workspace / "data" / "chat.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(c) + "\n" for c in chats))
-    spec = tiny_spec(sft={"dataset": {"path": "data/chat.jsonl", "evalFraction": 0.1},
-                          "messagesColumn": "conversation", "lora": {"enabled": True, "r": 4, "alpha": 8},
-                          "training": FEW_STEPS})
-    assert main(["sft", "--config", str(write_invocation(workspace, "sft", "chat", spec))]) == 0, read_result(in_process)
+    spec = tiny_spec(
+        sft={
+            "dataset": {"path": "data/chat.jsonl", "evalFraction": 0.1},
+            "messagesColumn": "conversation",
+            "lora": {"enabled": True, "r": 4, "alpha": 8},
+            "training": FEW_STEPS,
+        }
+    )
+    config = write_invocation(workspace, "sft", "chat", spec)
+    assert main(["sft", "--config", str(config)]) == 0, read_result(in_process)
     out = run_dir(workspace, "chat") / "sft"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "model" / "model.safetensors").is_file()
@@ -70,8 +88,15 @@ def _tiny_bert(workspace: Path) -> str:
     target.mkdir(parents=True, exist_ok=True)
     (target / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(target / "vocab.txt"))
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
     BertForSequenceClassification(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return "assets/tiny-bert"
@@ -80,10 +105,14 @@ def _tiny_bert(workspace: Path) -> str:
 def test_encoder_reward_model_on_hh_transcripts(workspace: Path, in_process: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    spec = tiny_spec(reward={"model": {"path": _tiny_bert(workspace)},
-                             "dataset": {"path": "assets/data/hh_rlhf.jsonl", "maxSamples": 200, "evalFraction": 0.1},
-                             "lora": {"enabled": True, "r": 4, "alpha": 8, "targetModules": ["query", "value"]},
-                             "training": FEW_STEPS | {"learningRate": 1e-3}})
+    spec = tiny_spec(
+        reward={
+            "model": {"path": _tiny_bert(workspace)},
+            "dataset": {"path": "assets/data/hh_rlhf.jsonl", "maxSamples": 200, "evalFraction": 0.1},
+            "lora": {"enabled": True, "r": 4, "alpha": 8, "targetModules": ["query", "value"]},
+            "training": FEW_STEPS | {"learningRate": 1e-3},
+        }
+    )
     assert main(["reward", "--config", str(write_invocation(workspace, "reward", "encoder", spec))]) == 0
     out = run_dir(workspace, "encoder") / "reward"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -92,3 +121,14 @@ def test_encoder_reward_model_on_hh_transcripts(workspace: Path, in_process: Pat
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")
     assert model.config.num_labels == 1 and type(model).__name__ == "BertForSequenceClassification"
     assert 0.0 <= read_result(in_process)["metrics"]["eval_accuracy"] <= 1.0
+
+
+def test_wandb_offline_when_the_spec_asks(workspace: Path, in_process: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_DISABLED", raising=False)
+    spec = tiny_spec(
+        wandb={"project": "tiny", "mode": "offline"}, sft={"dataset": {"maxSamples": 32}, "training": FEW_STEPS}
+    )
+    assert main(["sft", "--config", str(write_invocation(workspace, "sft", "wandb", spec))]) == 0
+    runs = list((run_dir(workspace, "wandb") / "wandb").glob("offline-run-*"))
+    assert runs, "no offline W&B run on the volume"
