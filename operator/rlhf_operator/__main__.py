@@ -27,8 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the operator")
     run.add_argument("--namespace", help="watch only this namespace (default: all namespaces)")
     run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
-    run.add_argument("--identity", default=os.environ.get("POD_NAME") or socket.gethostname(),
-                     help="this replica's name in the leader Lease (default: $POD_NAME or the hostname)")
+    run.add_argument(
+        "--identity",
+        default=os.environ.get("POD_NAME") or socket.gethostname(),
+        help="this replica's name in the leader Lease (default: $POD_NAME or the hostname)",
+    )
     run.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "rlhf-system"))
     run.add_argument("--lease-name", default="rlhf-operator")
     run.add_argument("--lease-duration", type=float, default=15.0, help="seconds a leader's Lease lasts unrenewed")
@@ -67,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     elector = None
     if not args.no_leader_election:
         elector = LeaseElector(
-            api_client, args.lease_namespace, args.lease_name, args.identity, args.lease_duration,
+            api_client,
+            args.lease_namespace,
+            args.lease_name,
+            args.identity,
+            args.lease_duration,
             on_lost=lambda: os._exit(1),  # a leader that cannot renew must stop acting now
         )
     controller = Controller(

@@ -146,7 +146,11 @@ class Cluster:
         body = {
             "apiVersion": API_VERSION,
             "kind": KIND,
-            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "resourceVersion": meta["resourceVersion"]},
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "resourceVersion": meta["resourceVersion"],
+            },
             "spec": run.get("spec") or {},
             "status": status,
         }

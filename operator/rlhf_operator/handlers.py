@@ -74,4 +74,3 @@ async def job_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_
 async def pod_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
     if LABEL_RUN in labels:
         _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
-

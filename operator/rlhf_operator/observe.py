@@ -122,13 +122,19 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobObservati
             exit_code = int(terminated.get("exitCode") or 0)
             result = parse_result(terminated.get("message"))
             if result is None and terminated.get("message"):
-                result = StageResult(stage="", succeeded=False, message=terminated["message"][-1000:],
-                                     exit_code=int(terminated.get("exitCode") or 0))
+                result = StageResult(
+                    stage="",
+                    succeeded=False,
+                    message=terminated["message"][-1000:],
+                    exit_code=int(terminated.get("exitCode") or 0),
+                )
             break
     progress = None
     running = [p for p in own if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")]
     if running:
-        progress = parse_progress(((running[-1].get("metadata") or {}).get("annotations") or {}).get(PROGRESS_ANNOTATION))
+        progress = parse_progress(
+            ((running[-1].get("metadata") or {}).get("annotations") or {}).get(PROGRESS_ANNOTATION)
+        )
     failed = _condition(job, "Failed")
     return JobObservation(
         name=meta.get("name", ""),
@@ -153,9 +159,7 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobObservati
     )
 
 
-def observe(
-    run_uid: str, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], pvc_exists: bool = True
-) -> Observed:
+def observe(run_uid: str, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], pvc_exists: bool = True) -> Observed:
     """Adopt the Jobs this run controls (by owner uid), keyed by their stage label."""
     out: dict[str, JobObservation] = {}
     for job in jobs:

@@ -256,7 +256,9 @@ def _summarise(
         msg = f"all stages succeeded; output model {status.output_model}"
         c = cond.set_condition(c, cond.SUCCEEDED, "True", cond.PIPELINE_COMPLETED, msg, gen, ts)
     else:
-        c = cond.set_condition(c, cond.SUCCEEDED, "False", cond.IN_PROGRESS, f"{len(done)}/{len(todo)} stages done", gen, ts)
+        c = cond.set_condition(
+            c, cond.SUCCEEDED, "False", cond.IN_PROGRESS, f"{len(done)}/{len(todo)} stages done", gen, ts
+        )
     if failure is not None:
         c = cond.set_condition(c, cond.FAILED, "True", failure[0], failure[1], gen, ts)
     else:

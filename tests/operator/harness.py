@@ -79,9 +79,21 @@ class Env:
 
     def start_executor(self, fake: bool = True) -> Process:
         self.volume.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "rlhf_operator.dev.executor", "--kubeconfig", str(self.plane.kubeconfig()),
-                "--volume-dir", str(self.volume), "--work-dir", str(self.root / "pods"),
-                "--namespace", self.namespace, "--grace-seconds", "10"]
+        argv = [
+            sys.executable,
+            "-m",
+            "rlhf_operator.dev.executor",
+            "--kubeconfig",
+            str(self.plane.kubeconfig()),
+            "--volume-dir",
+            str(self.volume),
+            "--work-dir",
+            str(self.root / "pods"),
+            "--namespace",
+            self.namespace,
+            "--grace-seconds",
+            "10",
+        ]
         if fake:
             argv += ["--python-path", str(FAKE_STAGES)]
         proc = _spawn(argv, self.root / "executor.log")
@@ -90,10 +102,30 @@ class Env:
 
     def start_operator(self, identity: str = "op-a", lease_duration: float = 3.0) -> tuple[Process, int]:
         port = free_port()
-        argv = [sys.executable, "-m", "rlhf_operator", "run", "--namespace", self.namespace,
-                "--kubeconfig", str(self.plane.kubeconfig(self.plane.operator)), "--identity", identity,
-                "--lease-name", f"lease-{self.namespace}"[:63], "--lease-duration", str(lease_duration),
-                "--health-host", "127.0.0.1", "--health-port", str(port), "--resync", "2", "--workers", "2"]
+        argv = [
+            sys.executable,
+            "-m",
+            "rlhf_operator",
+            "run",
+            "--namespace",
+            self.namespace,
+            "--kubeconfig",
+            str(self.plane.kubeconfig(self.plane.operator)),
+            "--identity",
+            identity,
+            "--lease-name",
+            f"lease-{self.namespace}"[:63],
+            "--lease-duration",
+            str(lease_duration),
+            "--health-host",
+            "127.0.0.1",
+            "--health-port",
+            str(port),
+            "--resync",
+            "2",
+            "--workers",
+            "2",
+        ]
         proc = _spawn(argv, self.root / f"operator-{identity}.log")
         self.processes.append(proc)
         return proc, port
@@ -147,7 +179,11 @@ class Env:
 
     def events(self, name: str) -> list[str]:
         items = self.items("events")
-        return [e["reason"] for e in items if e["involvedObject"]["name"] == name and e["involvedObject"]["kind"] == "RLHFRun"]
+        return [
+            e["reason"]
+            for e in items
+            if e["involvedObject"]["name"] == name and e["involvedObject"]["kind"] == "RLHFRun"
+        ]
 
     def stop_all(self) -> None:
         for proc in reversed(self.processes):

@@ -27,10 +27,17 @@ def spec(**changes: object) -> RLHFRunSpec:
 def full_spec() -> RLHFRunSpec:
     doc = tiny_run(
         runtime={
-            "image": "registry/stages:1", "imagePullSecrets": ["pull"], "serviceAccountName": "trainer",
-            "nodeSelector": {"gpu": "a100"}, "tolerations": [{"key": "gpu", "operator": "Exists"}],
-            "affinity": {"nodeAffinity": {}}, "priorityClassName": "high", "queueName": "team-a",
-            "backoffLimit": 4, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 600,
+            "image": "registry/stages:1",
+            "imagePullSecrets": ["pull"],
+            "serviceAccountName": "trainer",
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "affinity": {"nodeAffinity": {}},
+            "priorityClassName": "high",
+            "queueName": "team-a",
+            "backoffLimit": 4,
+            "activeDeadlineSeconds": 3600,
+            "ttlSecondsAfterFinished": 600,
         },
         secrets={"hfToken": {"name": "hf", "key": "token"}, "wandbApiKey": {"name": "wb", "key": "key"}},
         wandb={"project": "rlhf", "entity": "me"},
@@ -45,8 +52,10 @@ def test_job_carries_every_setting() -> None:
     pod = jspec["template"]["spec"]
     container = pod["containers"][0]
     assert meta["name"] == "tiny-ppo" and meta["namespace"] == "ns"
-    assert meta["ownerReferences"][0] | {"uid": "uid-1", "controller": True, "kind": "RLHFRun"} == meta[
-        "ownerReferences"][0]
+    assert (
+        meta["ownerReferences"][0] | {"uid": "uid-1", "controller": True, "kind": "RLHFRun"}
+        == meta["ownerReferences"][0]
+    )
     assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert meta["labels"]["rlhf-operator.io/stage"] == "ppo" and meta["labels"]["app.kubernetes.io/instance"] == "tiny"
     assert jspec["suspend"] is True  # created suspended for Kueue to admit
@@ -58,7 +67,9 @@ def test_job_carries_every_setting() -> None:
     assert pod["nodeSelector"] == {"gpu": "a100"} and pod["priorityClassName"] == "high"
     assert pod["tolerations"] and pod["affinity"] == {"nodeAffinity": {}}
     assert pod["imagePullSecrets"] == [{"name": "pull"}]
-    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert (
+        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["resources"]["limits"] == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "4"}

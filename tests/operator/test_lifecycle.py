@@ -46,7 +46,10 @@ def test_pipeline_succeeds_and_reapply_changes_nothing(env: Env) -> None:
     time.sleep(5)  # two resync periods
     assert env.run("tiny")["metadata"]["resourceVersion"] == version
     assert sorted(j["metadata"]["name"] for j in env.items("jobs")) == [
-        "tiny-merge", "tiny-ppo", "tiny-reward", "tiny-sft"
+        "tiny-merge",
+        "tiny-ppo",
+        "tiny-reward",
+        "tiny-sft",
     ]
 
     # Prometheus metrics and probes.
@@ -110,9 +113,13 @@ def test_suspend_and_resume_mid_stage(env: Env) -> None:
     run = env.wait_phase("tiny", "Suspended", timeout=30)
     assert env.stage(run, "ppo")["phase"] == "Suspended"
     assert env.get("job", "tiny-ppo")["spec"]["suspend"] is True
-    env.wait_for("the Job to be suspended", lambda: any(
-        c["type"] == "Suspended" and c["status"] == "True"
-        for c in (env.get("job", "tiny-ppo").get("status") or {}).get("conditions") or []))
+    env.wait_for(
+        "the Job to be suspended",
+        lambda: any(
+            c["type"] == "Suspended" and c["status"] == "True"
+            for c in (env.get("job", "tiny-ppo").get("status") or {}).get("conditions") or []
+        ),
+    )
     assert not env.items("pods", "job-name=tiny-ppo")  # the active pod is deleted on suspension
     time.sleep(2)
     assert env.get("job", "tiny-merge") is None  # progression stopped
@@ -134,9 +141,11 @@ def test_deletion_mid_run_cleans_up(env: Env) -> None:
     assert env.get("pvc", "tiny-workspace") is not None and env.get("configmap", "tiny-ppo") is not None
     env.kubectl("delete", "rlhfrun", "tiny", "--wait=true", "--timeout=30s")
     # The garbage collector deletes what the run owns; the executor then stops the process.
-    env.wait_for("children to be collected", lambda: not any(
-        env.items(kind, "rlhf-operator.io/run=tiny") for kind in ("jobs", "configmaps", "pvc", "pods")
-    ), timeout=90)
+    env.wait_for(
+        "children to be collected",
+        lambda: not any(env.items(kind, "rlhf-operator.io/run=tiny") for kind in ("jobs", "configmaps", "pvc", "pods")),
+        timeout=90,
+    )
     progress = env.run_dir("tiny") / "ppo.progress.json"
     step = json.loads(progress.read_text())["step"]
     time.sleep(2)

@@ -24,8 +24,9 @@ def spec(**changes: Any) -> RLHFRunSpec:
     return RLHFRunSpec.model_validate(tiny_run(**changes)["spec"], strict=False)
 
 
-def view(status: RLHFRunStatus | None = None, generation: int = 1, annotations: dict | None = None,
-         **spec_changes: Any) -> RunView:
+def view(
+    status: RLHFRunStatus | None = None, generation: int = 1, annotations: dict | None = None, **spec_changes: Any
+) -> RunView:
     return RunView("tiny", "ns", "uid-1", generation, spec(**spec_changes), status, annotations or {})
 
 
@@ -34,10 +35,18 @@ def job(stage: str, **kw: Any) -> JobObservation:
 
 
 def done(stage: str, **metrics: float) -> JobObservation:
-    result = StageResult(stage=stage, succeeded=True, step=10, total_steps=10, metrics=metrics,
-                         artifact_path=f"runs/ns/tiny/{stage}")
-    return job(stage, complete=True, succeeded=1, pods=1, result=result, start_time="2026-01-01T11:00:00Z",
-               completion_time="2026-01-01T11:30:00Z")
+    result = StageResult(
+        stage=stage, succeeded=True, step=10, total_steps=10, metrics=metrics, artifact_path=f"runs/ns/tiny/{stage}"
+    )
+    return job(
+        stage,
+        complete=True,
+        succeeded=1,
+        pods=1,
+        result=result,
+        start_time="2026-01-01T11:00:00Z",
+        completion_time="2026-01-01T11:30:00Z",
+    )
 
 
 def running(stage: str, step: int = 0, total: int | None = None, **kw: Any) -> JobObservation:
@@ -82,25 +91,61 @@ def cond(status: RLHFRunStatus, type_: str) -> tuple[str, str]:
 # --- the table -------------------------------------------------------------------------------------
 CASES = [
     # (id, run view kwargs, observed jobs, expected action kinds (events omitted), phase, current stage)
-    ("new run creates PVC and the first Job", {}, observed(pvc=False),
-     ["EnsurePVC", "CreateJob:tiny-sft"], "Pending", "sft"),
-    ("existing claim: no PVC", {"storage": {"existingClaim": "data"}}, observed(pvc=False),
-     ["CreateJob:tiny-sft"], "Pending", "sft"),
+    (
+        "new run creates PVC and the first Job",
+        {},
+        observed(pvc=False),
+        ["EnsurePVC", "CreateJob:tiny-sft"],
+        "Pending",
+        "sft",
+    ),
+    (
+        "existing claim: no PVC",
+        {"storage": {"existingClaim": "data"}},
+        observed(pvc=False),
+        ["CreateJob:tiny-sft"],
+        "Pending",
+        "sft",
+    ),
     ("first stage running", {}, observed(running("sft", 3, 10)), [], "Running", "sft"),
     ("stage done: next Job", {}, observed(done("sft")), ["CreateJob:tiny-reward"], "Running", "reward"),
     ("never two Jobs at once", {}, observed(done("sft"), running("reward")), [], "Running", "reward"),
     ("all done", {}, observed(*(done(s) for s in PIPELINE)), [], "Succeeded", None),
     ("failure ends the run", {}, observed(done("sft"), failed("reward")), [], "Failed", "reward"),
-    ("suspend suspends the live Job", {"suspend": True}, observed(running("sft")),
-     ["Suspend:tiny-sft=True"], "Suspended", "sft"),
+    (
+        "suspend suspends the live Job",
+        {"suspend": True},
+        observed(running("sft")),
+        ["Suspend:tiny-sft=True"],
+        "Suspended",
+        "sft",
+    ),
     ("suspended run creates no Job", {"suspend": True}, observed(done("sft")), [], "Suspended", "reward"),
-    ("resume unsuspends", {}, observed(running("sft", suspended=True, active=0)),
-     ["Suspend:tiny-sft=False"], "Pending", "sft"),  # Running again once its new pod starts
-    ("Kueue admits: operator leaves suspend alone", {"runtime": {"queueName": "gpu"}},
-     observed(job("sft", suspended=True)), [], "Pending", "sft"),
+    (
+        "resume unsuspends",
+        {},
+        observed(running("sft", suspended=True, active=0)),
+        ["Suspend:tiny-sft=False"],
+        "Pending",
+        "sft",
+    ),  # Running again once its new pod starts
+    (
+        "Kueue admits: operator leaves suspend alone",
+        {"runtime": {"queueName": "gpu"}},
+        observed(job("sft", suspended=True)),
+        [],
+        "Pending",
+        "sft",
+    ),
     ("later Job proves an earlier stage (TTL'd Job)", {}, observed(running("reward")), [], "Running", "reward"),
-    ("disabled stage skipped", {"sft": {**tiny_run()["spec"]["sft"], "enabled": False}}, observed(),
-     ["CreateJob:tiny-reward"], "Pending", "reward"),
+    (
+        "disabled stage skipped",
+        {"sft": {**tiny_run()["spec"]["sft"], "enabled": False}},
+        observed(),
+        ["CreateJob:tiny-reward"],
+        "Pending",
+        "reward",
+    ),
 ]
 
 
@@ -179,7 +224,10 @@ def test_retry_deletes_the_failed_job_then_recreates_it() -> None:
     annotations = {RETRY_ANNOTATION: "1"}
     retry = plan(view(failed_status, annotations=annotations), observed(done("sft"), failed("reward")), NOW)
     assert [k for k in kinds(retry.actions) if not k.startswith("Event:Stage")] == [
-        "DeleteJob:tiny-reward", "Event:RetryRequested", "Event:RunRunning"]
+        "DeleteJob:tiny-reward",
+        "Event:RetryRequested",
+        "Event:RunRunning",
+    ]
     assert retry.status.phase == "Running" and retry.status.retry_token == "1"
     nxt = plan(view(retry.status, annotations=annotations), observed(done("sft")), NOW)
     assert kinds(nxt.actions)[:1] == ["CreateJob:tiny-reward"]
@@ -209,6 +257,14 @@ def test_spec_edit_while_running_applies_to_later_stages() -> None:
 def test_stage_entries_keep_history() -> None:
     status = settle(view(), observed(done("sft", loss=0.1)))
     sft = next(s for s in status.stages if s.name == "sft")
-    assert sft == StageStatus(name="sft", phase="Succeeded", job_name="tiny-sft", attempts=1,
-                              start_time="2026-01-01T11:00:00Z", completion_time="2026-01-01T11:30:00Z",
-                              progress=sft.progress, metrics={"loss": 0.1}, artifact_path="runs/ns/tiny/sft")
+    assert sft == StageStatus(
+        name="sft",
+        phase="Succeeded",
+        job_name="tiny-sft",
+        attempts=1,
+        start_time="2026-01-01T11:00:00Z",
+        completion_time="2026-01-01T11:30:00Z",
+        progress=sft.progress,
+        metrics={"loss": 0.1},
+        artifact_path="runs/ns/tiny/sft",
+    )

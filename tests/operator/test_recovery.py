@@ -24,10 +24,11 @@ def test_operator_killed_mid_stage_standby_takes_over(env: Env) -> None:
     env.start_executor()
     leader, leader_port = env.start_operator("op-a", lease_duration=3)
     env.wait_for("op-a to lead", lambda: http_get(leader_port, "/readyz")[0] == 200, timeout=60)
-    standby, standby_port = env.start_operator("op-b", lease_duration=3)
+    _standby, standby_port = env.start_operator("op-b", lease_duration=3)
     env.apply(tiny_run())
-    env.wait_for("ppo to run", lambda: (env.stage(env.run("tiny"), "ppo").get("progress") or {}).get("step", 0) >= 2,
-                 timeout=90)
+    env.wait_for(
+        "ppo to run", lambda: (env.stage(env.run("tiny"), "ppo").get("progress") or {}).get("step", 0) >= 2, timeout=90
+    )
     # Two replicas, one actor: the standby is live but not ready, and has reconciled nothing.
     assert http_get(standby_port, "/healthz")[0] == 200
     assert http_get(standby_port, "/readyz")[0] == 503

@@ -55,8 +55,14 @@ def _set_cond(status: dict[str, Any], kind: str, value: str, reason: str, messag
     existing = _cond(status, kind)
     if existing is None:
         status.setdefault("conditions", []).append(
-            {"type": kind, "status": value, "reason": reason, "message": message,
-             "lastProbeTime": now, "lastTransitionTime": now}
+            {
+                "type": kind,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastProbeTime": now,
+                "lastTransitionTime": now,
+            }
         )
     elif (existing["status"], existing.get("reason")) != (value, reason):
         existing.update(status=value, reason=reason, message=message, lastProbeTime=now, lastTransitionTime=now)
@@ -67,8 +73,16 @@ def _finished(status: dict[str, Any]) -> bool:
 
 
 class DevJobController:
-    def __init__(self, api: client.ApiClient, volume_dir: Path, work_dir: Path, python_path: list[str],
-                 backoff_seconds: float = 1.0, grace_seconds: float = 20.0, namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        volume_dir: Path,
+        work_dir: Path,
+        python_path: list[str],
+        backoff_seconds: float = 1.0,
+        grace_seconds: float = 20.0,
+        namespace: str | None = None,
+    ) -> None:
         self.namespace = namespace
         self.core, self.batch = client.CoreV1Api(api), client.BatchV1Api(api)
         self.volume_dir, self.work_dir, self.python_path = volume_dir, work_dir, python_path
@@ -178,7 +192,9 @@ class DevJobController:
         status.update(active=0, ready=0)
         if code == 0:
             status["succeeded"] = int(status.get("succeeded") or 0) + 1
-            _set_cond(status, "SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of succeeded pods")
+            _set_cond(
+                status, "SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of succeeded pods"
+            )
             _set_cond(status, "Complete", "True", "CompletionsReached", "Reached expected number of succeeded pods")
             status["completionTime"] = _ts()
             return
@@ -188,8 +204,10 @@ class DevJobController:
             codes = rule.get("onExitCodes")
             if codes and (code in codes["values"]) == (codes.get("operator", "In") == "In"):
                 if rule["action"] == "FailJob":
-                    message = (f"Container stage for pod {proc.namespace}/{proc.pod} failed with exit code {code} "
-                               f"matching FailJob rule at index {index}")
+                    message = (
+                        f"Container stage for pod {proc.namespace}/{proc.pod} failed with exit code {code} "
+                        f"matching FailJob rule at index {index}"
+                    )
                     self._fail(status, "PodFailurePolicy", message)
                     return
                 if rule["action"] == "Ignore":
@@ -210,10 +228,15 @@ class DevJobController:
             return  # the Job controller's retry back-off (shortened for tests)
         pod = self._create_pod(job)
         self.procs[uid] = launch(pod, self.work_dir, self.volume_dir, self.read, self.python_path)
-        self._patch_pod_status(pod["metadata"]["namespace"], pod["metadata"]["name"], {
-            "phase": "Running", "startTime": _ts(),
-            "containerStatuses": [self._container_status(pod, {"running": {"startedAt": _ts()}}, ready=True)],
-        })
+        self._patch_pod_status(
+            pod["metadata"]["namespace"],
+            pod["metadata"]["name"],
+            {
+                "phase": "Running",
+                "startTime": _ts(),
+                "containerStatuses": [self._container_status(pod, {"running": {"startedAt": _ts()}}, ready=True)],
+            },
+        )
         log.info("started pod %s/%s", pod["metadata"]["namespace"], pod["metadata"]["name"])
         status.update(active=1, ready=0)
 
@@ -222,36 +245,68 @@ class DevJobController:
         ttl = job["spec"].get("ttlSecondsAfterFinished")
         done = status.get("completionTime") or (_cond(status, "Failed") or {}).get("lastTransitionTime")
         if ttl is not None and done and _now() >= _parse(done) + timedelta(seconds=ttl):
-            self.batch.delete_namespaced_job(job["metadata"]["name"], job["metadata"]["namespace"],
-                                             propagation_policy="Background")
+            self.batch.delete_namespaced_job(
+                job["metadata"]["name"], job["metadata"]["namespace"], propagation_policy="Background"
+            )
 
     # --- API writes ----------------------------------------------------------------------------
     def _write(self, job: dict[str, Any], status: dict[str, Any], before: str) -> None:
         if json.dumps(status, sort_keys=True) == before:
             return
-        body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": job["metadata"], "spec": job["spec"],
-                "status": status}
+        body = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": job["metadata"],
+            "spec": job["spec"],
+            "status": status,
+        }
         self.batch.replace_namespaced_job_status(job["metadata"]["name"], job["metadata"]["namespace"], body)
 
     def _create_pod(self, job: dict[str, Any]) -> dict[str, Any]:
         meta, template = job["metadata"], job["spec"]["template"]
         suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5))
         labels = dict((template.get("metadata") or {}).get("labels") or {})
-        labels.update({CONTROLLER_UID_LABEL: meta["uid"], "batch.kubernetes.io/job-name": meta["name"],
-                       "controller-uid": meta["uid"], "job-name": meta["name"]})
+        labels.update(
+            {
+                CONTROLLER_UID_LABEL: meta["uid"],
+                "batch.kubernetes.io/job-name": meta["name"],
+                "controller-uid": meta["uid"],
+                "job-name": meta["name"],
+            }
+        )
         body = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{meta['name']}-{suffix}", "namespace": meta["namespace"], "labels": labels,
-                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                                              "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]},
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{meta['name']}-{suffix}",
+                "namespace": meta["namespace"],
+                "labels": labels,
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
             "spec": template["spec"],
         }
         return json.loads(self.core.create_namespaced_pod(meta["namespace"], body, _preload_content=False).data)
 
     def _container_status(self, pod: dict[str, Any], state: dict[str, Any], ready: bool) -> dict[str, Any]:
         container = pod["spec"]["containers"][0]
-        return {"name": container["name"], "image": container["image"], "imageID": "", "ready": ready,
-                "restartCount": 0, "started": ready, "state": state}
+        return {
+            "name": container["name"],
+            "image": container["image"],
+            "imageID": "",
+            "ready": ready,
+            "restartCount": 0,
+            "started": ready,
+            "state": state,
+        }
 
     def _patch_pod_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.core.patch_namespaced_pod_status(name, namespace, {"status": status})
@@ -262,12 +317,21 @@ class DevJobController:
             pod = json.loads(self.core.read_namespaced_pod(proc.pod, proc.namespace, _preload_content=False).data)
         except ApiException:
             return
-        terminated = {"exitCode": code, "reason": reason, "message": proc.termination_message(),
-                      "startedAt": _ts(datetime.fromtimestamp(proc.started, UTC)), "finishedAt": _ts()}
-        self._patch_pod_status(proc.namespace, proc.pod, {
-            "phase": "Succeeded" if code == 0 else "Failed",
-            "containerStatuses": [self._container_status(pod, {"terminated": terminated}, ready=False)],
-        })
+        terminated = {
+            "exitCode": code,
+            "reason": reason,
+            "message": proc.termination_message(),
+            "startedAt": _ts(datetime.fromtimestamp(proc.started, UTC)),
+            "finishedAt": _ts(),
+        }
+        self._patch_pod_status(
+            proc.namespace,
+            proc.pod,
+            {
+                "phase": "Succeeded" if code == 0 else "Failed",
+                "containerStatuses": [self._container_status(pod, {"terminated": terminated}, ready=False)],
+            },
+        )
 
     def _delete_pod(self, proc: LocalProcess) -> None:
         try:
@@ -290,7 +354,9 @@ class DevJobController:
             return
         self.progress_seen[proc.pod] = mtime
         text = path.read_text()
-        self.core.patch_namespaced_pod(proc.pod, proc.namespace, {"metadata": {"annotations": {PROGRESS_ANNOTATION: text}}})
+        self.core.patch_namespaced_pod(
+            proc.pod, proc.namespace, {"metadata": {"annotations": {PROGRESS_ANNOTATION: text}}}
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,8 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--volume-dir", required=True, type=Path, help="local directory standing in for every PVC")
     parser.add_argument("--work-dir", type=Path, help="pod directories and logs (default: <volume-dir>/../pods)")
-    parser.add_argument("--python-path", action="append", default=[],
-                        help="test only: extra PYTHONPATH entries put before the repo's (e.g. fake stages)")
+    parser.add_argument(
+        "--python-path",
+        action="append",
+        default=[],
+        help="test only: extra PYTHONPATH entries put before the repo's (e.g. fake stages)",
+    )
     parser.add_argument("--namespace", help="only run Jobs in this namespace (default: all)")
     parser.add_argument("--poll", type=float, default=0.3)
     parser.add_argument("--backoff-seconds", type=float, default=1.0)
@@ -308,8 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api = config.new_client_from_config(config_file=args.kubeconfig)
     work_dir = args.work_dir or args.volume_dir.parent / "pods"
-    controller = DevJobController(api, args.volume_dir.resolve(), work_dir.resolve(), args.python_path,
-                                  args.backoff_seconds, args.grace_seconds, args.namespace)
+    controller = DevJobController(
+        api,
+        args.volume_dir.resolve(),
+        work_dir.resolve(),
+        args.python_path,
+        args.backoff_seconds,
+        args.grace_seconds,
+        args.namespace,
+    )
     controller.run_forever(args.poll)
     return 0
 

@@ -70,7 +70,7 @@ class LocalProcess:
 def _rewrite_path(path: str, mounts: list[tuple[str, Path]]) -> str:
     for prefix, local in mounts:  # longest mount path first
         if path == prefix or path.startswith(prefix + "/"):
-            return f"{local}{path[len(prefix):]}"
+            return f"{local}{path[len(prefix) :]}"
     return path
 
 
@@ -156,11 +156,20 @@ def launch(
     log_file = pod_dir / "container.log"
     with log_file.open("ab") as out:
         popen = subprocess.Popen(
-            argv, env=env, cwd=pod_dir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            env=env,
+            cwd=pod_dir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: SIGTERM reaches torchrun's workers too
         )
     return LocalProcess(
-        pod=meta["name"], namespace=meta["namespace"], popen=popen, pod_dir=pod_dir, log_file=log_file,
+        pod=meta["name"],
+        namespace=meta["namespace"],
+        popen=popen,
+        pod_dir=pod_dir,
+        log_file=log_file,
         termination_log=termination_log,
         fallback_to_logs=container.get("terminationMessagePolicy") == "FallbackToLogsOnError",
     )

@@ -27,8 +27,15 @@ def main() -> int:
     output, checkpoints = run / stage, run / f"{stage}.checkpoints"
 
     def finish(code: int, step: int, message: str, metrics: dict | None = None) -> int:
-        result = {"stage": stage, "succeeded": code == 0, "step": step, "totalSteps": steps,
-                  "metrics": metrics or {}, "message": message, "exitCode": code}
+        result = {
+            "stage": stage,
+            "succeeded": code == 0,
+            "step": step,
+            "totalSteps": steps,
+            "metrics": metrics or {},
+            "message": message,
+            "exitCode": code,
+        }
         if code == 0:
             result["artifactPath"] = str(output.relative_to(workspace))
         term_log.write_text(json.dumps(result))
