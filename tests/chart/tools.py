@@ -78,10 +78,10 @@ class Helm:
 
 
 def stop_quickly(plane: ControlPlane) -> None:
-    """Stop a private control plane: the garbage collector (no state worth a graceful exit) is killed
-    first, since it would otherwise take the whole 15 s grace of ``ControlPlane.stop``."""
+    """Stop a private, throwaway control plane at once: SIGKILL (its data directory is a temporary one,
+    so a graceful shutdown, which can take ``ControlPlane.stop``'s whole 15 s grace, buys nothing)."""
     for proc in plane.processes:
-        if "kube-controller-manager" in str(proc.args[0]) and proc.poll() is None:  # type: ignore[index]
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
     plane.stop()
