@@ -25,6 +25,8 @@ def test_operator_killed_mid_stage_standby_takes_over(env: Env) -> None:
     leader, leader_port = env.start_operator("op-a", lease_duration=3)
     env.wait_for("op-a to lead", lambda: http_get(leader_port, "/readyz")[0] == 200, timeout=60)
     _standby, standby_port = env.start_operator("op-b", lease_duration=3)
+    # The standby is up (its process imports take a while on a loaded machine) but does not lead.
+    env.wait_for("op-b to be live", lambda: http_get(standby_port, "/healthz")[0] == 200, timeout=60)
     env.apply(tiny_run())
     env.wait_for(
         "ppo to run", lambda: (env.stage(env.run("tiny"), "ppo").get("progress") or {}).get("step", 0) >= 2, timeout=90
