@@ -252,3 +252,21 @@ def server_side_diff(plane: ControlPlane, manifest: str, field_manager: str) -> 
         "-",
     ]
     return subprocess.run(cmd, check=False, input=manifest, capture_output=True, text=True, timeout=120)
+
+
+# --- Argo CD health check -------------------------------------------------------------------------
+
+HEALTH_LUA = REPO / "examples" / "gitops" / "argocd" / "health.lua"
+
+
+def argocd_health(obj: dict[str, Any], script: str | None = None) -> dict[str, str]:
+    """Run the RLHFRun health check the way Argo CD does: Lua 5.1 (Argo CD embeds gopher-lua, a
+    5.1 implementation), the live object as the global ``obj``, the chunk's return value the result."""
+    from lupa import lua51
+
+    lua = lua51.LuaRuntime(unpack_returned_tuples=True)
+    lua.globals().obj = lua.table_from(obj, recursive=True)
+    result = lua.eval("function(source) local chunk = assert(loadstring(source)); return chunk() end")(
+        script if script is not None else HEALTH_LUA.read_text()
+    )
+    return {str(k): str(v) for k, v in dict(result).items()}

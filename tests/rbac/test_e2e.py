@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from rlhf_operator.dev.controlplane import free_port
-from tests.chart.tools import REPO, by_kind
+from tests.chart.tools import REPO, argocd_health, by_kind
 from tests.operator.harness import Env, Process, tiny_run
 
 from .conftest import Installed
@@ -90,6 +90,7 @@ def test_tiny_pipeline_as_the_operator_identity_with_only_the_chart_rbac(install
     ssa(world, manifest)
     run = world.wait_phase("tiny", "Succeeded", timeout=120)
     assert [s["phase"] for s in run["status"]["stages"]] == ["Succeeded"] * 4
+    assert argocd_health(run)["status"] == "Healthy"  # the Argo CD health check on a real operator status
     assert operator.alive()
     forbidden = [line for line in operator.text().splitlines() if "403" in line or "Forbidden" in line]
     assert forbidden == [], "the operator was refused something the chart does not grant:\n" + "\n".join(forbidden)
