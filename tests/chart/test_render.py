@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
+from rlhf_operator.api.run import RLHFRunSpec
+from rlhf_operator.children import RunIdentity, build_job
 from rlhf_operator.dev.controlplane import ControlPlane
 
-from .tools import Helm, by_kind, kubeconform, server_side_diff, value_sets
+from .tools import REPO, Helm, by_kind, kubeconform, server_side_diff, value_sets
 
 pytestmark = pytest.mark.controlplane
 
@@ -95,6 +97,25 @@ def test_operator_pod_meets_pod_security_restricted(
     with pytest.raises(subprocess.CalledProcessError) as refused:
         control_plane.kubectl("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(pod))
     assert "violates PodSecurity" in refused.value.stderr
+
+
+@pytest.mark.parametrize("example", ["tiny.yaml", "minimal.yaml"])
+def test_stage_pods_meet_pod_security_restricted(control_plane: ControlPlane, namespace: str, example: str) -> None:
+    """docs/install.md promises training namespaces can enforce "restricted": the stage pods the
+    operator's own builder makes are admitted there."""
+    manifest = yaml.safe_load((REPO / "examples" / example).read_text())
+    spec = RLHFRunSpec.model_validate(manifest["spec"])
+    control_plane.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    job = build_job(RunIdentity(manifest["metadata"]["name"], namespace, "0" * 8), spec, "sft")
+    template = job["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "stage", "namespace": namespace, **template["metadata"]},
+        "spec": template["spec"],
+    }
+    out = control_plane.kubectl("create", "--dry-run=server", "-f", "-", input=yaml.safe_dump(pod))
+    assert "created (server dry run)" in out
 
 
 def test_server_side_apply_of_the_chart_leaves_no_diff(control_plane: ControlPlane, helm: Helm, namespace: str) -> None:
