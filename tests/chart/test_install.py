@@ -15,7 +15,7 @@ import yaml
 from rlhf_operator.dev import controlplane
 from rlhf_operator.dev.controlplane import ControlPlane
 
-from .tools import CHART, REPO, Helm, stop_quickly
+from .tools import CHART, REPO, Helm, stop_quickly, wait_established
 
 pytestmark = pytest.mark.controlplane
 CRD = "rlhfruns.rlhf-operator.io"
@@ -65,7 +65,7 @@ def test_install_upgrade_uninstall_keeps_only_what_is_documented(cluster: Contro
 
     # Install: all namespaces, CRD from the chart.
     helm("install", *install, "--create-namespace", kubeconfig=kubeconfig)
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD}")
+    wait_established(cluster)
     assert cluster.kubectl("get", "deployment,serviceaccount,service", "-n", "rlhf-system", "-o", "name").split() == [
         "deployment.apps/rlhf-operator",
         "serviceaccount/rlhf-operator",

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,17 @@ def stop_quickly(plane: ControlPlane) -> None:
             proc.kill()
             proc.wait()
     plane.stop()
+
+
+def wait_established(plane: ControlPlane, crd: str = "rlhfruns.rlhf-operator.io", timeout: float = 60) -> None:
+    """`kubectl wait --for=condition=Established`, retried: kubectl errors out instead of waiting
+    while a just-created CRD has no status.conditions yet."""
+    deadline = time.monotonic() + timeout
+    while "condition met" not in plane.kubectl(
+        "wait", "--for=condition=Established", "--timeout=30s", f"crd/{crd}", check=False
+    ):
+        assert time.monotonic() < deadline, f"CRD {crd} never became Established"
+        time.sleep(0.5)
 
 
 def value_sets(namespaces: tuple[str, str] = ("team-a", "team-b")) -> dict[str, dict[str, Any]]:

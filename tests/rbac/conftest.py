@@ -18,7 +18,7 @@ import pytest
 
 from rlhf_operator.dev import controlplane
 from rlhf_operator.dev.controlplane import ControlPlane
-from tests.chart.tools import CHART, Helm, stop_quickly
+from tests.chart.tools import CHART, Helm, stop_quickly, wait_established
 
 CLUSTER_WIDE = "system:serviceaccount:rlhf-system:rlhf-operator"
 SCOPED = "system:serviceaccount:rlhf-scoped:scoped-rlhf-operator"
@@ -41,7 +41,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
             plane.kubectl("create", "namespace", namespace)
         kubeconfig = plane.kubeconfig()
         helm("install", "rlhf-operator", str(CHART), "-n", "rlhf-system", "--create-namespace", kubeconfig=kubeconfig)
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/rlhfruns.rlhf-operator.io")
+        wait_established(plane)
         helm(
             "install",
             "scoped",
