@@ -12,7 +12,8 @@ import pytest
 
 from .harness import Env, tiny_run
 
-pytestmark = [pytest.mark.controlplane, pytest.mark.training]
+# Four CPU trainings on a shared 2-core machine can outlast the suite's default 900 s timeout.
+pytestmark = [pytest.mark.controlplane, pytest.mark.training, pytest.mark.timeout(2700)]
 
 
 @pytest.fixture
