@@ -66,6 +66,12 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("W&B without project", "spec.wandb", {"mode": "offline"}, "project"),
     ("run name too long", "metadata.name", "r" * 41, "metadata.name"),
     ("suspend is not a boolean", "spec.suspend", "yes", "suspend"),
+    ("DPO exo_pair without label smoothing", "spec.dpo", {"dataset": {"name": "a/b"}, "lossType": "exo_pair"},
+     "labelSmoothing"),
+    ("DPO label smoothing with hinge loss", "spec.dpo",
+     {"dataset": {"name": "a/b"}, "lossType": "hinge", "labelSmoothing": 0.1}, "labelSmoothing"),
+    ("DPO label smoothing 0.5", "spec.dpo", {"dataset": {"name": "a/b"}, "labelSmoothing": 0.5}, "labelSmoothing"),
+    ("DPO unknown loss type", "spec.dpo", {"dataset": {"name": "a/b"}, "lossType": "kto"}, "lossType"),
 ]
 
 

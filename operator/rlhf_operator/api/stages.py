@@ -231,14 +231,34 @@ class RLOOStage(GRPOStage):
 class DPOStage(TrainedStage):
     """Direct preference optimisation on chosen/rejected pairs (TRL DPOTrainer)."""
 
-    rules = (_enabled_needs_dataset(), _quantization_needs_lora())
+    rules = (
+        _enabled_needs_dataset(),
+        _quantization_needs_lora(),
+        Rule(
+            cel="!has(self.lossType) || self.lossType != 'exo_pair' || (has(self.labelSmoothing) && self.labelSmoothing > 0.0)",
+            message="lossType exo_pair needs labelSmoothing > 0 (the EXO paper uses 1e-3)",
+            field_path=".labelSmoothing",
+            check=lambda d: d.loss_type != "exo_pair" or d.label_smoothing > 0.0,
+        ),
+        Rule(
+            cel="!has(self.labelSmoothing) || self.labelSmoothing == 0.0 || !has(self.lossType) "
+            "|| self.lossType in ['sigmoid', 'robust', 'exo_pair', 'bco_pair']",
+            message="labelSmoothing (assumed label-noise rate) applies to lossType sigmoid, robust, exo_pair or bco_pair",
+            field_path=".labelSmoothing",
+            check=lambda d: d.label_smoothing == 0.0 or d.loss_type in ("sigmoid", "robust", "exo_pair", "bco_pair"),
+        ),
+    )
 
     beta: Annotated[float, Field(gt=0.0, le=100.0)] = 0.1
     """Strength of the implicit KL constraint to the reference."""
     loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair"] = (
         "sigmoid"
     )
-    """DPO loss variant."""
+    """DPO loss variant: sigmoid (DPO), hinge (SLiC), ipo, robust, exo_pair, bco_pair, sppo_hard, nca_pair."""
+    label_smoothing: Annotated[float, Field(ge=0.0, le=0.49)] = 0.0
+    """Assumed rate of flipped preference labels (conservative DPO, robust, exo_pair, bco_pair); 0 disables.
+    Below 0.5 (at 0.5 the labels carry no information); the bound is inclusive 0.49 because the API
+    server rejects an exclusive fractional maximum next to the integral default 0."""
     prompt_template: PromptTemplate = "Question: {prompt}\n\nAnswer:"
     """How a ``prompt`` column is rendered."""
 
