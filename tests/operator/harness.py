@@ -170,7 +170,11 @@ class Env:
     def wait_phase(self, name: str, phase: str, timeout: float = 120.0) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
             run = self.run(name)
-            return run if (run.get("status") or {}).get("phase") == phase else None
+            current = (run.get("status") or {}).get("phase")
+            if phase == "Succeeded" and current == "Failed":  # final: waiting longer cannot help
+                failed = [c for c in run["status"]["conditions"] if c["type"] == "Failed"]
+                raise AssertionError(f"{name} failed instead of succeeding: {failed}")
+            return run if current == phase else None
 
         return self.wait_for(f"{name} phase {phase}", check, timeout)  # type: ignore[no-any-return]
 
