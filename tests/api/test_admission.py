@@ -71,6 +71,8 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("DPO label smoothing with hinge loss", "spec.dpo",
      {"dataset": {"name": "a/b"}, "lossType": "hinge", "labelSmoothing": 0.1}, "labelSmoothing"),
     ("DPO label smoothing 0.5", "spec.dpo", {"dataset": {"name": "a/b"}, "labelSmoothing": 0.5}, "labelSmoothing"),
+    ("ReST thresholds that fall", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.7, 0.5]}, "thresholds"),
+    ("ReST threshold of 1", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.5, 1.0]}, "thresholds"),
     ("DPO unknown loss type", "spec.dpo", {"dataset": {"name": "a/b"}, "lossType": "kto"}, "lossType"),
 ]
 

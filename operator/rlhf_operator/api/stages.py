@@ -274,6 +274,12 @@ class ReSTStage(StageBase):
             field_path=".thresholds",
             check=lambda r: all(0.0 <= t < 1.0 for t in r.thresholds),
         ),
+        Rule(
+            cel="!has(self.thresholds) || self.thresholds.isSorted()",
+            message="thresholds must not decrease: each Improve step filters at least as strictly as the one before",
+            field_path=".thresholds",
+            check=lambda r: list(r.thresholds) == sorted(r.thresholds),
+        ),
     )
 
     dataset: DatasetSource | None = None
@@ -285,7 +291,10 @@ class ReSTStage(StageBase):
     samples_per_prompt: Annotated[int, Field(ge=1, le=256)] = 4
     """Completions sampled per prompt in a Grow step."""
     thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], min_length=1, max_length=32)
-    """Rising reward-quantile thresholds, one per Improve step within a Grow step."""
+    """Rising reward-quantile thresholds, one per Improve step within a Grow step: Improve step i keeps the
+    completions of the Grow set scoring at or above its thresholds[i]-quantile."""
+    reward_model: ModelSource | None = None
+    """Reward model that scores the Grow samples. Unset: the output of this run's reward stage."""
     lora: LoRA = Field(default_factory=LoRA)
     """LoRA adapter settings."""
     training: TrainingSettings = Field(default_factory=TrainingSettings)
