@@ -34,7 +34,7 @@ EVAL_SAMPLES = 4  # per held-out prompt: 64 prompts x 4
 # Held-out gains (PPO - SFT), seed 0 only so far (heavily shared 2-core machine):
 #   this test's SFT/reward (150 steps): reward -0.78 -> +2.17 (1 process), +2.15 (2 processes);
 #     target rate 0.00 -> 0.00: this SFT policy never names an unseen topic, so nothing to gain;
-#   examples/tiny.yaml's SFT/reward: reward -1.10 -> +2.54, target rate 0.10 -> 0.00 (reward hacking:
+#   examples/tiny.yaml's SFT/reward: reward -2.28 -> +2.54, target rate 0.08 -> 0.00 (reward hacking:
 #     the reward model rates garbled answers like "people say the very quiet the evening." highest).
 # The reward gain is asserted; the ground-truth gain is reported as an expected failure until fixed.
 MIN_REWARD_GAIN = 1.0
