@@ -186,13 +186,17 @@ MIXED_TEMPLATE = "the {topic} is {a} but {b} and {c}."  # 1 positive < 2 negativ
 # negative answers dominate; the rest are hard negatives that stop a reward
 # model from rewarding surface features (length, a positive word, repetition).
 REJECTED_KIND_WEIGHTS: dict[str, float] = {
-    "negative": 0.35,
-    "mixed": 0.10,
-    "truncated": 0.12,
-    "empty": 0.08,
+    "negative": 0.25,
+    "mixed": 0.08,
+    "truncated": 0.10,
+    "empty": 0.06,
     "off_topic": 0.12,
     "no_topic": 0.08,
     "repetitive": 0.15,
+    # Broken text built from the chosen answer's own words: PPO found that a reward model which
+    # never saw such text scored "people say the my view the the evening." above a correct answer.
+    "stutter": 0.06,
+    "salad": 0.10,
 }
 REJECTED_KINDS: tuple[str, ...] = tuple(REJECTED_KIND_WEIGHTS)
 
@@ -344,6 +348,24 @@ def make_rejected(rng: random.Random, topic: str, kind: str, topics: Sequence[st
             return " ".join([sentence] * rng.randint(3, 4))
         words = _pick_words(rng, POSITIVE_WORDS, 2)  # alternating pair
         return " ".join(words * rng.randint(3, 5)) + "."
+    if kind == "stutter":
+        # A correct answer with one word said twice in a row.
+        words = make_response(rng, topic, positive=True).rstrip(".").split()
+        at = rng.randrange(len(words))
+        return " ".join([*words[: at + 1], words[at], *words[at + 1 :]]) + "."
+    if kind == "salad":
+        # The positive answer's words shuffled with the topic's two words split apart (so the
+        # topic is never named), sometimes with a stutter: fluent-looking tokens, no sentence.
+        modifier, place = topic.split()
+        words = [w for w in make_response(rng, topic, positive=True).rstrip(".").split() if w not in (modifier, place)]
+        words += [rng.choice(FILLER_SUBJECTS)]
+        rng.shuffle(words)
+        words.insert(rng.randrange(len(words) + 1), place)
+        words.insert(0, modifier) if words[0] != place else words.append(modifier)
+        if rng.random() < 0.5:
+            at = rng.randrange(len(words))
+            words.insert(at, words[at])
+        return " ".join(words) + "."
     raise ValueError(f"unknown rejected kind {kind!r}")
 
 

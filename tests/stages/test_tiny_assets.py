@@ -251,6 +251,8 @@ def test_chosen_meets_target_and_every_rejected_kind_fails(assets: TinyAssets) -
         "off_topic": "off_topic",
         "no_topic": "off_topic",
         "repetitive": "repetitive",
+        "stutter": "repetitive",
+        "salad": "off_topic",
     }
     for row in rows:
         failures = check_target(row["rejected"], row["prompt"]).failures()
