@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rlhf_operator")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the operator")
-    run.add_argument("--namespace", help="watch only this namespace (default: all namespaces)")
+    run.add_argument("--namespace", action="append", default=None, dest="namespaces",
+                     help="watch this namespace; repeat for several (default: all namespaces)")
     run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     run.add_argument(
         "--identity",
@@ -78,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             on_lost=lambda: os._exit(1),  # a leader that cannot renew must stop acting now
         )
     controller = Controller(
-        Cluster(api_client, args.identity), metrics, health, elector, args.namespace, args.resync, args.workers
+        Cluster(api_client, args.identity), metrics, health, elector, args.namespaces, args.resync, args.workers
     )
     kopf.run(
         standalone=True,  # one actor is guaranteed by the Lease, not by kopf peering
-        clusterwide=args.namespace is None,
-        namespaces=[args.namespace] if args.namespace else (),
+        clusterwide=not args.namespaces,
+        namespaces=args.namespaces or (),
         memo=kopf.Memo(controller=controller),
     )
     return 0

@@ -25,7 +25,7 @@ class Controller:
         metrics: Metrics,
         health: Health,
         elector: LeaseElector | None,
-        namespace: str | None = None,
+        namespaces: list[str] | None = None,
         resync_seconds: float = 30.0,
         workers: int = 4,
     ) -> None:
@@ -33,7 +33,7 @@ class Controller:
         self.metrics = metrics
         self.health = health
         self.elector = elector
-        self.namespace = namespace
+        self.namespaces = namespaces or []
         self.resync_seconds = resync_seconds
         self.reconciler = Reconciler(cluster, metrics)
         self.queue = WorkQueue(self._process, workers=workers)
@@ -71,7 +71,8 @@ class Controller:
         """Level-triggered safety net: every run is reconciled at least once per interval."""
         while True:
             try:
-                runs = await asyncio.to_thread(self.cluster.list_runs, self.namespace)
+                scopes: list[str | None] = list(self.namespaces) or [None]  # None: all namespaces
+                runs = [run for ns in scopes for run in await asyncio.to_thread(self.cluster.list_runs, ns)]
                 for run in runs:
                     meta = run["metadata"]
                     self.queue.add((meta["namespace"], meta["name"]))

@@ -274,15 +274,9 @@ def test_stage_entrypoint_runs_from_the_image_layout(tmp_path: Path) -> None:
     assert not (tmp_path / "root" / "app" / "rlhf_operator" / "children.py").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PENDING on the operator: `run --namespace` keeps only its last value (argparse store), so a "
-    "watchNamespaces list of two or more would watch only the last one; it needs action='append'",
-)
 def test_operator_watches_every_namespace_the_chart_lists(helm: Helm) -> None:
     from rlhf_operator.__main__ import _parser
 
     (deployment,) = by_kind(helm.template({"watchNamespaces": ["team-a", "team-b"]}), "Deployment")
     args = _parser().parse_args(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
-    watched = args.namespace if isinstance(args.namespace, list) else [args.namespace]
-    assert watched == ["team-a", "team-b"]
+    assert args.namespaces == ["team-a", "team-b"]
