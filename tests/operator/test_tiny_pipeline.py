@@ -23,10 +23,20 @@ def assets(env: Env) -> None:
     build_tiny_assets(env.volume / "assets")
 
 
+def shortened(manifest: dict) -> dict:
+    """The tiny example with its training cut short: this test is about orchestration with the real
+    stages (learning is asserted by tests/cli/test_quickstart.py and the stage tests)."""
+    spec = manifest["spec"]
+    spec["sft"]["training"]["maxSteps"] = 30
+    spec["reward"]["training"]["maxSteps"] = 30
+    spec["ppo"].update(totalSteps=4, saveFreq=2)
+    return manifest
+
+
 def test_tiny_example_runs_to_succeeded(env: Env, assets: None) -> None:
     env.start_executor(fake=False)
     env.start_operator()
-    env.apply(tiny_run())
+    env.apply(shortened(tiny_run()))
     run = env.wait_phase("tiny", "Succeeded", timeout=1500)
     status = run["status"]
     assert status["outputModel"] == f"runs/{env.namespace}/tiny/merge/model"
