@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.training
+# The whole pipeline trains in the first test's setup; on a loaded 2-core machine that outlasts 900 s.
+pytestmark = [pytest.mark.training, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")
