@@ -23,9 +23,16 @@ def canonical(name: str) -> str:
 
 
 # The images and CI are Linux x86-64 with CPython 3.11: markers are evaluated for that target.
-TARGET = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-          "python_version": "3.11", "python_full_version": "3.11.7", "implementation_name": "cpython",
-          "platform_python_implementation": "CPython", "os_name": "posix"}
+TARGET = {
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "python_version": "3.11",
+    "python_full_version": "3.11.7",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "os_name": "posix",
+}
 
 
 def _requirements(dist: metadata.Distribution, extras: set[str]) -> list[tuple[str, set[str]]]:

@@ -24,8 +24,9 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlp
         plane.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
         # `kubectl wait` errors out (instead of waiting) while the new CRD has no status.conditions yet.
         for _ in range(60):
-            if plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                             "crd/rlhfruns.rlhf-operator.io", check=False).startswith("customresourcedefinition"):
+            if plane.kubectl(
+                "wait", "--for=condition=Established", "--timeout=60s", "crd/rlhfruns.rlhf-operator.io", check=False
+            ).startswith("customresourcedefinition"):
                 break
             time.sleep(0.5)
         _wait_for_openapi(plane)

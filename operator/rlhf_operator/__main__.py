@@ -25,8 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rlhf_operator")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the operator")
-    run.add_argument("--namespace", action="append", default=None, dest="namespaces",
-                     help="watch this namespace; repeat for several (default: all namespaces)")
+    run.add_argument(
+        "--namespace",
+        action="append",
+        default=None,
+        dest="namespaces",
+        help="watch this namespace; repeat for several (default: all namespaces)",
+    )
     run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     run.add_argument(
         "--identity",

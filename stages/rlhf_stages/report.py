@@ -67,8 +67,9 @@ def plot(xs: Sequence[float], ys: Sequence[float], title: str, path: Path) -> No
     plt.close(fig)
 
 
-def build_report(run_dir: Path, before: dict[str, Any], after: dict[str, Any], timings: dict[str, float],
-                 out: Path) -> dict[str, Any]:
+def build_report(
+    run_dir: Path, before: dict[str, Any], after: dict[str, Any], timings: dict[str, float], out: Path
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     manifests = read_manifests(run_dir)
     plots: list[dict[str, str]] = []
@@ -88,8 +89,10 @@ def build_report(run_dir: Path, before: dict[str, Any], after: dict[str, Any], t
     reward_metrics = manifests.get("reward", {}).get("metrics", {})
     policy_stage = next((s for s in ("ppo", "grpo", "rloo", "dpo", "rest") if s in manifests), None)
     report = {
-        "stages": {s: {"metrics": m.get("metrics", {}), "step": m.get("step"), "seconds": timings.get(s)}
-                   for s, m in manifests.items()},
+        "stages": {
+            s: {"metrics": m.get("metrics", {}), "step": m.get("step"), "seconds": timings.get(s)}
+            for s, m in manifests.items()
+        },
         "reward_model_eval_accuracy": reward_metrics.get("eval_accuracy"),
         "policy_stage": policy_stage,
         "policy_final_kl": manifests.get(policy_stage or "", {}).get("metrics", {}).get("kl"),
@@ -125,8 +128,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| | SFT policy | aligned policy | change |",
         "|---|---|---|---|",
     ]
-    for key, label in (("reward_mean", "reward-model score (mean)"), ("target_rate", "ground-truth target rate"),
-                       ("eos_rate", "ends with EOS"), ("mean_length_tokens", "mean length (tokens)")):
+    for key, label in (
+        ("reward_mean", "reward-model score (mean)"),
+        ("target_rate", "ground-truth target rate"),
+        ("eos_rate", "ends with EOS"),
+        ("mean_length_tokens", "mean length (tokens)"),
+    ):
         a, b = sft.get(key), aligned.get(key)
         change = _fmt(b - a, "+.3f") if isinstance(a, float) and isinstance(b, float) else "n/a"
         lines.append(f"| {label} | {_fmt(a)} | {_fmt(b)} | {change} |")
@@ -148,8 +155,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"![{p['stage']} {p['metric']}]({p['file']})" for p in report["plots"]]
     lines += ["", "## Samples (same held-out prompts)", "", "| prompt | SFT policy | aligned policy |", "|---|---|---|"]
     for before, after in zip(report["samples"]["sft"], report["samples"]["aligned"], strict=False):
-        lines.append(f"| {_cell(before.get('prompt', ''))} | {_cell(before.get('text', ''))} | "
-                     f"{_cell(after.get('text', ''))} |")
+        lines.append(
+            f"| {_cell(before.get('prompt', ''))} | {_cell(before.get('text', ''))} | {_cell(after.get('text', ''))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -162,8 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     timings = json.loads(args.timings.read_text()) if args.timings else {}
-    build_report(args.run_dir, json.loads(args.before.read_text()), json.loads(args.after.read_text()),
-                 timings, args.out)
+    build_report(
+        args.run_dir, json.loads(args.before.read_text()), json.loads(args.after.read_text()), timings, args.out
+    )
     print(f"wrote {args.out / 'report.md'}")
     return 0
 

@@ -38,8 +38,12 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("LoRA dropout 1", "spec.sft.lora", {"dropout": 1.0}, "dropout"),
     ("LoRA bias unknown", "spec.sft.lora", {"bias": "some"}, "bias"),
     ("2-bit quantization", "spec.sft.quantization", {"mode": "2bit"}, "mode"),
-    ("quantization without LoRA", "spec.sft", {"dataset": {"name": "a/b"}, "lora": {"enabled": False},
-                                              "quantization": {"mode": "4bit"}}, "quantization"),
+    (
+        "quantization without LoRA",
+        "spec.sft",
+        {"dataset": {"name": "a/b"}, "lora": {"enabled": False}, "quantization": {"mode": "4bit"}},
+        "quantization",
+    ),
     ("zero learning rate", "spec.sft.training", {"learningRate": 0}, "learningRate"),
     ("bf16 and fp16 together", "spec.sft.training", {"bf16": True, "fp16": True}, "fp16"),
     ("unknown scheduler", "spec.sft.training", {"lrSchedulerType": "exp"}, "lrSchedulerType"),
@@ -66,10 +70,18 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("W&B without project", "spec.wandb", {"mode": "offline"}, "project"),
     ("run name too long", "metadata.name", "r" * 41, "metadata.name"),
     ("suspend is not a boolean", "spec.suspend", "yes", "suspend"),
-    ("DPO exo_pair without label smoothing", "spec.dpo", {"dataset": {"name": "a/b"}, "lossType": "exo_pair"},
-     "labelSmoothing"),
-    ("DPO label smoothing with hinge loss", "spec.dpo",
-     {"dataset": {"name": "a/b"}, "lossType": "hinge", "labelSmoothing": 0.1}, "labelSmoothing"),
+    (
+        "DPO exo_pair without label smoothing",
+        "spec.dpo",
+        {"dataset": {"name": "a/b"}, "lossType": "exo_pair"},
+        "labelSmoothing",
+    ),
+    (
+        "DPO label smoothing with hinge loss",
+        "spec.dpo",
+        {"dataset": {"name": "a/b"}, "lossType": "hinge", "labelSmoothing": 0.1},
+        "labelSmoothing",
+    ),
     ("DPO label smoothing 0.5", "spec.dpo", {"dataset": {"name": "a/b"}, "labelSmoothing": 0.5}, "labelSmoothing"),
     ("ReST thresholds that fall", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.7, 0.5]}, "thresholds"),
     ("ReST threshold of 1", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.5, 1.0]}, "thresholds"),
@@ -88,9 +100,20 @@ def _case(path: str, value: Any) -> dict[str, Any]:
 def test_invalid_spec_is_refused_naming_the_field(control_plane, namespace, path, value, field):
     doc = _case(path, value)
     proc = subprocess.run(
-        [str(control_plane.bin_dir / "kubectl"), "--kubeconfig", str(control_plane.kubeconfig()),
-         "-n", namespace, "create", "-f", "-"],
-        input=json.dumps(doc), capture_output=True, text=True, timeout=60,
+        [
+            str(control_plane.bin_dir / "kubectl"),
+            "--kubeconfig",
+            str(control_plane.kubeconfig()),
+            "-n",
+            namespace,
+            "create",
+            "-f",
+            "-",
+        ],
+        input=json.dumps(doc),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0, f"server accepted: {proc.stdout}"
     assert field in proc.stderr, proc.stderr

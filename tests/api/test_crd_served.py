@@ -32,8 +32,9 @@ def test_explain_documents_nested_fields(control_plane):
 def test_printer_columns_show_status(control_plane, namespace):
     _create(control_plane, namespace)
     status = {"status": {"phase": "Running", "currentStage": "ppo", "progress": "2/4 ppo 40%", "reward": 1.25}}
-    control_plane.kubectl("-n", namespace, "patch", "rlhfrun", "run", "--subresource=status",
-                          "--type=merge", "-p", json.dumps(status))
+    control_plane.kubectl(
+        "-n", namespace, "patch", "rlhfrun", "run", "--subresource=status", "--type=merge", "-p", json.dumps(status)
+    )
     table = control_plane.kubectl("-n", namespace, "get", "rlhfrun", "run").splitlines()
     header, row = table[0].split(), table[1].split()
     assert header[:6] == ["NAME", "METHOD", "PHASE", "STAGE", "PROGRESS", "REWARD"]
@@ -49,11 +50,28 @@ def test_short_name_and_category(control_plane, namespace):
 
 def test_writing_spec_does_not_touch_status(control_plane, namespace):
     _create(control_plane, namespace)
-    control_plane.kubectl("-n", namespace, "patch", "rlhfrun", "run", "--subresource=status", "--type=merge",
-                          "-p", json.dumps({"status": {"phase": "Running", "currentStage": "sft"}}))
+    control_plane.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "rlhfrun",
+        "run",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"phase": "Running", "currentStage": "sft"}}),
+    )
     # A spec write that also carries a status must change the spec and leave the status alone.
-    control_plane.kubectl("-n", namespace, "patch", "rlhfrun", "run", "--type=merge",
-                          "-p", json.dumps({"spec": {"suspend": True}, "status": {"phase": "Failed"}}))
+    control_plane.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "rlhfrun",
+        "run",
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"suspend": True}, "status": {"phase": "Failed"}}),
+    )
     obj = json.loads(control_plane.kubectl("-n", namespace, "get", "rlhfrun", "run", "-o", "json"))
     assert obj["spec"]["suspend"] is True
     assert obj["status"]["phase"] == "Running"

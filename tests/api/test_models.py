@@ -72,11 +72,24 @@ def test_wire_form_round_trips():
     [
         ("DPO", {"dpo": {"dataset": {"name": "a/b"}}}, ("sft", "dpo", "merge")),
         ("GRPO", {"grpo": {"dataset": {"name": "a/b"}}}, ("sft", "reward", "grpo", "merge")),
-        ("RLAIF", {"rlaif": {"judge": {"name": "a/j"}, "constitution": ["be kind"], "dataset": {"name": "a/b"}}},
-         ("sft", "rlaif", "reward", "ppo", "merge")),
-        ("RLAIF", {"rlaif": {"judge": {"name": "a/j"}, "constitution": ["be kind"], "dataset": {"name": "a/b"},
-                             "then": "DPO"}, "dpo": {"dataset": {"name": "a/b"}}},
-         ("sft", "rlaif", "dpo", "merge")),
+        (
+            "RLAIF",
+            {"rlaif": {"judge": {"name": "a/j"}, "constitution": ["be kind"], "dataset": {"name": "a/b"}}},
+            ("sft", "rlaif", "reward", "ppo", "merge"),
+        ),
+        (
+            "RLAIF",
+            {
+                "rlaif": {
+                    "judge": {"name": "a/j"},
+                    "constitution": ["be kind"],
+                    "dataset": {"name": "a/b"},
+                    "then": "DPO",
+                },
+                "dpo": {"dataset": {"name": "a/b"}},
+            },
+            ("sft", "rlaif", "dpo", "merge"),
+        ),
     ],
 )
 def test_methods_choose_their_pipeline(method, extra, pipeline):

@@ -18,8 +18,9 @@ TINY = REPO / "examples" / "tiny.yaml"
 
 def rlhfctl(*args: str) -> subprocess.CompletedProcess[str]:
     """Runs the CLI as a user would, in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "rlhf_operator.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_operator.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_validate_accepts_every_example():
@@ -36,8 +37,10 @@ def test_validate_accepts_every_example():
         ("kind: Job\n", "kind is 'Job', expected RLHFRun"),
         ("spec: [unclosed\n", "not valid YAML"),
         ("", "no document found"),
-        ("kind: RLHFRun\nspec: {baseModel: {name: a/b}, sft: {dataset: {name: a/b}, lr: 1}}\n",
-         "spec.sft.lr: unknown field"),
+        (
+            "kind: RLHFRun\nspec: {baseModel: {name: a/b}, sft: {dataset: {name: a/b}, lr: 1}}\n",
+            "spec.sft.lr: unknown field",
+        ),
     ],
 )
 def test_validate_names_the_problem_and_fails(tmp_path, content, expected):
@@ -81,19 +84,36 @@ def test_status_table_shows_each_stage():
     obj = {
         "spec": {"method": "PPO"},
         "status": {
-            "phase": "Running", "currentStage": "ppo", "progress": "2/4 ppo 40%",
+            "phase": "Running",
+            "currentStage": "ppo",
+            "progress": "2/4 ppo 40%",
             "stages": [
-                {"name": "sft", "phase": "Succeeded", "attempts": 1, "startTime": "2026-01-01T00:00:00Z",
-                 "completionTime": "2026-01-01T00:01:05Z", "metrics": {"eval_loss": 1.5}},
+                {
+                    "name": "sft",
+                    "phase": "Succeeded",
+                    "attempts": 1,
+                    "startTime": "2026-01-01T00:00:00Z",
+                    "completionTime": "2026-01-01T00:01:05Z",
+                    "metrics": {"eval_loss": 1.5},
+                },
                 {"name": "ppo", "phase": "Failed", "attempts": 3, "message": "exit 1: out of memory"},
             ],
-            "conditions": [{"type": "Running", "status": "True", "reason": "StageRunning", "message": "ppo",
-                            "lastTransitionTime": "2026-01-01T00:01:05Z"}],
+            "conditions": [
+                {
+                    "type": "Running",
+                    "status": "True",
+                    "reason": "StageRunning",
+                    "message": "ppo",
+                    "lastTransitionTime": "2026-01-01T00:01:05Z",
+                }
+            ],
         },
     }
     text = render_status("tiny", obj)
     assert "phase Running" in text and "progress 2/4 ppo 40%" in text
-    assert any(line.startswith("sft") and "Succeeded" in line and "1m05s" in line and "eval_loss=1.5" in line
-               for line in text.splitlines())
+    assert any(
+        line.startswith("sft") and "Succeeded" in line and "1m05s" in line and "eval_loss=1.5" in line
+        for line in text.splitlines()
+    )
     assert "exit 1: out of memory" in text
     assert "Running=True StageRunning" in text

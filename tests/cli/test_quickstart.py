@@ -21,7 +21,9 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("quickstart")
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_operator.cli", "quickstart", "--workdir", str(workdir)],
-        capture_output=True, text=True, timeout=1800,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return workdir, proc.stdout, json.loads((workdir / "report" / "report.json").read_text())
@@ -54,7 +56,9 @@ def test_rerun_skips_completed_stages(quickstart):
     workdir, _, _ = quickstart
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_operator.cli", "run-local", "examples/tiny.yaml", "--workdir", str(workdir)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for stage in ("sft", "reward", "ppo", "merge"):

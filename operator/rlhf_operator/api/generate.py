@@ -1,8 +1,11 @@
+# fmt: off
+# (keeps the usage lines indented: the docstring is the --help text, printed raw)
 """Writes (or, with --check, verifies) every file generated from the API models.
 
     python -m rlhf_operator.api.generate          # rewrite the generated files
     python -m rlhf_operator.api.generate --check  # exit 1 and name the stale files
 """
+# fmt: on
 
 from __future__ import annotations
 

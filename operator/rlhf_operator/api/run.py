@@ -86,10 +86,12 @@ class RLHFRunSpec(ApiModel):
             "|| (has(self.reward) && has(self.ppo))",
             message="rlaif.then: PPO trains a reward model on the labelled pairs, then PPO: add reward and ppo sections",
             field_path=".method",
-            check=lambda s: s.method != "RLAIF"
-            or s.rlaif is None
-            or s.rlaif.then == "DPO"
-            or (s.reward is not None and s.ppo is not None),
+            check=lambda s: (
+                s.method != "RLAIF"
+                or s.rlaif is None
+                or s.rlaif.then == "DPO"
+                or (s.reward is not None and s.ppo is not None)
+            ),
         ),
         Rule(
             cel="self.method != 'RLAIF' || !has(self.rlaif) || !has(self.rlaif.then) || self.rlaif.then != 'DPO' "

@@ -251,9 +251,7 @@ class DPOStage(TrainedStage):
 
     beta: Annotated[float, Field(gt=0.0, le=100.0)] = 0.1
     """Strength of the implicit KL constraint to the reference."""
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair"] = (
-        "sigmoid"
-    )
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair"] = "sigmoid"
     """DPO loss variant: sigmoid (DPO), hinge (SLiC), ipo, robust, exo_pair, bco_pair, sppo_hard, nca_pair."""
     label_smoothing: Annotated[float, Field(ge=0.0, le=0.49)] = 0.0
     """Assumed rate of flipped preference labels (conservative DPO, robust, exo_pair, bco_pair); 0 disables.

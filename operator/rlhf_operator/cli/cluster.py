@@ -24,7 +24,9 @@ def _seconds_between(start: str | None, end: str | None) -> str:
     begin = datetime.fromisoformat(start.replace("Z", "+00:00"))
     finish = datetime.fromisoformat(end.replace("Z", "+00:00")) if end else datetime.now(begin.tzinfo)
     seconds = int((finish - begin).total_seconds())
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 def render_status(name: str, obj: dict[str, Any]) -> str:
@@ -86,8 +88,6 @@ def _logs(client: Any, args: Any) -> int:
         print(f"no pods of Job {args.namespace}/{job} (stage not started, or its Job was cleaned up)", file=sys.stderr)
         return 1
     latest = max(pods, key=lambda p: p.metadata.creation_timestamp)
-    text = client.CoreV1Api().read_namespaced_pod_log(
-        latest.metadata.name, args.namespace, tail_lines=args.tail
-    )
+    text = client.CoreV1Api().read_namespaced_pod_log(latest.metadata.name, args.namespace, tail_lines=args.tail)
     sys.stdout.write(text)
     return 0

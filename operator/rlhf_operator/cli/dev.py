@@ -23,16 +23,27 @@ CRD_FILE = SOURCE_ROOT.parent / "crds" / "rlhfruns.rlhf-operator.io.yaml"
 
 
 def add_arguments(_: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", type=Path, default=Path(".rlhf-dev"),
-                        help="control plane data, the local volume and logs (default: .rlhf-dev)")
-    parser.add_argument("--tiny-assets", action="store_true",
-                        help="build the tiny model and data into the volume's assets/ (for examples/tiny.yaml)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".rlhf-dev"),
+        help="control plane data, the local volume and logs (default: .rlhf-dev)",
+    )
+    parser.add_argument(
+        "--tiny-assets",
+        action="store_true",
+        help="build the tiny model and data into the volume's assets/ (for examples/tiny.yaml)",
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter for the operator and stages")
 
 
 def _spawn(python: str, module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([python, "-m", module, *args], stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            env=stage_env(log.with_suffix(".result.json")))
+    return subprocess.Popen(
+        [python, "-m", module, *args],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env=stage_env(log.with_suffix(".result.json")),
+    )
 
 
 def run(args: Any) -> int:
@@ -42,8 +53,11 @@ def run(args: Any) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     if args.tiny_assets and not (volume / "assets" / "base-model").exists():
         print("building tiny assets ...")
-        subprocess.run([args.python, "-m", "rlhf_stages.tiny_assets", "--out", str(volume / "assets")],
-                       check=True, env=stage_env(logs / "assets.result.json"))
+        subprocess.run(
+            [args.python, "-m", "rlhf_stages.tiny_assets", "--out", str(volume / "assets")],
+            check=True,
+            env=stage_env(logs / "assets.result.json"),
+        )
     print("starting etcd and kube-apiserver (the first start builds them from source: ~10 min) ...")
     plane = controlplane.start(workdir / "controlplane")
     processes: list[subprocess.Popen[bytes]] = []
@@ -51,12 +65,22 @@ def run(args: Any) -> int:
         plane.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
         plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/rlhfruns.rlhf-operator.io")
         kubeconfig = plane.kubeconfig(path=workdir / "kubeconfig")
-        processes.append(_spawn(args.python, "rlhf_operator",
-                                ["run", "--kubeconfig", str(kubeconfig), "--no-leader-election", "--health-port", "0"],
-                                logs / "operator.log"))
-        processes.append(_spawn(args.python, "rlhf_operator.dev.executor",
-                                ["--kubeconfig", str(kubeconfig), "--volume-dir", str(volume)],
-                                logs / "executor.log"))
+        processes.append(
+            _spawn(
+                args.python,
+                "rlhf_operator",
+                ["run", "--kubeconfig", str(kubeconfig), "--no-leader-election", "--health-port", "0"],
+                logs / "operator.log",
+            )
+        )
+        processes.append(
+            _spawn(
+                args.python,
+                "rlhf_operator.dev.executor",
+                ["--kubeconfig", str(kubeconfig), "--volume-dir", str(volume)],
+                logs / "executor.log",
+            )
+        )
         print(
             f"\nready. In another shell:\n"
             f"  export KUBECONFIG={kubeconfig}\n"

@@ -113,7 +113,9 @@ def run_stage(run: RLHFRun, stage: str, volume: Path, workdir: Path, namespace: 
     with log_file.open("ab") as log:
         proc = subprocess.Popen(
             [python, "-m", "rlhf_stages", stage, "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, env=stage_env(result_file),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=stage_env(result_file),
         )
         try:
             while proc.poll() is None:
@@ -136,7 +138,11 @@ def run_stage(run: RLHFRun, stage: str, volume: Path, workdir: Path, namespace: 
 
 
 def run_pipeline(
-    run: RLHFRun, volume: Path, workdir: Path, namespace: str = "default", python: str = sys.executable,
+    run: RLHFRun,
+    volume: Path,
+    workdir: Path,
+    namespace: str = "default",
+    python: str = sys.executable,
     out: IO[str] = sys.stdout,
 ) -> list[StageRun]:
     """Runs every enabled stage in order; stops at the first that does not succeed."""
@@ -169,10 +175,18 @@ def _tail(path: Path | None, lines: int = 15) -> str:
 
 def add_arguments(_: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, metavar="FILE", help="an RLHFRun manifest")
-    parser.add_argument("--workdir", type=Path, default=Path(".rlhf-local"),
-                        help="invocations, logs and results go here (default: .rlhf-local)")
-    parser.add_argument("--volume", type=Path, default=None,
-                        help="the local directory standing in for the shared volume (default: WORKDIR/volume)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".rlhf-local"),
+        help="invocations, logs and results go here (default: .rlhf-local)",
+    )
+    parser.add_argument(
+        "--volume",
+        type=Path,
+        default=None,
+        help="the local directory standing in for the shared volume (default: WORKDIR/volume)",
+    )
     parser.add_argument("--namespace", default="default", help="namespace used in the run's volume paths")
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the stages")
 

@@ -28,8 +28,12 @@ EVAL_SAMPLES_PER_PROMPT = 4
 
 def _python_module(python: str, module: str, *args: str, log: Path) -> None:
     with log.open("ab") as out:
-        proc = subprocess.run([python, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT,
-                              env=stage_env(log.with_suffix(".result.json")))
+        proc = subprocess.run(
+            [python, "-m", module, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=stage_env(log.with_suffix(".result.json")),
+        )
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
         raise RuntimeError(f"python -m {module} failed (exit {proc.returncode}); log {log}:\n{tail}")
@@ -48,9 +52,20 @@ def build_assets(volume: Path, python: str, log: Path) -> Path:
 
 def evaluate(python: str, policy: Path, reward_model: Path, prompts: Path, out: Path, log: Path) -> dict[str, Any]:
     _python_module(
-        python, "rlhf_stages.evaluation",
-        "--policy", str(policy), "--reward-model", str(reward_model), "--prompts", str(prompts),
-        "--samples-per-prompt", str(EVAL_SAMPLES_PER_PROMPT), "--seed", "0", "--json", str(out),
+        python,
+        "rlhf_stages.evaluation",
+        "--policy",
+        str(policy),
+        "--reward-model",
+        str(reward_model),
+        "--prompts",
+        str(prompts),
+        "--samples-per-prompt",
+        str(EVAL_SAMPLES_PER_PROMPT),
+        "--seed",
+        "0",
+        "--json",
+        str(out),
         log=log,
     )
     result: dict[str, Any] = json.loads(out.read_text())
@@ -58,9 +73,15 @@ def evaluate(python: str, policy: Path, reward_model: Path, prompts: Path, out: 
 
 
 def add_arguments(_: str, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", type=Path, default=Path(".quickstart"),
-                        help="volume, logs and the report go here (default: .quickstart)")
-    parser.add_argument("--file", type=Path, default=DEFAULT_EXAMPLE, help="the RLHFRun to run (default: examples/tiny.yaml)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".quickstart"),
+        help="volume, logs and the report go here (default: .quickstart)",
+    )
+    parser.add_argument(
+        "--file", type=Path, default=DEFAULT_EXAMPLE, help="the RLHFRun to run (default: examples/tiny.yaml)"
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the stages")
 
 
@@ -86,18 +107,29 @@ def run(args: Any) -> int:
     reward_model = run_dir / "reward" / "model"
     prompts = assets / "data" / "eval_prompts.jsonl"
     print("  eval    held-out prompts: SFT policy vs aligned (merged) policy")
-    before = evaluate(args.python, run_dir / "sft" / "model", reward_model, prompts, workdir / "eval-sft.json",
-                      logs / "eval.log")
-    after = evaluate(args.python, run_dir / "merge" / "model", reward_model, prompts, workdir / "eval-merged.json",
-                     logs / "eval.log")
+    before = evaluate(
+        args.python, run_dir / "sft" / "model", reward_model, prompts, workdir / "eval-sft.json", logs / "eval.log"
+    )
+    after = evaluate(
+        args.python, run_dir / "merge" / "model", reward_model, prompts, workdir / "eval-merged.json", logs / "eval.log"
+    )
     timings = {o.stage: round(o.seconds, 1) for o in outcomes}
     (workdir / "timings.json").write_text(json.dumps(timings))
     report_dir = workdir / "report"
     _python_module(
-        args.python, "rlhf_stages.report",
-        "--run-dir", str(run_dir), "--before", str(workdir / "eval-sft.json"),
-        "--after", str(workdir / "eval-merged.json"), "--timings", str(workdir / "timings.json"),
-        "--out", str(report_dir), log=logs / "report.log",
+        args.python,
+        "rlhf_stages.report",
+        "--run-dir",
+        str(run_dir),
+        "--before",
+        str(workdir / "eval-sft.json"),
+        "--after",
+        str(workdir / "eval-merged.json"),
+        "--timings",
+        str(workdir / "timings.json"),
+        "--out",
+        str(report_dir),
+        log=logs / "report.log",
     )
     print(
         f"\n  held-out reward      SFT {before['reward_mean']:+.3f}  ->  aligned {after['reward_mean']:+.3f}\n"

@@ -107,7 +107,9 @@ def _wait_ready(url: str, token: str, ca_file: Path, procs: list[subprocess.Pope
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"control plane process exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"control plane process exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}"
+                )
         request = urllib.request.Request(f"{url}/readyz", headers={"Authorization": f"Bearer {token}"})
         with contextlib.suppress(OSError, urllib.error.URLError):
             with urllib.request.urlopen(request, context=context, timeout=5) as response:
@@ -128,11 +130,11 @@ def start(workdir: Path | None = None, bin_dir: Path | None = None) -> ControlPl
     subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
 
     admin = User("admin", secrets.token_hex(16), ("system:masters",))
-    operator = User(OPERATOR_USER, secrets.token_hex(16), ("system:serviceaccounts", "system:serviceaccounts:rlhf-system"))
-    tokens = workdir / "tokens.csv"
-    tokens.write_text(
-        "".join(f'{u.token},{u.name},{u.name},"{",".join(u.groups)}"\n' for u in (admin, operator))
+    operator = User(
+        OPERATOR_USER, secrets.token_hex(16), ("system:serviceaccounts", "system:serviceaccounts:rlhf-system")
     )
+    tokens = workdir / "tokens.csv"
+    tokens.write_text("".join(f'{u.token},{u.name},{u.name},"{",".join(u.groups)}"\n' for u in (admin, operator)))
     tokens.chmod(0o600)
 
     etcd_client, etcd_peer, api_port = free_port(), free_port(), free_port()
@@ -141,35 +143,59 @@ def start(workdir: Path | None = None, bin_dir: Path | None = None) -> ControlPl
     etcd = subprocess.Popen(
         [
             str(bin_dir / "etcd"),
-            "--data-dir", str(workdir / "etcd"),
-            "--listen-client-urls", f"http://127.0.0.1:{etcd_client}",
-            "--advertise-client-urls", f"http://127.0.0.1:{etcd_client}",
-            "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-            "--initial-cluster", f"default=http://127.0.0.1:{etcd_peer}",
+            "--data-dir",
+            str(workdir / "etcd"),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{etcd_client}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{etcd_client}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{etcd_peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{etcd_peer}",
+            "--initial-cluster",
+            f"default=http://127.0.0.1:{etcd_peer}",
             "--unsafe-no-fsync",  # test data only: trades durability for speed
-            "--log-level", "warn",
+            "--log-level",
+            "warn",
         ],
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     apiserver = subprocess.Popen(
         [
             str(bin_dir / "kube-apiserver"),
-            "--etcd-servers", f"http://127.0.0.1:{etcd_client}",
-            "--bind-address", "127.0.0.1",
-            "--advertise-address", "127.0.0.1",
-            "--secure-port", str(api_port),
-            "--cert-dir", str(certs),
-            "--authorization-mode", "RBAC",
-            "--token-auth-file", str(tokens),
-            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-            "--service-account-key-file", str(sa_key),
-            "--service-account-signing-key-file", str(sa_key),
-            "--service-cluster-ip-range", "10.96.0.0/16",
-            "--disable-admission-plugins", "ServiceAccount",
-            "--v", "1",
+            "--etcd-servers",
+            f"http://127.0.0.1:{etcd_client}",
+            "--bind-address",
+            "127.0.0.1",
+            "--advertise-address",
+            "127.0.0.1",
+            "--secure-port",
+            str(api_port),
+            "--cert-dir",
+            str(certs),
+            "--authorization-mode",
+            "RBAC",
+            "--token-auth-file",
+            str(tokens),
+            "--service-account-issuer",
+            "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file",
+            str(sa_key),
+            "--service-account-signing-key-file",
+            str(sa_key),
+            "--service-cluster-ip-range",
+            "10.96.0.0/16",
+            "--disable-admission-plugins",
+            "ServiceAccount",
+            "--v",
+            "1",
         ],
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"https://127.0.0.1:{api_port}"
     plane = ControlPlane(workdir, bin_dir, url, certs / "apiserver.crt", admin, operator, [etcd, apiserver])
@@ -187,15 +213,22 @@ def _start_garbage_collector(plane: ControlPlane, log_file: Any) -> subprocess.P
     return subprocess.Popen(
         [
             str(plane.bin_dir / "kube-controller-manager"),
-            "--kubeconfig", str(plane.kubeconfig(plane.admin, plane.workdir / "kubeconfig-controller-manager")),
+            "--kubeconfig",
+            str(plane.kubeconfig(plane.admin, plane.workdir / "kubeconfig-controller-manager")),
             # pvc-protection removes the kubernetes.io/pvc-protection finalizer of deleted, unused PVCs.
-            "--controllers", "garbagecollector,pvc-protection",
+            "--controllers",
+            "garbagecollector,pvc-protection",
             "--leader-elect=false",
-            "--secure-port", "0",
-            "--concurrent-gc-syncs", "5",
-            "--v", "1",
+            "--secure-port",
+            "0",
+            "--concurrent-gc-syncs",
+            "5",
+            "--v",
+            "1",
         ],
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
