@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-
 RULE_ERROR = "rlhf_rule"
 """Pydantic error type of a failed cross-field rule; its context names the offending field."""
 

@@ -84,7 +84,8 @@ class RLHFRunSpec(ApiModel):
         Rule(
             cel="self.method != 'RLAIF' || !has(self.rlaif) || (has(self.rlaif.then) && self.rlaif.then == 'DPO') "
             "|| (has(self.reward) && has(self.ppo))",
-            message="rlaif.then: PPO trains a reward model on the labelled pairs, then PPO: add reward and ppo sections",
+            message="rlaif.then: PPO trains a reward model on the labelled pairs, then PPO: "
+            "add reward and ppo sections",
             field_path=".method",
             check=lambda s: (
                 s.method != "RLAIF"

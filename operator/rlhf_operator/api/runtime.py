@@ -69,7 +69,8 @@ class Storage(ApiModel):
     rules = (
         Rule(
             cel="!has(self.existingClaim) || (!has(self.size) && !has(self.storageClassName))",
-            message="existingClaim uses a PVC you made; size and storageClassName only apply to one the operator creates",
+            message="existingClaim uses a PVC you made; "
+            "size and storageClassName only apply to one the operator creates",
             field_path=".existingClaim",
             check=lambda s: s.existing_claim is None or (s.size is None and s.storage_class_name is None),
         ),

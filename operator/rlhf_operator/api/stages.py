@@ -19,7 +19,8 @@ def _quantization_needs_lora() -> Rule:
     return Rule(
         cel="!has(self.quantization) || !has(self.quantization.mode) || self.quantization.mode == 'none'"
         " || !has(self.lora) || !has(self.lora.enabled) || self.lora.enabled",
-        message="quantization (8bit/4bit) trains through a LoRA adapter: set lora.enabled: true or quantization.mode: none",
+        message="quantization (8bit/4bit) trains through a LoRA adapter: "
+        "set lora.enabled: true or quantization.mode: none",
         field_path=".quantization",
         check=lambda s: s.quantization.mode == "none" or s.lora.enabled,
     )
@@ -235,7 +236,8 @@ class DPOStage(TrainedStage):
         _enabled_needs_dataset(),
         _quantization_needs_lora(),
         Rule(
-            cel="!has(self.lossType) || self.lossType != 'exo_pair' || (has(self.labelSmoothing) && self.labelSmoothing > 0.0)",
+            cel="!has(self.lossType) || self.lossType != 'exo_pair' "
+            "|| (has(self.labelSmoothing) && self.labelSmoothing > 0.0)",
             message="lossType exo_pair needs labelSmoothing > 0 (the EXO paper uses 1e-3)",
             field_path=".labelSmoothing",
             check=lambda d: d.loss_type != "exo_pair" or d.label_smoothing > 0.0,
@@ -243,7 +245,8 @@ class DPOStage(TrainedStage):
         Rule(
             cel="!has(self.labelSmoothing) || self.labelSmoothing == 0.0 || !has(self.lossType) "
             "|| self.lossType in ['sigmoid', 'robust', 'exo_pair', 'bco_pair']",
-            message="labelSmoothing (assumed label-noise rate) applies to lossType sigmoid, robust, exo_pair or bco_pair",
+            message="labelSmoothing (assumed label-noise rate) applies to "
+            "lossType sigmoid, robust, exo_pair or bco_pair",
             field_path=".labelSmoothing",
             check=lambda d: d.label_smoothing == 0.0 or d.loss_type in ("sigmoid", "robust", "exo_pair", "bco_pair"),
         ),
