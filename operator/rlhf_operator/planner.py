@@ -138,12 +138,12 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
     current: str | None = None
     failure: tuple[str, str] | None = None
     finished: list[StageStatus] = []
-    for i, st in enumerate(stages):
-        if st.phase == "Skipped":
+    for i, listed in enumerate(stages):
+        if listed.phase == "Skipped":
             continue
-        job = jobs.get(st.name)
-        if job is not None:
-            st = stages[i] = _with_job(st, job, ts)
+        job = jobs.get(listed.name)
+        st = listed if job is None else _with_job(listed, job, ts)
+        stages[i] = st
         if st.phase == "Succeeded":
             continue
         current = st.name

@@ -19,7 +19,7 @@ TINY = REPO / "examples" / "tiny.yaml"
 def rlhfctl(*args: str) -> subprocess.CompletedProcess[str]:
     """Runs the CLI as a user would, in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-m", "rlhf_operator.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "rlhf_operator.cli", *args], capture_output=True, text=True, timeout=120, check=False
     )
 
 

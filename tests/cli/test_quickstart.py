@@ -24,6 +24,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory):
         capture_output=True,
         text=True,
         timeout=1800,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return workdir, proc.stdout, json.loads((workdir / "report" / "report.json").read_text())
@@ -59,6 +60,7 @@ def test_rerun_skips_completed_stages(quickstart):
         capture_output=True,
         text=True,
         timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for stage in ("sft", "reward", "ppo", "merge"):

@@ -9,6 +9,7 @@ the running stage, which saves a checkpoint, and stops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -121,10 +122,9 @@ def run_stage(run: RLHFRun, stage: str, volume: Path, workdir: Path, namespace: 
             while proc.poll() is None:
                 time.sleep(0.5)
                 if progress_file.exists():
-                    try:
+                    # OSError/JSONDecodeError: being replaced this instant; the next poll reads it
+                    with contextlib.suppress(OSError, json.JSONDecodeError):
                         line.update(json.loads(progress_file.read_text()), time.monotonic() - started)
-                    except (OSError, json.JSONDecodeError):
-                        pass  # being replaced this instant; the next poll reads it
             status = "Succeeded" if proc.returncode == 0 else "Failed"
         except KeyboardInterrupt:
             # The stage saves a checkpoint on SIGTERM; the next run-local resumes from it.

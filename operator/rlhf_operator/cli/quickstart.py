@@ -33,6 +33,7 @@ def _python_module(python: str, module: str, *args: str, log: Path) -> None:
             stdout=out,
             stderr=subprocess.STDOUT,
             env=stage_env(log.with_suffix(".result.json")),
+            check=False,
         )
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])

@@ -83,7 +83,7 @@ class ControlPlane:
     def kubectl(self, *args: str, user: User | None = None, input: str | None = None, check: bool = True) -> str:
         """Runs the kubectl built with the control plane; returns stdout, raises with stderr on failure."""
         cmd = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig(user)), *args]
-        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120, check=False)
         if check and proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc.stdout if check else proc.stdout + proc.stderr
@@ -111,10 +111,12 @@ def _wait_ready(url: str, token: str, ca_file: Path, procs: list[subprocess.Pope
                     f"control plane process exited with {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}"
                 )
         request = urllib.request.Request(f"{url}/readyz", headers={"Authorization": f"Bearer {token}"})
-        with contextlib.suppress(OSError, urllib.error.URLError):
-            with urllib.request.urlopen(request, context=context, timeout=5) as response:
-                if response.status == 200:
-                    return
+        with (
+            contextlib.suppress(OSError, urllib.error.URLError),
+            urllib.request.urlopen(request, context=context, timeout=5) as response,
+        ):
+            if response.status == 200:
+                return
         time.sleep(0.5)
     raise TimeoutError(f"kube-apiserver not ready after 120 s; see {log}")
 

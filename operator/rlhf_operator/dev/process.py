@@ -10,6 +10,7 @@ container's termination message. Not shipped: a real cluster runs the image.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,10 +46,8 @@ class LocalProcess:
     def terminate(self, grace: float = 20.0) -> int:
         """SIGTERM the process group, SIGKILL it after ``grace`` seconds (like a pod deletion)."""
         if self.popen.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.popen.wait(timeout=grace)
             except subprocess.TimeoutExpired:
@@ -93,8 +92,9 @@ def _materialise(volume: dict[str, Any], target: Path, namespace: str, read: Any
             body = yaml.safe_load(text) if key.endswith((".yaml", ".yml")) else None
             if isinstance(body, dict) and body.get("kind") == INVOCATION_KIND:
                 body["workspace"] = str(volume_dir)  # the stage resolves every spec path against this
-                text = yaml.safe_dump(body, sort_keys=True)
-            (target / key).write_text(text)
+                (target / key).write_text(yaml.safe_dump(body, sort_keys=True))
+            else:
+                (target / key).write_text(text)
     elif "secret" in volume:
         data = read("secret", namespace, volume["secret"]["secretName"]).get("data") or {}
         for key, encoded in data.items():
