@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,11 @@ COMPONENT = "rlhf-operator"
 
 def _json(resp: Any) -> dict[str, Any]:
     return json.loads(resp.data)
+
+
+def _body(manifest: Mapping[str, Any]) -> Any:
+    """A plain-dict manifest as a request body: the client sends dicts as they are (its hints name only models)."""
+    return manifest
 
 
 class Cluster:
@@ -78,10 +84,10 @@ class Cluster:
     def perform(self, run: dict[str, Any], action: Action) -> None:
         namespace = run["metadata"]["namespace"]
         if isinstance(action, EnsurePVC):
-            self._create(lambda: self.core.create_namespaced_persistent_volume_claim(namespace, action.manifest))
+            self._create(lambda: self.core.create_namespaced_persistent_volume_claim(namespace, _body(action.manifest)))
         elif isinstance(action, CreateJob):
             self._apply_config_map(namespace, action.config_map)
-            self._create(lambda: self.batch.create_namespaced_job(namespace, action.job))
+            self._create(lambda: self.batch.create_namespaced_job(namespace, _body(action.job)))
         elif isinstance(action, SetJobSuspend):
             self.batch.patch_namespaced_job(action.name, namespace, {"spec": {"suspend": action.suspend}})
         elif isinstance(action, DeleteJob):
@@ -106,7 +112,7 @@ class Cluster:
         """Create or replace: the ConfigMap snapshots the spec as the stage's Job is (re)created."""
         name = manifest["metadata"]["name"]
         try:
-            self.core.create_namespaced_config_map(namespace, manifest)
+            self.core.create_namespaced_config_map(namespace, _body(manifest))
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -136,7 +142,7 @@ class Cluster:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], body)
+            self.core.create_namespaced_event(meta["namespace"], _body(body))
         except ApiException as exc:  # events are best effort: never fail a reconcile over one
             log.warning("could not post event %s on %s: %s", event.reason, meta["name"], exc.reason)
 

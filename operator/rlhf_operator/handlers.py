@@ -10,6 +10,7 @@ run never waits for the operator. Children go with the run through their owner r
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -23,7 +24,7 @@ MANAGED = {LABEL_MANAGED_BY: MANAGER}
 
 
 def _runtime(memo: Any) -> Controller:
-    return memo["controller"]  # type: ignore[no-any-return]
+    return memo["controller"]
 
 
 @kopf.on.startup()
@@ -42,7 +43,7 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """kopf talks to the API server with the same credentials as the operator's client."""
     cfg = _runtime(memo).cluster.api_client.configuration
     keys = cfg.api_key or {}
-    scheme, _, token = (keys.get("authorization") or keys.get("BearerToken") or "").partition(" ")
+    scheme, _space, token = (keys.get("authorization") or keys.get("BearerToken") or "").partition(" ")
     return kopf.ConnectionInfo(
         server=cfg.host,
         ca_path=cfg.ssl_ca_cert,
@@ -60,17 +61,19 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def run_event(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    _runtime(memo).queue.add((namespace, name))
+async def run_event(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    # kopf types namespace as optional (for cluster-scoped kinds); every kind watched here is namespaced.
+    if namespace is not None:
+        _runtime(memo).queue.add((namespace, name))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-async def job_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
-    if LABEL_RUN in labels:
+async def job_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    if namespace is not None and LABEL_RUN in labels:
         _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-async def pod_event(namespace: str, labels: dict[str, str], memo: kopf.Memo, **_: Any) -> None:
-    if LABEL_RUN in labels:
+async def pod_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    if namespace is not None and LABEL_RUN in labels:
         _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))

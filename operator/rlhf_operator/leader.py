@@ -68,9 +68,10 @@ class LeaseElector:
         if release and self.leading.is_set():
             try:  # hand over at once instead of making the next leader wait out the lease
                 lease = self.api.read_namespaced_lease(self.name, self.namespace)
-                if lease.spec.holder_identity == self.identity:
-                    lease.spec.holder_identity = None
-                    lease.spec.renew_time = None
+                spec = lease.spec
+                if spec is not None and spec.holder_identity == self.identity:
+                    spec.holder_identity = None
+                    spec.renew_time = None
                     self.api.replace_namespaced_lease(self.name, self.namespace, lease)
             except ApiException as exc:
                 log.warning("could not release lease: %s", exc.reason)

@@ -41,7 +41,7 @@ _KEPT_KEYWORDS = (
 )
 
 # Lists whose items are identified by a key, so server-side apply merges them per item.
-_MAP_LISTS = {("status", "stages"): ["name"], ("status", "conditions"): ["type"]}
+_MAP_LISTS: dict[tuple[str, ...], list[str]] = {("status", "stages"): ["name"], ("status", "conditions"): ["type"]}
 
 
 def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:

@@ -8,14 +8,14 @@ docs/stage-protocol.md for the prose version.
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import Field
 
 from .base import ApiModel
 from .run import RLHFRunSpec
 
-INVOCATION_KIND = "StageInvocation"
+INVOCATION_KIND: Final = "StageInvocation"
 CONFIG_MOUNT_PATH = "/etc/rlhf"
 CONFIG_FILE_NAME = "invocation.yaml"
 TERMINATION_LOG_ENV = "RLHF_TERMINATION_LOG"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from .base import ApiModel, Rule
 from .runtime import Runtime, Secrets, Storage, WandB
@@ -159,7 +159,9 @@ RunPhase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
 class Condition(ApiModel):
     """A condition following the Kubernetes API conventions (metav1.Condition)."""
 
-    model_config = ApiModel.model_config | {"frozen": False}
+    # Pydantic merges a subclass model_config into the parent's; spelling it as ConfigDict(...) lets the
+    # pydantic mypy plugin see that these instances are mutable.
+    model_config = ConfigDict(frozen=False)
 
     type: Annotated[str, Field(max_length=316)]
     """Condition type, e.g. Running, Succeeded, Failed, Suspended."""
@@ -216,7 +218,9 @@ class StageStatus(ApiModel):
 class RLHFRunStatus(ApiModel):
     """Observed state, written only by the operator."""
 
-    model_config = ApiModel.model_config | {"frozen": False}
+    # Pydantic merges a subclass model_config into the parent's; spelling it as ConfigDict(...) lets the
+    # pydantic mypy plugin see that these instances are mutable.
+    model_config = ConfigDict(frozen=False)
 
     phase: RunPhase = "Pending"
     """Summary for humans and printer columns; conditions carry the detail."""

@@ -63,6 +63,13 @@ class WandB(ApiModel):
     """``offline`` writes runs to the volume for a later ``wandb sync`` and needs no key."""
 
 
+AccessMode = Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]
+
+
+def _read_write_once() -> list[AccessMode]:
+    return ["ReadWriteOnce"]
+
+
 class Storage(ApiModel):
     """The shared volume, mounted at /workspace in every stage; checkpoints pass through it."""
 
@@ -82,9 +89,7 @@ class Storage(ApiModel):
     """Size of the PVC the operator creates (default 100Gi)."""
     storage_class_name: DNSName | None = None
     """StorageClass of the PVC the operator creates; unset uses the cluster default."""
-    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
-        default_factory=lambda: ["ReadWriteOnce"], min_length=1, max_length=3
-    )
+    access_modes: list[AccessMode] = Field(default_factory=_read_write_once, min_length=1, max_length=3)
     """Access modes of the PVC the operator creates. Stages run one at a time, so RWO suffices."""
     keep_on_delete: bool = False
     """Keep an operator-created PVC (and the models on it) when the run is deleted."""

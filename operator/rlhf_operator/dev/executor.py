@@ -19,6 +19,7 @@ import logging
 import secrets
 import string
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,16 @@ def _finished(status: dict[str, Any]) -> bool:
     return any((_cond(status, k) or {}).get("status") == "True" for k in ("Complete", "Failed"))
 
 
+def _json(resp: Any) -> dict[str, Any]:
+    """The decoded body of a ``_preload_content=False`` response (typed by the client as the model)."""
+    return json.loads(resp.data)
+
+
+def _body(manifest: Mapping[str, Any]) -> Any:
+    """A plain-dict manifest as a request body: the client sends dicts as they are (its hints name only models)."""
+    return manifest
+
+
 class DevJobController:
     def __init__(
         self,
@@ -94,7 +105,7 @@ class DevJobController:
     # --- reads used by process.launch ---------------------------------------------------------
     def read(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
         call = self.core.read_namespaced_secret if kind == "secret" else self.core.read_namespaced_config_map
-        return json.loads(call(name, namespace, _preload_content=False).data)
+        return _json(call(name, namespace, _preload_content=False))
 
     # --- the loop ------------------------------------------------------------------------------
     def run_forever(self, poll: float) -> None:
@@ -111,7 +122,7 @@ class DevJobController:
             resp = self.batch.list_namespaced_job(self.namespace, label_selector=selector, _preload_content=False)
         else:
             resp = self.batch.list_job_for_all_namespaces(label_selector=selector, _preload_content=False)
-        jobs = json.loads(resp.data).get("items") or []
+        jobs = _json(resp).get("items") or []
         live = {j["metadata"]["uid"] for j in jobs}
         for uid in [u for u in self.procs if u not in live]:  # the Job was deleted: kill its pod
             proc = self.procs.pop(uid)
@@ -171,7 +182,7 @@ class DevJobController:
             resp = self.core.list_namespaced_pod(self.namespace, label_selector=selector, _preload_content=False)
         else:
             resp = self.core.list_pod_for_all_namespaces(label_selector=selector, _preload_content=False)
-        for pod in json.loads(resp.data).get("items") or []:
+        for pod in _json(resp).get("items") or []:
             meta = pod["metadata"]
             if not meta.get("deletionTimestamp"):
                 continue
@@ -260,7 +271,7 @@ class DevJobController:
             "spec": job["spec"],
             "status": status,
         }
-        self.batch.replace_namespaced_job_status(job["metadata"]["name"], job["metadata"]["namespace"], body)
+        self.batch.replace_namespaced_job_status(job["metadata"]["name"], job["metadata"]["namespace"], _body(body))
 
     def _create_pod(self, job: dict[str, Any]) -> dict[str, Any]:
         meta, template = job["metadata"], job["spec"]["template"]
@@ -294,7 +305,7 @@ class DevJobController:
             },
             "spec": template["spec"],
         }
-        return json.loads(self.core.create_namespaced_pod(meta["namespace"], body, _preload_content=False).data)
+        return _json(self.core.create_namespaced_pod(meta["namespace"], _body(body), _preload_content=False))
 
     def _container_status(self, pod: dict[str, Any], state: dict[str, Any], ready: bool) -> dict[str, Any]:
         container = pod["spec"]["containers"][0]
@@ -314,7 +325,7 @@ class DevJobController:
     def _pod_terminated(self, proc: LocalProcess, code: int, reason: str) -> None:
         pod = {"spec": {"containers": [{"name": "stage", "image": ""}]}}
         try:
-            pod = json.loads(self.core.read_namespaced_pod(proc.pod, proc.namespace, _preload_content=False).data)
+            pod = _json(self.core.read_namespaced_pod(proc.pod, proc.namespace, _preload_content=False))
         except ApiException:
             return
         terminated = {
