@@ -12,6 +12,8 @@ PYTHON ?= python3
 export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/stages
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
+# Everything ruff checks and formats.
+PY_PATHS := operator stages tests images benchmarks
 
 .PHONY: help setup venv controlplane charttools demo test test-fast lint fmt generate verify clean
 
@@ -43,15 +45,15 @@ demo: venv ## run a complete tiny RLHF pipeline locally on the CPU and write a r
 test: setup ## run the whole test suite against a real kube-apiserver
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: venv ## ruff, mypy and import-linter (module layering)
-	$(PY) -m ruff check operator stages tests images
-	$(PY) -m ruff format --check operator stages tests images
+lint: venv ## ruff check and format, mypy and import-linter (module layering)
+	$(PY) -m ruff check $(PY_PATHS)
+	$(PY) -m ruff format --check $(PY_PATHS)
 	$(PY) -m mypy
-	cd $(CURDIR) && $(VENV)/bin/lint-imports
+	$(VENV)/bin/lint-imports
 
 fmt: venv ## format the code
-	$(PY) -m ruff format operator stages tests images
-	$(PY) -m ruff check --fix operator stages tests images
+	$(PY) -m ruff format $(PY_PATHS)
+	$(PY) -m ruff check --fix $(PY_PATHS)
 
 generate: venv ## regenerate the CRD, the chart's CRD, docs/reference.md and the chart's values table
 	$(PY) -m rlhf_operator.api.generate
