@@ -45,6 +45,8 @@ def validate(ctx: StageContext) -> None:
     method_common.check_prompt_template(cfg.prompt_template, "rest")
     method_common.check_policy_input(ctx)
     method_common.check_reward_input(ctx)
+    if cfg.resources.gpus > 1:  # the Grow/Improve loop is single-process: N ranks would each run all of it
+        raise StageConfigError("rest.resources.gpus: ReST runs in one process; use at most 1 GPU")
     if cfg.generation.extra:
         raise StageConfigError("rest.generation.extra: not supported by the Grow sampler (use temperature/topK/topP)")
 

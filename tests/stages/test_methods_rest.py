@@ -66,3 +66,47 @@ def test_quantile_and_grow_rows_round_trip() -> None:
     row = GrowRow("Question: q?\n\nAnswer:", " the old lake is calm.", 1.5, True, 1)
     assert GrowRow.from_json(row.to_json()) == row
     assert json.loads(row.to_json())["endedWithEos"] is True
+
+
+def test_rest_resumes_after_sigterm_from_its_last_improve_step(volume: Path) -> None:
+    """SIGTERM mid-run: exit 143 with complete checkpoints; the next attempt reuses them and the Grow set."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from methods_support import PYTHON_PATH, REPO, example_spec, link_base, merge_into
+
+    ensure_base(volume)
+    run = "rest-resume"
+    link_base(volume, run)
+    spec = merge_into(example_spec("ReST"), {"rest": {"dataset": {"maxSamples": 48}, "growSteps": 2,
+                                                       "training": {"perDeviceTrainBatchSize": 4}}})
+    config = volume / "configs" / f"{run}-rest.yaml"
+    config.write_text(yaml.safe_dump({"stage": "rest", "run": {"name": run}, "workspace": str(volume), "spec": spec}))
+    env = {**os.environ, "PYTHONPATH": PYTHON_PATH, "RLHF_TERMINATION_LOG": str(volume / "configs" / f"{run}.json")}
+    command = [sys.executable, "-m", "rlhf_stages", "rest", "--config", str(config)]
+    checkpoints = run_dir(volume, run) / "rest.checkpoints"
+
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "checkpoint-1").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the stage ended"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    assert not (run_dir(volume, run) / "rest").exists()  # no output until the stage is complete
+    done = sorted(p.name for p in checkpoints.glob("checkpoint-*"))
+    assert len(done) == 1 and (checkpoints / "grow-0.jsonl").is_file()
+    grow0 = (checkpoints / "grow-0.jsonl").read_text()
+
+    second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    stage_dir = run_dir(volume, run) / "rest"
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    assert manifest["details"]["resumedFromStep"] == int(done[0].split("-")[1])
+    assert manifest["step"] == manifest["totalSteps"] == 6
+    assert (stage_dir / "grow" / "grow-0.jsonl").read_text() == grow0  # the Grow set was not resampled
+    assert len([h for h in manifest["details"]["history"] if "improve" in h]) == 6
