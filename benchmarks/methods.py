@@ -81,10 +81,19 @@ def main(argv: list[str] | None = None) -> int:
             print(ms.summary_line(method, sft, run), flush=True)
     print(table(sft, results))
     if args.json is not None:
-        body = {m: [{"seed": r.seed, "seconds": r.stage.seconds, "peakRssMiB": r.stage.peak_rss_mib,
-                     "metrics": r.stage.result.get("metrics", {}),
-                     "eval": {k: v for k, v in vars(r.evaluation).items() if k != "details"}} for r in runs]
-                for m, runs in results.items()}
+        body = {
+            m: [
+                {
+                    "seed": r.seed,
+                    "seconds": r.stage.seconds,
+                    "peakRssMiB": r.stage.peak_rss_mib,
+                    "metrics": r.stage.result.get("metrics", {}),
+                    "eval": {k: v for k, v in vars(r.evaluation).items() if k != "details"},
+                }
+                for r in runs
+            ]
+            for m, runs in results.items()
+        }
         body["SFT"] = [{"eval": {k: v for k, v in vars(sft).items() if k != "details"}}]
         args.json.write_text(json.dumps(body, indent=2))
     return 0

@@ -104,8 +104,12 @@ def run(ctx: StageContext) -> StageOutcome:
             "trainPairs": len(train_ds),
             "evalPairs": len(eval_ds) if eval_ds is not None else 0,
         },
-        details={"resumedFromStep": resumed_from, "beta": cfg.beta, "lossType": cfg.loss_type,
-                 "reference": "policy with the adapter disabled" if cfg.lora.enabled else "frozen copy of the policy",
-                 "logHistory": callback.history[-50:]},
+        details={
+            "resumedFromStep": resumed_from,
+            "beta": cfg.beta,
+            "lossType": cfg.loss_type,
+            "reference": "policy with the adapter disabled" if cfg.lora.enabled else "frozen copy of the policy",
+            "logHistory": callback.history[-50:],
+        },
         message=f"DPO done: eval_preference_accuracy={metrics.get('eval_preference_accuracy', float('nan')):.3f}",
     )

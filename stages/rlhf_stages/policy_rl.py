@@ -25,8 +25,19 @@ from .context import StageConfigError, StageContext, StageOutcome
 
 # generate() arguments the trainer sets itself from our fields.
 RESERVED_GENERATION_KEYS = frozenset(
-    {"max_new_tokens", "max_length", "min_new_tokens", "num_return_sequences", "do_sample", "temperature", "top_k",
-     "top_p", "eos_token_id", "pad_token_id", "generation_config"}
+    {
+        "max_new_tokens",
+        "max_length",
+        "min_new_tokens",
+        "num_return_sequences",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_token_id",
+        "pad_token_id",
+        "generation_config",
+    }
 )
 # TRL's log keys -> the names our status and report use.
 LOG_KEYS = {
@@ -50,8 +61,9 @@ class RewardModelReward:
         self.eos_ids = eos_ids
         self.penalty = missing_eos_penalty
 
-    def __call__(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
-                 **_: Any) -> list[float]:
+    def __call__(
+        self, prompts: list[str], completions: list[str], completion_ids: list[list[int]], **_: Any
+    ) -> list[float]:
         from .evaluation import score_with_reward_model
 
         ended = [bool(ids) and ids[-1] in self.eos_ids for ids in completion_ids]
@@ -70,8 +82,9 @@ def validate(ctx: StageContext) -> None:
     method_common.check_reward_input(ctx)
     reserved = sorted(RESERVED_GENERATION_KEYS & set(cfg.generation.extra))
     if reserved:
-        raise StageConfigError(f"{ctx.stage}.generation.extra: {reserved} are set from responseLength, temperature, "
-                               "topK and topP")
+        raise StageConfigError(
+            f"{ctx.stage}.generation.extra: {reserved} are set from responseLength, temperature, topK and topP"
+        )
 
 
 def training_settings(cfg: Any) -> TrainingSettings:
@@ -120,8 +133,14 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
     tokenizer = models.load_tokenizer(base)
     reward_at = method_common.reward_location(ctx)
     reward_tokenizer = models.load_tokenizer(reward_at)
-    reward_model = models.load_model(reward_at, AutoModelForSequenceClassification, models.Quantization(),
-                                     f"{ctx.stage}.rewardModel", "float32", num_labels=1).eval()
+    reward_model = models.load_model(
+        reward_at,
+        AutoModelForSequenceClassification,
+        models.Quantization(),
+        f"{ctx.stage}.rewardModel",
+        "float32",
+        num_labels=1,
+    ).eval()
     reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
     for p in reward_model.parameters():
         p.requires_grad_(False)
@@ -136,29 +155,54 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
     reward = RewardModelReward(reward_model, reward_tokenizer, eos_ids, cfg.missing_eos_penalty)
 
     callback = StageCallback(ctx, keep=2)
-    args = config_class(**trainer_kwargs(ctx, training_settings(cfg), has_eval=False),
-                        **shared_config(cfg, tokenizer), **extra)
-    trainer = trainer_class(model=model, reward_funcs=reward, args=args, train_dataset=train_ds,
-                            processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
+    args = config_class(
+        **trainer_kwargs(ctx, training_settings(cfg), has_eval=False), **shared_config(cfg, tokenizer), **extra
+    )
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
     _, resumed_from = run_trainer(ctx, trainer, callback)
 
     logs = callback.latest_logs
     metrics = {ours: float(logs[theirs]) for theirs, ours in LOG_KEYS.items() if theirs in logs}
     if eval_ds is not None:
-        metrics.update(method_common.evaluate_held_out(
-            trainer.model, tokenizer, list(eval_ds["prompt"]), max_new_tokens=cfg.response_length.max,
-            seed=cfg.seed, reward_model=reward_model, reward_tokenizer=reward_tokenizer))
+        metrics.update(
+            method_common.evaluate_held_out(
+                trainer.model,
+                tokenizer,
+                list(eval_ds["prompt"]),
+                max_new_tokens=cfg.response_length.max,
+                seed=cfg.seed,
+                reward_model=reward_model,
+                reward_tokenizer=reward_tokenizer,
+            )
+        )
     if ctx.is_main:
         method_common.save_policy(ctx, trainer.model, tokenizer, base, cfg.lora.enabled)
     return StageOutcome(
         metrics=metrics,
         step=trainer.state.global_step,
         total_steps=trainer.state.max_steps,
-        inputs={"policy": base.label, "rewardModel": reward_at.label,
-                "dataset": data.source_summary(ctx, cfg.dataset), "trainPrompts": len(train_ds),
-                "evalPrompts": len(eval_ds) if eval_ds is not None else 0},
-        details={"resumedFromStep": resumed_from, "beta": cfg.beta, "numGenerations": cfg.num_generations,
-                 "rewardScoredWithEos": True, "logHistory": callback.history[-50:]},
+        inputs={
+            "policy": base.label,
+            "rewardModel": reward_at.label,
+            "dataset": data.source_summary(ctx, cfg.dataset),
+            "trainPrompts": len(train_ds),
+            "evalPrompts": len(eval_ds) if eval_ds is not None else 0,
+        },
+        details={
+            "resumedFromStep": resumed_from,
+            "beta": cfg.beta,
+            "numGenerations": cfg.num_generations,
+            "rewardScoredWithEos": True,
+            "logHistory": callback.history[-50:],
+        },
         message=f"{ctx.stage.upper()} done: reward_mean={metrics.get('reward_mean', float('nan')):.3f}, "
-                f"eval_reward_mean={metrics.get('eval_reward_mean', float('nan')):.3f}",
+        f"eval_reward_mean={metrics.get('eval_reward_mean', float('nan')):.3f}",
     )

@@ -51,16 +51,22 @@ def validate(ctx: StageContext) -> None:
         raise StageConfigError("rest.generation.extra: not supported by the Grow sampler (use temperature/topK/topP)")
 
 
-def grow(ctx: StageContext, policy: Any, tokenizer: Any, scorer: tuple[Any, Any], prompts: list[str], *,
-         step: int) -> list[GrowRow]:
+def grow(
+    ctx: StageContext, policy: Any, tokenizer: Any, scorer: tuple[Any, Any], prompts: list[str], *, step: int
+) -> list[GrowRow]:
     """Sample ``samplesPerPrompt`` completions per prompt from the current policy and score them."""
     from .evaluation import generate_completions, score_with_reward_model
 
     cfg = ctx.config
     repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     completions = generate_completions(
-        policy, tokenizer, repeated, cfg.response_length.max, seed=cfg.training.seed * 1000 + step,
-        batch_size=GENERATION_BATCH, **method_common.sampling_kwargs(cfg.generation),
+        policy,
+        tokenizer,
+        repeated,
+        cfg.response_length.max,
+        seed=cfg.training.seed * 1000 + step,
+        batch_size=GENERATION_BATCH,
+        **method_common.sampling_kwargs(cfg.generation),
     )
     rewards = score_with_reward_model(scorer[0], scorer[1], repeated, completions)
     return [GrowRow(c.prompt, c.text, r, c.ended_with_eos, step) for c, r in zip(completions, rewards, strict=True)]
@@ -107,13 +113,20 @@ def run(ctx: StageContext) -> StageOutcome:
     tokenizer = models.load_tokenizer(base)
     reward_at = method_common.reward_location(ctx)
     reward_tokenizer = models.load_tokenizer(reward_at)
-    reward_model = models.load_model(reward_at, AutoModelForSequenceClassification, models.Quantization(),
-                                     "rest.rewardModel", "float32", num_labels=1).eval()
+    reward_model = models.load_model(
+        reward_at,
+        AutoModelForSequenceClassification,
+        models.Quantization(),
+        "rest.rewardModel",
+        "float32",
+        num_labels=1,
+    ).eval()
     reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
 
     rows = data.load_rows(ctx, cfg.dataset, t.seed)
-    train_ds, eval_ds = data.split_eval(method_common.prompts(rows, cfg.prompt_template, "rest"),
-                                        cfg.dataset.eval_fraction, t.seed)
+    train_ds, eval_ds = data.split_eval(
+        method_common.prompts(rows, cfg.prompt_template, "rest"), cfg.dataset.eval_fraction, t.seed
+    )
     prompts = list(train_ds["prompt"])
 
     resume = latest_checkpoint(ctx.checkpoints_dir)
@@ -141,8 +154,13 @@ def run(ctx: StageContext) -> StageOutcome:
             state["grow_files"].append(grow_file.name)
         rewards = [r.reward for r in grow_rows]
         if not any(e.get("grow") == g and "reward_mean" in e for e in state["history"]):
-            state["history"].append({"grow": g, "reward_mean": sum(rewards) / len(rewards),
-                                     "eos_rate": sum(r.ended_with_eos for r in grow_rows) / len(grow_rows)})
+            state["history"].append(
+                {
+                    "grow": g,
+                    "reward_mean": sum(rewards) / len(rewards),
+                    "eos_rate": sum(r.ended_with_eos for r in grow_rows) / len(grow_rows),
+                }
+            )
         for i, q in enumerate(cfg.thresholds):
             n = g * len(cfg.thresholds) + i + 1
             if n <= state["done"]:
@@ -150,8 +168,9 @@ def run(ctx: StageContext) -> StageOutcome:
             tau = quantile(rewards, q)
             kept = [r for r in grow_rows if r.reward >= tau and r.ended_with_eos]
             loss, stopped = improve(ctx, policy, tokenizer, kept, t, seed=t.seed + n)
-            state["history"].append({"improve": n, "grow": g, "quantile": q, "threshold": tau, "kept": len(kept),
-                                     "loss": loss})
+            state["history"].append(
+                {"improve": n, "grow": g, "quantile": q, "threshold": tau, "kept": len(kept), "loss": loss}
+            )
             if stopped:
                 raise StageInterrupted(state["done"], None if not state["done"] else f"checkpoint-{state['done']}")
             state["done"] = n
@@ -169,9 +188,17 @@ def run(ctx: StageContext) -> StageOutcome:
     if losses:
         metrics["improve_loss"] = losses[-1]
     if eval_ds is not None:
-        metrics.update(method_common.evaluate_held_out(
-            policy, tokenizer, list(eval_ds["prompt"]), max_new_tokens=cfg.response_length.max, seed=t.seed,
-            reward_model=reward_model, reward_tokenizer=reward_tokenizer))
+        metrics.update(
+            method_common.evaluate_held_out(
+                policy,
+                tokenizer,
+                list(eval_ds["prompt"]),
+                max_new_tokens=cfg.response_length.max,
+                seed=t.seed,
+                reward_model=reward_model,
+                reward_tokenizer=reward_tokenizer,
+            )
+        )
     if ctx.is_main:
         method_common.save_policy(ctx, policy, tokenizer, base, cfg.lora.enabled)
         (ctx.staging_dir / "grow").mkdir()
@@ -181,11 +208,18 @@ def run(ctx: StageContext) -> StageOutcome:
         metrics=metrics,
         step=state["done"],
         total_steps=total,
-        inputs={"policy": base.label, "rewardModel": reward_at.label,
-                "dataset": data.source_summary(ctx, cfg.dataset), "trainPrompts": len(prompts),
-                "evalPrompts": len(eval_ds) if eval_ds is not None else 0},
-        details={"resumedFromStep": resume[0] if resume else None, "history": state["history"],
-                 "growDatasets": [f"grow/{name}" for name in state["grow_files"]]},
+        inputs={
+            "policy": base.label,
+            "rewardModel": reward_at.label,
+            "dataset": data.source_summary(ctx, cfg.dataset),
+            "trainPrompts": len(prompts),
+            "evalPrompts": len(eval_ds) if eval_ds is not None else 0,
+        },
+        details={
+            "resumedFromStep": resume[0] if resume else None,
+            "history": state["history"],
+            "growDatasets": [f"grow/{name}" for name in state["grow_files"]],
+        },
         message="ReST done: grow reward means "
         + ", ".join(f"{e['reward_mean']:.3f}" for e in state["history"] if "reward_mean" in e),
     )

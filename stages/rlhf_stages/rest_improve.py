@@ -39,8 +39,9 @@ class GrowRow:
     @classmethod
     def from_json(cls, line: str) -> GrowRow:
         body = json.loads(line)
-        return cls(body["prompt"], body["completion"], float(body["reward"]), bool(body["endedWithEos"]),
-                   int(body["growStep"]))
+        return cls(
+            body["prompt"], body["completion"], float(body["reward"]), bool(body["endedWithEos"]), int(body["growStep"])
+        )
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -81,8 +82,9 @@ def _batch_loss(model: Any, batch: list[tuple[list[int], int]], pad_id: int) -> 
     return out.loss
 
 
-def improve(ctx: StageContext, policy: Any, tokenizer: Any, rows: list[GrowRow], t: TrainingSettings, *,
-            seed: int) -> tuple[float | None, bool]:
+def improve(
+    ctx: StageContext, policy: Any, tokenizer: Any, rows: list[GrowRow], t: TrainingSettings, *, seed: int
+) -> tuple[float | None, bool]:
     """Fine-tune ``policy`` on ``rows``; returns (mean loss of the last epoch, stopped by SIGTERM)."""
     import torch
 

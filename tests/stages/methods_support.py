@@ -87,15 +87,26 @@ def run_stage(workspace: Path, stage: str, run: str, spec: dict[str, Any], timeo
     body = {"stage": stage, "run": {"name": run}, "workspace": str(workspace), "spec": spec}
     config.write_text(yaml.safe_dump(body))
     result_file = workspace / "configs" / f"{run}-{stage}.result.json"
-    env = {**os.environ, "PYTHONPATH": PYTHON_PATH, "RLHF_TERMINATION_LOG": str(result_file),
-           "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": PYTHON_PATH,
+        "RLHF_TERMINATION_LOG": str(result_file),
+        "WANDB_MODE": "offline",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     env.pop("RLHF_ALLOW_CPU_QUANTIZATION", None)
     log_file = workspace / "configs" / f"{run}-{stage}.log"
     started = time.monotonic()
     with log_file.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf_stages", stage, "--config", str(config)],
-                                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rlhf_stages", stage, "--config", str(config)],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = started + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -162,8 +173,10 @@ def _reward_model(workspace: Path) -> tuple[Any, Any]:
     key = f"rm:{workspace}"
     if key not in _CACHE:
         path = run_dir(workspace, BASE_RUN) / "reward" / "model"
-        _CACHE[key] = (AutoModelForSequenceClassification.from_pretrained(path).eval(),
-                       AutoTokenizer.from_pretrained(path))
+        _CACHE[key] = (
+            AutoModelForSequenceClassification.from_pretrained(path).eval(),
+            AutoTokenizer.from_pretrained(path),
+        )
     return _CACHE[key]
 
 
@@ -190,24 +203,37 @@ def evaluate(workspace: Path, stage_dir: Path | None) -> Evaluation:
     policy, tokenizer = load_policy(workspace, stage_dir)
     reward_model, reward_tokenizer = _reward_model(workspace)
     summary = evaluate_policy(
-        policy, tokenizer, load_prompts(workspace / "assets" / "data" / "eval_prompts.jsonl"),
-        reward_model=reward_model, reward_tokenizer=reward_tokenizer, max_new_tokens=EVAL_MAX_NEW_TOKENS,
-        seed=EVAL_SEED, samples_per_prompt=EVAL_SAMPLES_PER_PROMPT,
+        policy,
+        tokenizer,
+        load_prompts(workspace / "assets" / "data" / "eval_prompts.jsonl"),
+        reward_model=reward_model,
+        reward_tokenizer=reward_tokenizer,
+        max_new_tokens=EVAL_MAX_NEW_TOKENS,
+        seed=EVAL_SEED,
+        samples_per_prompt=EVAL_SAMPLES_PER_PROMPT,
     )
     failures = summary["failure_rates"]
-    return Evaluation(summary["reward_mean"], summary["target_rate"], summary["ground_truth_mean"],
-                      failures.get("not_positive", 0.0), failures.get("off_topic", 0.0), summary["eos_rate"],
-                      {k: summary[k] for k in ("failure_rates", "mean_length_words", "samples")})
+    return Evaluation(
+        summary["reward_mean"],
+        summary["target_rate"],
+        summary["ground_truth_mean"],
+        failures.get("not_positive", 0.0),
+        failures.get("off_topic", 0.0),
+        summary["eos_rate"],
+        {k: summary[k] for k in ("failure_rates", "mean_length_words", "samples")},
+    )
 
 
 def summary_line(name: str, sft: Evaluation, run: MethodRun) -> str:
     e = run.evaluation
-    return (f"{name} seed {run.seed}: reward {sft.reward_mean:.3f} -> {e.reward_mean:.3f}, target rate "
-            f"{sft.target_rate:.3f} -> {e.target_rate:.3f}, ground truth {sft.ground_truth_mean:.3f} -> "
-            f"{e.ground_truth_mean:.3f}, not positive {sft.not_positive_rate:.3f} -> {e.not_positive_rate:.3f}, "
-            f"off topic {sft.off_topic_rate:.3f} -> {e.off_topic_rate:.3f}, eos {e.eos_rate:.3f}, "
-            f"{run.stage.seconds:.0f} s, peak RSS {run.stage.peak_rss_mib:.0f} MiB, "
-            f"metrics {run.stage.result['metrics']}")
+    return (
+        f"{name} seed {run.seed}: reward {sft.reward_mean:.3f} -> {e.reward_mean:.3f}, target rate "
+        f"{sft.target_rate:.3f} -> {e.target_rate:.3f}, ground truth {sft.ground_truth_mean:.3f} -> "
+        f"{e.ground_truth_mean:.3f}, not positive {sft.not_positive_rate:.3f} -> {e.not_positive_rate:.3f}, "
+        f"off topic {sft.off_topic_rate:.3f} -> {e.off_topic_rate:.3f}, eos {e.eos_rate:.3f}, "
+        f"{run.stage.seconds:.0f} s, peak RSS {run.stage.peak_rss_mib:.0f} MiB, "
+        f"metrics {run.stage.result['metrics']}"
+    )
 
 
 def sft_evaluation(workspace: Path) -> Evaluation:
@@ -225,8 +251,15 @@ class MethodRun:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_method(workspace: Path, method: str, stage: str, seed: int, changes: dict[str, Any] | None = None, *,
-               before: tuple[str, ...] = ()) -> MethodRun:
+def run_method(
+    workspace: Path,
+    method: str,
+    stage: str,
+    seed: int,
+    changes: dict[str, Any] | None = None,
+    *,
+    before: tuple[str, ...] = (),
+) -> MethodRun:
     """Run ``stage`` of examples/tiny-<method>.yaml (plus ``changes``) for one seed and evaluate it.
 
     ``before`` are stages of the method's own to run first in the same run (e.g. rlaif before dpo).

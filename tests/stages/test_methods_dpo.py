@@ -45,8 +45,9 @@ def test_dpo_beats_sft_on_held_out_prompts(volume: Path, dpo_runs: list[Any]) ->
         assert e.not_positive_rate < sft.not_positive_rate - 0.15, (r.seed, e, sft)
         assert e.eos_rate >= 0.9
     # ... and more answers meeting the whole target (naming the unseen topic is the limiting part).
-    mean = {k: sum(getattr(r.evaluation, k) for r in dpo_runs) / len(dpo_runs)
-            for k in ("target_rate", "ground_truth_mean")}
+    mean = {
+        k: sum(getattr(r.evaluation, k) for r in dpo_runs) / len(dpo_runs) for k in ("target_rate", "ground_truth_mean")
+    }
     assert mean["target_rate"] > sft.target_rate, mean
     assert mean["ground_truth_mean"] > sft.ground_truth_mean, mean
 
@@ -68,8 +69,14 @@ def test_dpo_metrics_and_output(volume: Path, dpo_runs: list[Any]) -> None:
 def test_dpo_with_lora_uses_the_disabled_adapter_as_reference(volume: Path) -> None:
     """The default (LoRA): a few steps of the hinge variant leave an adapter that merge can fold in."""
     ensure_base(volume)
-    changes = {"dpo": {"lora": {"enabled": True, "r": 4, "alpha": 8}, "beta": 0.2, "lossType": "hinge",
-                       "training": {"maxSteps": 3, "learningRate": 1e-3}}}
+    changes = {
+        "dpo": {
+            "lora": {"enabled": True, "r": 4, "alpha": 8},
+            "beta": 0.2,
+            "lossType": "hinge",
+            "training": {"maxSteps": 3, "learningRate": 1e-3},
+        }
+    }
     r = run_method(volume, "DPO", "dpo", 99, changes)
     stage_dir = run_dir(volume, "dpo-dpo-s99") / "dpo"
     assert (stage_dir / "adapter" / "adapter_config.json").is_file()

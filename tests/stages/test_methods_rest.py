@@ -82,8 +82,10 @@ def test_rest_resumes_after_sigterm_from_its_last_improve_step(volume: Path) -> 
     ensure_base(volume)
     run = "rest-resume"
     link_base(volume, run)
-    spec = merge_into(example_spec("ReST"), {"rest": {"dataset": {"maxSamples": 48}, "growSteps": 2,
-                                                       "training": {"perDeviceTrainBatchSize": 4}}})
+    spec = merge_into(
+        example_spec("ReST"),
+        {"rest": {"dataset": {"maxSamples": 48}, "growSteps": 2, "training": {"perDeviceTrainBatchSize": 4}}},
+    )
     config = volume / "configs" / f"{run}-rest.yaml"
     config.write_text(yaml.safe_dump({"stage": "rest", "run": {"name": run}, "workspace": str(volume), "spec": spec}))
     env = {**os.environ, "PYTHONPATH": PYTHON_PATH, "RLHF_TERMINATION_LOG": str(volume / "configs" / f"{run}.json")}

@@ -45,14 +45,20 @@ def test_raises_the_reward_model_score_on_held_out_prompts(volume: Path, runs: l
     assert sum(r.evaluation.reward_mean for r in runs) / len(runs) > sft.reward_mean + 1.0
 
 
-@pytest.mark.xfail(strict=False, reason="reward hacking: the tiny reward model scores any answer without a negative "
-                   "word near its maximum, and the policy learns to drop sentiment words (docs/methods.md)")
+@pytest.mark.xfail(
+    strict=False,
+    reason="reward hacking: the tiny reward model scores any answer without a negative "
+    "word near its maximum, and the policy learns to drop sentiment words (docs/methods.md)",
+)
 def test_improves_the_ground_truth(volume: Path, runs: list[Any]) -> None:
     sft = sft_evaluation(volume)
     mean_target = sum(r.evaluation.target_rate for r in runs) / len(runs)
     mean_positive_failures = sum(r.evaluation.not_positive_rate for r in runs) / len(runs)
     assert mean_target > sft.target_rate and mean_positive_failures < sft.not_positive_rate, (
-        mean_target, mean_positive_failures, sft)
+        mean_target,
+        mean_positive_failures,
+        sft,
+    )
 
 
 def test_metrics_and_output(volume: Path, runs: list[Any]) -> None:
