@@ -21,9 +21,9 @@ help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 $(VENV)/.complete: $(LOCKS)
-	@echo "creating $(VENV) (first run only)"
-	rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
+	@echo "preparing $(VENV) (installs only on first use or when a lock file changes)"
+	@# Never delete a venv in place: other processes (a running demo, a test) may be using it.
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(addprefix -r ,$(LOCKS))
 	touch $@
