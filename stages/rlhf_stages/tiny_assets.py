@@ -186,13 +186,16 @@ MIXED_TEMPLATE = "the {topic} is {a} but {b} and {c}."  # 1 positive < 2 negativ
 # negative answers dominate; the rest are hard negatives that stop a reward
 # model from rewarding surface features (length, a positive word, repetition).
 REJECTED_KIND_WEIGHTS: dict[str, float] = {
-    "negative": 0.25,
+    "negative": 0.18,
+    # The sentiment words deleted: PPO found a reward model that had learned "no negative word"
+    # instead of "a positive word" ("the west castle is very this morning." scored above correct).
+    "neutral": 0.10,
     "mixed": 0.08,
     "truncated": 0.10,
     "empty": 0.06,
     "off_topic": 0.12,
     "no_topic": 0.08,
-    "repetitive": 0.15,
+    "repetitive": 0.12,
     # Broken text built from the chosen answer's own words: PPO found that a reward model which
     # never saw such text scored "people say the my view the the evening." above a correct answer.
     "stutter": 0.06,
@@ -348,6 +351,10 @@ def make_rejected(rng: random.Random, topic: str, kind: str, topics: Sequence[st
             return " ".join([sentence] * rng.randint(3, 4))
         words = _pick_words(rng, POSITIVE_WORDS, 2)  # alternating pair
         return " ".join(words * rng.randint(3, 5)) + "."
+    if kind == "neutral":
+        words = make_response(rng, topic, positive=True).rstrip(".").replace(",", "").split()
+        kept = [w for w in words if w not in POSITIVE_WORDS]
+        return " ".join(kept) + "."
     if kind == "stutter":
         # A correct answer with one word said twice in a row.
         words = make_response(rng, topic, positive=True).rstrip(".").split()

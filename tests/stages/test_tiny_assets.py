@@ -252,6 +252,7 @@ def test_chosen_meets_target_and_every_rejected_kind_fails(assets: TinyAssets) -
         "no_topic": "off_topic",
         "repetitive": "repetitive",
         "stutter": "repetitive",
+        "neutral": "not_positive",
         "salad": "off_topic",
     }
     for row in rows:
