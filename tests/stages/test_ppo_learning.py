@@ -4,9 +4,9 @@ Both signals are checked on the HELD-OUT prompts (topics no training file contai
 model's score (what PPO optimised, EOS included, missing-EOS penalty applied as in training) and
 the ground-truth target check (which a policy cannot game the way it can game a reward model).
 
-Margins: measured over seeds 0, 1, 2 (see ``MEASURED``) and asserted with room below the worst
-seed. The test runs seed 0 with one process and with two (gloo) data-parallel processes; set
-``RLHF_PPO_TEST_SEEDS=0,1,2`` to run every seed.
+Margins: asserted for every PPO seed (0, 1, 2) on one SFT policy and reward model trained with
+examples/tiny.yaml's settings (an SFT policy trained less never names an unseen topic, leaving the
+ground truth nothing to gain). Seed 0 also runs with two data-parallel (gloo) processes.
 """
 
 from __future__ import annotations
@@ -21,23 +21,20 @@ import pytest
 
 from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
 
-pytestmark = pytest.mark.training
+# The module fixture trains the tiny SFT and reward models before the first test.
+pytestmark = [pytest.mark.training, pytest.mark.timeout(2400)]
 
 RUN = "ppo-learning"
-SHARED_RUN = "pipeline"  # test_pipeline.py trains the same SFT and reward models; reused when present
-# As test_pipeline.py: fewer SFT/reward steps than examples/tiny.yaml, enough to learn the task.
-SFT = {"training": {"maxSteps": 150, "saveSteps": 50, "loggingSteps": 25}}
-REWARD = {"promptTemplate": "{prompt}", "training": {"maxSteps": 150, "saveSteps": 1000, "loggingSteps": 25}}
-SEEDS = [int(s) for s in os.environ.get("RLHF_PPO_TEST_SEEDS", "0").split(",")]
+# examples/tiny.yaml's own SFT and reward settings.
+SFT: dict[str, Any] = {}
+REWARD: dict[str, Any] = {}
+SEEDS = [int(s) for s in os.environ.get("RLHF_PPO_TEST_SEEDS", "0,1,2").split(",")]
 EVAL_SAMPLES = 4  # per held-out prompt: 64 prompts x 4
 
-# Held-out gains (PPO - SFT), seed 0 only so far (heavily shared 2-core machine):
-#   this test's SFT/reward (150 steps): reward -0.78 -> +2.17 (1 process), +2.15 (2 processes);
-#     target rate 0.00 -> 0.00: this SFT policy never names an unseen topic, so nothing to gain;
-#   examples/tiny.yaml's SFT/reward: reward -2.28 -> +2.54, target rate 0.08 -> 0.00 (reward hacking:
-#     the reward model rates garbled answers like "people say the very quiet the evening." highest).
-# The reward gain is asserted; the ground-truth gain is reported as an expected failure until fixed.
-MIN_REWARD_GAIN = 1.0
+# Held-out gains (PPO - SFT) measured with the quickstart (make demo, seed 42, neutral and garbled
+# hard negatives in the pairs): reward -0.96 -> +0.34, target rate 0.39 -> 0.57. Earlier reward
+# models without those negatives were gamed ("the west castle is very this morning.").
+MIN_REWARD_GAIN = 0.5
 MIN_TARGET_GAIN = 0.05
 
 
@@ -47,10 +44,6 @@ def prerequisites(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     spec = tiny_spec(sft=SFT, reward=REWARD)
     logs = tmp_path_factory.mktemp("ppo-prereq")
     for stage in ("sft", "reward"):
-        shared = run_dir(workspace, SHARED_RUN) / stage
-        mine = run_dir(workspace, RUN) / stage
-        if not mine.exists() and (shared / "manifest.json").is_file():
-            shutil.copytree(shared, mine)
         code, out = run_stage(stage, write_invocation(workspace, stage, RUN, spec), logs / f"{stage}.json", timeout=900)
         assert code == 0, out[-3000:]
     return {"spec": spec}
@@ -128,5 +121,5 @@ def test_ppo_policy_beats_sft_on_held_out_prompts(
     (workspace / f"ppo-learning-{seed}-{nproc}.json").write_text(json.dumps(report, indent=1))
     assert after["reward"] - before["reward"] >= MIN_REWARD_GAIN, report
     assert after["eos_rate"] >= 0.9, report  # no endless repetition
-    if after["target_rate"] - before["target_rate"] < MIN_TARGET_GAIN:
-        pytest.xfail(f"reward hacking: the ground-truth target rate did not improve: {report}")
+    # The check a policy cannot game the way it can game a reward model.
+    assert after["target_rate"] - before["target_rate"] >= MIN_TARGET_GAIN, report
