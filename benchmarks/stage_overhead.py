@@ -70,8 +70,12 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
     volume = workdir / "volume"
     env = stage_env(workdir / "result.json")
-    subprocess.run([sys.executable, "-m", "rlhf_stages.tiny_assets", "--out", str(volume / "assets")],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "rlhf_stages.tiny_assets", "--out", str(volume / "assets")],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     run = RLHFRun.model_validate(yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text()))
 
     print("stage    wall_s  peak_rss_MiB  (examples/tiny.yaml, one process per stage)")
@@ -81,8 +85,10 @@ def main() -> int:
         print(f"{stage:<8} {seconds:6.1f}  {rss:12.0f}  exit {code}")
 
     # Overhead: the same SFT budget through our entrypoint and through the plain script.
-    spec = run.spec.model_copy(update={"sft": run.spec.sft.model_copy(update={  # type: ignore[union-attr]
-        "training": run.spec.sft.training.model_copy(update={"max_steps": args.sft_steps})})})  # type: ignore[union-attr]
+    sft = run.spec.sft
+    assert sft is not None, "examples/tiny.yaml has an sft section"
+    shortened = sft.model_copy(update={"training": sft.training.model_copy(update={"max_steps": args.sft_steps})})
+    spec = run.spec.model_copy(update={"sft": shortened})
     ours, plain = [], []
     script = workdir / "plain_sft.py"
     script.write_text(PLAIN_SFT)
@@ -92,10 +98,14 @@ def main() -> int:
         config = write_invocation(bench_run, "sft", volume, workdir, "default")
         ours.append(timed([sys.executable, "-m", "rlhf_stages", "sft", "--config", str(config)], env)[0])
         out = workdir / f"plain-{repeat}"
-        plain.append(timed([sys.executable, str(script), str(volume / "assets"), str(out), str(args.sft_steps)], env)[0])
+        plain.append(
+            timed([sys.executable, str(script), str(volume / "assets"), str(out), str(args.sft_steps)], env)[0]
+        )
     ratio = min(ours) / min(plain)
-    print(f"\nSFT {args.sft_steps} steps, best of {args.repeats}: entrypoint {min(ours):.1f}s, "
-          f"plain TRL script {min(plain):.1f}s, ratio {ratio:.3f} (goal <= 1.05)")
+    print(
+        f"\nSFT {args.sft_steps} steps, best of {args.repeats}: entrypoint {min(ours):.1f}s, "
+        f"plain TRL script {min(plain):.1f}s, ratio {ratio:.3f} (goal <= 1.05)"
+    )
     print(json.dumps({"ours_s": ours, "plain_s": plain, "ratio_best": ratio}))
     return 0
 
