@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from rlhf_operator.api import TrainingSettings
 
+from .checkpoints import STEP_DELAY_ENV
 from .context import StageContext
 
 
@@ -99,6 +102,7 @@ def improve(
     epochs = max(1, math.ceil(t.num_train_epochs))
     total = min(t.max_steps, steps_per_epoch * epochs) if t.max_steps else steps_per_epoch * epochs
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     policy.train()
     step, last_losses = 0, list[float]()
     while step < total:
@@ -121,5 +125,7 @@ def improve(
             optimizer.step()
             last_losses.append(float(loss.detach()))
             step += 1
+            if delay:  # debug knob shared with the Trainer stages (checkpoints.STEP_DELAY_ENV): tests only
+                time.sleep(delay)
     policy.eval()
     return (sum(last_losses) / len(last_losses) if last_losses else None), False

