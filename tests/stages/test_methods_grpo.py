@@ -45,23 +45,6 @@ def test_raises_the_reward_model_score_on_held_out_prompts(volume: Path, runs: l
         assert r.evaluation.eos_rate >= 0.9, (r.seed, r.evaluation)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="reward hacking on assets whose reward model never saw neutral answers as rejected: it scores any "
-    "answer without a negative word near its maximum and the policy learns to drop sentiment words "
-    "(docs/methods.md); with the neutral hard negatives of the current tiny assets it passes",
-)
-def test_improves_the_ground_truth(volume: Path, runs: list[Any]) -> None:
-    sft = sft_evaluation(volume)
-    mean_target = sum(r.evaluation.target_rate for r in runs) / len(runs)
-    mean_positive_failures = sum(r.evaluation.not_positive_rate for r in runs) / len(runs)
-    assert mean_target > sft.target_rate and mean_positive_failures < sft.not_positive_rate, (
-        mean_target,
-        mean_positive_failures,
-        sft,
-    )
-
-
 def test_metrics_and_output(volume: Path, runs: list[Any]) -> None:
     for r in runs:
         metrics = r.stage.result["metrics"]
