@@ -81,6 +81,8 @@ def test_failing_stage_exhausts_retries_then_retry_resumes(env: Env) -> None:
     # Retry from the failed stage once the cause is fixed.
     env.fake_behaviour({})
     env.kubectl("annotate", "rlhfrun", "tiny", "rlhf-operator.io/retry=1")
+    # The run is still Failed until the operator acts on the annotation; only then can it succeed.
+    env.wait_for("retry taken up", lambda: (env.run("tiny").get("status") or {}).get("retryToken") == "1", 60)
     run = env.wait_phase("tiny", "Succeeded", timeout=90)
     assert env.starts("tiny") == ["sft 0", "reward 0", "reward 0", "reward 0", "ppo 0", "merge 0"]
     assert run["status"]["retryToken"] == "1"
