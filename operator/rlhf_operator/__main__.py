@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import handlers  # noqa: F401  (registers the handlers)
     from .controller import Controller
+    from .defaults import OperatorDefaults
     from .executor import Cluster
     from .health import Health, serve
     from .leader import LeaseElector
@@ -84,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             on_lost=lambda: os._exit(1),  # a leader that cannot renew must stop acting now
         )
     controller = Controller(
-        Cluster(api_client, args.identity), metrics, health, elector, args.namespaces, args.resync, args.workers
+        Cluster(api_client, args.identity),
+        metrics,
+        health,
+        elector,
+        args.namespaces,
+        args.resync,
+        args.workers,
+        defaults=OperatorDefaults.from_env(),
     )
     kopf.run(
         standalone=True,  # one actor is guaranteed by the Lease, not by kopf peering

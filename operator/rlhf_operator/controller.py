@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .defaults import OperatorDefaults
 from .executor import Cluster
 from .health import Health
 from .leader import LeaseElector
@@ -28,6 +29,7 @@ class Controller:
         namespaces: list[str] | None = None,
         resync_seconds: float = 30.0,
         workers: int = 4,
+        defaults: OperatorDefaults | None = None,
     ) -> None:
         self.cluster = cluster
         self.metrics = metrics
@@ -35,7 +37,7 @@ class Controller:
         self.elector = elector
         self.namespaces = namespaces or []
         self.resync_seconds = resync_seconds
-        self.reconciler = Reconciler(cluster, metrics)
+        self.reconciler = Reconciler(cluster, metrics, defaults=defaults)
         self.queue = WorkQueue(self._process, workers=workers)
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from .actions import PostEvent
 from .api.run import RLHFRunSpec, RLHFRunStatus
+from .defaults import OperatorDefaults
 from .executor import Cluster
 from .metrics import Metrics
 from .observe import observe
@@ -27,9 +28,16 @@ log = logging.getLogger(__name__)
 
 
 class Reconciler:
-    def __init__(self, cluster: Cluster, metrics: Metrics, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        metrics: Metrics,
+        clock: Callable[[], datetime] | None = None,
+        defaults: OperatorDefaults | None = None,
+    ) -> None:
         self.cluster = cluster
         self.metrics = metrics
+        self.defaults = defaults or OperatorDefaults()
         self.clock = clock or (lambda: datetime.now(UTC))
 
     def reconcile(self, namespace: str, name: str) -> bool:
@@ -74,8 +82,7 @@ class Reconciler:
         self.metrics.run_phase(namespace, name, result.status.phase)
         return result.status.phase not in ("Succeeded", "Failed")
 
-    @staticmethod
-    def _view(body: dict[str, Any]) -> RunView:
+    def _view(self, body: dict[str, Any]) -> RunView:
         meta = body["metadata"]
         try:
             spec = RLHFRunSpec.model_validate(body.get("spec") or {}, strict=False)
@@ -90,7 +97,7 @@ class Reconciler:
             namespace=meta["namespace"],
             uid=meta["uid"],
             generation=int(meta.get("generation") or 1),
-            spec=spec,
+            spec=self.defaults.apply(spec),
             status=RLHFRunStatus.model_validate(status, strict=False) if status else None,
             annotations=dict(meta.get("annotations") or {}),
         )
