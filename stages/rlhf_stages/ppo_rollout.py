@@ -14,27 +14,6 @@ from typing import Any
 import torch
 from torch.nn import functional
 
-# generate() arguments the rollout itself controls; generation.extra may not override them because
-# the PPO math depends on them (one sample per prompt, sampled, with the sampled length budget).
-RESERVED_GENERATION_KEYS = frozenset(
-    {
-        "max_new_tokens",
-        "max_length",
-        "min_length",
-        "num_return_sequences",
-        "do_sample",
-        "num_beams",
-        "temperature",
-        "top_k",
-        "top_p",
-        "return_dict_in_generate",
-        "output_scores",
-        "output_logits",
-        "eos_token_id",
-        "pad_token_id",
-    }
-)
-
 
 @dataclass(frozen=True)
 class Rollout:
