@@ -148,10 +148,16 @@ def test_deletion_mid_run_cleans_up(env: Env) -> None:
         lambda: not any(env.items(kind, "rlhf-operator.io/run=tiny") for kind in ("jobs", "configmaps", "pvc", "pods")),
         timeout=90,
     )
+    # On SIGTERM the stage writes its progress one last time; after that the step must stay put
+    # (a process still training at 0.2 s a step would never hold still for 2 s).
     progress = env.run_dir("tiny") / "ppo.progress.json"
-    step = json.loads(progress.read_text())["step"]
-    time.sleep(2)
-    assert json.loads(progress.read_text())["step"] == step, "the stage process still runs"
+
+    def stopped() -> bool:
+        step = json.loads(progress.read_text())["step"]
+        time.sleep(2)
+        return bool(json.loads(progress.read_text())["step"] == step)
+
+    env.wait_for("the stage process to stop", stopped, timeout=30)
 
 
 INVALID = [
