@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,8 +48,9 @@ def _wait_for_openapi(plane: controlplane.ControlPlane) -> None:
 @pytest.fixture
 def namespace(control_plane: controlplane.ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace per test (never deleted: there is no namespace controller to finalize it)."""
-    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
-    name = f"{name}-{os.getpid() % 10000}-{abs(hash(request.node.nodeid)) % 10000}"
+    # Unique by construction: parametrized cases share their first 40 characters.
+    prefix = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"t-{prefix}-{uuid.uuid4().hex[:8]}"
     control_plane.kubectl("create", "namespace", name)
     yield name
 
