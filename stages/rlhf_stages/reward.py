@@ -3,6 +3,7 @@
 Base: ``reward.model`` when set (e.g. a DeBERTa-style encoder), else this run's SFT output, else
 the base model; loaded as ``AutoModelForSequenceClassification`` with one label and a pad token.
 
+Pairs: ``reward.dataset``, or under method RLAIF the rlaif stage's labelled pairs.
 Texts: with a ``prompt`` column (or whatever ``promptTemplate`` reads) the scored text is
 ``render(promptTemplate) + chosen``; without one, ``chosen``/``rejected`` are whole transcripts
 (hh-rlhf). Every text is tokenized with the tokenizer's own special tokens and, when the tokenizer
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_operator.api import layout
 
-from . import data, models
+from . import data, method_common, models
 from .context import StageConfigError, StageContext, StageInputMissing, StageOutcome
 from .outputs import completed_manifest
 
@@ -41,7 +42,7 @@ def base_location(ctx: StageContext) -> models.ModelLocation:
 
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
-    data.check_source(ctx, cfg.dataset, "reward.dataset")
+    method_common.check_pairs_input(ctx)
     models.check_quantization(cfg.quantization, "reward", cfg.resources.gpus)
     on_sft = cfg.model is None and layout.policy_base(ctx.spec, ctx.stage, ctx.invocation.run_dir) is not None
     if on_sft and completed_manifest(ctx.stage_output_of("sft")) is None:
@@ -118,7 +119,7 @@ def pair_metrics(model: Any, pairs: Dataset, pad_id: int, batch_size: int) -> di
 
 
 def run(ctx: StageContext) -> StageOutcome:
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
     from .checkpoints import StageCallback
@@ -128,14 +129,18 @@ def run(ctx: StageContext) -> StageOutcome:
     base = base_location(ctx)
     tokenizer = models.load_tokenizer(base)
 
-    rows = data.load_rows(ctx, cfg.dataset, t.seed)
-    train_rows, eval_rows = data.split_eval(pair_texts(rows, cfg.prompt_template), cfg.dataset.eval_fraction, t.seed)
+    source, template = method_common.pairs_source(ctx)
+    rows = data.load_rows(ctx, source, t.seed)
+    train_rows, eval_rows = data.split_eval(pair_texts(rows, template), source.eval_fraction, t.seed)
     train_ds, dropped = tokenize_pairs(train_rows, tokenizer, cfg.max_length)
     eval_ds, eval_dropped = tokenize_pairs(eval_rows, tokenizer, cfg.max_length) if eval_rows else (None, 0)
     if len(train_ds) == 0:
         raise StageConfigError(f"reward.maxLength: every pair is longer than {cfg.max_length} tokens")
 
     dtype = models.training_dtype(t.bf16, t.fp16)
+    # The score head is freshly initialised from torch's global RNG while loading (the Trainer only
+    # seeds later): without this, identical runs train different reward models.
+    set_seed(t.seed)
     model = models.load_model(
         base,
         AutoModelForSequenceClassification,
@@ -176,7 +181,7 @@ def run(ctx: StageContext) -> StageOutcome:
         total_steps=trainer.state.max_steps,
         inputs={
             "model": base.label,
-            "dataset": data.source_summary(ctx, cfg.dataset),
+            "dataset": data.source_summary(ctx, source),
             "trainPairs": len(train_ds),
             "evalPairs": len(eval_ds) if eval_ds is not None else 0,
             "droppedTooLong": dropped + eval_dropped,
