@@ -8,16 +8,21 @@ resets startTime), backoffLimit (``BackoffLimitExceeded``), activeDeadlineSecond
 (``DeadlineExceeded``), podFailurePolicy (FailJob on exit codes: ``PodFailurePolicy``),
 ttlSecondsAfterFinished, and the conditions FailureTarget/Failed, SuccessCriteriaMet/Complete,
 Suspended. It also plays the progress reporter: it copies a running stage's progress file into the
-Pod's ``rlhf-operator.io/progress`` annotation (see docs/operator.md).
+Pod's ``rlhf-operator.io/progress`` annotation (see docs/operator.md). On SIGTERM or SIGINT it stops
+like a node going away: its running containers get SIGTERM, then SIGKILL after ``--grace-seconds``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import secrets
+import signal
 import string
+import subprocess
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -115,6 +120,26 @@ class DevJobController:
             except Exception:
                 log.exception("sync failed")
             time.sleep(poll)
+
+    def shutdown(self) -> None:
+        """The node going away: SIGTERM every running container, SIGKILL what outlives the grace period.
+
+        Containers run in their own sessions, so without this they would outlive the executor.
+        """
+        procs = [proc for proc in self.procs.values() if proc.poll() is None]
+        self.procs.clear()
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_seconds
+        for proc in procs:
+            try:
+                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+            log.info("stopped pod %s/%s (exit %s)", proc.namespace, proc.pod, proc.popen.returncode)
 
     def sync_all(self) -> None:
         selector = f"{LABEL_MANAGED_BY}={MANAGER}"
@@ -398,8 +423,21 @@ def main(argv: list[str] | None = None) -> int:
         args.grace_seconds,
         args.namespace,
     )
-    controller.run_forever(args.poll)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        controller.run_forever(args.poll)
+    except KeyboardInterrupt:
+        log.info("stopping: terminating %d running pod(s)", len(controller.procs))
+    finally:
+        # A second signal must not cut the shutdown short: the containers would be left running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        controller.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
