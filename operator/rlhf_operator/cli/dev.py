@@ -2,13 +2,15 @@
 
 Starts the real control plane (etcd, kube-apiserver, the garbage collector; built from source and
 cached on first use), installs the CRD, then runs the operator and the dev Job executor (which
-runs stage Jobs as local processes, the volume a local directory). Ctrl-C stops everything.
+runs stage Jobs as local processes, the volume a local directory). Ctrl-C (or SIGTERM) stops
+everything, running stages included, and exits 0; exit 1 means a component died on its own.
 Development only: the executor is a stand-in for the Job controller and kubelet.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
@@ -35,41 +37,101 @@ def add_arguments(_: str, parser: argparse.ArgumentParser) -> None:
         help="build the tiny model and data into the volume's assets/ (for examples/tiny.yaml)",
     )
     parser.add_argument("--python", default=sys.executable, help="interpreter for the operator and stages")
-
-
-def _spawn(python: str, module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [python, "-m", module, *args],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env=stage_env(log.with_suffix(".result.json")),
+    parser.add_argument(
+        "--stage-python-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="tests only: put DIR first on the stages' PYTHONPATH (e.g. fake stages); repeatable",
     )
 
 
+GRACE_SECONDS = 20.0  # a running stage's time to checkpoint after SIGTERM, as a pod's grace period
+
+
+def _spawn(python: str, module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [python, "-m", module, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=stage_env(log.with_suffix(".result.json")),
+        )
+
+
+def _wait_established(plane: controlplane.ControlPlane, crd: str) -> None:
+    # `kubectl wait` errors out (instead of waiting) while a new CRD has no status.conditions yet.
+    deadline = time.monotonic() + 60
+    while True:
+        out = plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", crd, check=False)
+        if out.startswith("customresourcedefinition"):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{crd} never became Established: {out}")
+        time.sleep(0.5)
+
+
+_received: list[int] = []
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    if _received[:1] == [signal.SIGINT]:
+        # Ctrl-C in a terminal reaches the whole foreground process group: the operator and the
+        # executor are stopping already, and a second signal makes kopf log a spurious error.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+            time.sleep(0.1)
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in processes:  # the executor gives running stages GRACE_SECONDS to checkpoint
+        try:
+            proc.wait(timeout=GRACE_SECONDS + 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run(args: Any) -> int:
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly as on Ctrl-C
     workdir = args.workdir.resolve()
     volume, logs = workdir / "volume", workdir / "logs"
     volume.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     if args.tiny_assets and not (volume / "assets" / "base-model").exists():
-        print("building tiny assets ...")
+        print("building tiny assets ...", flush=True)
         subprocess.run(
             [args.python, "-m", "rlhf_stages.tiny_assets", "--out", str(volume / "assets")],
             check=True,
             env=stage_env(logs / "assets.result.json"),
         )
-    print("starting etcd and kube-apiserver (the first start builds them from source: ~10 min) ...")
+    print("starting etcd and kube-apiserver (the first start builds them from source: ~10 min) ...", flush=True)
     plane = controlplane.start(workdir / "controlplane")
     processes: list[subprocess.Popen[bytes]] = []
     try:
         plane.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/rlhfruns.rlhf-operator.io")
+        _wait_established(plane, "crd/rlhfruns.rlhf-operator.io")
         kubeconfig = plane.kubeconfig(path=workdir / "kubeconfig")
         processes.append(
             _spawn(
                 args.python,
                 "rlhf_operator",
-                ["run", "--kubeconfig", str(kubeconfig), "--no-leader-election", "--health-port", "0"],
+                [
+                    "run",
+                    "--kubeconfig",
+                    str(kubeconfig),
+                    "--no-leader-election",
+                    "--health-host",
+                    "127.0.0.1",
+                    "--health-port",
+                    "0",
+                ],
                 logs / "operator.log",
             )
         )
@@ -77,7 +139,17 @@ def run(args: Any) -> int:
             _spawn(
                 args.python,
                 "rlhf_operator.dev.executor",
-                ["--kubeconfig", str(kubeconfig), "--volume-dir", str(volume)],
+                [
+                    "--kubeconfig",
+                    str(kubeconfig),
+                    "--volume-dir",
+                    str(volume),
+                    "--work-dir",
+                    str(workdir / "pods"),
+                    "--grace-seconds",
+                    str(GRACE_SECONDS),
+                    *(f"--python-path={Path(path).resolve()}" for path in args.stage_python_path),
+                ],
                 logs / "executor.log",
             )
         )
@@ -87,7 +159,8 @@ def run(args: Any) -> int:
             f"  kubectl apply -f examples/tiny.yaml      # needs --tiny-assets on this command\n"
             f"  kubectl get rlhfrun -w\n"
             f"kubectl: {plane.bin_dir / 'kubectl'}   volume: {volume}   logs: {logs}\n"
-            f"Ctrl-C stops everything."
+            f"Ctrl-C stops everything.",
+            flush=True,
         )
         while all(p.poll() is None for p in processes):
             time.sleep(1)
@@ -96,11 +169,9 @@ def run(args: Any) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for proc in processes:
-            proc.terminate()
-        for proc in processes:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        # A second Ctrl-C must not cut this short: etcd, the API server and stages would be left running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("stopping ...", file=sys.stderr, flush=True)
+        _stop(processes)
         plane.stop()
