@@ -53,6 +53,14 @@ PLAIN_SFT = textwrap.dedent(
 )
 
 
+def timed_ok(cmd: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of a command that must succeed (a failed run would look fast)."""
+    seconds, _, code = timed(cmd, env)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited with {code}")
+    return seconds
+
+
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """Wall seconds, peak RSS (MiB) of the child, and its exit code."""
     start = time.monotonic()
@@ -96,10 +104,10 @@ def main() -> int:
         shutil.rmtree(volume / "runs", ignore_errors=True)
         bench_run = run.model_copy(update={"spec": spec})
         config = write_invocation(bench_run, "sft", volume, workdir, "default")
-        ours.append(timed([sys.executable, "-m", "rlhf_stages", "sft", "--config", str(config)], env)[0])
+        ours.append(timed_ok([sys.executable, "-m", "rlhf_stages", "sft", "--config", str(config)], env))
         out = workdir / f"plain-{repeat}"
         plain.append(
-            timed([sys.executable, str(script), str(volume / "assets"), str(out), str(args.sft_steps)], env)[0]
+            timed_ok([sys.executable, str(script), str(volume / "assets"), str(out), str(args.sft_steps)], env)
         )
     ratio = min(ours) / min(plain)
     print(
