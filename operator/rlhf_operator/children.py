@@ -16,6 +16,8 @@ import yaml
 from .api.layout import (
     CONFIG_FILE_NAME,
     CONFIG_MOUNT_PATH,
+    CONSTITUTION_KEY,
+    CONSTITUTION_MOUNT_PATH,
     NON_RETRYABLE_EXIT_CODES,
     RunRef,
     StageInvocation,
@@ -203,6 +205,16 @@ def pod_failure_policy() -> dict[str, Any]:
     }
 
 
+def _constitution_volume(spec: RLHFRunSpec, stage: str, container: dict[str, Any]) -> list[dict[str, Any]]:
+    """rlaif.constitutionConfigMap, mounted read-only where the rlaif stage reads its principles."""
+    if stage != "rlaif" or spec.rlaif is None or spec.rlaif.constitution_config_map is None:
+        return []
+    container["volumeMounts"].append({"name": "constitution", "mountPath": CONSTITUTION_MOUNT_PATH, "readOnly": True})
+    items = [{"key": CONSTITUTION_KEY, "path": CONSTITUTION_KEY}]
+    source = {"name": spec.rlaif.constitution_config_map, "items": items}
+    return [{"name": "constitution", "configMap": source}]
+
+
 def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
     """The stage's Job. Created suspended when the run is suspended or Kueue is to admit it."""
     runtime = spec.runtime
@@ -236,6 +248,7 @@ def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]
     resources = _resources(spec, stage)
     if resources:
         container["resources"] = resources
+    extra_volumes = _constitution_volume(spec, stage, container)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are the Job's (backoffLimit), so each one is a new, counted pod
         "automountServiceAccountToken": False,  # stages never talk to the API server
@@ -252,6 +265,7 @@ def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]
             {"name": "config", "configMap": {"name": config_map_name(run.name, stage)}},
             {"name": "tmp", "emptyDir": {}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and DataLoader workers need shm
+            *extra_volumes,
         ],
     }
     optional = {

@@ -7,8 +7,10 @@ DPOTrainer loads a frozen copy of the starting model as the reference.
 
 Pairs: ``prompt``/``chosen``/``rejected`` with the prompt rendered by ``promptTemplate`` (the tiny
 data already holds a rendered prompt: use ``promptTemplate: "{prompt}"``), or hh-rlhf transcripts.
-DPOTrainer appends EOS to chosen and rejected, so the policy learns when a good answer *ends*.
-``dataset.evalFraction`` of the pairs are held out.
+Under method RLAIF they are the rlaif stage's labelled pairs (``rlaif/pairs.jsonl``, prompts
+rendered) and ``rlaif.evalFraction`` of them are held out; otherwise ``dpo.dataset`` and its
+``evalFraction``. DPOTrainer appends EOS to chosen and rejected, so the policy learns when a good
+answer *ends*.
 
 Loss: ``beta`` (strength of the implicit KL constraint) and ``lossType`` (sigmoid = DPO, hinge =
 SLiC, ipo, robust/exo_pair with ``labelSmoothing``, bco_pair, sppo_hard, nca_pair).
@@ -36,7 +38,7 @@ EVAL_MAX_NEW_TOKENS = 32
 
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
-    data.check_source(ctx, cfg.dataset, "dpo.dataset")
+    method_common.check_pairs_input(ctx)
     models.check_quantization(cfg.quantization, "dpo", cfg.resources.gpus)
     method_common.check_prompt_template(cfg.prompt_template, "dpo")
     method_common.check_policy_input(ctx)
@@ -53,9 +55,10 @@ def run(ctx: StageContext) -> StageOutcome:
     base = method_common.policy_location(ctx)
     tokenizer = models.load_tokenizer(base)
 
-    rows = data.load_rows(ctx, cfg.dataset, t.seed)
-    pairs = method_common.preference_pairs(rows, cfg.prompt_template, "dpo")
-    train_ds, eval_ds = data.split_eval(pairs, cfg.dataset.eval_fraction, t.seed)
+    source, template = method_common.pairs_source(ctx)
+    rows = data.load_rows(ctx, source, t.seed)
+    pairs = method_common.preference_pairs(rows, template, "dpo")
+    train_ds, eval_ds = data.split_eval(pairs, source.eval_fraction, t.seed)
     if len(train_ds) == 0:
         raise StageConfigError("dpo.dataset: no usable preference pairs")
 
@@ -100,7 +103,7 @@ def run(ctx: StageContext) -> StageOutcome:
         total_steps=trainer.state.max_steps,
         inputs={
             "policy": base.label,
-            "dataset": data.source_summary(ctx, cfg.dataset),
+            "dataset": data.source_summary(ctx, source),
             "trainPairs": len(train_ds),
             "evalPairs": len(eval_ds) if eval_ds is not None else 0,
         },

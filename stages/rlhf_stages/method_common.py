@@ -26,6 +26,8 @@ from .outputs import completed_manifest
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from rlhf_operator.api.sources import DatasetSource
+
 EVAL_PROMPTS_MAX = 128
 
 
@@ -56,6 +58,30 @@ def check_reward_input(ctx: StageContext) -> None:
     if getattr(ctx.config, "reward_model", None) is None and completed_manifest(ctx.stage_output_of("reward")) is None:
         raise StageInputMissing(f"{ctx.stage}: the reward stage's output is not complete (reward/manifest.json)")
     models.check_model_dir(reward_location(ctx), f"{ctx.stage}.rewardModel (or the reward stage's output)")
+
+
+def pairs_source(ctx: StageContext) -> tuple[DatasetSource, str]:
+    """The preference pairs a reward or dpo stage trains on, and the template of their prompts.
+
+    Under method RLAIF: the rlaif stage's labelled pairs (prompts already rendered, held out by
+    ``rlaif.evalFraction``); otherwise the stage's own ``dataset`` and ``promptTemplate``.
+    """
+    from rlhf_operator.api.sources import DatasetSource
+
+    if ctx.spec.method == "RLAIF":
+        path = layout.rlaif_pairs(ctx.invocation.run_dir)
+        fraction = ctx.spec.rlaif.eval_fraction if ctx.spec.rlaif is not None else 0.05
+        return DatasetSource(format="jsonl", path=str(path), eval_fraction=fraction), "{prompt}"
+    return ctx.config.dataset, ctx.config.prompt_template
+
+
+def check_pairs_input(ctx: StageContext) -> None:
+    """Cheap check that the pairs are there: the rlaif stage's complete output, or the dataset."""
+    if ctx.spec.method == "RLAIF":
+        if completed_manifest(ctx.stage_output_of("rlaif")) is None:
+            raise StageInputMissing(f"{ctx.stage}: the rlaif stage's output is not complete (rlaif/manifest.json)")
+        return
+    data.check_source(ctx, ctx.config.dataset, f"{ctx.stage}.dataset")
 
 
 def check_prompt_template(template: str, what: str) -> None:

@@ -601,10 +601,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="seed for data sampling and model init")
     parser.add_argument("--data-only", action="store_true", help="write only the jsonl files")
+    parser.add_argument(
+        "--judge", action="store_true", help="also train the tiny RLAIF judge into OUT/judge (rlhf_stages.tiny_judge)"
+    )
     args = parser.parse_args(argv)
     build = build_tiny_data if args.data_only else build_tiny_assets
     assets = build(args.out, args.seed)
     print(json.dumps({k: str(v) for k, v in vars(assets).items()}, indent=2))
+    if args.judge:
+        from .tiny_judge import build_tiny_judge
+
+        print(json.dumps({"judge": build_tiny_judge(args.out, seed=args.seed)}, indent=2))
     return 0
 
 

@@ -17,6 +17,16 @@ from .builders import EXAMPLES, minimal_run, patched
 
 pytestmark = pytest.mark.controlplane
 
+# A valid RLAIF spec (then PPO): its reward stage trains on the labelled pairs, so it has no dataset.
+RLAIF_SPEC: dict[str, Any] = {
+    "method": "RLAIF",
+    "baseModel": {"name": "facebook/opt-350m"},
+    "sft": {"dataset": {"name": "Open-Orca/OpenOrca"}},
+    "rlaif": {"judge": {"name": "a/judge"}, "constitution": ["Be kind."], "dataset": {"name": "a/prompts"}},
+    "reward": {},
+    "ppo": {"dataset": {"name": "a/prompts"}},
+}
+
 # (case id, dotted path to change, new value, the field the error must name)
 INVALID: list[tuple[str, str, Any, str]] = [
     ("unknown method", "spec.method", "A2C", "method"),
@@ -86,6 +96,21 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("ReST thresholds that fall", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.7, 0.5]}, "thresholds"),
     ("ReST threshold of 1", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.5, 1.0]}, "thresholds"),
     ("DPO unknown loss type", "spec.dpo", {"dataset": {"name": "a/b"}, "lossType": "kto"}, "lossType"),
+    ("reward stage without a dataset", "spec.reward", {"maxLength": 256}, "reward.dataset"),
+    (
+        "RLAIF reward stage given a dataset",
+        "spec",
+        patched(RLAIF_SPEC, "reward", {"dataset": {"name": "a/b"}}),
+        "reward.dataset",
+    ),
+    ("RLAIF without a judge", "spec", patched(RLAIF_SPEC, "rlaif.judge"), "judge"),
+    (
+        "RLAIF judge template without {b}",
+        "spec",
+        patched(RLAIF_SPEC, "rlaif.judgeTemplate", "{constitution} {prompt} A:{a} Better:"),
+        "judgeTemplate",
+    ),
+    ("RLAIF zero pairs per prompt", "spec", patched(RLAIF_SPEC, "rlaif.pairsPerPrompt", 0), "pairsPerPrompt"),
 ]
 
 
@@ -122,6 +147,15 @@ def test_invalid_spec_is_refused_naming_the_field(control_plane, namespace, path
     _, errors = validate_manifest(doc)
     assert errors, "offline validation accepted what the server refused"
     assert any(field in line for line in errors), errors
+
+
+def test_rlaif_spec_without_reward_dataset_is_admitted(control_plane, namespace):
+    doc = {**minimal_run("rlaif-ok"), "spec": RLAIF_SPEC}
+    doc["metadata"]["namespace"] = namespace
+    control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
+    model, errors = validate_manifest(doc)
+    assert errors == [] and model is not None
+    assert model.spec.pipeline() == ("sft", "rlaif", "reward", "ppo", "merge")
 
 
 def test_table_is_large_enough():

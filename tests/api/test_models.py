@@ -73,8 +73,12 @@ def test_wire_form_round_trips():
         ("DPO", {"dpo": {"dataset": {"name": "a/b"}}}, ("sft", "dpo", "merge")),
         ("GRPO", {"grpo": {"dataset": {"name": "a/b"}}}, ("sft", "reward", "grpo", "merge")),
         (
+            # The reward stage trains on the labelled pairs: no dataset of its own.
             "RLAIF",
-            {"rlaif": {"judge": {"name": "a/j"}, "constitution": ["be kind"], "dataset": {"name": "a/b"}}},
+            {
+                "rlaif": {"judge": {"name": "a/j"}, "constitution": ["be kind"], "dataset": {"name": "a/b"}},
+                "reward": {},
+            },
             ("sft", "rlaif", "reward", "ppo", "merge"),
         ),
         (
@@ -86,7 +90,8 @@ def test_wire_form_round_trips():
                     "dataset": {"name": "a/b"},
                     "then": "DPO",
                 },
-                "dpo": {"dataset": {"name": "a/b"}},
+                "reward": None,
+                "dpo": {},
             },
             ("sft", "rlaif", "dpo", "merge"),
         ),
@@ -95,6 +100,7 @@ def test_wire_form_round_trips():
 def test_methods_choose_their_pipeline(method, extra, pipeline):
     doc = patched(minimal_run(), "spec.method", method)
     doc["spec"].update(extra)
+    doc["spec"] = {k: v for k, v in doc["spec"].items() if v is not None}
     model, errors = validate_manifest(doc)
     assert errors == []
     assert model is not None and model.spec.pipeline() == pipeline

@@ -30,6 +30,13 @@ EXIT_CONFIG_ERROR = 2
 EXIT_INPUT_MISSING = 3
 NON_RETRYABLE_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_INPUT_MISSING)
 
+# RLAIF: the labelled pairs the reward or dpo stage trains on, and where a constitution ConfigMap is
+# mounted in the rlaif stage's pod (RLHF_CONSTITUTION_FILE overrides it outside a cluster).
+RLAIF_PAIRS_FILE = "pairs.jsonl"
+CONSTITUTION_MOUNT_PATH = "/etc/rlhf-constitution"
+CONSTITUTION_KEY = "constitution"
+CONSTITUTION_FILE_ENV = "RLHF_CONSTITUTION_FILE"
+
 # Stages that train an adapter (or full weights) on top of the current policy.
 POLICY_STAGES = frozenset({"sft", "ppo", "dpo", "rest", "grpo", "rloo"})
 
@@ -95,6 +102,11 @@ def run_dir(namespace: str, name: str) -> PurePosixPath:
 def stage_output(run: PurePosixPath, stage: str) -> PurePosixPath:
     """A stage's final output directory (appears atomically, complete with its manifest)."""
     return run / stage
+
+
+def rlaif_pairs(run: PurePosixPath) -> PurePosixPath:
+    """The preference pairs the rlaif stage labelled (prompt, chosen, rejected), relative to the volume."""
+    return stage_output(run, "rlaif") / RLAIF_PAIRS_FILE
 
 
 def stage_checkpoints(run: PurePosixPath, stage: str) -> PurePosixPath:

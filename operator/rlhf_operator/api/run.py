@@ -69,6 +69,33 @@ def _method_sections_rule(method: str) -> Rule:
     )
 
 
+def _trained_on_dataset_rule(section: str) -> Rule:
+    """reward and dpo need a dataset when enabled, except under RLAIF (the rlaif stage's pairs)."""
+    return Rule(
+        cel=f"!has(self.{section}) || self.method == 'RLAIF' "
+        f"|| (has(self.{section}.enabled) && !self.{section}.enabled) || has(self.{section}.dataset)",
+        message=f"an enabled {section} stage needs a dataset (or set enabled: false); "
+        "only method RLAIF trains it on the pairs its rlaif stage labels",
+        field_path=f".{section}.dataset",
+        check=lambda s: (
+            getattr(s, section) is None
+            or s.method == "RLAIF"
+            or not getattr(s, section).enabled
+            or getattr(s, section).dataset is not None
+        ),
+    )
+
+
+def _rlaif_supplies_pairs_rule(section: str) -> Rule:
+    return Rule(
+        cel=f"self.method != 'RLAIF' || !has(self.{section}) || !has(self.{section}.dataset)",
+        message=f"method RLAIF: the {section} stage trains on the pairs the rlaif stage labels; "
+        f"remove {section}.dataset (human preference data belongs to method PPO or DPO)",
+        field_path=f".{section}.dataset",
+        check=lambda s: s.method != "RLAIF" or getattr(s, section) is None or getattr(s, section).dataset is None,
+    )
+
+
 class RLHFRunSpec(ApiModel):
     """What to train and where. Stages run in the order the method defines, one Job each."""
 
@@ -81,6 +108,8 @@ class RLHFRunSpec(ApiModel):
             field_path=".wandb",
             check=lambda s: s.wandb is None or s.wandb.mode != "online" or s.secrets.wandb_api_key is not None,
         ),
+        *(_trained_on_dataset_rule(section) for section in ("reward", "dpo")),
+        *(_rlaif_supplies_pairs_rule(section) for section in ("reward", "dpo")),
         Rule(
             cel="self.method != 'RLAIF' || !has(self.rlaif) || (has(self.rlaif.then) && self.rlaif.then == 'DPO') "
             "|| (has(self.reward) && has(self.ppo))",

@@ -12,6 +12,8 @@ from .sources import DatasetSource, ModelSource
 from .training import LoRA, Quantization, TrainingSettings
 
 DEFAULT_PROMPT_TEMPLATE = "Question: {question}\n\nAnswer: {response}"
+DEFAULT_JUDGE_TEMPLATE = "Principles:\n{constitution}\n\n{prompt}\nA:{a}\nB:{b}\nBetter answer:"
+JUDGE_TEMPLATE_FIELDS = ("constitution", "prompt", "a", "b")
 
 
 def _quantization_needs_lora() -> Rule:
@@ -61,7 +63,8 @@ class TrainedStage(StageBase):
     """A stage that trains weights on a dataset."""
 
     dataset: DatasetSource | None = None
-    """Training data."""
+    """Training data. Required when the stage is enabled, except for reward and dpo under method RLAIF,
+    which train on the pairs the rlaif stage labelled (and must not set one)."""
     lora: LoRA = Field(default_factory=LoRA)
     """LoRA adapter settings."""
     quantization: Quantization = Field(default_factory=Quantization)
@@ -89,7 +92,8 @@ class SFTStage(TrainedStage):
 class RewardStage(TrainedStage):
     """Pairwise reward model: learns to score the chosen answer above the rejected one."""
 
-    rules = (_enabled_needs_dataset(), _quantization_needs_lora())
+    # Whether it needs a dataset depends on the method (RLAIF supplies the pairs): a spec-level rule.
+    rules = (_quantization_needs_lora(),)
 
     model: ModelSource | None = None
     """Base of the reward model, e.g. ``OpenAssistant/reward-model-deberta-v3-large-v2``. Unset: the SFT model."""
@@ -232,8 +236,8 @@ class RLOOStage(GRPOStage):
 class DPOStage(TrainedStage):
     """Direct preference optimisation on chosen/rejected pairs (TRL DPOTrainer)."""
 
+    # Whether it needs a dataset depends on the method (RLAIF supplies the pairs): a spec-level rule.
     rules = (
-        _enabled_needs_dataset(),
         _quantization_needs_lora(),
         Rule(
             cel="!has(self.lossType) || self.lossType != 'exo_pair' "
@@ -307,7 +311,11 @@ class ReSTStage(StageBase):
 
 
 class RLAIFStage(StageBase):
-    """AI feedback: a judge model labels preference pairs under a written constitution."""
+    """AI feedback: a judge model labels pairs of the SFT policy's answers under a written constitution.
+
+    For every prompt the SFT policy samples two answers per pair; the judge sees the constitution, the
+    prompt and both answers (A and B) and its next-token probabilities of `` A`` and `` B`` decide.
+    The labelled pairs (``rlaif/pairs.jsonl``) train the reward model (then PPO) or DPO."""
 
     rules = (
         _enabled_needs_dataset(),
@@ -317,28 +325,49 @@ class RLAIFStage(StageBase):
             field_path=".constitution",
             check=lambda r: (r.constitution is None) != (r.constitution_config_map is None),
         ),
+        Rule(
+            cel="!has(self.judgeTemplate) || ("
+            + " && ".join(f"self.judgeTemplate.contains('{{{f}}}')" for f in JUDGE_TEMPLATE_FIELDS)
+            + ")",
+            message="judgeTemplate must contain " + ", ".join(f"{{{f}}}" for f in JUDGE_TEMPLATE_FIELDS),
+            field_path=".judgeTemplate",
+            check=lambda r: all(f"{{{f}}}" in r.judge_template for f in JUDGE_TEMPLATE_FIELDS),
+        ),
     )
 
     judge: ModelSource
-    """The judge: a causal LM that compares two answers under the constitution."""
+    """The judge: a causal LM (hub id or a directory on the volume) that compares two answers."""
+    judge_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype the judge is loaded in (it is only run forward)."""
     constitution: list[Annotated[str, Field(min_length=1, max_length=2048)]] | None = Field(
         default=None, min_length=1, max_length=64
     )
     """Principles the judge applies, e.g. ``Prefer the answer that is kind and on topic.``"""
     constitution_config_map: Annotated[str, Field(max_length=253)] | None = None
-    """ConfigMap (key ``constitution``, one principle per line) holding the principles instead."""
+    """ConfigMap in the run's namespace (key ``constitution``, one principle per line) holding the principles
+    instead; mounted into the stage's pod."""
+    judge_template: PromptTemplate = DEFAULT_JUDGE_TEMPLATE
+    """The judge's prompt: ``{constitution}`` (the principles as a ``- `` list), ``{prompt}`` (the rendered
+    question), ``{a}`` and ``{b}`` (the answers). It must end where the judge's next words are `` A``
+    or `` B``."""
     dataset: DatasetSource | None = None
-    """Prompts whose completions are labelled."""
+    """Prompts whose answers are labelled."""
     prompt_template: PromptTemplate = "Question: {prompt}\n\nAnswer:"
     """How a ``prompt`` column is rendered."""
+    pairs_per_prompt: Annotated[int, Field(ge=1, le=64)] = 1
+    """Pairs of answers sampled per prompt (two answers each)."""
     both_orders: bool = True
     """Ask the judge with both answer orders and keep agreeing verdicts (mitigates position bias)."""
     then: Literal["PPO", "DPO"] = "PPO"
     """What consumes the labelled pairs: a reward model then PPO, or DPO directly."""
+    eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """Fraction of the labelled pairs the next stage (reward or dpo) holds out for its metrics."""
     generation: Generation = Field(default_factory=Generation)
-    """Sampling settings for the completions to be judged."""
+    """Sampling settings for the answers to be judged."""
     response_length: ResponseLength = Field(default_factory=ResponseLength)
-    """Lengths of sampled completions."""
+    """Lengths of sampled answers."""
+    seed: Annotated[int, Field(ge=0)] = 42
+    """Random seed of the sampling."""
 
 
 class MergeStage(StageBase):
