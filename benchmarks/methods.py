@@ -31,6 +31,8 @@ METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "GRPO": ("grpo", ()),
     "RLOO": ("rloo", ()),
     "ReST": ("rest", ()),
+    # The labelling stage runs first in the same run; its time and memory count towards RLAIF's.
+    "RLAIF": ("dpo", ("rlaif",)),
 }
 
 
@@ -38,7 +40,18 @@ def seed_changes(method: str, stage: str, seed: int) -> dict[str, Any]:
     """Where each method's seed lives in its section."""
     if method in ("GRPO", "RLOO"):
         return {stage: {"seed": seed}}
+    if method == "RLAIF":
+        return {"rlaif": {"seed": seed}, stage: {"training": {"seed": seed}}}
     return {stage: {"training": {"seed": seed}}}
+
+
+def seconds(run: ms.MethodRun) -> float:
+    """Wall time of the method's stages (for RLAIF: labelling and DPO)."""
+    return run.stage.seconds + sum(s.seconds for s in run.extra.values())
+
+
+def peak_rss(run: ms.MethodRun) -> float:
+    return max([run.stage.peak_rss_mib, *(s.peak_rss_mib for s in run.extra.values())])
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -57,7 +70,7 @@ def table(sft: ms.Evaluation, results: dict[str, list[ms.MethodRun]]) -> str:
     ]
     for method, runs in results.items():
         cells = [_mean_sd([getattr(r.evaluation, c) for r in runs]) for c in columns]
-        cells += [_mean_sd([r.stage.seconds for r in runs]), f"{max(r.stage.peak_rss_mib for r in runs):.0f}"]
+        cells += [_mean_sd([seconds(r) for r in runs]), f"{max(peak_rss(r) for r in runs):.0f}"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -71,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     ms.ensure_base(args.workspace)
+    if "RLAIF" in args.methods.split(","):
+        print(f"tiny judge: {ms.ensure_judge(args.workspace)}", flush=True)
     sft = ms.sft_evaluation(args.workspace)
     results: dict[str, list[ms.MethodRun]] = {}
     for method in args.methods.split(","):
@@ -85,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             m: [
                 {
                     "seed": r.seed,
-                    "seconds": r.stage.seconds,
-                    "peakRssMiB": r.stage.peak_rss_mib,
+                    "seconds": seconds(r),
+                    "peakRssMiB": peak_rss(r),
                     "metrics": r.stage.result.get("metrics", {}),
                     "eval": {k: v for k, v in vars(r.evaluation).items() if k != "details"},
                 }

@@ -63,7 +63,11 @@ def missing_template_fields(template: str) -> list[str]:
 
 def probability_first(log_p_a: float, log_p_b: float) -> float:
     """P(A) from the two choices' log-probabilities (a two-way softmax, numerically stable)."""
-    return 1.0 / (1.0 + math.exp(log_p_b - log_p_a))
+    d = log_p_a - log_p_b
+    if d >= 0:
+        return 1.0 / (1.0 + math.exp(-d))
+    e = math.exp(d)  # d < 0: exp(-d) could overflow, exp(d) cannot
+    return e / (1.0 + e)
 
 
 @dataclass(frozen=True)

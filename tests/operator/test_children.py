@@ -117,3 +117,31 @@ def test_pure_modules_import_neither_kopf_nor_kubernetes() -> None:
     )
     env = {"PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'stages'}"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def rlaif_spec(**rlaif: object) -> RLHFRunSpec:
+    doc = tiny_run()["spec"]
+    doc.update(
+        method="RLAIF",
+        rlaif={"judge": {"path": "judge"}, "dataset": {"format": "jsonl", "path": "p.jsonl"}, "then": "DPO", **rlaif},
+        dpo={},
+    )
+    doc.pop("reward", None)
+    return RLHFRunSpec.model_validate(doc, strict=False)
+
+
+def test_constitution_config_map_is_mounted_into_the_rlaif_job_only() -> None:
+    s = rlaif_spec(constitutionConfigMap="house-rules")
+    pod = build_job(RUN, s, "rlaif")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "constitution")
+    assert volume["configMap"] == {"name": "house-rules", "items": [{"key": "constitution", "path": "constitution"}]}
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "constitution")
+    assert mount == {"name": "constitution", "mountPath": "/etc/rlhf-constitution", "readOnly": True}
+    for stage in ("sft", "dpo", "merge"):
+        other = build_job(RUN, s, stage)["spec"]["template"]["spec"]
+        assert all(v["name"] != "constitution" for v in other["volumes"]), stage
+
+
+def test_inline_constitution_needs_no_volume() -> None:
+    pod = build_job(RUN, rlaif_spec(constitution=["Be kind."]), "rlaif")["spec"]["template"]["spec"]
+    assert all(v["name"] != "constitution" for v in pod["volumes"])

@@ -80,8 +80,16 @@ class StageRun:
     peak_rss_mib: float
 
 
-def run_stage(workspace: Path, stage: str, run: str, spec: dict[str, Any], timeout: float = 900) -> StageRun:
-    """``python -m rlhf_stages <stage>`` as a child process; peak RSS from ``wait4`` of that child."""
+def run_stage(
+    workspace: Path,
+    stage: str,
+    run: str,
+    spec: dict[str, Any],
+    timeout: float = 900,
+    extra_env: dict[str, str] | None = None,
+) -> StageRun:
+    """``python -m rlhf_stages <stage>`` as a child process (``extra_env`` added to its environment);
+    peak RSS from ``wait4`` of that child."""
     config = workspace / "configs" / f"{run}-{stage}.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     body = {"stage": stage, "run": {"name": run}, "workspace": str(workspace), "spec": spec}
@@ -97,6 +105,7 @@ def run_stage(workspace: Path, stage: str, run: str, spec: dict[str, Any], timeo
         "HF_DATASETS_OFFLINE": "1",
     }
     env.pop("RLHF_ALLOW_CPU_QUANTIZATION", None)
+    env.update(extra_env or {})
     log_file = workspace / "configs" / f"{run}-{stage}.log"
     started = time.monotonic()
     with log_file.open("w") as log:
@@ -134,6 +143,16 @@ def ensure_base(workspace: Path) -> Path:
         done = run_stage(workspace, stage, BASE_RUN, spec)
         assert done.code == 0, done.output
     return run_dir(workspace, BASE_RUN)
+
+
+def ensure_judge(workspace: Path) -> dict[str, Any]:
+    """The tiny RLAIF judge under ``assets/judge`` (trained once per volume) and its report."""
+    report = workspace / "assets" / "judge" / "judge.json"
+    if not report.is_file():
+        from rlhf_stages.tiny_judge import build_tiny_judge
+
+        build_tiny_judge(workspace / "assets")
+    return dict(json.loads(report.read_text()))
 
 
 def link_base(workspace: Path, run: str, stages: tuple[str, ...] = ("sft", "reward")) -> Path:
