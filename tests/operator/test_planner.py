@@ -88,6 +88,15 @@ def cond(status: RLHFRunStatus, type_: str) -> tuple[str, str]:
     return c.status, c.reason
 
 
+RLAIF_SECTION = {
+    "judge": {"path": "judge"},
+    "constitution": ["Be kind."],
+    "dataset": {"path": "p.jsonl", "format": "jsonl"},
+}
+# Method RLAIF: the labelling stage between SFT and what consumes its pairs (reward -> PPO, or DPO).
+RLAIF_THEN_PPO = {"method": "RLAIF", "rlaif": RLAIF_SECTION, "reward": {"promptTemplate": "{prompt}"}}
+RLAIF_THEN_DPO = {"method": "RLAIF", "rlaif": {**RLAIF_SECTION, "then": "DPO"}, "dpo": {}, "reward": None, "ppo": None}
+
 # --- the table -------------------------------------------------------------------------------------
 CASES = [
     # (id, run view kwargs, observed jobs, expected action kinds (events omitted), phase, current stage)
@@ -138,6 +147,31 @@ CASES = [
         "sft",
     ),
     ("later Job proves an earlier stage (TTL'd Job)", {}, observed(running("reward")), [], "Running", "reward"),
+    ("RLAIF labels after SFT", RLAIF_THEN_PPO, observed(done("sft")), ["CreateJob:tiny-rlaif"], "Running", "rlaif"),
+    (
+        "RLAIF then PPO: reward model on the labels",
+        RLAIF_THEN_PPO,
+        observed(done("sft"), done("rlaif")),
+        ["CreateJob:tiny-reward"],
+        "Running",
+        "reward",
+    ),
+    (
+        "RLAIF then DPO: DPO on the labels",
+        RLAIF_THEN_DPO,
+        observed(done("sft"), done("rlaif")),
+        ["CreateJob:tiny-dpo"],
+        "Running",
+        "dpo",
+    ),
+    (
+        "RLAIF then DPO: done after merge",
+        RLAIF_THEN_DPO,
+        observed(*(done(s) for s in ("sft", "rlaif", "dpo", "merge"))),
+        [],
+        "Succeeded",
+        None,
+    ),
     (
         "disabled stage skipped",
         {"sft": {**tiny_run()["spec"]["sft"], "enabled": False}},
