@@ -98,9 +98,13 @@ def build_report(
         "policy_final_kl": manifests.get(policy_stage or "", {}).get("metrics", {}).get("kl"),
         "heldout": {"sft": pick(before), "aligned": pick(after)},
         "improvement": {
-            "reward_mean": float(after["reward_mean"]) - float(before["reward_mean"]),
+            # No reward model in the run (DPO, RLAIF then DPO): only the ground truth compares them.
+            "reward_mean": None
+            if before.get("reward_mean") is None or after.get("reward_mean") is None
+            else float(after["reward_mean"]) - float(before["reward_mean"]),
             "target_rate": float(after["target_rate"]) - float(before["target_rate"]),
         },
+        "labelling": {k: v for k, v in manifests.get("rlaif", {}).get("metrics", {}).items() if k in RLAIF_HEADLINES},
         "samples": {"sft": before.get("samples", [])[:5], "aligned": after.get("samples", [])[:5]},
         "plots": plots,
         "timings_seconds": timings,
@@ -108,6 +112,9 @@ def build_report(
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (out / "report.md").write_text(render_markdown(report))
     return report
+
+
+RLAIF_HEADLINES = ("pairs_labelled", "pairs_judged", "agreement_rate", "first_position_rate")
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -142,6 +149,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Reward model held-out pair accuracy: **{_fmt(report['reward_model_eval_accuracy'])}**. "
         f"Final KL to the reference: **{_fmt(report['policy_final_kl'])}**.",
         "",
+    ]
+    labelling = report.get("labelling") or {}
+    if labelling:
+        lines += [
+            f"RLAIF judge: **{_fmt(labelling.get('pairs_labelled'), '.0f')}** of "
+            f"{_fmt(labelling.get('pairs_judged'), '.0f')} pairs labelled (both orders agreeing: "
+            f"{_fmt(labelling.get('agreement_rate'), '.2f')}; verdicts for the first-shown answer: "
+            f"{_fmt(labelling.get('first_position_rate'), '.2f')}).",
+            "",
+        ]
+    lines += [
         "## Stages",
         "",
         "| stage | wall time (s) | headline metrics |",

@@ -1,9 +1,10 @@
 """``rlhfctl quickstart``: a complete RLHF run on a tiny model, on this machine's CPU, with a report.
 
 1. builds a tiny model, tokenizer and synthetic data with a known target behaviour (no hub);
-2. runs ``examples/tiny.yaml`` through ``run-local`` (SFT, reward model, PPO, merge);
+2. runs ``examples/tiny.yaml`` (or ``--file``, any tiny example: DPO, ReST, GRPO, RLOO, RLAIF, whose
+   tiny judge it trains first) through ``run-local`` (SFT, reward model, PPO, merge);
 3. evaluates the SFT policy and the final merged policy on held-out prompts (unseen topics) with
-   the reward model and the ground-truth check;
+   the run's reward model (when it has one) and the ground-truth check;
 4. writes ``report/report.md`` with plots and ``report/report.json`` with the same figures.
 """
 
@@ -51,14 +52,30 @@ def build_assets(volume: Path, python: str, log: Path) -> Path:
     return assets
 
 
-def evaluate(python: str, policy: Path, reward_model: Path, prompts: Path, out: Path, log: Path) -> dict[str, Any]:
+def build_judge(manifest: Any, volume: Path, python: str, log: Path) -> None:
+    """Method RLAIF with the tiny judge (``rlaif.judge.path: assets/judge``): train it once."""
+    rlaif = manifest.spec.rlaif if manifest.spec.method == "RLAIF" else None
+    if rlaif is None or rlaif.judge.path is None or Path(rlaif.judge.path) != Path("assets") / "judge":
+        return
+    judge = volume / rlaif.judge.path
+    if (judge / "config.json").exists():
+        print(f"  judge   reused ({judge})")
+        return
+    started = time.monotonic()
+    _python_module(python, "rlhf_stages.tiny_judge", "--assets", str(volume / "assets"), log=log)
+    print(f"  judge   trained in {time.monotonic() - started:.1f}s ({judge})")
+
+
+def evaluate(
+    python: str, policy: Path, reward_model: Path | None, prompts: Path, out: Path, log: Path
+) -> dict[str, Any]:
+    scorer = ["--reward-model", str(reward_model)] if reward_model is not None else []
     _python_module(
         python,
         "rlhf_stages.evaluation",
         "--policy",
         str(policy),
-        "--reward-model",
-        str(reward_model),
+        *scorer,
         "--prompts",
         str(prompts),
         "--samples-per-prompt",
@@ -99,13 +116,16 @@ def run(args: Any) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"quickstart: {args.file} -> {workdir}")
     assets = build_assets(volume, args.python, logs / "assets.log")
+    build_judge(manifest, volume, args.python, logs / "judge.log")
 
     outcomes = run_pipeline(manifest, volume, workdir, "default", args.python)
     if any(o.status not in ("Succeeded", "Skipped") for o in outcomes):
         return 130 if outcomes[-1].status == "Interrupted" else 1
 
     run_dir = volume / layout.run_dir("default", manifest.metadata.get("name", "run"))
-    reward_model = run_dir / "reward" / "model"
+    # Runs without a reward stage (DPO, RLAIF then DPO) are compared on the ground truth alone.
+    trained_reward_model = run_dir / "reward" / "model"
+    reward_model = trained_reward_model if trained_reward_model.is_dir() else None
     prompts = assets / "data" / "eval_prompts.jsonl"
     print("  eval    held-out prompts: SFT policy vs aligned (merged) policy")
     before = evaluate(
@@ -132,8 +152,12 @@ def run(args: Any) -> int:
         str(report_dir),
         log=logs / "report.log",
     )
+
+    def score(summary: dict[str, Any]) -> str:
+        return "n/a" if summary.get("reward_mean") is None else f"{summary['reward_mean']:+.3f}"
+
     print(
-        f"\n  held-out reward      SFT {before['reward_mean']:+.3f}  ->  aligned {after['reward_mean']:+.3f}\n"
+        f"\n  held-out reward      SFT {score(before)}  ->  aligned {score(after)}\n"
         f"  ground-truth rate    SFT {before['target_rate']:.2f}    ->  aligned {after['target_rate']:.2f}\n"
         f"  EOS rate             SFT {before['eos_rate']:.2f}    ->  aligned {after['eos_rate']:.2f}\n"
         f"\nreport: {report_dir / 'report.md'} (and report.json, plots)\n"
