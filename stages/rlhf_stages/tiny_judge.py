@@ -38,8 +38,9 @@ TINY_CONSTITUTION = (
     "End the sentence; never repeat.",
 )
 JUDGE_DIR = "judge"
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 500
 BATCH_SIZE = 32
+LM_WEIGHT = 0.3
 
 
 def judge_examples(
@@ -79,7 +80,7 @@ def _model(tokenizer: Any, seed: int) -> Any:
 
 
 def _batch(tokenizer: Any, examples: Sequence[tuple[str, str]]) -> tuple[Any, Any, Any]:
-    """Right-padded ids, attention mask and labels that train the choice tokens only."""
+    """Right-padded ids, attention mask and labels of the choice tokens only (-100 elsewhere)."""
     import torch
 
     seqs, labels = [], []
@@ -99,6 +100,21 @@ def _batch(tokenizer: Any, examples: Sequence[tuple[str, str]]) -> tuple[Any, An
     return ids, mask, target
 
 
+def _loss(logits: Any, ids: Any, mask: Any, labels: Any) -> Any:
+    """The verdict's cross-entropy, plus a smaller language-modelling term over the whole prompt.
+
+    The verdict alone is one token per example: learning it from scratch stalled on some seeds
+    (pair accuracy 0.67 after 600 steps where another seed reached 0.91). Predicting the prompt's
+    own tokens too teaches the words (which are positive, which name the topic) the verdict needs.
+    """
+    from torch.nn.functional import cross_entropy
+
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    verdict = cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
+    text_targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).reshape(-1)
+    return verdict + LM_WEIGHT * cross_entropy(shifted, text_targets, ignore_index=-100)
+
+
 def pair_accuracy(
     model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], principles: Sequence[str]
 ) -> dict[str, float]:
@@ -113,7 +129,7 @@ def pair_accuracy(
 
 
 def build_tiny_judge(
-    assets_dir: Path, out_dir: Path | None = None, *, steps: int = DEFAULT_STEPS, seed: int = 0, lr: float = 2e-3
+    assets_dir: Path, out_dir: Path | None = None, *, steps: int = DEFAULT_STEPS, seed: int = 0, lr: float = 3e-3
 ) -> dict[str, Any]:
     """Train the judge on the tiny preference pairs; save it (with the tokenizer) and its report."""
     import torch
@@ -137,7 +153,7 @@ def build_tiny_judge(
             rng.shuffle(order)
         batch = [examples[order.pop()] for _ in range(BATCH_SIZE)]
         ids, mask, labels = _batch(tokenizer, batch)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = _loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask, labels)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

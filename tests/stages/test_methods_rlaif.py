@@ -62,8 +62,10 @@ def rlaif_runs(volume: Path, judge_report: dict[str, Any]) -> list[Any]:
 def test_tiny_judge_ranks_unseen_pairs(judge_report: dict[str, Any]) -> None:
     """The judge itself: held-out pairs (unseen topics, both orders averaged) mostly right."""
     held_out = judge_report["held_out"]
-    assert held_out["pair_accuracy"] >= 0.8, judge_report
-    assert held_out["agreement_rate"] >= 0.5, judge_report
+    # Measured with judge seeds 0/1/2: accuracy 0.91/0.92/0.91, agreement 0.90/0.92/0.91.
+    assert held_out["pair_accuracy"] >= 0.85, judge_report
+    assert held_out["agreement_rate"] >= 0.8, judge_report
+    assert 0.35 <= held_out["first_position_rate"] <= 0.65, judge_report  # no strong position bias
 
 
 def test_rlaif_dpo_beats_sft_on_held_out_prompts(volume: Path, rlaif_runs: list[Any]) -> None:
