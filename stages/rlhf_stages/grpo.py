@@ -3,8 +3,9 @@
 Each step samples ``numGenerations`` completions for each of ``batchSize`` prompts; a completion's
 advantage is its reward minus the mean of its group, divided by the group's standard deviation,
 so no value model is needed. ``beta`` weighs the KL to the reference (the SFT policy: the LoRA
-adapter disabled). The reward is the reward model's score of prompt + completion + EOS (see
-``policy_rl``), minus ``missingEosPenalty`` for answers cut off at ``responseLength.max``.
+adapter disabled, or a frozen copy when all weights are trained). The reward is the reward model's
+score of prompt + completion + EOS (see ``policy_rl``), minus ``missingEosPenalty`` for answers cut
+off at ``responseLength.max``.
 
 Inputs: ``sft/model`` (else ``baseModel``), ``grpo.rewardModel`` or this run's ``reward/model``,
 prompts from ``grpo.dataset`` rendered with ``promptTemplate`` (``evalFraction`` held out).

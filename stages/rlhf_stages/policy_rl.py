@@ -1,9 +1,9 @@
 """What GRPO and RLOO share: TRL's online trainers with this run's reward model as the reward.
 
 Both sample ``numGenerations`` completions for each of ``batchSize`` prompts per step, reward every
-completion with the reward model and push the policy (a fresh LoRA adapter on ``sft/model``)
-towards the better ones of each group; ``beta`` weighs the KL to the reference (the policy with
-the adapter disabled).
+completion with the reward model and push the policy (``sft/model``: a fresh LoRA adapter on it, or
+all its weights with ``lora.enabled`` false) towards the better ones of each group; ``beta`` weighs
+the KL to the reference (the policy with the adapter disabled, or a frozen copy of ``sft/model``).
 
 The reward is a callable, not the model itself: given a model, TRL scores ``prompt + completion``
 *decoded without special tokens*, i.e. without the EOS that ends a finished answer. Our reward
