@@ -5,8 +5,10 @@ PPO optimised, EOS included, missing-EOS penalty applied as in training) and the
 target check (which a policy cannot game the way it can game a reward model).
 
 Asserted for every PPO seed (0, 1, 2) on one SFT policy and reward model trained with
-examples/tiny.yaml's settings: the reward-model gain and the EOS rate. The ground-truth rate is
-printed and recorded, not asserted (see below). Seed 0 also runs on two data-parallel processes.
+examples/tiny.yaml's settings: the reward-model gain, the ground-truth gain and the EOS rate.
+Seed 0 also runs on two data-parallel processes (reward-model gain and EOS rate asserted there,
+the ground truth reported: see the test). The reward and PPO stages are seeded end to end, so
+identical runs on the same machine give identical models and numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ EVAL_SAMPLES = 4  # per held-out prompt: 64 prompts x 4
 
 # Held-out reward-model gains (PPO - SFT) measured on fresh clones: +2.0 to +3.1 and +2.2 to +4.9.
 MIN_REWARD_GAIN = 0.5
+# Held-out ground-truth target-rate gains, single process, seeds 0/1/2, with examples/tiny.yaml's
+# fixed KL coefficient and 4 PPO epochs: +0.149/+0.113/+0.242 (0.336 -> 0.484/0.449/0.578; reward-
+# model gains +1.27/+2.29/+2.50). Runs are bit-reproducible on one machine (seeded reward model and
+# PPO), so the margin below leaves room for other CPUs' floating point, not for run-to-run noise.
+MIN_TARGET_GAIN = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +125,9 @@ def test_ppo_policy_beats_sft_on_held_out_prompts(
     (workspace / f"ppo-learning-{seed}-{nproc}.json").write_text(json.dumps(report, indent=1))
     assert after["reward"] - before["reward"] >= MIN_REWARD_GAIN, report
     assert after["eos_rate"] >= 0.9, report  # no endless repetition
-    # The ground-truth target rate is reported, not asserted: measured gains on two fresh clones were
-    # +0.043/+0.051/+0.062 and +0.027/+0.094/+0.230 (seeds 0/1/2), and the 2-process run once fell to
-    # 0.07 (reward hacking). The reward model's training is not bit-reproducible on CPU and PPO
-    # exploits whatever it gets wrong, so no margin holds reliably yet.
+    if nproc == 1:
+        # The reward model rates off-topic answers like on-topic ones: only the ground truth sees drift.
+        assert after["target_rate"] - before["target_rate"] >= MIN_TARGET_GAIN, report
+    # nproc 2: the ground truth is reported only. Two ranks sample other responses than one process
+    # (per-rank random streams), so seed 0's single-process margin says nothing about it, and with
+    # the former adaptive KL this case once fell to 0.07 (off-topic drift the reward model allows).
