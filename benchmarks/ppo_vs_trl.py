@@ -13,9 +13,9 @@ TRL 1.12 is not a project dependency; it runs in a throwaway venv made by
     PYTHONPATH=operator:stages python benchmarks/ppo_vs_trl.py [--seeds 0 1 2] [--workspace DIR]
 
 Differences that remain (TRL's design, not settings): TRL samples a fixed response length
-(responseLength.max; ours samples a budget in [min, max] per response), keeps the KL coefficient
-fixed (ours adapts it per examples/tiny.yaml), trains the whole value model (ours a LoRA adapter
-plus the score head) and clips no gradients.
+(responseLength.max; ours samples a budget in [min, max] per response), trains the whole value
+model (ours a LoRA adapter plus the score head) and clips no gradients. Both keep the KL
+coefficient fixed (examples/tiny.yaml sets adaptiveKl: false).
 """
 
 from __future__ import annotations
