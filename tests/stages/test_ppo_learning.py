@@ -6,9 +6,9 @@ target check (which a policy cannot game the way it can game a reward model).
 
 Asserted for every PPO seed (0, 1, 2) on one SFT policy and reward model trained with
 examples/tiny.yaml's settings: the reward-model gain, the ground-truth gain and the EOS rate.
-Seed 0 also runs on two data-parallel processes (reward-model gain and EOS rate asserted there,
-the ground truth reported: see the test). The reward and PPO stages are seeded end to end, so
-identical runs on the same machine give identical models and numbers.
+Seed 0 also runs on two data-parallel processes, with the same assertions. The reward and PPO
+stages are seeded end to end, so identical runs on the same machine give identical models and
+numbers.
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ EVAL_SAMPLES = 4  # per held-out prompt: 64 prompts x 4
 
 # Held-out reward-model gains (PPO - SFT) measured on fresh clones: +2.0 to +3.1 and +2.2 to +4.9.
 MIN_REWARD_GAIN = 0.5
-# Held-out ground-truth target-rate gains, single process, seeds 0/1/2, with examples/tiny.yaml's
-# fixed KL coefficient and 4 PPO epochs: +0.149/+0.113/+0.242 (0.336 -> 0.484/0.449/0.578; reward-
-# model gains +1.27/+2.29/+2.50). Runs are bit-reproducible on one machine (seeded reward model and
-# PPO), so the margin below leaves room for other CPUs' floating point, not for run-to-run noise.
+# Held-out ground-truth target-rate gains with examples/tiny.yaml's fixed KL coefficient and 4 PPO
+# epochs, seeds 0/1/2: +0.149/+0.113/+0.242 (0.336 -> 0.484/0.449/0.578; reward-model gains
+# +1.27/+2.29/+2.50); seed 0 on 2 processes +0.219 (0.555, reward +2.10). Runs are bit-reproducible
+# on one machine (seeded reward model and PPO), so the margin leaves room for other CPUs' floating
+# point, not for run-to-run noise.
 MIN_TARGET_GAIN = 0.05
 
 
@@ -127,9 +128,6 @@ def test_ppo_policy_beats_sft_on_held_out_prompts(
     # No endless repetition. Seed 0 measured 0.871 with the fixed KL (13% of its answers run past
     # the 20-token budget; the others 1.0); cut-off answers also fail the ground-truth check.
     assert after["eos_rate"] >= 0.8, report
-    if nproc == 1:
-        # The reward model rates off-topic answers like on-topic ones: only the ground truth sees drift.
-        assert after["target_rate"] - before["target_rate"] >= MIN_TARGET_GAIN, report
-    # nproc 2: the ground truth is reported only. Two ranks sample other responses than one process
-    # (per-rank random streams), so seed 0's single-process margin says nothing about it, and with
-    # the former adaptive KL this case once fell to 0.07 (off-topic drift the reward model allows).
+    # The reward model rates off-topic answers like on-topic ones: only the ground truth sees drift.
+    # (With the former adaptive KL the 2-process run once fell to 0.07; with the fixed KL: +0.219.)
+    assert after["target_rate"] - before["target_rate"] >= MIN_TARGET_GAIN, report
