@@ -522,19 +522,19 @@ def build_tokenizer(out_dir: Path) -> Any:
     return fast
 
 
-def build_base_model(tokenizer: Any, out_dir: Path, seed: int) -> None:
-    """Randomly initialised tiny Llama, saved with the tokenizer."""
+def tiny_llama(tokenizer: Any, seed: int, *, hidden: int = 64, layers: int = 2, max_positions: int = 256) -> Any:
+    """A randomly initialised tiny Llama over ``tokenizer`` (the base model; the RLAIF judge is a larger one)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -550,7 +550,12 @@ def build_base_model(tokenizer: Any, out_dir: Path, seed: int) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model.save_pretrained(str(out_dir))
+    return model
+
+
+def build_base_model(tokenizer: Any, out_dir: Path, seed: int) -> None:
+    """Randomly initialised tiny Llama, saved with the tokenizer."""
+    tiny_llama(tokenizer, seed).save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
 
 

@@ -30,7 +30,7 @@ from rlhf_operator.api.stages import DEFAULT_JUDGE_TEMPLATE
 
 from .judge import CHOICES, Verdict, choice_log_probs, probability_first, render_judge_prompt
 from .judge import summarise as summarise_verdicts
-from .tiny_assets import TinyAssets, read_jsonl
+from .tiny_assets import TinyAssets, read_jsonl, tiny_llama
 
 # Short on purpose: every judge prompt carries it, and the tiny tokenizer spells unseen words byte by byte.
 TINY_CONSTITUTION = (
@@ -52,31 +52,6 @@ def judge_examples(
         out.append((render_judge_prompt(template, principles, r["prompt"], r["chosen"], r["rejected"]), CHOICES[0]))
         out.append((render_judge_prompt(template, principles, r["prompt"], r["rejected"], r["chosen"]), CHOICES[1]))
     return out
-
-
-def _model(tokenizer: Any, seed: int) -> Any:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    return model
 
 
 def _batch(tokenizer: Any, examples: Sequence[tuple[str, str]]) -> tuple[Any, Any, Any]:
@@ -139,7 +114,8 @@ def build_tiny_judge(
     out = out_dir or assets.root / JUDGE_DIR
     tokenizer = AutoTokenizer.from_pretrained(str(assets.tokenizer))
     examples = judge_examples(read_jsonl(assets.preferences), TINY_CONSTITUTION)
-    model = _model(tokenizer, seed)
+    # Larger than the base model: it must compare two answers across a longer prompt.
+    model = tiny_llama(tokenizer, seed, hidden=128, layers=3, max_positions=512)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * (1 - s / steps))
     rng = random.Random(seed)
