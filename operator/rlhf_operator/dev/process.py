@@ -136,12 +136,13 @@ def launch(
         mounts.append((mount["mountPath"].rstrip("/"), local))
     mounts.sort(key=lambda m: len(m[0]), reverse=True)
 
-    argv = [*(container.get("command") or []), *(container.get("args") or [])]
+    # Only the container's own paths are rewritten; the host interpreter goes in afterwards, or a
+    # mount such as the /tmp emptyDir would capture a venv that lives under /tmp on this machine.
+    argv = [_rewrite(a, mounts) for a in [*(container.get("command") or []), *(container.get("args") or [])]]
     if argv and argv[0] == "python":
         argv[0] = sys.executable
     elif argv and argv[0] == "torchrun":
         argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
-    argv = [_rewrite(a, mounts) for a in argv]
 
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
     for var in container.get("env") or []:

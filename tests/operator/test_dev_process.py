@@ -1,0 +1,53 @@
+"""The dev executor's kubelet stand-in (dev/process.py): container paths map to local volumes, host paths do not."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlhf_operator.dev.process import launch
+
+# Writes its first argument's path into that file: shows where a container path landed.
+SCRIPT = "import sys; open(sys.argv[1], 'w').write(sys.argv[1])"
+
+
+def _pod(mount_path: str) -> dict[str, Any]:
+    # Like every stage Pod (children.py): an emptyDir at /tmp, because the root filesystem is read-only.
+    container = {
+        "name": "stage",
+        "image": "stages",
+        "command": ["python", "-c", SCRIPT],
+        "args": [f"{mount_path}/scratch"],
+        "volumeMounts": [{"name": "tmp", "mountPath": mount_path}],
+    }
+    return {
+        "metadata": {"name": "pod", "namespace": "ns"},
+        "spec": {"volumes": [{"name": "tmp", "emptyDir": {}}], "containers": [container]},
+    }
+
+
+def test_interpreter_under_the_tmp_mount_path_is_not_mapped_into_the_pod(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout under /tmp with its .venv: the Pod's /tmp emptyDir must not capture the interpreter.
+
+    It did: ``python`` became the host interpreter before the container paths were rewritten, so
+    /tmp/<clone>/.venv/bin/python turned into <pod dir>/volumes/tmp/<clone>/.venv/bin/python.
+    """
+    # "/tmp" with pytest's default base temp; whatever the top directory is, the interpreter is under it.
+    mount_path = "/" + tmp_path.parts[1]
+    venv_bin = tmp_path / "checkout" / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+
+    proc = launch(_pod(mount_path), tmp_path / "pods", tmp_path / "volume", read=None)
+
+    assert proc.popen.wait(timeout=60) == 0, proc.log_file.read_text()
+    assert proc.popen.args[0] == str(venv_bin / "python")  # type: ignore[index]
+    # The container's own /tmp path still lands in the pod's emptyDir.
+    scratch = proc.pod_dir / "volumes" / "tmp" / "scratch"
+    assert scratch.read_text() == str(scratch)
