@@ -11,6 +11,7 @@ import yaml
 
 from rlhf_operator.cli import main
 from rlhf_operator.cli.cluster import render_status
+from tests.pythonpath import python_env
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny.yaml"
@@ -19,8 +20,27 @@ TINY = REPO / "examples" / "tiny.yaml"
 def rlhfctl(*args: str) -> subprocess.CompletedProcess[str]:
     """Runs the CLI as a user would, in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-m", "rlhf_operator.cli", *args], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "rlhf_operator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=python_env(),
     )
+
+
+def test_rlhfctl_needs_no_pythonpath_from_the_caller(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Plain ``pytest`` exports no PYTHONPATH (only the Makefile does)."""
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    proc = rlhfctl("validate", str(TINY))
+    assert proc.returncode == 0, proc.stderr
+    # Nor may one that points at another clone win.
+    other = tmp_path / "other-clone" / "operator" / "rlhf_operator"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("raise ImportError('imported from the other clone')\n")
+    monkeypatch.setenv("PYTHONPATH", str(other.parent))
+    proc = rlhfctl("validate", str(TINY))
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_validate_accepts_every_example():

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.pythonpath import python_env
+
 pytestmark = pytest.mark.controlplane
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +60,6 @@ class Dev:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'stages'}"}
         self.stderr = workdir.parent / "dev.stderr"
         self.popen = subprocess.Popen(
             [
@@ -74,7 +75,7 @@ class Dev:
             stdout=subprocess.PIPE,
             stderr=self.stderr.open("wb"),
             stdin=subprocess.DEVNULL,
-            env=env,
+            env=python_env(),
             cwd=workdir.parent,
             start_new_session=True,
         )

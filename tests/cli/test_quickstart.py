@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from tests.pythonpath import REPO, python_env
+
 # The whole pipeline trains in the first test's setup; on a loaded 2-core machine that outlasts 900 s.
 pytestmark = [pytest.mark.training, pytest.mark.timeout(2400)]
 
@@ -25,6 +27,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory):
         text=True,
         timeout=1800,
         check=False,
+        env=python_env(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return workdir, proc.stdout, json.loads((workdir / "report" / "report.json").read_text())
@@ -64,6 +67,8 @@ def test_rerun_skips_completed_stages(quickstart):
         text=True,
         timeout=600,
         check=False,
+        env=python_env(),
+        cwd=REPO,  # the manifest's path is relative
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for stage in ("sft", "reward", "ppo", "merge"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,15 +18,10 @@ from typing import Any
 import yaml
 
 from rlhf_operator.dev.controlplane import ControlPlane, free_port
+from tests.pythonpath import python_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_STAGES = Path(__file__).resolve().parent / "fakestages"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO / 'operator'}:{REPO / 'stages'}"
-    return env
 
 
 @dataclass
@@ -58,7 +52,7 @@ class Process:
 
 def _spawn(argv: list[str], log: Path) -> Process:
     out = log.open("ab")
-    return Process(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_env()), log)
+    return Process(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=python_env()), log)
 
 
 @dataclass

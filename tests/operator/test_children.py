@@ -14,8 +14,9 @@ from rlhf_operator.children import (
     labels,
     stage_command,
 )
+from tests.pythonpath import python_env
 
-from .harness import REPO, tiny_run
+from .harness import tiny_run
 
 RUN = RunIdentity("tiny", "ns", "uid-1")
 
@@ -115,8 +116,7 @@ def test_pure_modules_import_neither_kopf_nor_kubernetes() -> None:
         "bad = [m for m in sys.modules if m.split('.')[0] in ('kopf', 'kubernetes')];"
         "assert not bad, bad"
     )
-    env = {"PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'stages'}"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code], check=True, env=python_env(inherit=False))
 
 
 def rlaif_spec(**rlaif: object) -> RLHFRunSpec:

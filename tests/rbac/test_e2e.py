@@ -8,7 +8,6 @@ restarts nothing."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,8 +19,9 @@ import pytest
 import yaml
 
 from rlhf_operator.dev.controlplane import free_port
-from tests.chart.tools import REPO, argocd_health, by_kind
+from tests.chart.tools import argocd_health, by_kind
 from tests.operator.harness import Env, Process, tiny_run
+from tests.pythonpath import python_env
 
 from .conftest import Installed
 
@@ -68,7 +68,7 @@ def start_operator_as_the_chart_does(installed: Installed, env: Env) -> tuple[Pr
         "--resync",
         "2",
     ]
-    process_env = dict(os.environ, PYTHONPATH=f"{REPO / 'operator'}:{REPO / 'stages'}")  # the image's PYTHONPATH
+    process_env = python_env()  # the image's PYTHONPATH
     process_env.update({"POD_NAME": "rlhf-operator-7d9f8-abcde", "POD_NAMESPACE": "rlhf-system"})
     process_env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
     log = env.root / "operator.log"

@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.pythonpath import PYTHON_PATH, REPO
 
 # One torch thread: tiny models gain nothing from more, and the CI machine is shared.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parents[2]
-PYTHON_PATH = os.pathsep.join([str(REPO / "operator"), str(REPO / "stages")])
 TINY_SPEC: dict[str, Any] = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())["spec"]
 
 

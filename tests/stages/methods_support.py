@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tests.pythonpath import PYTHON_PATH, REPO
 
-REPO = Path(__file__).resolve().parents[2]
-PYTHON_PATH = os.pathsep.join([str(REPO / "operator"), str(REPO / "stages")])
 BASE_RUN = "methods-base"
 # SFT as in examples/tiny.yaml (3 epochs): fewer steps leave a policy that rarely names the asked
 # topic on unseen topics (150 steps: target rate 0.0), which no method can then be judged by. The
