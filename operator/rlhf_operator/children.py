@@ -139,12 +139,12 @@ def build_config_map(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[st
     }
 
 
-def stage_command(stage: str, gpus: int) -> list[str]:
-    """One process per GPU: torchrun starts N ranks in the pod; a single device needs no launcher."""
-    args = ["-m", "rlhf_stages", stage, "--config", f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE_NAME}"]
-    if gpus > 1:
-        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={gpus}", *args]
-    return ["python", *args]
+def stage_command(stage: str) -> list[str]:
+    """The stage entrypoint, whatever the GPU count: with resources.gpus > 1 it launches one process
+    per GPU itself (torch.distributed.run) and relays rank 0's StageResult and exit code. Launching
+    torchrun here instead would turn a config error (exit 2) into torchrun's exit 1, which the
+    podFailurePolicy retries on every GPU, and leave no termination message."""
+    return ["python", "-m", "rlhf_stages", stage, "--config", f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE_NAME}"]
 
 
 def _env(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
@@ -218,7 +218,6 @@ def _constitution_volume(spec: RLHFRunSpec, stage: str, container: dict[str, Any
 def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
     """The stage's Job. Created suspended when the run is suspended or Kueue is to admit it."""
     runtime = spec.runtime
-    gpus = spec.stage(stage).resources.gpus
     meta = _metadata(run, job_name(run.name, stage), stage)
     pod_labels = labels(run.name, stage)
     if runtime.queue_name:
@@ -227,7 +226,7 @@ def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]
         "name": CONTAINER_NAME,
         "image": runtime.image,
         "imagePullPolicy": runtime.image_pull_policy,
-        "command": stage_command(stage, gpus),
+        "command": stage_command(stage),
         "env": _env(run, spec, stage),
         "volumeMounts": [
             {"name": "workspace", "mountPath": WORKSPACE_MOUNT_PATH},

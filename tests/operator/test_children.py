@@ -74,7 +74,8 @@ def test_job_carries_every_setting() -> None:
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["resources"]["limits"] == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "4"}
-    assert container["command"][:4] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4"]
+    # 4 GPUs: still the entrypoint, which launches the 4 processes itself and keeps exit codes 2/3.
+    assert container["command"] == ["python", "-m", "rlhf_stages", "ppo", "--config", "/etc/rlhf/invocation.yaml"]
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
     assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "wb"
@@ -86,9 +87,8 @@ def test_job_carries_every_setting() -> None:
     assert volumes["config"]["configMap"]["name"] == "tiny-ppo"
 
 
-def test_single_process_without_launcher() -> None:
-    assert stage_command("sft", 1) == ["python", "-m", "rlhf_stages", "sft", "--config", "/etc/rlhf/invocation.yaml"]
-    assert stage_command("merge", 0)[0] == "python"
+def test_the_entrypoint_is_the_command() -> None:
+    assert stage_command("sft") == ["python", "-m", "rlhf_stages", "sft", "--config", "/etc/rlhf/invocation.yaml"]
 
 
 def test_builders_are_deterministic() -> None:
