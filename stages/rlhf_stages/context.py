@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -138,7 +139,12 @@ class StageContext:
     def write_progress(
         self, step: int, total: int | None, metrics: dict[str, float] | None = None, *, force: bool = False
     ) -> None:
-        """Rewrite the progress file (rank 0 only, at most every 2 s unless forced)."""
+        """Report progress (rank 0 only, at most every 2 s unless forced).
+
+        Twice, with the same JSON: the progress file on the volume (for people and tools that look
+        at the volume), and one marker line on stdout, which is what the operator reads, through the
+        API server's pod log endpoint (``layout.progress_log_line``; docs/operator.md).
+        """
         now = time.monotonic()
         if not self.is_main or (not force and now - self._last_progress < 2.0):
             return
@@ -160,6 +166,17 @@ class StageContext:
             "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_json_atomic(self.progress_file, body)
+        print_progress_line(body)
+
+
+def print_progress_line(body: dict[str, Any]) -> None:
+    """One marker line on stdout, flushed now (stdout is block-buffered in a container). Best effort:
+    a closed or broken stdout must not stop training."""
+    try:
+        sys.stdout.write(layout.progress_log_line(body) + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):  # ValueError: stdout closed
+        pass
 
 
 def write_json_atomic(path: Path, body: Any) -> None:

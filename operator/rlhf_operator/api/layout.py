@@ -7,6 +7,7 @@ docs/stage-protocol.md for the prose version.
 
 from __future__ import annotations
 
+import json
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Final, Literal
 
@@ -22,6 +23,12 @@ TERMINATION_LOG_ENV = "RLHF_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a termination message
 MANIFEST_FILE = "manifest.json"
+
+# Live progress: besides rewriting its progress file, rank 0 prints each report on its stdout as one
+# line, this marker, a space, then the same JSON object (step, totalSteps, metrics, ...). The
+# operator reads the tail of the stage container's log through the API server and takes the last
+# such line (docs/operator.md, "Live progress").
+PROGRESS_LOG_MARKER: Final = "rlhf-progress"
 
 # Exit codes with a meaning to the Job's podFailurePolicy: configuration and input errors are
 # never retried (retrying cannot fix them); anything else is retried up to backoffLimit.
@@ -117,6 +124,11 @@ def stage_checkpoints(run: PurePosixPath, stage: str) -> PurePosixPath:
 def stage_progress_file(run: PurePosixPath, stage: str) -> PurePosixPath:
     """Progress of a running stage (JSON), rewritten as it goes."""
     return run / f"{stage}.progress.json"
+
+
+def progress_log_line(body: dict[str, Any]) -> str:
+    """A progress report as the stage prints it on stdout: the marker, a space, compact JSON, one line."""
+    return f"{PROGRESS_LOG_MARKER} {json.dumps(body, separators=(',', ':'), sort_keys=True)}"
 
 
 def enabled_before(spec: RLHFRunSpec, stage: str) -> list[str]:
