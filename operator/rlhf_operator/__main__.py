@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--health-port", type=int, default=8080, help="/healthz, /readyz and /metrics (0: any port)")
     run.add_argument("--resync", type=float, default=30.0, help="seconds between full resyncs of all runs")
     run.add_argument("--workers", type=int, default=4, help="runs reconciled concurrently")
+    run.add_argument(
+        "--progress-interval",
+        type=float,
+        default=10.0,
+        help="seconds between reads of a running stage's log for live progress (0: never read logs)",
+    )
     run.add_argument("--verbose", action="store_true")
     return parser
 
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         args.resync,
         args.workers,
         defaults=OperatorDefaults.from_env(),
+        progress_interval=args.progress_interval,
     )
     kopf.run(
         standalone=True,  # one actor is guaranteed by the Lease, not by kopf peering

@@ -13,6 +13,7 @@ from .executor import Cluster
 from .health import Health
 from .leader import LeaseElector
 from .metrics import Metrics
+from .progress import DEFAULT_PROGRESS_INTERVAL
 from .reconcile import Reconciler
 from .workqueue import Key, WorkQueue
 
@@ -30,6 +31,7 @@ class Controller:
         resync_seconds: float = 30.0,
         workers: int = 4,
         defaults: OperatorDefaults | None = None,
+        progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
     ) -> None:
         self.cluster = cluster
         self.metrics = metrics
@@ -37,7 +39,7 @@ class Controller:
         self.elector = elector
         self.namespaces = namespaces or []
         self.resync_seconds = resync_seconds
-        self.reconciler = Reconciler(cluster, metrics, defaults=defaults)
+        self.reconciler = Reconciler(cluster, metrics, defaults=defaults, progress_interval=progress_interval)
         self.queue = WorkQueue(self._process, workers=workers)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -67,7 +69,9 @@ class Controller:
             await asyncio.to_thread(self.elector.stop)
 
     async def _process(self, key: Key) -> None:
-        await asyncio.to_thread(self.reconciler.reconcile, *key)
+        again = await asyncio.to_thread(self.reconciler.reconcile, *key)
+        if again is not None:  # a stage is running: pass again to read its progress (one timer per run)
+            self.queue.add(key, again)
 
     async def _resync(self) -> None:
         """Level-triggered safety net: every run is reconciled at least once per interval."""

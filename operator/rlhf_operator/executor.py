@@ -15,15 +15,18 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
 from .api.run import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from .children import LABEL_RUN, pvc_name
+from .children import CONTAINER_NAME, LABEL_RUN, pvc_name
 
 log = logging.getLogger(__name__)
 COMPONENT = "rlhf-operator"
+LOG_TAIL_LINES = 200  # of a running stage's log, read for its newest progress line
+LOG_TIMEOUT = (5.0, 10.0)  # connect, read: a node that does not answer must not hold a worker long
 
 
 def _json(resp: Any) -> dict[str, Any]:
@@ -79,6 +82,27 @@ class Cluster:
                     raise
                 pvc = False
         return list(jobs.get("items") or []), list(pods.get("items") or []), pvc
+
+    def pod_log_tail(self, namespace: str, pod: str, lines: int = LOG_TAIL_LINES) -> str | None:
+        """The last lines of a pod's stage container log (``get pods/log``), or None when it cannot
+        be read: no right (403), pod gone (404), container not started (400), node unreachable
+        (500, timeout). Never raises for those: live progress is best effort and simply stays as it
+        was."""
+        try:
+            resp: Any = self.core.read_namespaced_pod_log(  # typed str; raw with _preload_content off
+                pod,
+                namespace,
+                container=CONTAINER_NAME,
+                tail_lines=lines,
+                _preload_content=False,
+                _request_timeout=LOG_TIMEOUT,
+            )
+            return bytes(resp.data).decode("utf-8", errors="replace")
+        except ApiException as exc:
+            log.debug("%s/%s: cannot read the log for progress: %s %s", namespace, pod, exc.status, exc.reason)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            log.debug("%s/%s: cannot read the log for progress: %s", namespace, pod, exc)
+        return None
 
     # --- writes ------------------------------------------------------------------------------
     def perform(self, run: dict[str, Any], action: Action) -> None:

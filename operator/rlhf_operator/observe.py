@@ -2,18 +2,23 @@
 
 Pure: no client calls here. A Job becomes a :class:`JobObservation`; its Pods contribute the
 stage's reported results (the container's termination message, a :class:`StageResult` as JSON)
-and live progress (the ``rlhf-operator.io/progress`` Pod annotation, see docs/operator.md).
+and live progress. Live progress comes from the stage container's log (the last
+``rlhf-progress {...}`` line of its tail, read by the reconciler and handed in here parsed), or,
+under the dev executor, which has no pod logs, from the ``rlhf-operator.io/progress`` Pod
+annotation; both carry the same JSON and go through :func:`parse_progress` (docs/operator.md).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from .api.layout import StageResult
+from .api.layout import PROGRESS_LOG_MARKER, StageResult
 from .children import CONTAINER_NAME, DOMAIN, LABEL_STAGE
 
 PROGRESS_ANNOTATION = f"{DOMAIN}/progress"
@@ -51,7 +56,7 @@ class JobObservation:
     completion_time: str | None = None
     result: StageResult | None = None  # from the newest terminated container
     exit_code: int | None = None  # of the newest terminated container
-    progress: Progress | None = None  # from the running pod's annotation
+    progress: Progress | None = None  # from the running pod's log (or, dev executor, its annotation)
 
 
 @dataclass(frozen=True)
@@ -80,16 +85,51 @@ def parse_result(message: str | None) -> StageResult | None:
 
 
 def parse_progress(text: str | None) -> Progress | None:
-    """The progress annotation: the stage's progress file (step, totalSteps, metrics) as JSON."""
+    """A progress report (step, totalSteps, metrics) as JSON, from a log line or the dev annotation.
+
+    Non-finite metrics (NaN, inf: valid for Python's json, not for the API server) are dropped.
+    """
     if not text:
         return None
     try:
         body = json.loads(text)
-        metrics = {str(k): float(v) for k, v in (body.get("metrics") or {}).items() if isinstance(v, int | float)}
+        metrics = {
+            str(k): float(v)
+            for k, v in (body.get("metrics") or {}).items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        }
         total = body.get("totalSteps")
         return Progress(int(body.get("step") or 0), int(total) if total else None, metrics)
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, OverflowError):
         return None
+
+
+def parse_progress_log(log: str | None) -> Progress | None:
+    """The newest progress report in a log tail: the last line holding the marker whose JSON parses.
+
+    The marker may follow a prefix (a launcher's ``[rank0]:``, a line another writer left
+    unfinished); a line cut short or garbled is skipped for the one before it.
+    """
+    for line in reversed((log or "").splitlines()):
+        at = line.find(PROGRESS_LOG_MARKER + " ")
+        if at < 0:
+            continue
+        progress = parse_progress(line[at + len(PROGRESS_LOG_MARKER) + 1 :].strip())
+        if progress is not None:
+            return progress
+    return None
+
+
+def log_readable(pod: dict[str, Any]) -> bool:
+    """Whether the pod's stage container is running on a node: only then can its log hold live progress."""
+    if not (pod.get("spec") or {}).get("nodeName") or (pod.get("status") or {}).get("phase") != "Running":
+        return False
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER_NAME:
+            return bool((status.get("state") or {}).get("running"))
+    return False
 
 
 def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -105,8 +145,13 @@ def _pod_sort_key(pod: dict[str, Any]) -> tuple[str, str]:
     return (meta.get("creationTimestamp") or "", meta.get("name") or "")
 
 
-def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobObservation:
-    """A Job and the Pods it owns (others are ignored: a retried stage's Job has a new uid)."""
+def observe_job(
+    job: dict[str, Any], pods: list[dict[str, Any]], logged: Mapping[str, Progress] | None = None
+) -> JobObservation:
+    """A Job and the Pods it owns (others are ignored: a retried stage's Job has a new uid).
+
+    ``logged``: live progress read from pod logs, by pod name; it wins over the dev annotation.
+    """
     meta = job.get("metadata") or {}
     status = job.get("status") or {}
     uid = meta.get("uid") or ""
@@ -132,8 +177,9 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobObservati
     progress = None
     running = [p for p in own if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")]
     if running:
-        progress = parse_progress(
-            ((running[-1].get("metadata") or {}).get("annotations") or {}).get(PROGRESS_ANNOTATION)
+        meta_running = running[-1].get("metadata") or {}
+        progress = (logged or {}).get(meta_running.get("name") or "") or parse_progress(
+            (meta_running.get("annotations") or {}).get(PROGRESS_ANNOTATION)
         )
     failed = _condition(job, "Failed")
     return JobObservation(
@@ -159,14 +205,23 @@ def observe_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> JobObservati
     )
 
 
-def observe(run_uid: str, jobs: list[dict[str, Any]], pods: list[dict[str, Any]], pvc_exists: bool = True) -> Observed:
-    """Adopt the Jobs this run controls (by owner uid), keyed by their stage label."""
+def observe(
+    run_uid: str,
+    jobs: list[dict[str, Any]],
+    pods: list[dict[str, Any]],
+    pvc_exists: bool = True,
+    logged: Mapping[str, Progress] | None = None,
+) -> Observed:
+    """Adopt the Jobs this run controls (by owner uid), keyed by their stage label.
+
+    ``logged``: live progress parsed from the running pods' logs, by pod name.
+    """
     out: dict[str, JobObservation] = {}
     for job in jobs:
         owners = (job.get("metadata") or {}).get("ownerReferences") or []
         if not any(o.get("uid") == run_uid and o.get("controller") for o in owners):
             continue
-        obs = observe_job(job, pods)
+        obs = observe_job(job, pods, logged)
         if obs.stage:
             out[obs.stage] = obs
     return Observed(jobs=out, pvc_exists=pvc_exists)

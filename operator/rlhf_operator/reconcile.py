@@ -1,5 +1,9 @@
 """One reconcile pass for one run: read, plan, act, write status (once, only if changed), post events.
 
+Live progress: the pass also reads the tail of each running stage container's log (at most once
+per pod per progress interval, :class:`~.progress.LogReads`) and hands the newest progress line to
+the observation; it returns when to pass again so that progress moves without a watch event.
+
 Synchronous (the Kubernetes client blocks); the handlers run it in a worker thread. Ordering
 matters for crash safety: actions first (all idempotent), then the status, then events, so a crash
 at any point leaves nothing a later pass cannot redo.
@@ -21,8 +25,9 @@ from .api.run import RLHFRunSpec, RLHFRunStatus
 from .defaults import OperatorDefaults
 from .executor import Cluster
 from .metrics import Metrics
-from .observe import observe
+from .observe import Progress, log_readable, observe, parse_progress_log
 from .planner import RunView, plan
+from .progress import DEFAULT_PROGRESS_INTERVAL, LogReads, poll_after
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +39,17 @@ class Reconciler:
         metrics: Metrics,
         clock: Callable[[], datetime] | None = None,
         defaults: OperatorDefaults | None = None,
+        progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
     ) -> None:
         self.cluster = cluster
         self.metrics = metrics
         self.defaults = defaults or OperatorDefaults()
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.log_reads = LogReads(progress_interval)
 
-    def reconcile(self, namespace: str, name: str) -> bool:
-        """Returns whether the run still needs watching (False: gone or finished)."""
+    def reconcile(self, namespace: str, name: str) -> float | None:
+        """Returns in how many seconds to reconcile the run again without an event (None: only on
+        events and resyncs; always so for a run that is gone, finished, suspended or pending)."""
         started = time.monotonic()
         self.metrics.reconciles.inc()
         try:
@@ -56,15 +64,17 @@ class Reconciler:
         finally:
             self.metrics.reconcile_seconds.observe(time.monotonic() - started)
 
-    def _reconcile(self, namespace: str, name: str) -> bool:
+    def _reconcile(self, namespace: str, name: str) -> float | None:
         body = self.cluster.get_run(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             # Deleted: the garbage collector removes the children through their owner references.
             self.metrics.run_phase(namespace, name, None)
-            return False
+            self.log_reads.forget((namespace, name))
+            return None
         view = self._view(body)
         jobs, pods, pvc = self.cluster.children(namespace, name, want_pvc=view.spec.storage.existing_claim is None)
-        result = plan(view, observe(view.uid, jobs, pods, pvc), self.clock())
+        logged = self._read_progress(namespace, name, pods)
+        result = plan(view, observe(view.uid, jobs, pods, pvc, logged), self.clock())
         events: list[PostEvent] = []
         for action in result.actions:
             if isinstance(action, PostEvent):
@@ -80,7 +90,15 @@ class Reconciler:
         for stage in result.finished:
             self.metrics.stage_finished(stage)
         self.metrics.run_phase(namespace, name, result.status.phase)
-        return result.status.phase not in ("Succeeded", "Failed")
+        return poll_after(result.status, self.log_reads.next_read_in((namespace, name)))
+
+    def _read_progress(self, namespace: str, name: str, pods: list[dict[str, Any]]) -> dict[str, Progress]:
+        """Live progress from the logs of the run's running stage pods, by pod name (read when due)."""
+        run = (namespace, name)
+        readable = [p["metadata"]["name"] for p in pods if log_readable(p)]
+        for pod in self.log_reads.due(run, readable):
+            self.log_reads.record(run, pod, parse_progress_log(self.cluster.pod_log_tail(namespace, pod)))
+        return self.log_reads.progress(run)
 
     def _view(self, body: dict[str, Any]) -> RunView:
         meta = body["metadata"]

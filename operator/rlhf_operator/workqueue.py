@@ -25,10 +25,17 @@ class WorkQueue:
         self._workers = workers
         self._retry_delay = retry_delay
         self._tasks: list[asyncio.Task[None]] = []
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
 
     def add(self, key: Key, delay: float = 0.0) -> None:
         if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self.add, key)
+            loop = asyncio.get_running_loop()
+            pending = self._timers.get(key)
+            if pending is not None and pending.when() <= loop.time() + delay:
+                return  # an earlier pass is already due
+            if pending is not None:
+                pending.cancel()
+            self._timers[key] = loop.call_later(delay, self._fire, key)
             return
         if key in self._processing:
             self._dirty.add(key)
@@ -36,10 +43,17 @@ class WorkQueue:
             self._queued.add(key)
             self._queue.put_nowait(key)
 
+    def _fire(self, key: Key) -> None:
+        self._timers.pop(key, None)
+        self.add(key)
+
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._work(), name=f"reconcile-worker-{i}") for i in range(self._workers)]
 
     async def stop(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
