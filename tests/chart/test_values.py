@@ -134,6 +134,7 @@ def test_defaults_are_secure_and_single_active(helm: Helm) -> None:
     assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
     assert "--lease-name=rlhf-operator" in container["args"]
     assert not any(a.startswith("--namespace") for a in container["args"])
+    assert "--progress-interval=10" in container["args"]  # live progress: one log read per stage per 10 s
     assert container["image"] == "ghcr.io/rlhf-operator/rlhf-operator:0.1.0"
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(
@@ -177,6 +178,7 @@ def test_ha_and_monitoring(helm: Helm) -> None:
     container = _container(docs)
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"  # standbys count as available
     assert container["image"].endswith("@sha256:" + "0" * 63 + "1")
+    assert "--progress-interval=5" in container["args"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["RLHF_DEFAULT_STORAGE_CLASS"] == "fast-rwo" and env["RLHF_DEFAULT_STAGE_MEMORY"] == "64Gi"
     (monitor,) = by_kind(docs, "ServiceMonitor")

@@ -143,7 +143,7 @@ def value_sets(namespaces: tuple[str, str] = ("team-a", "team-b")) -> dict[str, 
                 }
             ],
             "priorityClassName": "system-cluster-critical",
-            "operator": {"workers": 8, "resyncSeconds": 60, "verbose": True},
+            "operator": {"workers": 8, "resyncSeconds": 60, "progressIntervalSeconds": 5, "verbose": True},
         },
         "bring-your-own": {
             "crds": {"keep": False},

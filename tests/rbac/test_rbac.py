@@ -21,6 +21,7 @@ NEEDED = {
     ("rlhf-operator.io", "rlhfruns/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
+    ("", "pods/log"): {"get"},  # live progress: the stage prints it on stdout
     ("", "configmaps"): {"create", "patch"},
     ("", "persistentvolumeclaims"): {"get", "create"},
     ("", "events"): {"create", "patch"},
@@ -51,7 +52,6 @@ NAMESPACED_FORBIDDEN = [
     ("create", "pods/attach"),
     ("create", "pods/portforward"),
     ("create", "pods/ephemeralcontainers"),
-    ("get", "pods/log"),
     ("create", "rlhfruns.rlhf-operator.io"),
     ("update", "rlhfruns.rlhf-operator.io"),
     ("patch", "rlhfruns.rlhf-operator.io"),

@@ -112,6 +112,11 @@ name, which needs no right of the operator's.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+# Live progress: the tail of a running stage's log, where the stage prints its progress lines
+# (docs/operator.md "Live progress"); read-only, no exec or attach.
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [create, patch]
