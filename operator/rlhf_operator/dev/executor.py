@@ -7,9 +7,14 @@ suspend (the pod is terminated and deleted, it does not count as failed; resume 
 resets startTime), backoffLimit (``BackoffLimitExceeded``), activeDeadlineSeconds
 (``DeadlineExceeded``), podFailurePolicy (FailJob on exit codes: ``PodFailurePolicy``),
 ttlSecondsAfterFinished, and the conditions FailureTarget/Failed, SuccessCriteriaMet/Complete,
-Suspended. It also plays the progress reporter: it copies a running stage's progress file into the
-Pod's ``rlhf-operator.io/progress`` annotation (see docs/operator.md). On SIGTERM or SIGINT it stops
-like a node going away: its running containers get SIGTERM, then SIGKILL after ``--grace-seconds``.
+Suspended. On SIGTERM or SIGINT it stops like a node going away: its running containers get
+SIGTERM, then SIGKILL after ``--grace-seconds``.
+
+Live progress: on a real cluster the operator reads it from the stage container's log (the stage's
+``rlhf-progress {...}`` lines, through ``get pods/log``). This executor is no kubelet, so its pods
+have no logs (nor a ``nodeName``, so the operator does not try); instead it copies a running stage's
+progress file into the Pod's ``rlhf-operator.io/progress`` annotation, which the operator parses with
+the same function. That annotation is this test transport only (docs/operator.md "Live progress").
 """
 
 from __future__ import annotations
