@@ -35,6 +35,19 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """Why a stage's newest Pod has not started, in Kubernetes' words."""
+
+    reason: str  # Unschedulable, ErrImagePull, ImagePullBackOff, CreateContainerConfigError, ContainerCreating, ...
+    message: str
+    since: str  # the Pod's creation time (RFC 3339): the wait is bounded by runtime.startTimeoutSeconds
+
+
+# Reasons a Pod passes through on its way to running; every other reason means it is stuck.
+STARTING_REASONS = frozenset({"ContainerCreating", "PodInitializing", "Scheduling"})
+
+
+@dataclass(frozen=True)
 class JobObservation:
     """What the operator knows about one stage's Job (and its Pods)."""
 
@@ -57,6 +70,7 @@ class JobObservation:
     result: StageResult | None = None  # from the newest terminated container
     exit_code: int | None = None  # of the newest terminated container
     progress: Progress | None = None  # from the running pod's log (or, dev executor, its annotation)
+    waiting: Waiting | None = None  # the newest live pod has not started: why
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,29 @@ def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def pod_waiting(pod: dict[str, Any]) -> Waiting | None:
+    """Why a live Pod is not running yet, or None when it runs (or ran).
+
+    A Job counts such a Pod as active, so without this a Pod that can never start (its image does
+    not exist, a Secret it needs is missing, no node fits it) would look like a running stage.
+    """
+    status = pod.get("status") or {}
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    since = (pod.get("metadata") or {}).get("creationTimestamp") or ""
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            reason = condition.get("reason") or "Unschedulable"
+            return Waiting(reason, condition.get("message") or "", since)
+    for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (container.get("state") or {}).get("waiting")
+        if waiting and waiting.get("reason"):
+            return Waiting(waiting["reason"], waiting.get("message") or "", since)
+    if not (pod.get("spec") or {}).get("nodeName"):
+        return Waiting("Scheduling", "waiting for the scheduler", since)
+    return Waiting("ContainerCreating", "", since)
+
+
 def _pod_sort_key(pod: dict[str, Any]) -> tuple[str, str]:
     meta = pod.get("metadata") or {}
     return (meta.get("creationTimestamp") or "", meta.get("name") or "")
@@ -175,8 +212,10 @@ def observe_job(
                 )
             break
     progress = None
+    waiting = None
     running = [p for p in own if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")]
     if running:
+        waiting = None if (running[-1].get("metadata") or {}).get("deletionTimestamp") else pod_waiting(running[-1])
         meta_running = running[-1].get("metadata") or {}
         progress = (logged or {}).get(meta_running.get("name") or "") or parse_progress(
             (meta_running.get("annotations") or {}).get(PROGRESS_ANNOTATION)
@@ -202,6 +241,7 @@ def observe_job(
         result=result,
         exit_code=exit_code,
         progress=progress,
+        waiting=waiting,
     )
 
 

@@ -13,14 +13,14 @@ spec.suspend suspends the active Job and holds back new ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
 from .api.layout import last_policy_stage, run_dir, stage_output
 from .api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
 from .children import RunIdentity, build_config_map, build_job, build_pvc
-from .observe import JobObservation, Observed
+from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
 from .progress import merge_progress, summary
 
 RETRY_ANNOTATION = "rlhf-operator.io/retry"
@@ -53,6 +53,13 @@ class Plan:
 
 def timestamp(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamp(text: str) -> datetime | None:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def _enabled(spec: RLHFRunSpec, stage: str) -> bool:
@@ -99,6 +106,20 @@ def _failure_message(stage: str, job: JobObservation) -> tuple[str, str]:
     message = f"stage {stage} failed ({reason}"
     message += f", exit code {exit_code})" if exit_code else ")"
     return reason, f"{message}: {detail}"[:4000] if detail else message
+
+
+def _pending(
+    st: StageStatus, waiting: Waiting, timeout: int | None, now: datetime, ts: str
+) -> tuple[StageStatus, bool]:
+    """The stage while its Pod cannot start: Pending with Kubernetes' reason, or Failed (StartTimeout)
+    once it has waited longer than runtime.startTimeoutSeconds."""
+    detail = f"{waiting.reason}: {waiting.message}" if waiting.message else waiting.reason
+    since = parse_timestamp(waiting.since)
+    if timeout is not None and since is not None and (now - since).total_seconds() > timeout:
+        message = f"stage {st.name} did not start within {timeout} s (runtime.startTimeoutSeconds): {detail}"
+        update = {"phase": "Failed", "completion_time": ts, "reason": cond.START_TIMEOUT, "message": message}
+        return st.model_copy(update=update), True
+    return st.model_copy(update={"phase": "Pending", "reason": waiting.reason, "message": detail[:4000]}), False
 
 
 def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
@@ -148,9 +169,11 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
             continue
         current = st.name
         if st.phase == "Failed":
-            failure = (cond.STAGE_LOST, st.message or f"stage {st.name} failed") if job is None else None
-            if job is not None:
+            if job is not None and job.failed_condition:
                 failure = _failure_message(st.name, job)
+            else:  # its Job is gone, or the operator failed the stage itself (StartTimeout)
+                reason = cond.STAGE_LOST if job is None else (st.reason or cond.STAGE_FAILED)
+                failure = (reason, st.message or f"stage {st.name} failed")
             break
         if job is None or st.name in waiting:
             if st.name not in waiting and any(s.name in jobs for s in stages[i + 1 :]):
@@ -183,13 +206,22 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
             actions.append(SetJobSuspend(job.name, True))
         elif not spec.suspend and job.suspended and not spec.runtime.queue_name:
             actions.append(SetJobSuspend(job.name, False))  # with Kueue, admission unsuspends it
+        waiting = None if spec.suspend or job.suspended else job.waiting
+        if waiting is not None:
+            stages[i], timed_out = _pending(st, waiting, spec.runtime.start_timeout_seconds, now, ts)
+            if timed_out:
+                failure = (cond.START_TIMEOUT, stages[i].message or "")
+                finished.append(stages[i])
+                # Suspending deletes the Pod (and frees what it holds) but keeps the Job to inspect.
+                actions.append(SetJobSuspend(job.name, True))
+            break
         if spec.suspend:
             phase = "Suspended"
         elif job.active or (st.phase in ("Running", "Suspended") and not job.suspended):
             phase = "Running"
         else:
             phase = "Pending"
-        stages[i] = st.model_copy(update={"phase": phase})
+        stages[i] = st.model_copy(update={"phase": phase, "reason": None, "message": None})
         break
     else:
         current = None
@@ -241,9 +273,10 @@ def _summarise(
     what = f"stage {current}" if current else "the pipeline"
     if phase == "Running":
         c = cond.set_condition(c, cond.RUNNING, "True", cond.STAGE_RUNNING, f"running {what}", gen, ts)
-    elif phase == "Pending":
+    elif phase == "Pending" or (running is not None and running.phase == "Pending" and running.reason):
         reason = cond.STAGE_PENDING if current and any(s.job_name for s in stages) else cond.INITIALIZING
-        c = cond.set_condition(c, cond.RUNNING, "Unknown", reason, f"waiting for {what} to start", gen, ts)
+        why = f": {running.message}" if running is not None and running.message else ""
+        c = cond.set_condition(c, cond.RUNNING, "Unknown", reason, f"waiting for {what} to start{why}", gen, ts)
     elif phase == "Suspended":
         c = cond.set_condition(c, cond.RUNNING, "False", cond.SUSPEND_REQUESTED, "spec.suspend is true", gen, ts)
     else:
@@ -286,6 +319,9 @@ def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> li
     before = {s.name: s for s in old.stages}
     for st in new.stages:
         prev = before.get(st.name)
+        stuck = st.phase == "Pending" and st.reason and st.reason not in STARTING_REASONS
+        if stuck and (prev is None or prev.reason != st.reason):
+            out.append(PostEvent("Warning", "StagePending", f"stage {st.name} cannot start: {st.message}"))
         if prev is not None and prev.phase == st.phase:
             continue
         if st.phase in STAGE_EVENTS:

@@ -10,7 +10,7 @@ import pytest
 from rlhf_operator.actions import CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
 from rlhf_operator.api.layout import StageResult
 from rlhf_operator.api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
-from rlhf_operator.observe import JobObservation, Observed, Progress
+from rlhf_operator.observe import JobObservation, Observed, Progress, Waiting
 from rlhf_operator.planner import RETRY_ANNOTATION, RunView, plan
 
 from .harness import tiny_run
@@ -302,3 +302,56 @@ def test_stage_entries_keep_history() -> None:
         metrics={"loss": 0.1},
         artifact_path="runs/ns/tiny/sft",
     )
+
+
+# --- a Pod that cannot start is Pending, not Running ---------------------------------------------
+def pulling(since: str = "2026-01-01T11:55:00Z", reason: str = "ImagePullBackOff") -> JobObservation:
+    waiting = Waiting(reason, 'Back-off pulling image "nope:1"', since)
+    return running("sft", waiting=waiting)
+
+
+def test_a_pod_that_cannot_start_is_pending_with_its_reason_and_one_event() -> None:
+    p = plan(view(), observed(pulling()), NOW)
+    sft = p.status.stages[0]
+    assert (sft.phase, sft.reason) == ("Pending", "ImagePullBackOff")
+    assert sft.message is not None and "nope:1" in sft.message
+    assert p.status.phase == "Pending"
+    running_condition = next(c for c in p.status.conditions if c.type == "Running")
+    assert running_condition.status == "Unknown" and "nope:1" in running_condition.message
+    assert "Event:StagePending" in kinds(p.actions)
+    again = plan(view(p.status), observed(pulling()), NOW)
+    assert "Event:StagePending" not in kinds(again.actions), "one event per reason, not per pass"
+    assert again.status == p.status
+
+
+def test_starting_reasons_are_pending_without_a_warning() -> None:
+    p = plan(view(), observed(pulling(reason="ContainerCreating")), NOW)
+    assert p.status.stages[0].phase == "Pending"
+    assert "Event:StagePending" not in kinds(p.actions)
+
+
+def test_a_pod_that_started_clears_the_waiting_reason() -> None:
+    first = plan(view(), observed(pulling()), NOW)
+    p = plan(view(first.status), observed(running("sft")), NOW)
+    sft = p.status.stages[0]
+    assert (sft.phase, sft.reason, sft.message) == ("Running", None, None)
+
+
+def test_waiting_past_the_start_timeout_fails_the_run_and_suspends_the_job() -> None:
+    old = pulling(since="2026-01-01T11:00:00Z")  # an hour ago; the default timeout is 900 s
+    p = plan(view(), observed(old), NOW)
+    sft = p.status.stages[0]
+    assert (sft.phase, sft.reason) == ("Failed", "StartTimeout")
+    assert p.status.phase == "Failed"
+    failed_condition = next(c for c in p.status.conditions if c.type == "Failed")
+    assert failed_condition.reason == "StartTimeout" and "ImagePullBackOff" in failed_condition.message
+    assert "Suspend:tiny-sft=True" in kinds(p.actions)
+    # The next pass sees the suspended Job: the failure and its reason stand, nothing more happens.
+    later = plan(view(p.status), observed(running("sft", suspended=True, active=0)), NOW)
+    assert later.status.phase == "Failed" and later.status.stages[0].reason == "StartTimeout"
+    assert later.actions == []
+
+
+def test_start_timeout_null_waits_for_ever() -> None:
+    p = plan(view(runtime={"startTimeoutSeconds": None}), observed(pulling(since="2025-01-01T00:00:00Z")), NOW)
+    assert p.status.stages[0].phase == "Pending"

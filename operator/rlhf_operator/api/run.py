@@ -240,6 +240,9 @@ class StageStatus(ApiModel):
     """Final (or latest) metrics reported by the stage, e.g. reward/mean, eval/accuracy."""
     artifact_path: str | None = None
     """Output directory of the stage on the shared volume."""
+    reason: Annotated[str, Field(max_length=128)] | None = None
+    """Kubernetes' reason while the stage's Pod cannot start (ImagePullBackOff, Unschedulable,
+    CreateContainerConfigError, ...), or why it failed (ConfigError, StartTimeout, ...)."""
     message: Annotated[str, Field(max_length=4096)] | None = None
     """Why the stage is in this phase, for failures especially."""
 

@@ -120,5 +120,10 @@ class Runtime(ApiModel):
     """Retries of a stage's pod before the stage, and the run, fail. Config errors are never retried."""
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
     """Time limit for each stage's Job."""
+    start_timeout_seconds: Annotated[int, Field(ge=1)] | None = 900
+    """How long a stage's Pod may wait to start (image pull errors, missing Secrets or ConfigMaps, no node
+    that fits, an unbound volume) before the stage and the run fail and the Job is suspended, which frees
+    what the Pod holds. null waits for ever (e.g. for GPUs to free up on a cluster without Kueue; with
+    Kueue, queueing happens before the Job is unsuspended and does not count)."""
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
     """Delete each finished stage Job after this many seconds (the run's status keeps the results)."""
