@@ -206,9 +206,9 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
             actions.append(SetJobSuspend(job.name, True))
         elif not spec.suspend and job.suspended and not spec.runtime.queue_name:
             actions.append(SetJobSuspend(job.name, False))  # with Kueue, admission unsuspends it
-        waiting = None if spec.suspend or job.suspended else job.waiting
-        if waiting is not None:
-            stages[i], timed_out = _pending(st, waiting, spec.runtime.start_timeout_seconds, now, ts)
+        not_started = None if spec.suspend or job.suspended else job.waiting
+        if not_started is not None:
+            stages[i], timed_out = _pending(st, not_started, spec.runtime.start_timeout_seconds, now, ts)
             if timed_out:
                 failure = (cond.START_TIMEOUT, stages[i].message or "")
                 finished.append(stages[i])
