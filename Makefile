@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # Everything ruff checks and formats.
 PY_PATHS := operator stages tests images benchmarks
 
-.PHONY: help setup venv controlplane charttools demo test test-fast lint fmt generate verify clean
+.PHONY: help setup venv controlplane charttools demo test test-fast cluster lint fmt generate verify clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -45,8 +45,11 @@ demo: venv ## run a complete tiny RLHF pipeline locally on the CPU and write a r
 test: setup ## run the whole test suite against a real kube-apiserver
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup ## the inner loop: every test that trains no model (-m 'not training'), about 4.5 min
-	$(PY) -m pytest -m 'not training' $(PYTEST_ARGS)
+test-fast: setup ## the inner loop: every test that trains no model and needs no node (~4.5 min)
+	$(PY) -m pytest -m 'not training and not node' $(PYTEST_ARGS)
+
+cluster: venv controlplane ## a real single-node cluster (root; builds the images on first use); Ctrl-C stops it
+	$(PY) -m rlhf_operator.dev.cluster $(or $(WORKDIR),$(CURDIR)/.rlhf-cluster)
 
 lint: venv ## ruff check and format, mypy and import-linter (module layering)
 	$(PY) -m ruff check $(PY_PATHS)

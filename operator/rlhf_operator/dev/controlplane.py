@@ -5,7 +5,9 @@ on free loopback ports, with RBAC on and static-token users: an admin (system:ma
 the operator's own identity, which holds no rights until RBAC grants them. kube-controller-manager
 runs its garbage collector (and PVC protection) only, so owner references cascade deletions as in
 a real cluster.
-There is no kubelet, scheduler or Job controller; ``rlhf_operator.dev.executor`` plays those.
+Alone it has no kubelet, scheduler or Job controller (``rlhf_operator.dev.executor`` plays those);
+with ``NodeOptions`` it serves a real node instead (``rlhf_operator.dev.cluster``): every default
+controller runs, Pods get ServiceAccount tokens, and kubelets are authorized by the Node authorizer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO / "tests" / "controlplane" / "build.sh"
 OPERATOR_USER = "system:serviceaccount:rlhf-system:rlhf-operator"
+SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service: the first address of SERVICE_CIDR
 
 
 def binaries_dir() -> Path:
@@ -51,6 +55,20 @@ class User:
     name: str
     token: str
     groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """What the control plane needs to serve a real kubelet (see rlhf_operator.dev.cluster)."""
+
+    # The API server's address as Pods see it: the `kubernetes` Service's endpoint, which kube-proxy
+    # forwards 10.96.0.1:443 to. Loopback would be the Pod's own loopback.
+    advertise_address: str
+    # The API server's client certificate for the kubelet API (logs, exec), trusted by the kubelet.
+    kubelet_client_cert: Path
+    kubelet_client_key: Path
+    # The kubelet's own identity (system:node:NAME in system:nodes) for the Node authorizer.
+    node_user: User
 
 
 @dataclass
@@ -121,7 +139,7 @@ def _wait_ready(url: str, token: str, ca_file: Path, procs: list[subprocess.Pope
     raise TimeoutError(f"kube-apiserver not ready after 120 s; see {log}")
 
 
-def start(workdir: Path | None = None, bin_dir: Path | None = None) -> ControlPlane:
+def start(workdir: Path | None = None, bin_dir: Path | None = None, node: NodeOptions | None = None) -> ControlPlane:
     """Starts etcd and kube-apiserver; the caller must ``stop()`` the result."""
     bin_dir = bin_dir or binaries_dir()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="rlhf-controlplane-"))
@@ -130,13 +148,16 @@ def start(workdir: Path | None = None, bin_dir: Path | None = None) -> ControlPl
     certs.mkdir(exist_ok=True)
     sa_key = certs / "sa.key"
     subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
+    if node is not None:
+        _write_serving_cert(certs, node.advertise_address)
 
     admin = User("admin", secrets.token_hex(16), ("system:masters",))
     operator = User(
         OPERATOR_USER, secrets.token_hex(16), ("system:serviceaccounts", "system:serviceaccounts:rlhf-system")
     )
     tokens = workdir / "tokens.csv"
-    tokens.write_text("".join(f'{u.token},{u.name},{u.name},"{",".join(u.groups)}"\n' for u in (admin, operator)))
+    users = (admin, operator, node.node_user) if node else (admin, operator)
+    tokens.write_text("".join(f'{u.token},{u.name},{u.name},"{",".join(u.groups)}"\n' for u in users))
     tokens.chmod(0o600)
 
     etcd_client, etcd_peer, api_port = free_port(), free_port(), free_port()
@@ -170,16 +191,11 @@ def start(workdir: Path | None = None, bin_dir: Path | None = None) -> ControlPl
             str(bin_dir / "kube-apiserver"),
             "--etcd-servers",
             f"http://127.0.0.1:{etcd_client}",
-            "--bind-address",
-            "127.0.0.1",
-            "--advertise-address",
-            "127.0.0.1",
+            *_apiserver_mode_args(node),
             "--secure-port",
             str(api_port),
             "--cert-dir",
             str(certs),
-            "--authorization-mode",
-            "RBAC",
             "--token-auth-file",
             str(tokens),
             "--service-account-issuer",
@@ -189,9 +205,7 @@ def start(workdir: Path | None = None, bin_dir: Path | None = None) -> ControlPl
             "--service-account-signing-key-file",
             str(sa_key),
             "--service-cluster-ip-range",
-            "10.96.0.0/16",
-            "--disable-admission-plugins",
-            "ServiceAccount",
+            SERVICE_CIDR,
             "--v",
             "1",
         ],
@@ -203,23 +217,96 @@ def start(workdir: Path | None = None, bin_dir: Path | None = None) -> ControlPl
     plane = ControlPlane(workdir, bin_dir, url, certs / "apiserver.crt", admin, operator, [etcd, apiserver])
     try:
         _wait_ready(url, admin.token, plane.ca_file, plane.processes, log)
-        plane.processes.append(_start_garbage_collector(plane, log_file))
+        plane.processes.append(_start_controller_manager(plane, log_file, sa_key, all_controllers=node is not None))
     except BaseException:
         plane.stop()
         raise
     return plane
 
 
-def _start_garbage_collector(plane: ControlPlane, log_file: Any) -> subprocess.Popen[bytes]:
-    """kube-controller-manager with only the garbage collector: deleting a run deletes what it owns."""
+def _write_serving_cert(certs: Path, advertise_address: str) -> None:
+    """The API server's self-signed serving certificate, valid for loopback (tests, kubectl), the
+    advertise address and the `kubernetes` Service (Pods). The API server generates one itself
+    only for the advertise address and the Service, which loopback clients would then reject."""
+    names = ["IP:127.0.0.1", f"IP:{advertise_address}", f"IP:{SERVICE_IP}", "DNS:localhost", "DNS:kubernetes"]
+    names += [f"DNS:kubernetes.default{suffix}" for suffix in ("", ".svc", ".svc.cluster.local")]
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "30",
+            "-keyout",
+            str(certs / "apiserver.key"),
+            "-out",
+            str(certs / "apiserver.crt"),
+            "-subj",
+            "/CN=kube-apiserver",
+            "-addext",
+            f"subjectAltName={','.join(names)}",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign",
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def _apiserver_mode_args(node: NodeOptions | None) -> list[str]:
+    if node is None:
+        # API only: no Pod ever runs, so no ServiceAccount token is mounted (and no controller
+        # creates the `default` ServiceAccount the admission plugin would insist on).
+        return [
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            "--authorization-mode=RBAC",
+            "--disable-admission-plugins=ServiceAccount",
+        ]
+    return [
+        # Pods reach the API server through the `kubernetes` Service, whose endpoint is the
+        # advertise address on the node's Pod bridge; tests and kubectl keep using loopback.
+        "--bind-address=0.0.0.0",
+        f"--advertise-address={node.advertise_address}",
+        "--authorization-mode=Node,RBAC",
+        "--enable-admission-plugins=NodeRestriction",
+        f"--kubelet-client-certificate={node.kubelet_client_cert}",
+        f"--kubelet-client-key={node.kubelet_client_key}",
+        # The node registers 127.0.0.1 as its InternalIP: `kubectl logs` must resolve it.
+        "--kubelet-preferred-address-types=InternalIP",
+    ]
+
+
+def _start_controller_manager(
+    plane: ControlPlane, log_file: Any, sa_key: Path, all_controllers: bool
+) -> subprocess.Popen[bytes]:
+    """kube-controller-manager: the garbage collector alone (deleting a run deletes what it owns),
+    or, for a real node, every default controller (Job, TTL-after-finished, PV binder, node
+    lifecycle, ServiceAccount tokens, ...)."""
+    if all_controllers:
+        mode = [
+            "--controllers=*",
+            f"--service-account-private-key-file={sa_key}",
+            # Published as the kube-root-ca.crt ConfigMap that every Pod's token volume carries.
+            f"--root-ca-file={plane.ca_file}",
+            "--use-service-account-credentials=false",
+            # Nodes are marked NotReady (and their Pods evicted) sooner than the default 40 s.
+            "--node-monitor-grace-period=20s",
+        ]
+    else:
+        # pvc-protection removes the kubernetes.io/pvc-protection finalizer of deleted, unused PVCs.
+        mode = ["--controllers=garbagecollector,pvc-protection"]
     return subprocess.Popen(
         [
             str(plane.bin_dir / "kube-controller-manager"),
             "--kubeconfig",
             str(plane.kubeconfig(plane.admin, plane.workdir / "kubeconfig-controller-manager")),
-            # pvc-protection removes the kubernetes.io/pvc-protection finalizer of deleted, unused PVCs.
-            "--controllers",
-            "garbagecollector,pvc-protection",
+            *mode,
             "--leader-elect=false",
             "--secure-port",
             "0",

@@ -1,0 +1,612 @@
+"""A real single-node Kubernetes cluster on this machine, for the node test tier and ``make cluster``.
+
+Everything is the real component, built from the Kubernetes Go modules the project pins
+(``tests/controlplane/build.sh``) or installed from Debian's packages: etcd, kube-apiserver,
+kube-controller-manager with every default controller, kube-scheduler, kube-proxy (iptables mode),
+and a kubelet driving containerd (CRI plugin) with runc and the CNI bridge plugin, cgroupfs.
+Images come from ``images/build.py`` (built here, imported into this cluster's containerd).
+
+What is particular to a laptop-sized, single-node test cluster, and why:
+- Pods live on the bridge ``rlhf0`` (10.88.0.0/16); the API server listens on every address and
+  advertises the bridge's own address, where kube-proxy forwards the ``kubernetes`` Service;
+- one node, ``rlhf-node``, whose InternalIP is that bridge address too (the kubelet refuses a
+  loopback node IP), and the API server reaches the kubelet there (``kubectl logs``);
+- storage is local PersistentVolumes (StorageClass ``local``, no provisioner, WaitForFirstConsumer):
+  ``add_volumes`` makes more; RWO behaves as RWO because each volume is bound to one claim;
+- the node advertises ``nvidia.com/gpu`` capacity through its status, so GPU-requesting specs
+  schedule; nothing provides a device, so stages run on the CPU;
+- containerd's image store lives in the cache directory (images survive between sessions), its
+  state under /run; one cluster runs at a time (a lock file says so).
+Root only. Not a production component: there is no DNS add-on and no network policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from . import controlplane
+from .controlplane import ControlPlane, NodeOptions, User
+
+NODE_NAME = "rlhf-node"
+BRIDGE = "rlhf0"
+POD_SUBNET = "10.88.0.0/16"
+BRIDGE_ADDRESS = "10.88.0.1"
+STORAGE_CLASS = "local"
+# What the node says it has: enough for the tests' GPU-requesting specs to schedule.
+GPU_CAPACITY = 8
+# containerd's CRI plugin runs Pod sandboxes from this name; the pause image is tagged with it.
+SANDBOX_IMAGE = "localhost/rlhf-pause:sandbox"
+CRI_NAMESPACE = "k8s.io"
+RUN_DIR = Path("/run/rlhf-node")
+HOST_PACKAGES = {
+    "containerd": "containerd",
+    "runc": "runc",
+    "/usr/lib/cni/bridge": "containernetworking-plugins",
+    "iptables": "iptables",
+}
+REPO = controlplane.REPO
+IMAGE_BUILD_SCRIPT = REPO / "images" / "build.py"
+
+# Takes containerd's socket, loads the images into it, returns their references by name
+# ("pause", "operator", "stages").
+ImageLoader = Callable[[Path], Mapping[str, str]]
+
+
+def cache_root() -> Path:
+    explicit = os.environ.get("RLHF_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rlhf-operator"
+
+
+@dataclass
+class Cluster:
+    """A running single-node cluster: its control plane, the node's processes and their logs."""
+
+    plane: ControlPlane
+    workdir: Path
+    containerd_socket: Path
+    images: Mapping[str, str]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _lock: IO[str] | None = None
+    _volumes: int = 0
+
+    def kubectl(self, *args: str, user: User | None = None, input: str | None = None, check: bool = True) -> str:
+        return self.plane.kubectl(*args, user=user, input=input, check=check)
+
+    def ctr(self, *args: str, check: bool = True) -> str:
+        """containerd's own CLI against this node's containerd, in the CRI namespace."""
+        cmd = ["ctr", "--address", str(self.containerd_socket), "-n", CRI_NAMESPACE, *args]
+        return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=120).stdout
+
+    def add_volumes(self, count: int, size: str = "200Gi") -> None:
+        """Adds ``count`` local PersistentVolumes to the pool claims bind to."""
+        docs = []
+        for _ in range(count):
+            self._volumes += 1
+            name = f"local-pv-{self._volumes:03d}"
+            path = self.workdir / "volumes" / name
+            path.mkdir(parents=True, exist_ok=True)
+            docs.append(_local_volume(name, path, size))
+        self.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
+
+    def stop(self) -> None:
+        """Stops every Pod's containers, then the node, then the control plane; cleans up mounts."""
+        try:
+            self._stop_pods()
+        finally:
+            _terminate(self.processes)
+            self.processes.clear()
+            _kill_leftover_tasks(self.containerd_socket)
+            self.plane.stop()
+            _unmount_under(self.workdir)
+            _remove_pod_network()
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+
+    def _stop_pods(self) -> None:
+        # Deleting the Pods through the API lets the kubelet tear their sandboxes down properly
+        # (CNI DEL frees the IP and the veth); grace 0 because the tier is over.
+        if not self.processes or any(p.poll() is not None for p in self.processes):
+            return
+        self.kubectl("delete", "pods", "--all", "-A", "--grace-period=0", "--force", "--wait=false", check=False)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.ctr("tasks", "ls", "-q", check=False).strip():
+            time.sleep(1)
+
+
+def _terminate(processes: list[subprocess.Popen[bytes]]) -> None:
+    for proc in reversed(processes):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in reversed(processes):
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _local_volume(name: str, path: Path, size: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": name, "labels": {"rlhf-operator.io/test-volume": "true"}},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": STORAGE_CLASS,
+            "local": {"path": str(path)},
+            "nodeAffinity": {
+                "required": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}
+                            ]
+                        }
+                    ]
+                }
+            },
+        },
+    }
+
+
+# --- host preparation -------------------------------------------------------------------------
+
+
+def ensure_host_packages() -> None:
+    """Installs containerd, runc, the CNI plugins and iptables from Debian's packages when missing."""
+    if os.geteuid() != 0:
+        raise PermissionError("a real node needs root (containerd, runc, network namespaces, iptables)")
+    missing = sorted({pkg for tool, pkg in HOST_PACKAGES.items() if not (Path(tool).exists() or shutil.which(tool))})
+    if not missing:
+        return
+    print(f"installing Debian packages for the node: {' '.join(missing)}", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def _sysctl(key: str, value: str) -> None:
+    Path("/proc/sys", *key.split(".")).write_text(value)
+
+
+def _prepare_pod_network() -> None:
+    """The bridge Pods attach to, made before the CNI plugin would, so the API server can advertise
+    its address; forwarding and bridged traffic through iptables (kube-proxy's Service rules)."""
+    if not Path("/proc/sys/net/bridge").exists():
+        subprocess.run(["modprobe", "br_netfilter"], check=False)
+    _sysctl("net.ipv4.ip_forward", "1")
+    _sysctl("net.bridge.bridge-nf-call-iptables", "1")
+    _remove_pod_network()
+    subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", f"{BRIDGE_ADDRESS}/16", "dev", BRIDGE], check=True)
+    subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True)
+
+
+def _remove_pod_network() -> None:
+    # Sandboxes of a cluster that died without tearing them down keep a netns and a veth each.
+    netns = Path("/run/netns")
+    for ns in netns.glob("cni-*") if netns.exists() else []:
+        subprocess.run(["ip", "netns", "delete", ns.name], check=False, capture_output=True)
+    subprocess.run(["ip", "link", "delete", BRIDGE], check=False, capture_output=True)
+
+
+def _unmount_under(root: Path) -> None:
+    """Unmounts what the kubelet mounted for Pods (tmpfs volumes, local volumes) under ``root``."""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        points = [line.split()[4] for line in lines]
+        for point in sorted((p for p in points if p.startswith(str(root))), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
+def _write_certs(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA the kubelet trusts for client certificates, and the API server's certificate from it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_crt = directory / "kubelet-ca.key", directory / "kubelet-ca.crt"
+    key, csr, crt = (
+        directory / "apiserver-kubelet.key",
+        directory / "apiserver-kubelet.csr",
+        directory / "apiserver-kubelet.crt",
+    )
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca_crt),
+        "-days",
+        "30",
+        "-subj",
+        "/CN=rlhf-node-kubelet-ca",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        "/O=system:masters/CN=kube-apiserver-kubelet-client",
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_crt),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(crt),
+        "-days",
+        "30",
+    )
+    return ca_crt, crt, key
+
+
+# --- containerd --------------------------------------------------------------------------------
+
+
+def _containerd_config(workdir: Path, store: Path, socket: Path) -> str:
+    # restrict_oom_score_adj: this machine denies lowering oom_score_adj (no CAP_SYS_RESOURCE).
+    # runc, not crun: crun refuses the hybrid cgroup v1 layout here.
+    return f"""version = 2
+root = "{store}"
+state = "{RUN_DIR / "containerd"}"
+[grpc]
+  address = "{socket}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{SANDBOX_IMAGE}"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{workdir / "cni"}"
+"""
+
+
+def _cni_config(workdir: Path) -> str:
+    return json.dumps(
+        {
+            "cniVersion": "1.0.0",
+            "name": "rlhf-pods",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": True,
+                    "ipMasq": True,
+                    "hairpinMode": True,  # a Pod reaching a Service that leads back to itself
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": POD_SUBNET, "gateway": BRIDGE_ADDRESS}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": str(workdir / "cni-ipam"),
+                    },
+                },
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+            ],
+        },
+        indent=1,
+    )
+
+
+def _start_containerd(workdir: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], Path]:
+    store = cache_root() / "containerd"
+    store.mkdir(parents=True, exist_ok=True)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    socket = RUN_DIR / "containerd.sock"
+    (workdir / "cni").mkdir(parents=True, exist_ok=True)
+    (workdir / "cni" / "10-rlhf-pods.conflist").write_text(_cni_config(workdir))
+    config = workdir / "containerd.toml"
+    config.write_text(_containerd_config(workdir, store, socket))
+    proc = subprocess.Popen(
+        ["containerd", "--config", str(config), "--log-level", "warn"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        ok = subprocess.run(["ctr", "--address", str(socket), "version"], capture_output=True, check=False)
+        if ok.returncode == 0:
+            return proc, socket
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"containerd did not start; see {log.name}")
+        time.sleep(0.3)
+
+
+def _kill_leftover_tasks(socket: Path) -> None:
+    """Containers the kubelet did not stop (it was killed, or timed out) die with the cluster."""
+    if not socket.exists():
+        return
+    base = ["ctr", "--address", str(socket), "-n", CRI_NAMESPACE]
+    tasks = subprocess.run([*base, "tasks", "ls", "-q"], capture_output=True, text=True, check=False).stdout.split()
+    for task in tasks:
+        subprocess.run([*base, "tasks", "kill", "-s", "SIGKILL", task], capture_output=True, check=False)
+    for task in tasks:
+        subprocess.run([*base, "tasks", "delete", "-f", task], capture_output=True, check=False)
+    containers = subprocess.run([*base, "containers", "ls", "-q"], capture_output=True, text=True, check=False)
+    for container in containers.stdout.split():
+        subprocess.run([*base, "containers", "delete", container], capture_output=True, check=False)
+
+
+# --- node components ---------------------------------------------------------------------------
+
+
+def _kubelet_config(workdir: Path, socket: Path, client_ca: Path) -> str:
+    config = {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "containerRuntimeEndpoint": f"unix://{socket}",
+        "cgroupDriver": "cgroupfs",
+        "failSwapOn": False,
+        "address": BRIDGE_ADDRESS,
+        "port": controlplane.free_port(),
+        "readOnlyPort": 0,
+        "healthzBindAddress": "127.0.0.1",
+        "healthzPort": controlplane.free_port(),
+        # Only the API server (its client certificate) may call the kubelet API.
+        "authentication": {
+            "anonymous": {"enabled": False},
+            "webhook": {"enabled": False},
+            "x509": {"clientCAFile": str(client_ca)},
+        },
+        "authorization": {"mode": "AlwaysAllow"},
+        "clusterDomain": "cluster.local",
+        "podLogsDir": str(workdir / "pod-logs"),
+        "nodeStatusUpdateFrequency": "5s",
+        "serializeImagePulls": False,
+        # The stage image is large and rebuilt rarely: never collect it to make room.
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+        "maxPods": 40,
+    }
+    return json.dumps(config, indent=1)
+
+
+def _start_node_components(
+    plane: ControlPlane, workdir: Path, socket: Path, client_ca: Path, node_user: User, log: IO[bytes]
+) -> list[subprocess.Popen[bytes]]:
+    bins = plane.bin_dir
+    admin_kubeconfig = str(plane.kubeconfig(plane.admin, workdir / "kubeconfig-node-admin"))
+    kubelet_dir = workdir / "kubelet"
+    kubelet_dir.mkdir(parents=True, exist_ok=True)
+    (workdir / "pod-logs").mkdir(parents=True, exist_ok=True)
+    kubelet_config = workdir / "kubelet.json"
+    kubelet_config.write_text(_kubelet_config(workdir, socket, client_ca))
+
+    def spawn(*cmd: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    return [
+        spawn(
+            str(bins / "kube-scheduler"),
+            f"--kubeconfig={admin_kubeconfig}",
+            "--leader-elect=false",
+            "--secure-port=0",
+            "--v=1",
+        ),
+        spawn(
+            str(bins / "kube-proxy"),
+            f"--kubeconfig={admin_kubeconfig}",
+            f"--hostname-override={NODE_NAME}",
+            "--proxy-mode=iptables",
+            f"--cluster-cidr={POD_SUBNET}",
+            "--conntrack-max-per-core=0",
+            f"--metrics-bind-address=127.0.0.1:{controlplane.free_port()}",
+            f"--healthz-bind-address=127.0.0.1:{controlplane.free_port()}",
+            "--v=1",
+        ),
+        spawn(
+            str(bins / "kubelet"),
+            f"--config={kubelet_config}",
+            f"--kubeconfig={plane.kubeconfig(node_user, workdir / 'kubeconfig-kubelet')}",
+            f"--hostname-override={NODE_NAME}",
+            f"--node-ip={BRIDGE_ADDRESS}",
+            f"--root-dir={kubelet_dir}",
+            f"--cert-dir={kubelet_dir / 'pki'}",
+            "--v=1",
+        ),
+    ]
+
+
+def _wait(
+    what: str, check: Callable[[], bool], timeout: float, procs: list[subprocess.Popen[bytes]], log: Path
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} waiting for {what}; see {log}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not after {timeout:.0f} s; see {log}")
+        time.sleep(1)
+
+
+def _node_ready(plane: ControlPlane) -> bool:
+    out = plane.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
+    try:
+        node = json.loads(out)
+    except ValueError:
+        return False
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
+    # The node lifecycle controller removes the not-ready taint a moment after Ready.
+    tainted = any(t["key"] == "node.kubernetes.io/not-ready" for t in node["spec"].get("taints", []))
+    return ready and not tainted
+
+
+def _advertise_gpus(plane: ControlPlane) -> None:
+    # An extended resource in the node's status is how a node without a device plugin advertises
+    # it (the kubelet keeps capacity it does not manage). Stages then run on the CPU.
+    patch = [
+        {"op": "add", "path": f"/status/{part}/nvidia.com~1gpu", "value": str(GPU_CAPACITY)}
+        for part in ("capacity", "allocatable")
+    ]
+    plane.kubectl("patch", "node", NODE_NAME, "--subresource=status", "--type=json", "-p", json.dumps(patch))
+
+
+STORAGE_CLASS_MANIFEST = {
+    "apiVersion": "storage.k8s.io/v1",
+    "kind": "StorageClass",
+    "metadata": {"name": STORAGE_CLASS, "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+    "provisioner": "kubernetes.io/no-provisioner",
+    # Bind when the first Pod is scheduled, as local volumes must.
+    "volumeBindingMode": "WaitForFirstConsumer",
+}
+
+
+def start(workdir: Path, load_images: ImageLoader, bin_dir: Path | None = None, volumes: int = 24) -> Cluster:
+    """Starts the whole single-node cluster; the caller must ``stop()`` it."""
+    ensure_host_packages()
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    lock = (cache_root() / "node.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RuntimeError(f"another node cluster runs on this machine (lock {lock.name})") from None
+    log_path = workdir / "node.log"
+    log = log_path.open("ab")
+    processes: list[subprocess.Popen[bytes]] = []
+    socket = RUN_DIR / "containerd.sock"
+    plane: ControlPlane | None = None
+    try:
+        _kill_leftover_tasks(socket)  # a previous cluster that was SIGKILLed
+        _prepare_pod_network()
+        containerd, socket = _start_containerd(workdir, log)
+        processes.append(containerd)
+        images = dict(load_images(socket))
+        subprocess.run(
+            [
+                "ctr",
+                "--address",
+                str(socket),
+                "-n",
+                CRI_NAMESPACE,
+                "images",
+                "tag",
+                "--force",
+                images["pause"],
+                SANDBOX_IMAGE,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        client_ca, client_crt, client_key = _write_certs(workdir / "node-certs")
+        node_user = User(f"system:node:{NODE_NAME}", os.urandom(16).hex(), ("system:nodes",))
+        options = NodeOptions(BRIDGE_ADDRESS, client_crt, client_key, node_user)
+        plane = controlplane.start(workdir / "controlplane", bin_dir, node=options)
+        processes += _start_node_components(plane, workdir, socket, client_ca, node_user, log)
+        _wait("node Ready", lambda: _node_ready(plane), 120, processes, log_path)
+        _advertise_gpus(plane)
+        plane.kubectl("apply", "-f", "-", input=json.dumps(STORAGE_CLASS_MANIFEST))
+        _wait(
+            "the default ServiceAccount",
+            lambda: bool(plane.kubectl("get", "sa", "default", "-o", "name", check=False).strip()),
+            60,
+            processes,
+            log_path,
+        )
+        cluster = Cluster(plane, workdir, socket, images, processes, lock)
+        cluster.add_volumes(volumes)
+        return cluster
+    except BaseException:
+        _terminate(processes)
+        _kill_leftover_tasks(socket)
+        if plane is not None:
+            plane.stop()
+        _unmount_under(workdir)
+        lock.close()
+        raise
+
+
+def build_images(socket: Path) -> Mapping[str, str]:
+    """The project's images, built by images/build.py (cached by their inputs) into this containerd."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(IMAGE_BUILD_SCRIPT),
+            "--containerd-address",
+            str(socket),
+            "--pause-binary",
+            str(controlplane.binaries_dir() / "pause"),
+        ],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    refs: dict[str, str] = json.loads(out.stdout)
+    return {name: refs[name] for name in ("pause", "operator", "stages")}
+
+
+@contextlib.contextmanager
+def running(workdir: Path, load_images: ImageLoader = build_images) -> Iterator[Cluster]:
+    cluster = start(workdir, load_images)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def main() -> None:
+    """``make cluster``: start the node, print how to reach it, run until Ctrl-C."""
+    workdir = Path(sys.argv[1] if len(sys.argv) > 1 else ".rlhf-cluster").resolve()
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _: stop.append(signum))
+    started = time.monotonic()
+    with running(workdir) as cluster:
+        kubeconfig = cluster.plane.kubeconfig()
+        print(f"cluster ready in {time.monotonic() - started:.0f} s", flush=True)
+        print(f"  export KUBECONFIG={kubeconfig}", flush=True)
+        for name, ref in cluster.images.items():
+            print(f"  image {name}: {ref}", flush=True)
+        print(f"  logs: {workdir / 'node.log'}; Ctrl-C stops the cluster", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stop and all(p.poll() is None for p in cluster.processes):
+                time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The node tier: a real single-node cluster (rlhf_operator.dev.cluster), the images built from
+images/, the chart installed with Helm, and runs applied with kubectl, as a platform team would.
+
+One cluster and one release serve the whole tier (starting them costs minutes: see README
+"Measured here"); each test works in its own namespace with its own workspace volume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from rlhf_operator.dev import cluster as node_cluster
+from tests.chart.tools import CHART, Helm
+
+from .kube import NodeEnv, split_image
+
+RELEASE_NAMESPACE = "rlhf-system"
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[node_cluster.Cluster]:
+    started = time.monotonic()
+    with node_cluster.running(tmp_path_factory.mktemp("node")) as running:
+        print(f"\nnode cluster ready in {time.monotonic() - started:.0f} s (images: {dict(running.images)})")
+        yield running
+
+
+@pytest.fixture(scope="session")
+def release(cluster: node_cluster.Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`helm install` of the chart with the images built here; returns the operator's Deployment name."""
+    helm = Helm(tmp_path_factory.mktemp("helm"))
+    operator_repo, operator_tag = split_image(cluster.images["operator"])
+    stages_repo, stages_tag = split_image(cluster.images["stages"])
+    values = {
+        "image": {"repository": operator_repo, "tag": operator_tag, "pullPolicy": "IfNotPresent"},
+        "stageDefaults": {"image": {"repository": stages_repo, "tag": stages_tag}},
+        "operator": {"verbose": True},
+    }
+    helm(
+        "install", "rlhf-operator", str(CHART), "--namespace", RELEASE_NAMESPACE, "--create-namespace",
+        "-f", str(helm.values_file(values)), "--wait", "--timeout", "5m",
+        kubeconfig=cluster.plane.kubeconfig(),
+    )  # fmt: skip
+    deployment = json.loads(cluster.kubectl("-n", RELEASE_NAMESPACE, "get", "deploy", "-o", "json"))["items"][0]
+    return str(deployment["metadata"]["name"])
+
+
+@pytest.fixture
+def env(cluster: node_cluster.Cluster, release: str, request: pytest.FixtureRequest) -> Iterator[NodeEnv]:
+    prefix = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    namespace = f"n-{prefix}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", namespace)
+    node_env = NodeEnv(cluster, namespace, RELEASE_NAMESPACE, release)
+    yield node_env
+    # A run left behind would keep training on the node's two cores through the next test.
+    node_env.delete_runs()

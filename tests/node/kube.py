@@ -1,0 +1,181 @@
+"""Helpers for the node tier: a test's namespace on the real node, and waits with readable failures."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_operator.api.runtime import WORKSPACE_MOUNT_PATH
+from rlhf_operator.dev.cluster import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+STAGE_UID = 1000  # the stage image's user (images/stages/Dockerfile)
+
+
+def split_image(ref: str) -> tuple[str, str]:
+    """``localhost/rlhf-stages:abc`` -> (``localhost/rlhf-stages``, ``abc``)."""
+    repository, _, tag = ref.rpartition(":")
+    assert "/" not in tag, ref
+    return repository, tag
+
+
+def tiny_run(name: str, claim: str, **spec: Any) -> dict[str, Any]:
+    """examples/tiny.yaml as a user applies it, on a workspace volume that already holds its assets."""
+    run = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
+    run = copy.deepcopy(run)
+    run["metadata"]["name"] = name
+    run["spec"]["storage"] = {"existingClaim": claim}
+    for key, value in spec.items():
+        run["spec"][key] = value
+    return run
+
+
+@dataclass
+class NodeEnv:
+    """One test's namespace on the node cluster, with the operator released in ``operator_namespace``."""
+
+    cluster: Cluster
+    namespace: str
+    operator_namespace: str
+    operator_deployment: str
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> str:
+        return self.cluster.kubectl("-n", self.namespace, *args, check=check, input=input)
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+    def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        out = self.kubectl("get", kind, name, "-o", "json", "--ignore-not-found", check=False)
+        return json.loads(out) if out.strip().startswith("{") else None
+
+    def items(self, kind: str, selector: str = "") -> list[dict[str, Any]]:
+        args = ["get", kind, "-o", "json"] + (["-l", selector] if selector else [])
+        return list(json.loads(self.kubectl(*args))["items"])
+
+    def run(self, name: str) -> dict[str, Any]:
+        run = self.get("rlhfrun", name)
+        assert run is not None, f"RLHFRun {name} not found"
+        return run
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
+        """Polls ``check`` until it returns something truthy; fails with the namespace's state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not within {timeout:.0f} s\n{self.describe()}")
+            time.sleep(interval)
+
+    def wait_run(self, name: str, check: Callable[[dict[str, Any]], bool], what: str, timeout: float) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            run = self.get("rlhfrun", name)
+            return run if run is not None and check(run) else None
+
+        result: dict[str, Any] = self.wait_for(f"run {name}: {what}", probe, timeout)
+        return result
+
+    def wait_phase(self, name: str, phase: str, timeout: float) -> dict[str, Any]:
+        return self.wait_run(name, lambda r: r.get("status", {}).get("phase") == phase, f"phase {phase}", timeout)
+
+    def workspace(self, name: str, size: str = "5Gi") -> str:
+        """A ReadWriteOnce claim on the node's local volumes."""
+        self.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
+            }
+        )
+        return name
+
+    def tool_job(self, name: str, claim: str, command: list[str], timeout: float = 300) -> dict[str, Any]:
+        """Runs ``command`` in the stage image against the workspace claim, as a Job; waits for it."""
+        self.apply(
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": {"name": name},
+                "spec": {
+                    "backoffLimit": 0,
+                    "template": {
+                        "spec": {
+                            "restartPolicy": "Never",
+                            "automountServiceAccountToken": False,
+                            "securityContext": {
+                                "runAsNonRoot": True,
+                                "runAsUser": STAGE_UID,
+                                "runAsGroup": STAGE_UID,
+                                "fsGroup": STAGE_UID,
+                            },
+                            "containers": [
+                                {
+                                    "name": "tool",
+                                    "image": self.cluster.images["stages"],
+                                    "imagePullPolicy": "IfNotPresent",
+                                    "command": command,
+                                    "securityContext": {
+                                        "readOnlyRootFilesystem": True,
+                                        "allowPrivilegeEscalation": False,
+                                    },
+                                    "volumeMounts": [
+                                        {"name": "workspace", "mountPath": WORKSPACE_MOUNT_PATH},
+                                        {"name": "tmp", "mountPath": "/tmp"},
+                                    ],
+                                }
+                            ],
+                            "volumes": [
+                                {"name": "workspace", "persistentVolumeClaim": {"claimName": claim}},
+                                {"name": "tmp", "emptyDir": {}},
+                            ],
+                        }
+                    },
+                },
+            }
+        )
+
+        def finished() -> dict[str, Any] | None:
+            job = self.get("job", name)
+            conditions = {c["type"]: c["status"] for c in (job or {}).get("status", {}).get("conditions", [])}
+            return job if conditions.get("Complete") == "True" or conditions.get("Failed") == "True" else None
+
+        job: dict[str, Any] = self.wait_for(f"Job {name} finished", finished, timeout)
+        succeeded = job["status"].get("succeeded", 0) == 1
+        assert succeeded, f"Job {name} failed:\n{self.kubectl('logs', f'job/{name}', check=False)}"
+        return job
+
+    def tiny_assets(self, claim: str) -> None:
+        """The tiny model, tokenizer and data, written onto the claim by a Job in the stage image."""
+        out = f"{WORKSPACE_MOUNT_PATH}/assets"
+        self.tool_job("tiny-assets", claim, ["python", "-m", "rlhf_stages.tiny_assets", "--out", out])
+
+    def operator_pods(self) -> list[dict[str, Any]]:
+        out = self.cluster.kubectl(
+            "-n", self.operator_namespace, "get", "pods", "-l", "app.kubernetes.io/name=rlhf-operator", "-o", "json"
+        )
+        return list(json.loads(out)["items"])
+
+    def describe(self) -> str:
+        """What a person would look at: runs, Jobs, Pods, events, and the operator's log tail."""
+        parts = [
+            self.kubectl("get", "rlhfrun,jobs,pods,pvc", "-o", "wide", check=False),
+            self.kubectl("get", "rlhfrun", "-o", "jsonpath={.items[*].status}", check=False)[-3000:],
+            self.kubectl("get", "events", "--sort-by=.lastTimestamp", check=False)[-3000:],
+            self.cluster.kubectl(
+                "-n", self.operator_namespace, "logs", f"deploy/{self.operator_deployment}", "--tail=40", check=False
+            ),
+        ]
+        return "\n".join(parts)
+
+    def delete_runs(self) -> None:
+        self.kubectl("delete", "rlhfrun", "--all", "--wait=false", check=False)

@@ -1,0 +1,149 @@
+"""Disruptions on a real node: the operator's Pod deleted mid-stage (the new one adopts the run),
+the stage Pod deleted mid-PPO and a stage Pod evicted through the Eviction API (the stage resumes
+from its last complete checkpoint), suspend and resume through the real Job controller, and a
+running run deleted (real garbage collection removes every child and stops the container)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import pytest
+
+from .kube import NodeEnv, tiny_run
+
+pytestmark = [pytest.mark.node, pytest.mark.training, pytest.mark.timeout(1800)]
+
+
+def short_run(name: str, claim: str, ppo_steps: int = 16) -> dict[str, Any]:
+    """tiny.yaml trained less: these tests are about what happens to a stage, not how well it learns."""
+    run = tiny_run(name, claim)
+    spec = run["spec"]
+    spec["sft"]["training"]["maxSteps"] = 40
+    spec["reward"]["training"]["maxSteps"] = 40
+    spec["ppo"].update(totalSteps=ppo_steps, saveFreq=2)
+    spec["runtime"] = {"backoffLimit": 2}
+    return run
+
+
+def stage_of(run: dict[str, Any], name: str) -> dict[str, Any]:
+    return next((s for s in run.get("status", {}).get("stages", []) if s["name"] == name), {})
+
+
+def running_pod(env: NodeEnv, run: str, stage: str) -> dict[str, Any] | None:
+    pods = env.items("pods", f"rlhf-operator.io/run={run},rlhf-operator.io/stage={stage}")
+    live = [p for p in pods if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+    return live[0] if live else None
+
+
+def ppo_step_at_least(env: NodeEnv, run: str, step: int) -> Any:
+    def check(r: dict[str, Any]) -> bool:
+        progress = stage_of(r, "ppo").get("progress") or {}
+        return (progress.get("step") or 0) >= step and running_pod(env, run, "ppo") is not None
+
+    return check
+
+
+def evict(env: NodeEnv, pod: str) -> None:
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": env.namespace}}
+    env.cluster.kubectl(
+        "create", "--raw", f"/api/v1/namespaces/{env.namespace}/pods/{pod}/eviction", "-f", "-", input=json.dumps(body)
+    )
+
+
+def test_operator_restart_pod_deletion_and_eviction(env: NodeEnv) -> None:
+    claim = env.workspace("ws")
+    env.tiny_assets(claim)
+    env.apply(short_run("disrupt", claim))
+
+    # The operator's Pod deleted while SFT trains: the Deployment's new Pod takes the Lease over and
+    # adopts the run (no second SFT Job, the run goes on).
+    env.wait_for("sft running", lambda: running_pod(env, "disrupt", "sft"), 300)
+    (old_operator,) = env.operator_pods()
+    env.cluster.kubectl("-n", env.operator_namespace, "delete", "pod", old_operator["metadata"]["name"], "--wait=false")
+
+    def new_operator_ready() -> bool:
+        pods = [p for p in env.operator_pods() if p["metadata"]["name"] != old_operator["metadata"]["name"]]
+        return any(
+            c["type"] == "Ready" and c["status"] == "True" for p in pods for c in p["status"].get("conditions", [])
+        )
+
+    env.wait_for("a new operator Pod ready", new_operator_ready, 180)
+
+    # The PPO stage's Pod deleted after a checkpoint (saveFreq 2): the Job controller starts another
+    # Pod, which resumes.
+    env.wait_run("disrupt", ppo_step_at_least(env, "disrupt", 4), "PPO past step 4", 900)
+    first = running_pod(env, "disrupt", "ppo")
+    assert first is not None
+    env.kubectl("delete", "pod", first["metadata"]["name"], "--wait=false")
+
+    # ... then that new Pod evicted through the Eviction API, as a drain or preemption would.
+    def replacement() -> dict[str, Any] | None:
+        pod = running_pod(env, "disrupt", "ppo")
+        return pod if pod is not None and pod["metadata"]["name"] != first["metadata"]["name"] else None
+
+    second = env.wait_for("a replacement PPO Pod", replacement, 300)
+    env.wait_for(
+        "the replacement resumed",
+        lambda: "resuming ppo from checkpoint" in env.kubectl("logs", second["metadata"]["name"], check=False),
+        300,
+    )
+    time.sleep(5)
+    evict(env, second["metadata"]["name"])
+
+    done = env.wait_phase("disrupt", "Succeeded", 1200)
+    jobs = env.items("jobs", "rlhf-operator.io/run=disrupt")
+    assert sorted(j["metadata"]["name"] for j in jobs) == [f"disrupt-{s}" for s in ("merge", "ppo", "reward", "sft")]
+    ppo_pods = env.items("pods", "rlhf-operator.io/run=disrupt,rlhf-operator.io/stage=ppo")
+    assert len(ppo_pods) == 3, [p["metadata"]["name"] for p in ppo_pods]
+    evicted = next(p for p in ppo_pods if p["metadata"]["name"] == second["metadata"]["name"])
+    assert any(c["type"] == "DisruptionTarget" for c in evicted["status"]["conditions"]), evicted["status"]
+    last = next(
+        p for p in ppo_pods if p["metadata"]["name"] not in (first["metadata"]["name"], second["metadata"]["name"])
+    )
+    resumed = re.search(r"resuming ppo from checkpoint-(\d+)", env.kubectl("logs", last["metadata"]["name"]))
+    assert resumed and int(resumed.group(1)) >= 4, "the last PPO Pod did not resume from a checkpoint"
+    assert stage_of(done, "ppo")["phase"] == "Succeeded"
+    sft_pods = env.items("pods", "rlhf-operator.io/run=disrupt,rlhf-operator.io/stage=sft")
+    assert len(sft_pods) == 1, "the operator restart must not restart SFT"
+
+
+def test_suspend_and_resume_through_the_job_controller(env: NodeEnv) -> None:
+    claim = env.workspace("ws")
+    env.tiny_assets(claim)
+    env.apply(short_run("pause", claim, ppo_steps=12))
+    env.wait_run("pause", ppo_step_at_least(env, "pause", 4), "PPO past step 4", 900)
+    env.kubectl("patch", "rlhfrun", "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    env.wait_phase("pause", "Suspended", 120)
+    env.wait_for("no PPO Pod running", lambda: running_pod(env, "pause", "ppo") is None, 120)
+    job = env.get("job", "pause-ppo")
+    assert job is not None and job["spec"]["suspend"] is True
+    env.kubectl("patch", "rlhfrun", "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    env.wait_phase("pause", "Succeeded", 900)
+    pods = env.items("pods", "rlhf-operator.io/run=pause,rlhf-operator.io/stage=ppo")
+    logs = env.kubectl("logs", sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])[-1]["metadata"]["name"])
+    assert "resuming ppo from checkpoint" in logs
+
+
+def test_deleting_a_running_run_removes_its_children(env: NodeEnv) -> None:
+    claim = env.workspace("ws")
+    env.tiny_assets(claim)
+    env.apply(short_run("gone", claim))
+    pod = env.wait_for("sft running", lambda: running_pod(env, "gone", "sft"), 300)
+    container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://")[-1]
+    env.kubectl("delete", "rlhfrun", "gone", "--wait=false")
+
+    def children_gone() -> bool:
+        left = env.kubectl("get", "jobs,configmaps,pods", "-l", "rlhf-operator.io/run=gone", "-o", "name")
+        return not left.strip()
+
+    env.wait_for("every child of the deleted run gone", children_gone, 120)
+    env.wait_for(
+        "the stage's container stopped",
+        lambda: container_id not in env.cluster.ctr("tasks", "ls", "-q", check=False),
+        60,
+    )
+    # The claim was the user's (existingClaim): it stays.
+    assert env.get("pvc", claim) is not None
