@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         clusterwide=not args.namespaces,
         namespaces=args.namespaces or (),
         memo=kopf.Memo(controller=controller),
+        # kopf would otherwise derive one from the user name, and the image's uid (65532) has no
+        # passwd entry: getpass.getuser() raised and the operator Pod crash-looped (real node tier).
+        identity=args.identity,
     )
     return 0
 
