@@ -27,6 +27,15 @@ RLAIF_SPEC: dict[str, Any] = {
     "ppo": {"dataset": {"name": "a/prompts"}},
 }
 
+# A valid GRPO spec; RLOO and ReST cases reuse its grpo section under their own name.
+GRPO_SPEC: dict[str, Any] = {
+    "method": "GRPO",
+    "baseModel": {"name": "facebook/opt-350m"},
+    "sft": {"dataset": {"name": "Open-Orca/OpenOrca"}},
+    "reward": {"dataset": {"name": "Anthropic/hh-rlhf"}},
+    "grpo": {"dataset": {"name": "a/prompts"}},
+}
+
 # (case id, dotted path to change, new value, the field the error must name)
 INVALID: list[tuple[str, str, Any, str]] = [
     ("unknown method", "spec.method", "A2C", "method"),
@@ -111,11 +120,72 @@ INVALID: list[tuple[str, str, Any, str]] = [
         "judgeTemplate",
     ),
     ("RLAIF zero pairs per prompt", "spec", patched(RLAIF_SPEC, "rlaif.pairsPerPrompt", 0), "pairsPerPrompt"),
+    # A policy stage scores with a reward model: an enabled reward stage or its own rewardModel.
+    ("PPO with neither a reward stage nor a rewardModel", "spec.reward", {"enabled": False}, "ppo.rewardModel"),
+    (
+        "GRPO with neither a reward stage nor a rewardModel",
+        "spec",
+        {**GRPO_SPEC, "reward": {"enabled": False}},
+        "grpo.rewardModel",
+    ),
+    (
+        "RLOO with neither a reward stage nor a rewardModel",
+        "spec",
+        {**GRPO_SPEC, "method": "RLOO", "rloo": GRPO_SPEC["grpo"], "grpo": None, "reward": {"enabled": False}},
+        "rloo.rewardModel",
+    ),
+    (
+        "ReST with neither a reward stage nor a rewardModel",
+        "spec",
+        {**GRPO_SPEC, "method": "ReST", "rest": GRPO_SPEC["grpo"], "grpo": None, "reward": {"enabled": False}},
+        "rest.rewardModel",
+    ),
+    (
+        "RLAIF then PPO with its reward stage off",
+        "spec",
+        patched(RLAIF_SPEC, "reward", {"enabled": False}),
+        "ppo.rewardModel",
+    ),
 ]
+
+# Specs whose policy stage has a reward model from somewhere (or needs none): all admitted.
+REWARD_SOURCES: dict[str, dict[str, Any]] = {
+    "PPO with its own rewardModel": {
+        **minimal_run()["spec"],
+        "reward": {"enabled": False},
+        "ppo": {
+            "dataset": {"name": "a/prompts"},
+            "rewardModel": {"name": "OpenAssistant/reward-model-deberta-v3-large"},
+        },
+    },
+    "GRPO with a reward model on the volume": {
+        **GRPO_SPEC,
+        "reward": {"enabled": False},
+        "grpo": {**GRPO_SPEC["grpo"], "rewardModel": {"path": "models/rm"}},
+    },
+    "PPO whose ppo stage is off too": {
+        **minimal_run()["spec"],
+        "reward": {"enabled": False},
+        "ppo": {"enabled": False},
+    },
+    "DPO, which has no reward model": {
+        "method": "DPO",
+        "baseModel": {"name": "facebook/opt-350m"},
+        "sft": {"dataset": {"name": "a/b"}},
+        "dpo": {"dataset": {"name": "a/pairs"}},
+    },
+    "RLAIF then DPO": {
+        **{k: v for k, v in RLAIF_SPEC.items() if k not in ("reward", "ppo")},
+        "rlaif": {**RLAIF_SPEC["rlaif"], "then": "DPO"},
+        "dpo": {},
+    },
+}
 
 
 def _case(path: str, value: Any) -> dict[str, Any]:
     doc = minimal_run("invalid")
+    if path == "spec":
+        return {**doc, "spec": {k: v for k, v in value.items() if v is not None}}
     if path == "spec.method" and value == "DPO":
         return patched(doc, path, value)
     return patched(doc, path) if value is None else patched(doc, path, value)
@@ -156,6 +226,15 @@ def test_rlaif_spec_without_reward_dataset_is_admitted(control_plane, namespace)
     model, errors = validate_manifest(doc)
     assert errors == [] and model is not None
     assert model.spec.pipeline() == ("sft", "rlaif", "reward", "ppo", "merge")
+
+
+@pytest.mark.parametrize("spec", list(REWARD_SOURCES.values()), ids=list(REWARD_SOURCES))
+def test_policy_stages_with_a_reward_model_are_admitted(control_plane, namespace, spec):
+    doc = {**minimal_run("rm-ok"), "spec": spec}
+    doc["metadata"]["namespace"] = namespace
+    control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
+    model, errors = validate_manifest(doc)
+    assert errors == [] and model is not None
 
 
 def test_table_is_large_enough():

@@ -111,3 +111,57 @@ def test_errors_name_every_bad_field_at_once():
     _, errors = validate_manifest(doc)
     assert any(e.startswith("spec.ppo.miniBatchSize") for e in errors)
     assert any(e.startswith("spec.sft.lora.r") for e in errors)
+
+
+def _reward_case(method: str, section: str, reward: dict | None, policy: dict) -> dict:
+    doc = minimal_run()
+    spec = {k: v for k, v in doc["spec"].items() if k not in ("reward", "ppo")}
+    spec.update(method=method, **{section: {"dataset": {"name": "a/prompts"}, **policy}})
+    if method == "RLAIF":
+        spec["rlaif"] = {"judge": {"name": "a/j"}, "constitution": ["be kind"], "dataset": {"name": "a/b"}}
+    if reward is not None:
+        spec["reward"] = reward
+    return {**doc, "spec": spec}
+
+
+OFF = {"enabled": False}
+RM = {"rewardModel": {"name": "a/rm"}}
+
+
+@pytest.mark.parametrize(
+    ("method", "section", "reward", "policy", "valid"),
+    [
+        ("PPO", "ppo", OFF, {}, False),
+        ("PPO", "ppo", OFF, RM, True),
+        ("PPO", "ppo", OFF, OFF, True),  # no policy stage, no reward model needed
+        ("PPO", "ppo", {"dataset": {"name": "a/pairs"}}, {}, True),
+        ("GRPO", "grpo", OFF, {}, False),
+        ("GRPO", "grpo", OFF, {"rewardModel": {"path": "models/rm"}}, True),
+        ("RLOO", "rloo", OFF, {}, False),
+        ("RLOO", "rloo", OFF, RM, True),
+        ("ReST", "rest", OFF, {}, False),
+        ("ReST", "rest", OFF, RM, True),
+        ("RLAIF", "ppo", {}, {}, True),  # the reward stage trains on the AI-labelled pairs
+        ("RLAIF", "ppo", OFF, {}, False),
+        ("RLAIF", "ppo", OFF, RM, True),
+    ],
+)
+def test_a_policy_stage_needs_a_reward_model_source(method, section, reward, policy, valid):
+    model, errors = validate_manifest(_reward_case(method, section, reward, policy))
+    if valid:
+        assert errors == [] and model is not None
+        return
+    assert errors == [
+        f"spec.{section}.rewardModel: the {section} stage optimises against a reward model and this run has "
+        f"none: enable the reward stage or set {section}.rewardModel"
+    ]
+
+
+def test_rlaif_then_dpo_and_dpo_need_no_reward_model():
+    rlaif = _reward_case("RLAIF", "dpo", None, {})
+    rlaif["spec"]["dpo"] = {}
+    rlaif["spec"]["rlaif"]["then"] = "DPO"
+    dpo = _reward_case("DPO", "dpo", None, {})
+    for doc in (rlaif, dpo):
+        model, errors = validate_manifest(doc)
+        assert errors == [] and model is not None

@@ -69,6 +69,8 @@ def test_schema_covers_exactly_the_values_and_rejects_unknown_keys() -> None:
         ({"image": {"digest": "latest"}}, "digest"),
         ({"stageDefaults": {"resources": {"memory": "lots"}}}, "memory"),
         ({"metrics": {"serviceMonitor": {"enabled": True, "intervall": "1m"}}}, "intervall"),
+        ({"runPolicy": {"allowedImages": ["x/"]}}, "allowedImages"),
+        ({"runPolicy": {"validationActions": ["Refuse"]}}, "validationActions"),
     ],
 )
 def test_schema_rejects_bad_values(helm: Helm, values: dict[str, Any], complaint: str) -> None:
@@ -149,6 +151,8 @@ def test_defaults_are_secure_and_single_active(helm: Helm) -> None:
             "ClusterRoleBinding",
             "Role",
             "RoleBinding",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ]
     )
     (sa,) = by_kind(docs, "ServiceAccount")

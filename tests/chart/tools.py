@@ -144,6 +144,13 @@ def value_sets(namespaces: tuple[str, str] = ("team-a", "team-b")) -> dict[str, 
             ],
             "priorityClassName": "system-cluster-critical",
             "operator": {"workers": 8, "resyncSeconds": 60, "progressIntervalSeconds": 5, "verbose": True},
+            "runPolicy": {
+                "allowedImagePrefixes": ["registry.example.com/ml/"],
+                "allowedServiceAccounts": ["trainer", "team-a/hf-reader"],
+                "allowedPriorityClasses": ["ml-training"],
+                "allowedTolerationKeys": ["nvidia.com/gpu", ""],
+                "validationActions": ["Warn", "Audit"],
+            },
         },
         "bring-your-own": {
             "crds": {"keep": False},
@@ -152,6 +159,7 @@ def value_sets(namespaces: tuple[str, str] = ("team-a", "team-b")) -> dict[str, 
             "leaderElection": {"enabled": False},
             "metrics": {"service": {"enabled": False}},
             "fullnameOverride": "rlhf",
+            "runPolicy": {"enabled": False},
         },
     }
 

@@ -134,3 +134,12 @@ name, which needs no right of the operator's.
   name: {{ include "rlhf-operator.serviceAccountName" . }}
   namespace: {{ .Release.Namespace }}
 {{- end }}
+
+{{/*
+The API's built-in stage image (rlhf_operator.api.runtime.DEFAULT_STAGE_IMAGE): the CRD fills it in
+when a run names none, and the operator replaces it with stageDefaults.image. tests/chart/test_policy.py
+keeps the two equal.
+*/}}
+{{- define "rlhf-operator.apiDefaultStageImage" -}}
+ghcr.io/rlhf-operator/rlhf-stages:0.1.0
+{{- end }}

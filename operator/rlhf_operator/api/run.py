@@ -96,6 +96,39 @@ def _rlaif_supplies_pairs_rule(section: str) -> Rule:
     )
 
 
+# Stages that optimise the policy against a reward model: their own ``rewardModel``, or else the
+# output of this run's reward stage.
+REWARD_CONSUMERS: tuple[str, ...] = ("ppo", "grpo", "rloo", "rest")
+
+
+def _runs_stage_cel(section: str) -> str:
+    """CEL: the run's pipeline contains ``section`` (mirrors ``RLHFRunSpec.pipeline``)."""
+    methods = [m for m, stages in PIPELINES.items() if section in stages]
+    runs = " || ".join(f"self.method == '{m}'" for m in methods if m != "RLAIF")
+    if "RLAIF" in methods:
+        runs += " || (self.method == 'RLAIF' && !(has(self.rlaif) && has(self.rlaif.then) && self.rlaif.then == 'DPO'))"
+    return f"({runs})"
+
+
+def _reward_source_rule(section: str) -> Rule:
+    """A policy stage that scores with a reward model needs one: an enabled reward stage or its rewardModel."""
+    return Rule(
+        cel=f"!{_runs_stage_cel(section)} || !has(self.{section}) "
+        f"|| (has(self.{section}.enabled) && !self.{section}.enabled) || has(self.{section}.rewardModel) "
+        "|| (has(self.reward) && (!has(self.reward.enabled) || self.reward.enabled))",
+        message=f"the {section} stage optimises against a reward model and this run has none: "
+        f"enable the reward stage or set {section}.rewardModel",
+        field_path=f".{section}.rewardModel",
+        check=lambda s: (
+            section not in s.pipeline()
+            or getattr(s, section) is None
+            or not getattr(s, section).enabled
+            or getattr(s, section).reward_model is not None
+            or (s.reward is not None and s.reward.enabled)
+        ),
+    )
+
+
 class RLHFRunSpec(ApiModel):
     """What to train and where. Stages run in the order the method defines, one Job each."""
 
@@ -130,6 +163,7 @@ class RLHFRunSpec(ApiModel):
             field_path=".dpo",
             check=lambda s: s.method != "RLAIF" or s.rlaif is None or s.rlaif.then != "DPO" or s.dpo is not None,
         ),
+        *(_reward_source_rule(section) for section in REWARD_CONSUMERS),
     )
 
     method: Method = "PPO"
