@@ -17,13 +17,15 @@ from .kube import NodeEnv, tiny_run
 pytestmark = [pytest.mark.node, pytest.mark.training, pytest.mark.timeout(1800)]
 
 
-def short_run(name: str, claim: str, ppo_steps: int = 16) -> dict[str, Any]:
-    """tiny.yaml trained less: these tests are about what happens to a stage, not how well it learns."""
+def short_run(name: str, claim: str, ppo_steps: int = 200) -> dict[str, Any]:
+    """tiny.yaml with SFT and reward cut short (these tests are about what happens to a stage, not how
+    well it learns) and PPO long enough to be disrupted several times: at ~0.4 s a step on 2 cores,
+    200 steps train for over a minute, and a checkpoint every 5 steps."""
     run = tiny_run(name, claim)
     spec = run["spec"]
     spec["sft"]["training"]["maxSteps"] = 40
     spec["reward"]["training"]["maxSteps"] = 40
-    spec["ppo"].update(totalSteps=ppo_steps, saveFreq=2)
+    spec["ppo"].update(totalSteps=ppo_steps, saveFreq=5)
     spec["runtime"] = {"backoffLimit": 2}
     return run
 
@@ -74,7 +76,7 @@ def test_operator_restart_pod_deletion_and_eviction(env: NodeEnv) -> None:
 
     # The PPO stage's Pod deleted after a checkpoint (saveFreq 2): the Job controller starts another
     # Pod, which resumes.
-    env.wait_run("disrupt", ppo_step_at_least(env, "disrupt", 4), "PPO past step 4", 900)
+    env.wait_run("disrupt", ppo_step_at_least(env, "disrupt", 10), "PPO past step 10", 900)
     first = running_pod(env, "disrupt", "ppo")
     assert first is not None
     env.kubectl("delete", "pod", first["metadata"]["name"], "--wait=false")
@@ -91,20 +93,22 @@ def test_operator_restart_pod_deletion_and_eviction(env: NodeEnv) -> None:
         300,
     )
     time.sleep(5)
+    still = running_pod(env, "disrupt", "ppo")
+    assert still is not None and still["metadata"]["name"] == second["metadata"]["name"], "PPO ended too soon"
     evict(env, second["metadata"]["name"])
 
     done = env.wait_phase("disrupt", "Succeeded", 1200)
     jobs = env.items("jobs", "rlhf-operator.io/run=disrupt")
     assert sorted(j["metadata"]["name"] for j in jobs) == [f"disrupt-{s}" for s in ("merge", "ppo", "reward", "sft")]
     ppo_pods = env.items("pods", "rlhf-operator.io/run=disrupt,rlhf-operator.io/stage=ppo")
-    assert len(ppo_pods) == 3, [p["metadata"]["name"] for p in ppo_pods]
+    assert len(ppo_pods) == 3, f"{[p['metadata']['name'] for p in ppo_pods]}\n{env.describe()}"
     evicted = next(p for p in ppo_pods if p["metadata"]["name"] == second["metadata"]["name"])
     assert any(c["type"] == "DisruptionTarget" for c in evicted["status"]["conditions"]), evicted["status"]
     last = next(
         p for p in ppo_pods if p["metadata"]["name"] not in (first["metadata"]["name"], second["metadata"]["name"])
     )
     resumed = re.search(r"resuming ppo from checkpoint-(\d+)", env.kubectl("logs", last["metadata"]["name"]))
-    assert resumed and int(resumed.group(1)) >= 4, "the last PPO Pod did not resume from a checkpoint"
+    assert resumed and int(resumed.group(1)) >= 10, "the last PPO Pod did not resume from a checkpoint"
     assert stage_of(done, "ppo")["phase"] == "Succeeded"
     sft_pods = env.items("pods", "rlhf-operator.io/run=disrupt,rlhf-operator.io/stage=sft")
     assert len(sft_pods) == 1, "the operator restart must not restart SFT"
@@ -113,8 +117,8 @@ def test_operator_restart_pod_deletion_and_eviction(env: NodeEnv) -> None:
 def test_suspend_and_resume_through_the_job_controller(env: NodeEnv) -> None:
     claim = env.workspace("ws")
     env.tiny_assets(claim)
-    env.apply(short_run("pause", claim, ppo_steps=12))
-    env.wait_run("pause", ppo_step_at_least(env, "pause", 4), "PPO past step 4", 900)
+    env.apply(short_run("pause", claim))
+    env.wait_run("pause", ppo_step_at_least(env, "pause", 10), "PPO past step 10", 900)
     env.kubectl("patch", "rlhfrun", "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}')
     env.wait_phase("pause", "Suspended", 120)
     env.wait_for("no PPO Pod running", lambda: running_pod(env, "pause", "ppo") is None, 120)
