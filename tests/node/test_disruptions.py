@@ -96,17 +96,23 @@ def test_operator_restart_pod_deletion_and_eviction(env: NodeEnv) -> None:
     still = running_pod(env, "disrupt", "ppo")
     assert still is not None and still["metadata"]["name"] == second["metadata"]["name"], "PPO ended too soon"
     evict(env, second["metadata"]["name"])
+    # The Eviction API marks the Pod as disrupted before deleting it: that is what the Job's
+    # podFailurePolicy reads to not count it.
+    evicted = env.get("pod", second["metadata"]["name"])
+    conditions = {c["type"] for c in ((evicted or {}).get("status") or {}).get("conditions", [])}
+    assert evicted is None or "DisruptionTarget" in conditions, evicted
 
     done = env.wait_phase("disrupt", "Succeeded", 1200)
     jobs = env.items("jobs", "rlhf-operator.io/run=disrupt")
     assert sorted(j["metadata"]["name"] for j in jobs) == [f"disrupt-{s}" for s in ("merge", "ppo", "reward", "sft")]
-    ppo_pods = env.items("pods", "rlhf-operator.io/run=disrupt,rlhf-operator.io/stage=ppo")
-    assert len(ppo_pods) == 3, f"{[p['metadata']['name'] for p in ppo_pods]}\n{env.describe()}"
-    evicted = next(p for p in ppo_pods if p["metadata"]["name"] == second["metadata"]["name"])
-    assert any(c["type"] == "DisruptionTarget" for c in evicted["status"]["conditions"]), evicted["status"]
-    last = next(
-        p for p in ppo_pods if p["metadata"]["name"] not in (first["metadata"]["name"], second["metadata"]["name"])
+    ppo_job = next(j for j in jobs if j["metadata"]["name"] == "disrupt-ppo")
+    # Three Pods ran PPO; the deleted one counts as a failure, the evicted one does not.
+    created = env.kubectl(
+        "get", "events", "--field-selector", "involvedObject.name=disrupt-ppo,reason=SuccessfulCreate", "-o", "name"
     )
+    assert len(created.split()) == 3, f"{created}\n{env.describe()}"
+    assert ppo_job["status"].get("failed", 0) == 1, ppo_job["status"]
+    (last,) = env.items("pods", "rlhf-operator.io/run=disrupt,rlhf-operator.io/stage=ppo")  # the others are gone
     resumed = re.search(r"resuming ppo from checkpoint-(\d+)", env.kubectl("logs", last["metadata"]["name"]))
     assert resumed and int(resumed.group(1)) >= 10, "the last PPO Pod did not resume from a checkpoint"
     assert stage_of(done, "ppo")["phase"] == "Succeeded"
