@@ -1,8 +1,9 @@
 """The node tier: a real single-node cluster (rlhf_operator.dev.cluster), the images built from
 images/, the chart installed with Helm, and runs applied with kubectl, as a platform team would.
 
-One cluster and one release serve the whole tier (starting them costs minutes: see README
-"Measured here"); each test works in its own namespace with its own workspace volume.
+One cluster and one release serve the whole tier (package scope: they stop when the tier ends, so
+the rest of the suite does not share the cores with an idle cluster); each test works in its own
+namespace with its own workspace volume.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .kube import NodeEnv, split_image
 RELEASE_NAMESPACE = "rlhf-system"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[node_cluster.Cluster]:
     started = time.monotonic()
     with node_cluster.running(tmp_path_factory.mktemp("node")) as running:
@@ -30,7 +31,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[node_cluster.C
         yield running
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def release(cluster: node_cluster.Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
     """`helm install` of the chart with the images built here; returns the operator's Deployment name."""
     helm = Helm(tmp_path_factory.mktemp("helm"))

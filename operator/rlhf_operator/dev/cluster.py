@@ -18,6 +18,7 @@ What is particular to a laptop-sized, single-node test cluster, and why:
 - containerd's image store lives in the cache directory (images survive between sessions), its
   state under /run; one cluster runs at a time (a lock file says so).
 Root only. Not a production component: there is no DNS add-on and no network policy.
+What the machine itself must provide (packages, the bridge, containerd) is ``rlhf_operator.dev.host``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,37 +38,32 @@ from typing import IO, Any
 
 from . import controlplane
 from .controlplane import ControlPlane, NodeOptions, User
+from .host import (
+    BRIDGE_ADDRESS,
+    CONTAINERD_SOCKET,
+    CRI_NAMESPACE,
+    POD_SUBNET,
+    SANDBOX_IMAGE,
+    cache_root,
+    ensure_host_packages,
+    kill_leftover_tasks,
+    prepare_pod_network,
+    remove_pod_network,
+    start_containerd,
+    unmount_under,
+    write_kubelet_client_certs,
+)
 
 NODE_NAME = "rlhf-node"
-BRIDGE = "rlhf0"
-POD_SUBNET = "10.88.0.0/16"
-BRIDGE_ADDRESS = "10.88.0.1"
 STORAGE_CLASS = "local"
 # What the node says it has: enough for the tests' GPU-requesting specs to schedule.
 GPU_CAPACITY = 8
-# containerd's CRI plugin runs Pod sandboxes from this name; the pause image is tagged with it.
-SANDBOX_IMAGE = "localhost/rlhf-pause:sandbox"
-CRI_NAMESPACE = "k8s.io"
-RUN_DIR = Path("/run/rlhf-node")
-HOST_PACKAGES = {
-    "containerd": "containerd",
-    "runc": "runc",
-    "/usr/lib/cni/bridge": "containernetworking-plugins",
-    "iptables": "iptables",
-}
 REPO = controlplane.REPO
 IMAGE_BUILD_SCRIPT = REPO / "images" / "build.py"
 
 # Takes containerd's socket, loads the images into it, returns their references by name
 # ("pause", "operator", "stages").
 ImageLoader = Callable[[Path], Mapping[str, str]]
-
-
-def cache_root() -> Path:
-    explicit = os.environ.get("RLHF_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rlhf-operator"
 
 
 @dataclass
@@ -109,10 +104,10 @@ class Cluster:
         finally:
             _terminate(self.processes)
             self.processes.clear()
-            _kill_leftover_tasks(self.containerd_socket)
+            kill_leftover_tasks(self.containerd_socket)
             self.plane.stop()
-            _unmount_under(self.workdir)
-            _remove_pod_network()
+            unmount_under(self.workdir)
+            remove_pod_network()
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
@@ -164,209 +159,6 @@ def _local_volume(name: str, path: Path, size: str) -> dict[str, Any]:
             },
         },
     }
-
-
-# --- host preparation -------------------------------------------------------------------------
-
-
-def ensure_host_packages() -> None:
-    """Installs containerd, runc, the CNI plugins and iptables from Debian's packages when missing."""
-    if os.geteuid() != 0:
-        raise PermissionError("a real node needs root (containerd, runc, network namespaces, iptables)")
-    missing = sorted({pkg for tool, pkg in HOST_PACKAGES.items() if not (Path(tool).exists() or shutil.which(tool))})
-    if not missing:
-        return
-    print(f"installing Debian packages for the node: {' '.join(missing)}", file=sys.stderr)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
-
-
-def _sysctl(key: str, value: str) -> None:
-    Path("/proc/sys", *key.split(".")).write_text(value)
-
-
-def _prepare_pod_network() -> None:
-    """The bridge Pods attach to, made before the CNI plugin would, so the API server can advertise
-    its address; forwarding and bridged traffic through iptables (kube-proxy's Service rules)."""
-    if not Path("/proc/sys/net/bridge").exists():
-        subprocess.run(["modprobe", "br_netfilter"], check=False)
-    _sysctl("net.ipv4.ip_forward", "1")
-    _sysctl("net.bridge.bridge-nf-call-iptables", "1")
-    _remove_pod_network()
-    subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
-    subprocess.run(["ip", "addr", "add", f"{BRIDGE_ADDRESS}/16", "dev", BRIDGE], check=True)
-    subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True)
-
-
-def _remove_pod_network() -> None:
-    # Sandboxes of a cluster that died without tearing them down keep a netns and a veth each.
-    netns = Path("/run/netns")
-    for ns in netns.glob("cni-*") if netns.exists() else []:
-        subprocess.run(["ip", "netns", "delete", ns.name], check=False, capture_output=True)
-    subprocess.run(["ip", "link", "delete", BRIDGE], check=False, capture_output=True)
-
-
-def _unmount_under(root: Path) -> None:
-    """Unmounts what the kubelet mounted for Pods (tmpfs volumes, local volumes) under ``root``."""
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-        points = [line.split()[4] for line in lines]
-        for point in sorted((p for p in points if p.startswith(str(root))), key=len, reverse=True):
-            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-
-
-def _write_certs(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA the kubelet trusts for client certificates, and the API server's certificate from it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_crt = directory / "kubelet-ca.key", directory / "kubelet-ca.crt"
-    key, csr, crt = (
-        directory / "apiserver-kubelet.key",
-        directory / "apiserver-kubelet.csr",
-        directory / "apiserver-kubelet.crt",
-    )
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(ca_key),
-        "-out",
-        str(ca_crt),
-        "-days",
-        "30",
-        "-subj",
-        "/CN=rlhf-node-kubelet-ca",
-    )
-    openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(key),
-        "-out",
-        str(csr),
-        "-subj",
-        "/O=system:masters/CN=kube-apiserver-kubelet-client",
-    )
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        str(csr),
-        "-CA",
-        str(ca_crt),
-        "-CAkey",
-        str(ca_key),
-        "-CAcreateserial",
-        "-out",
-        str(crt),
-        "-days",
-        "30",
-    )
-    return ca_crt, crt, key
-
-
-# --- containerd --------------------------------------------------------------------------------
-
-
-def _containerd_config(workdir: Path, store: Path, socket: Path) -> str:
-    # restrict_oom_score_adj: this machine denies lowering oom_score_adj (no CAP_SYS_RESOURCE).
-    # runc, not crun: crun refuses the hybrid cgroup v1 layout here.
-    return f"""version = 2
-root = "{store}"
-state = "{RUN_DIR / "containerd"}"
-[grpc]
-  address = "{socket}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{SANDBOX_IMAGE}"
-  restrict_oom_score_adj = true
-  disable_apparmor = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{workdir / "cni"}"
-"""
-
-
-def _cni_config(workdir: Path) -> str:
-    return json.dumps(
-        {
-            "cniVersion": "1.0.0",
-            "name": "rlhf-pods",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": BRIDGE,
-                    "isGateway": True,
-                    "ipMasq": True,
-                    "hairpinMode": True,  # a Pod reaching a Service that leads back to itself
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": POD_SUBNET, "gateway": BRIDGE_ADDRESS}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
-                        "dataDir": str(workdir / "cni-ipam"),
-                    },
-                },
-                {"type": "portmap", "capabilities": {"portMappings": True}},
-            ],
-        },
-        indent=1,
-    )
-
-
-def _start_containerd(workdir: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], Path]:
-    store = cache_root() / "containerd"
-    store.mkdir(parents=True, exist_ok=True)
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    socket = RUN_DIR / "containerd.sock"
-    (workdir / "cni").mkdir(parents=True, exist_ok=True)
-    (workdir / "cni" / "10-rlhf-pods.conflist").write_text(_cni_config(workdir))
-    config = workdir / "containerd.toml"
-    config.write_text(_containerd_config(workdir, store, socket))
-    proc = subprocess.Popen(
-        ["containerd", "--config", str(config), "--log-level", "warn"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        ok = subprocess.run(["ctr", "--address", str(socket), "version"], capture_output=True, check=False)
-        if ok.returncode == 0:
-            return proc, socket
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"containerd did not start; see {log.name}")
-        time.sleep(0.3)
-
-
-def _kill_leftover_tasks(socket: Path) -> None:
-    """Containers the kubelet did not stop (it was killed, or timed out) die with the cluster."""
-    if not socket.exists():
-        return
-    base = ["ctr", "--address", str(socket), "-n", CRI_NAMESPACE]
-    tasks = subprocess.run([*base, "tasks", "ls", "-q"], capture_output=True, text=True, check=False).stdout.split()
-    for task in tasks:
-        subprocess.run([*base, "tasks", "kill", "-s", "SIGKILL", task], capture_output=True, check=False)
-    for task in tasks:
-        subprocess.run([*base, "tasks", "delete", "-f", task], capture_output=True, check=False)
-    containers = subprocess.run([*base, "containers", "ls", "-q"], capture_output=True, text=True, check=False)
-    for container in containers.stdout.split():
-        subprocess.run([*base, "containers", "delete", container], capture_output=True, check=False)
 
 
 # --- node components ---------------------------------------------------------------------------
@@ -510,12 +302,12 @@ def start(workdir: Path, load_images: ImageLoader, bin_dir: Path | None = None, 
     log_path = workdir / "node.log"
     log = log_path.open("ab")
     processes: list[subprocess.Popen[bytes]] = []
-    socket = RUN_DIR / "containerd.sock"
+    socket = CONTAINERD_SOCKET
     plane: ControlPlane | None = None
     try:
-        _kill_leftover_tasks(socket)  # a previous cluster that was SIGKILLed
-        _prepare_pod_network()
-        containerd, socket = _start_containerd(workdir, log)
+        kill_leftover_tasks(socket)  # a previous cluster that was SIGKILLed
+        prepare_pod_network()
+        containerd, socket = start_containerd(workdir, log)
         processes.append(containerd)
         images = dict(load_images(socket))
         subprocess.run(
@@ -534,7 +326,7 @@ def start(workdir: Path, load_images: ImageLoader, bin_dir: Path | None = None, 
             check=True,
             capture_output=True,
         )
-        client_ca, client_crt, client_key = _write_certs(workdir / "node-certs")
+        client_ca, client_crt, client_key = write_kubelet_client_certs(workdir / "node-certs")
         node_user = User(f"system:node:{NODE_NAME}", os.urandom(16).hex(), ("system:nodes",))
         options = NodeOptions(BRIDGE_ADDRESS, client_crt, client_key, node_user)
         plane = controlplane.start(workdir / "controlplane", bin_dir, node=options)
@@ -554,10 +346,10 @@ def start(workdir: Path, load_images: ImageLoader, bin_dir: Path | None = None, 
         return cluster
     except BaseException:
         _terminate(processes)
-        _kill_leftover_tasks(socket)
+        kill_leftover_tasks(socket)
         if plane is not None:
             plane.stop()
-        _unmount_under(workdir)
+        unmount_under(workdir)
         lock.close()
         raise
 
