@@ -13,7 +13,7 @@ spec.suspend suspends the active Job and holds back new ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
@@ -21,7 +21,7 @@ from .api.layout import last_policy_stage, run_dir, stage_output
 from .api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
 from .children import RunIdentity, build_config_map, build_job, build_pvc
 from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
-from .progress import merge_progress, summary
+from .progress import merge_progress, parse_timestamp, summary
 
 RETRY_ANNOTATION = "rlhf-operator.io/retry"
 REWARD_KEYS = ("reward_mean", "reward/mean", "rewards/mean")
@@ -53,13 +53,6 @@ class Plan:
 
 def timestamp(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_timestamp(text: str) -> datetime | None:
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def _enabled(spec: RLHFRunSpec, stage: str) -> bool:

@@ -15,7 +15,8 @@ from .observe import JobObservation, Progress
 DEFAULT_PROGRESS_INTERVAL = 10.0  # seconds between log reads of one running stage pod
 
 
-def _parse(ts: str | None) -> datetime | None:
+def parse_timestamp(ts: str | None) -> datetime | None:
+    """An RFC 3339 timestamp as the API server writes it (seconds, UTC), or None."""
     if not ts:
         return None
     try:
@@ -45,7 +46,7 @@ def merge_progress(st: StageStatus, job: JobObservation, now: str) -> StageProgr
         return old
     percent = min(100, int(100 * step / total)) if total else None
     eta = None
-    start, at = _parse(st.start_time or job.start_time), _parse(now)
+    start, at = parse_timestamp(st.start_time or job.start_time), parse_timestamp(now)
     if total and step and start and at and step < total:
         elapsed = max(0.0, (at - start).total_seconds())
         eta = int(elapsed * (total - step) / step)

@@ -102,7 +102,7 @@ class Cluster:
         try:
             self._stop_pods()
         finally:
-            _terminate(self.processes)
+            controlplane.terminate(self.processes, grace=20)
             self.processes.clear()
             kill_leftover_tasks(self.containerd_socket)
             self.plane.stop()
@@ -121,18 +121,6 @@ class Cluster:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.ctr("tasks", "ls", "-q", check=False).strip():
             time.sleep(1)
-
-
-def _terminate(processes: list[subprocess.Popen[bytes]]) -> None:
-    for proc in reversed(processes):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in reversed(processes):
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _local_volume(name: str, path: Path, size: str) -> dict[str, Any]:
@@ -345,7 +333,7 @@ def start(workdir: Path, load_images: ImageLoader, bin_dir: Path | None = None, 
         cluster.add_volumes(volumes)
         return cluster
     except BaseException:
-        _terminate(processes)
+        controlplane.terminate(processes, grace=20)
         kill_leftover_tasks(socket)
         if plane is not None:
             plane.stop()

@@ -107,16 +107,21 @@ class ControlPlane:
         return proc.stdout if check else proc.stdout + proc.stderr
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in reversed(self.processes):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(self.processes, grace=15)
         self.processes.clear()
+
+
+def terminate(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM in reverse start order, then SIGKILL whatever has not exited after ``grace`` seconds."""
+    for proc in reversed(processes):
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in reversed(processes):
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_ready(url: str, token: str, ca_file: Path, procs: list[subprocess.Popen[bytes]], log: Path) -> None:
