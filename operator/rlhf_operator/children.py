@@ -250,6 +250,8 @@ def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]
     extra_volumes = _constitution_volume(spec, stage, container)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are the Job's (backoffLimit), so each one is a new, counted pod
+        # Kubernetes' 30 s default kills a stage while it still writes the checkpoint it started on SIGTERM.
+        "terminationGracePeriodSeconds": runtime.termination_grace_period_seconds,
         "automountServiceAccountToken": False,  # stages never talk to the API server
         "securityContext": {
             "runAsNonRoot": True,

@@ -125,5 +125,14 @@ class Runtime(ApiModel):
     that fits, an unbound volume) before the stage and the run fail and the Job is suspended, which frees
     what the Pod holds. null waits for ever (e.g. for GPUs to free up on a cluster without Kueue; with
     Kueue, queueing happens before the Job is unsuspended and does not count)."""
+    termination_grace_period_seconds: Annotated[int, Field(ge=1, le=86400)] = 600
+    """Time a stage's Pod has after SIGTERM (eviction, preemption, suspend, deletion) to save a checkpoint
+    and exit before it is killed. Stages save within one optimizer step of the signal; the default leaves
+    room for a 7B LoRA policy and its optimizer state on network storage (docs/install.md measures it)."""
+    max_interruptions: Annotated[int, Field(ge=0, le=1000)] = 10
+    """How many times a stage's Pod may be stopped from outside (eviction, preemption, node drain, a deleted
+    Pod) and started again from its checkpoint before the stage, and the run, fail. Kubernetes does not
+    count these against backoffLimit, so without a bound a stage on a cluster that keeps preempting it
+    would retry for ever."""
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
     """Delete each finished stage Job after this many seconds (the run's status keeps the results)."""
