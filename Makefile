@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # Everything ruff checks and formats.
 PY_PATHS := operator stages tests images benchmarks
 
-.PHONY: help setup venv controlplane charttools demo test test-fast cluster lint fmt generate verify clean
+.PHONY: help setup venv controlplane charttools demo test test-serial test-fast cluster lint fmt generate verify clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -42,7 +42,10 @@ setup: venv controlplane charttools ## everything the demo and the tests need
 demo: venv ## run a complete tiny RLHF pipeline locally on the CPU and write a report
 	$(PY) -m rlhf_operator.cli quickstart --workdir $(or $(WORKDIR),$(CURDIR)/.quickstart)
 
-test: setup ## run the whole test suite against a real kube-apiserver
+test: setup ## run the whole test suite: the node tier and the rest side by side (tests/run_suite.py)
+	$(PY) tests/run_suite.py -- $(PYTEST_ARGS)
+
+test-serial: setup ## the whole suite in one pytest process (as plain `pytest` from the root runs it)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup ## the inner loop: every test that trains no model and needs no node (~4.5 min)
