@@ -9,21 +9,54 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (namespace, name)
 
 
+class Backoff:
+    """Per-key exponential backoff with a cap and jitter, reset by a success.
+
+    Why: a reconcile that keeps failing (an API server that refuses, a webhook that is down) used to
+    be retried every 2 s for ever, by every worker, for every run at once. Doubling spreads the
+    load out, the cap keeps a recovered API server from waiting long, and the jitter keeps a
+    thousand runs that failed together from retrying together.
+    """
+
+    def __init__(self, base: float = 1.0, cap: float = 300.0, jitter: float = 0.2, rng: random.Random | None = None):
+        self.base = base
+        self.cap = cap
+        self.jitter = jitter
+        self._failures: dict[Key, int] = {}
+        self._rng = rng or random.Random()
+
+    def failed(self, key: Key) -> float:
+        """Record a failure; the delay before the next try (at most cap)."""
+        count = self._failures.get(key, 0) + 1
+        self._failures[key] = count
+        delay = min(self.cap, self.base * 2 ** min(count - 1, 30))
+        return delay * (1 - self.jitter * self._rng.random())
+
+    def succeeded(self, key: Key) -> None:
+        self._failures.pop(key, None)
+
+    def failures(self, key: Key) -> int:
+        return self._failures.get(key, 0)
+
+
 class WorkQueue:
-    def __init__(self, process: Callable[[Key], Awaitable[None]], workers: int = 4, retry_delay: float = 2.0) -> None:
+    def __init__(
+        self, process: Callable[[Key], Awaitable[None]], workers: int = 4, backoff: Backoff | None = None
+    ) -> None:
         self._process = process
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._queued: set[Key] = set()
         self._processing: set[Key] = set()
         self._dirty: set[Key] = set()
         self._workers = workers
-        self._retry_delay = retry_delay
+        self.backoff = backoff or Backoff()
         self._tasks: list[asyncio.Task[None]] = []
         self._timers: dict[Key, asyncio.TimerHandle] = {}
 
@@ -65,11 +98,14 @@ class WorkQueue:
             self._processing.add(key)
             try:
                 await self._process(key)
+                self.backoff.succeeded(key)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("reconcile of %s/%s failed; retrying in %.0fs", *key, self._retry_delay)
-                self.add(key, self._retry_delay)
+                delay = self.backoff.failed(key)
+                attempt = self.backoff.failures(key)
+                log.exception("reconcile of %s/%s failed (%d in a row); retrying in %.1fs", *key, attempt, delay)
+                self.add(key, delay)
             finally:
                 self._processing.discard(key)
                 if key in self._dirty:

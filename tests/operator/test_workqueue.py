@@ -1,0 +1,61 @@
+"""The work queue's retry policy: exponential, capped, jittered, reset by a success."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+from rlhf_operator.workqueue import Backoff, Key, WorkQueue
+
+KEY: Key = ("ns", "run")
+
+
+def test_backoff_doubles_up_to_the_cap_and_jitters_downwards() -> None:
+    backoff = Backoff(base=1.0, cap=60.0, jitter=0.2, rng=random.Random(7))
+    delays = [backoff.failed(KEY) for _ in range(10)]
+    nominal = [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]
+    for delay, top in zip(delays, nominal, strict=True):
+        assert 0.8 * top <= delay <= top
+    assert len({round(d, 6) for d in delays[6:]}) > 1, "capped retries of many runs must not line up"
+    assert backoff.failures(KEY) == 10
+
+
+def test_a_success_resets_the_backoff_of_that_key_only() -> None:
+    backoff = Backoff(base=1.0, cap=60.0, jitter=0.0)
+    other: Key = ("ns", "other")
+    for _ in range(4):
+        backoff.failed(KEY)
+    backoff.failed(other)
+    backoff.succeeded(KEY)
+    assert backoff.failed(KEY) == 1.0
+    assert backoff.failed(other) == 2.0
+
+
+def test_a_failing_key_is_retried_with_growing_delays_then_recovers() -> None:
+    calls: list[float] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def process(key: Key) -> None:
+            calls.append(loop.time())
+            if len(calls) <= 3:
+                raise RuntimeError("API server unavailable")
+
+        queue = WorkQueue(process, workers=1, backoff=Backoff(base=0.05, cap=0.2, jitter=0.0))
+        queue.start()
+        queue.add(KEY)
+        for _ in range(200):
+            if len(calls) >= 4:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # a success schedules nothing more
+        await queue.stop()
+        assert queue.backoff.failures(KEY) == 0
+
+    asyncio.run(scenario())
+    assert len(calls) == 4
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert gaps[0] >= 0.05 - 0.01 and gaps[1] >= 0.1 - 0.01 and gaps[2] >= 0.2 - 0.01
+    assert gaps[1] > gaps[0]
