@@ -59,3 +59,17 @@ def test_a_failing_key_is_retried_with_growing_delays_then_recovers() -> None:
     gaps = [b - a for a, b in itertools.pairwise(calls)]
     assert gaps[0] >= 0.05 - 0.01 and gaps[1] >= 0.1 - 0.01 and gaps[2] >= 0.2 - 0.01
     assert gaps[1] > gaps[0]
+
+
+def test_resync_leaves_settled_runs_alone_but_not_edited_or_moving_ones() -> None:
+    from rlhf_operator.controller import settled
+
+    def run(phase: str | None, generation: int, observed: int | None) -> dict[str, object]:
+        status = {} if phase is None else {"phase": phase, "observedGeneration": observed}
+        return {"metadata": {"name": "r", "namespace": "n", "generation": generation}, "status": status}
+
+    assert settled(run("Succeeded", 3, 3))
+    assert settled(run("Failed", 1, 1))
+    assert not settled(run("Succeeded", 4, 3)), "an edited finished run must be reconciled"
+    assert not settled(run("Running", 1, 1))
+    assert not settled(run(None, 1, None)), "a new run has no status yet"
