@@ -83,6 +83,8 @@ class StageContext:
     rank: int = 0
     world_size: int = 1
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    attempt: dict[str, Any] | None = None
+    """This start's entry in ``<stage>.attempts.json`` (number, Pod, notices); see attempts.py."""
     _last_progress: float = 0.0
     _progress_origin: tuple[int, float] | None = None  # (step, time) of the first report, for the ETA
 

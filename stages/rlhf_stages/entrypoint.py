@@ -4,7 +4,12 @@ What it does, in order (heavy libraries are imported only from step 6 on):
 
 1. load FILE (YAML or JSON) as a ``StageInvocation``; invalid -> field paths on stderr, exit 2;
 2. check the stage: registered, in the run's pipeline, enabled (else exit 2);
-3. a complete ``<stage>/manifest.json`` -> "already done", exit 0 at once;
+3. a complete ``<stage>/manifest.json`` made from the same settings and inputs (config hash,
+   ``outputs.config_inputs``) -> "already done", reused with a message saying whose it is, exit 0;
+   one made from others is moved to ``<run>/superseded/`` (after step 4), with a warning, and the
+   stage trains again; so are checkpoints written under another config hash. Then this start is
+   recorded in ``<stage>.attempts.json``; more than ``spec.runtime.maxInterruptions`` interrupted
+   attempts before it -> exit 2 (``attempts.py``);
 4. the stage module's ``validate(ctx)``: cheap checks, e.g. a dataset file is missing -> exit 3,
    quantization on a pod without GPUs -> exit 2;
 5. ``--nproc N`` (or ``resources.gpus`` > 1): re-run itself under ``torch.distributed.run`` with
@@ -120,6 +125,9 @@ def stage_module(stage: str) -> Any:
 def _result(
     ctx: StageContext | None, stage: str, code: int, message: str, *, outcome: StageOutcome | None = None, step: int = 0
 ) -> StageResult:
+    notices = (ctx.attempt or {}).get("notices", []) if ctx is not None else []
+    if notices:
+        message = "; ".join([message, *(f"warning: {n}" for n in notices)])
     return StageResult(
         stage=stage,
         succeeded=code == layout.EXIT_OK,
@@ -209,55 +217,89 @@ def _limit_threads(ctx: StageContext, processes: int) -> None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, threads // processes))
 
 
+def _launched_child() -> bool:
+    """One of the processes ``_launch_distributed`` started (not the process the Pod started)."""
+    return bool(os.environ.get("RLHF_NPROC_CHILD")) or "LOCAL_RANK" in os.environ
+
+
 def _requested_nproc(ctx: StageContext, nproc: int | None) -> int:
-    if os.environ.get("RLHF_NPROC_CHILD") or "LOCAL_RANK" in os.environ:
-        return 1  # already one of the launched processes
+    if _launched_child():
+        return 1
     if nproc is not None:
         return nproc
     return max(1, getattr(ctx.config.resources, "gpus", 1))
 
 
+def _warn(ctx: StageContext, notice: str) -> None:
+    """A warning for people: the log, this start's record, and so the manifest and the result."""
+    from . import attempts
+
+    log(f"WARNING: {ctx.stage}: {notice}")
+    if ctx.attempt is not None:
+        attempts.note(ctx, ctx.attempt, notice)
+
+
+def _attempt(ctx: StageContext, nproc: int | None, config: Path) -> int:
+    """Steps 3-7 once the invocation is valid; returns the exit code."""
+    from . import attempts, outputs
+
+    stage = ctx.stage
+    inputs = outputs.config_inputs(ctx)
+    existing = outputs.existing_output(ctx, inputs)
+    if existing is not None and existing.reusable:
+        message = outputs.reuse_message(ctx, existing.manifest)
+        log(f"{stage}: {message}")
+        done = existing.manifest
+        previous = StageOutcome(
+            metrics=done.get("metrics", {}), step=done.get("step", 0), total_steps=done.get("totalSteps")
+        )
+        if ctx.is_main:
+            _write_result(_result(ctx, stage, 0, message, outcome=previous))
+        return layout.EXIT_OK
+    top = not _launched_child()
+    ctx.attempt = attempts.begin(ctx, outputs.hash_of(inputs)) if top else attempts.latest(ctx)
+    module = stage_module(stage)
+    if hasattr(module, "validate"):
+        module.validate(ctx)
+    if top:  # the valid configuration trains: stale output and checkpoints go aside, said so
+        if existing is not None:
+            _warn(ctx, outputs.supersede_output(ctx, existing))
+        number = ctx.attempt["number"] if ctx.attempt else None
+        checkpoint_notice = outputs.claim_checkpoints(ctx, outputs.hash_of(inputs), number)
+        if checkpoint_notice:
+            _warn(ctx, checkpoint_notice)
+    processes = _requested_nproc(ctx, nproc)
+    _limit_threads(ctx, processes)
+    if processes > 1:
+        return _launch_distributed(stage, config, processes)
+    _install_sigterm(ctx)
+    outputs.prepare_staging(ctx)
+    outcome = module.run(ctx)
+    outputs.commit(ctx, outcome)
+    if ctx.is_main:
+        shutil.rmtree(ctx.checkpoints_dir, ignore_errors=True)
+        ctx.write_progress(outcome.step, outcome.total_steps, outcome.metrics, force=True)
+        _write_result(_result(ctx, stage, 0, outcome.message or "done", outcome=outcome))
+    log(f"{stage}: done, metrics {outcome.metrics}")
+    return layout.EXIT_OK
+
+
 def execute(stage: str, config: Path, nproc: int | None = None) -> int:
     """Steps 1-7 of the module docstring; returns the exit code."""
-    from . import outputs
+    from . import attempts
 
     ctx: StageContext | None = None
     try:
         invocation = load_invocation(config)
         check_stage(invocation, stage)
         ctx = StageContext.create(invocation)
-        done = outputs.completed_manifest(ctx.output_dir)
-        if done is not None:
-            log(f"{stage}: already done ({ctx.relative(ctx.output_dir)}/manifest.json is complete)")
-            previous = StageOutcome(
-                metrics=done.get("metrics", {}), step=done.get("step", 0), total_steps=done.get("totalSteps")
-            )
-            if ctx.is_main:
-                _write_result(_result(ctx, stage, 0, "already done", outcome=previous))
-            return layout.EXIT_OK
-        module = stage_module(stage)
-        if hasattr(module, "validate"):
-            module.validate(ctx)
-        processes = _requested_nproc(ctx, nproc)
-        _limit_threads(ctx, processes)
-        if processes > 1:
-            return _launch_distributed(stage, config, processes)
-        _install_sigterm(ctx)
-        outputs.prepare_staging(ctx)
-        outcome = module.run(ctx)
-        outputs.commit(ctx, outcome)
-        if ctx.is_main:
-            shutil.rmtree(ctx.checkpoints_dir, ignore_errors=True)
-            ctx.write_progress(outcome.step, outcome.total_steps, outcome.metrics, force=True)
-            _write_result(_result(ctx, stage, 0, outcome.message or "done", outcome=outcome))
-        log(f"{stage}: done, metrics {outcome.metrics}")
-        return layout.EXIT_OK
+        code = _attempt(ctx, nproc, config)
     except StageError as exc:
         log(f"{stage} failed: {exc}")
         step = getattr(exc, "step", 0)
         if ctx is None or ctx.is_main:
             _write_result(_result(ctx, stage, exc.exit_code, str(exc), step=step))
-        return exc.exit_code
+        code = exc.exit_code
     except Exception as exc:  # retried by the Job: report and exit 1
         traceback.print_exc()
         if ctx is not None and ctx.stop_requested.is_set():
@@ -266,7 +308,12 @@ def execute(stage: str, config: Path, nproc: int | None = None) -> int:
             code, message = 1, f"{type(exc).__name__}: {exc}"
         if ctx is None or ctx.is_main:
             _write_result(_result(ctx, stage, code, message))
-        return code
+    if ctx is not None and ctx.attempt is not None and not _launched_child():
+        try:
+            attempts.end(ctx, ctx.attempt, code)
+        except OSError as exc:  # the record is best effort; the exit code is what the Job acts on
+            log(f"cannot record the end of this attempt: {exc}")
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
