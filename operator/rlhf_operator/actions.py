@@ -35,9 +35,13 @@ class SetJobSuspend:
 
 @dataclass(frozen=True)
 class DeleteJob:
-    """Delete a Job and, in the background, its pods (a failed stage being retried)."""
+    """Delete a Job and its pods: in the background (a failed stage being retried, a Kueue-queued stage
+    that timed out), or, with ``wait_for_pods``, in the foreground: the Job stays, marked for deletion,
+    until its Pods are gone (a Kueue-queued stage being suspended: the resumed Job must not start while
+    the old Pod still writes its checkpoint)."""
 
     name: str
+    wait_for_pods: bool = False
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ INPUT_MISSING = "InputMissing"  # the stage exited 3: an input is missing (not r
 STAGE_FAILED = "StageFailed"  # any other Job failure
 STAGE_LOST = "StageLost"  # the failed stage's Job is gone and its reason with it
 START_TIMEOUT = "StartTimeout"  # the stage's Pod did not start within runtime.startTimeoutSeconds
+# A stage's reason (not a condition's): its Job waits for Kueue to admit it (runtime.queueName).
+QUEUED = "Queued"
 
 JOB_REASONS = {"BackoffLimitExceeded": BACKOFF_LIMIT_EXCEEDED, "DeadlineExceeded": DEADLINE_EXCEEDED}
 

@@ -116,7 +116,8 @@ class Cluster:
             self.batch.patch_namespaced_job(action.name, namespace, {"spec": {"suspend": action.suspend}})
         elif isinstance(action, DeleteJob):
             try:
-                self.batch.delete_namespaced_job(action.name, namespace, propagation_policy="Background")
+                propagation = "Foreground" if action.wait_for_pods else "Background"
+                self.batch.delete_namespaced_job(action.name, namespace, propagation_policy=propagation)
             except ApiException as exc:
                 if exc.status != 404:
                     raise

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .api.layout import PROGRESS_LOG_MARKER, StageResult
-from .children import CONTAINER_NAME, DOMAIN, LABEL_STAGE
+from .children import CONTAINER_NAME, DOMAIN, KUEUE_QUEUE_LABEL, LABEL_STAGE
 
 PROGRESS_ANNOTATION = f"{DOMAIN}/progress"
 CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
@@ -71,6 +71,7 @@ class JobObservation:
     exit_code: int | None = None  # of the newest terminated container
     progress: Progress | None = None  # from the running pod's log (or, dev executor, its annotation)
     waiting: Waiting | None = None  # the newest live pod has not started: why
+    queue: str | None = None  # the Kueue LocalQueue its label names: Kueue, not the operator, unsuspends it
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,7 @@ def observe_job(
         exit_code=exit_code,
         progress=progress,
         waiting=waiting,
+        queue=(meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL) or None,
     )
 
 

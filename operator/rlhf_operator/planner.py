@@ -8,6 +8,13 @@ which is what makes re-applying a manifest, a missed event or an operator restar
 Rules, in order: a finished run stays finished (until a retry is requested); stages run one at a
 time in pipeline order; a stage's Job is created only when every earlier enabled stage succeeded;
 spec.suspend suspends the active Job and holds back new ones.
+
+Kueue (runtime.queueName, the Job labelled with the LocalQueue): Kueue owns the Job's spec.suspend.
+It unsuspends the Job when it admits its Workload and suspends it again to preempt it, so the operator
+never patches it: the stage shows Pending with reason Queued while the Job waits, and a run's suspend
+deletes the stage's Job (waiting for its Pod to stop) instead of suspending it, since Kueue would
+unsuspend an admitted one at once. Resuming creates the Job again; it queues, and its Pod resumes
+from the stage's last checkpoint on the workspace volume (docs/install.md, Kueue).
 """
 
 from __future__ import annotations
@@ -115,6 +122,14 @@ def _pending(
     return st.model_copy(update={"phase": "Pending", "reason": waiting.reason, "message": detail[:4000]}), False
 
 
+def _queued(st: StageStatus, job: JobObservation) -> StageStatus:
+    """The stage while Kueue has not admitted its Job (first, or again after preempting it)."""
+    message = f"Job {job.name} waits for Kueue to admit it (LocalQueue {job.queue})"
+    if st.attempts:
+        message += "; the stage ran before and resumes from its last checkpoint"
+    return st.model_copy(update={"phase": "Pending", "reason": cond.QUEUED, "message": message})
+
+
 def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
     ts = timestamp(now)
     spec = run.spec
@@ -164,7 +179,9 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
         if st.phase == "Failed":
             if job is not None and job.failed_condition:
                 failure = _failure_message(st.name, job)
-            else:  # its Job is gone, or the operator failed the stage itself (StartTimeout)
+            elif st.reason == cond.START_TIMEOUT:  # the operator failed it (and, with Kueue, deleted its Job)
+                failure = (cond.START_TIMEOUT, st.message or f"stage {st.name} failed")
+            else:  # its Job is gone
                 reason = cond.STAGE_LOST if job is None else (st.reason or cond.STAGE_FAILED)
                 failure = (reason, st.message or f"stage {st.name} failed")
             break
@@ -182,8 +199,13 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
                     name = job_manifest["metadata"]["name"]
                     actions.append(PostEvent("Normal", "JobCreated", f"created Job {name} for stage {st.name}"))
                 stages[i] = st.model_copy(update={"job_name": job_manifest["metadata"]["name"]})
+            elif st.name not in waiting and spec.suspend and st.job_name:
+                # Its Job existed and is gone: with Kueue, the run's suspend deleted it.
+                stages[i] = st.model_copy(update={"phase": "Suspended", "reason": None, "message": None})
             break
         if job.deleting:
+            if spec.suspend and job.queue:  # being deleted by the run's suspend: its Pod is stopping
+                stages[i] = st.model_copy(update={"phase": "Suspended", "reason": None, "message": None})
             break
         if job.complete:
             stages[i] = st.model_copy(update={"phase": "Succeeded", "completion_time": job.completion_time or ts})
@@ -194,19 +216,30 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
             stages[i] = st.model_copy(update={"phase": "Failed", "completion_time": ts, "message": failure[1]})
             finished.append(stages[i])
             break
-        # The Job is live: make its suspension match the run's.
+        # The Job is live: make its suspension match the run's. Kueue owns a queued Job's suspend (it
+        # would unsuspend an admitted Job the operator suspended), so the run's suspend deletes that
+        # Job, keeping it until its Pod has stopped; resuming creates it again.
+        if spec.suspend and job.queue:
+            actions.append(DeleteJob(job.name, wait_for_pods=True))
+            stages[i] = st.model_copy(update={"phase": "Suspended", "reason": None, "message": None})
+            break
         if spec.suspend and not job.suspended:
             actions.append(SetJobSuspend(job.name, True))
-        elif not spec.suspend and job.suspended and not spec.runtime.queue_name:
-            actions.append(SetJobSuspend(job.name, False))  # with Kueue, admission unsuspends it
+        elif not spec.suspend and job.suspended and not job.queue:
+            actions.append(SetJobSuspend(job.name, False))
+        if not spec.suspend and job.suspended and job.queue:
+            # Not admitted yet, or preempted: not running, not failing, and not on the start clock.
+            stages[i] = _queued(st, job)
+            break
         not_started = None if spec.suspend or job.suspended else job.waiting
         if not_started is not None:
             stages[i], timed_out = _pending(st, not_started, spec.runtime.start_timeout_seconds, now, ts)
             if timed_out:
                 failure = (cond.START_TIMEOUT, stages[i].message or "")
                 finished.append(stages[i])
-                # Suspending deletes the Pod (and frees what it holds) but keeps the Job to inspect.
-                actions.append(SetJobSuspend(job.name, True))
+                # Suspending deletes the Pod (and frees what it holds) but keeps the Job to inspect;
+                # Kueue would unsuspend it, so a queued Job is deleted (which also frees its quota).
+                actions.append(DeleteJob(job.name) if job.queue else SetJobSuspend(job.name, True))
             break
         if spec.suspend:
             phase = "Suspended"
@@ -314,7 +347,10 @@ def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> li
         prev = before.get(st.name)
         stuck = st.phase == "Pending" and st.reason and st.reason not in STARTING_REASONS
         if stuck and (prev is None or prev.reason != st.reason):
-            out.append(PostEvent("Warning", "StagePending", f"stage {st.name} cannot start: {st.message}"))
+            if st.reason == cond.QUEUED:
+                out.append(PostEvent("Normal", "StageQueued", f"stage {st.name} is queued: {st.message}"))
+            else:
+                out.append(PostEvent("Warning", "StagePending", f"stage {st.name} cannot start: {st.message}"))
         if prev is not None and prev.phase == st.phase:
             continue
         if st.phase in STAGE_EVENTS:

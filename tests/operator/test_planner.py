@@ -141,7 +141,7 @@ CASES = [
     (
         "Kueue admits: operator leaves suspend alone",
         {"runtime": {"queueName": "gpu"}},
-        observed(job("sft", suspended=True)),
+        observed(job("sft", suspended=True, queue="gpu")),
         [],
         "Pending",
         "sft",
@@ -355,3 +355,97 @@ def test_waiting_past_the_start_timeout_fails_the_run_and_suspends_the_job() -> 
 def test_start_timeout_null_waits_for_ever() -> None:
     p = plan(view(runtime={"startTimeoutSeconds": None}), observed(pulling(since="2025-01-01T00:00:00Z")), NOW)
     assert p.status.stages[0].phase == "Pending"
+
+
+# --- Kueue (runtime.queueName): Kueue owns the Job's suspend ---------------------------------------
+KUEUE = {"runtime": {"queueName": "gpu"}}
+
+
+def queued(stage: str = "sft", **kw: Any) -> JobObservation:
+    return job(stage, **{"suspended": True, "queue": "gpu", **kw})
+
+
+def test_a_job_kueue_has_not_admitted_is_queued_not_running_and_not_on_the_start_clock() -> None:
+    p = plan(view(**KUEUE), observed(queued()), NOW)
+    sft = p.status.stages[0]
+    assert (sft.phase, sft.reason) == ("Pending", "Queued")
+    assert sft.message is not None and "LocalQueue gpu" in sft.message and "tiny-sft" in sft.message
+    assert p.status.phase == "Pending"
+    assert cond(p.status, "Running") == ("Unknown", "StagePending")
+    assert kinds(p.actions) == ["Event:StageQueued"], "queueing is normal: no StagePending warning, no patch"
+    # Queued for a day: no StartTimeout (the start clock runs from the admitted Job's Pod).
+    later = plan(view(p.status, **KUEUE), observed(queued()), datetime(2026, 1, 2, 12, 0, tzinfo=UTC))
+    assert later.status.phase == "Pending" and later.actions == []
+
+
+def test_admitted_then_running() -> None:
+    first = plan(view(**KUEUE), observed(queued()), NOW)
+    admitted = plan(view(first.status, **KUEUE), observed(running("sft", queue="gpu")), NOW)
+    sft = admitted.status.stages[0]
+    assert (sft.phase, sft.reason, sft.message) == ("Running", None, None)
+    assert admitted.status.phase == "Running"
+    assert "Event:StageStarted" in kinds(admitted.actions)
+
+
+def test_suspend_deletes_a_queued_job_and_waits_for_its_pod_then_resume_creates_it_again() -> None:
+    start = plan(view(**KUEUE), observed(running("sft", queue="gpu")), NOW).status
+    p = plan(view(start, suspend=True, **KUEUE), observed(running("sft", queue="gpu")), NOW)
+    deletes = [a for a in p.actions if isinstance(a, DeleteJob)]
+    assert deletes == [DeleteJob("tiny-sft", wait_for_pods=True)], "never patch spec.suspend: Kueue would undo it"
+    assert not any(isinstance(a, SetJobSuspend) for a in p.actions)
+    assert p.status.phase == "Suspended" and p.status.stages[0].phase == "Suspended"
+    # While the Pod stops (foreground deletion), and once the Job is gone: Suspended, nothing more to do.
+    stopping = plan(view(p.status, suspend=True, **KUEUE), observed(running("sft", queue="gpu", deleting=True)), NOW)
+    assert stopping.actions == [] and stopping.status.stages[0].phase == "Suspended"
+    gone = plan(view(stopping.status, suspend=True, **KUEUE), observed(), NOW)
+    assert gone.actions == [] and gone.status.stages[0].phase == "Suspended"
+    assert gone.status.phase == "Suspended" and gone.status.stages[0].job_name == "tiny-sft"
+    # Resume: the Job is created again (suspended, labelled), and queues.
+    resumed = plan(view(gone.status, **KUEUE), observed(), NOW)
+    creates = [a for a in resumed.actions if isinstance(a, CreateJob)]
+    assert [c.name for c in creates] == ["tiny-sft"]
+    assert creates[0].job["spec"]["suspend"] is True
+    assert creates[0].job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    again = plan(view(resumed.status, **KUEUE), observed(queued(pods=0)), NOW)
+    sft = again.status.stages[0]
+    assert (sft.phase, sft.reason) == ("Pending", "Queued")
+    assert sft.message is not None and "resumes from its last checkpoint" in sft.message
+
+
+def test_suspend_of_a_queued_job_that_never_ran_deletes_it_too() -> None:
+    first = plan(view(**KUEUE), observed(queued()), NOW)
+    p = plan(view(first.status, suspend=True, **KUEUE), observed(queued()), NOW)
+    assert [a for a in p.actions if isinstance(a, DeleteJob)] == [DeleteJob("tiny-sft", wait_for_pods=True)]
+    assert p.status.phase == "Suspended"
+
+
+def test_kueue_preempting_a_running_stage_is_queued_not_failed() -> None:
+    """Kueue suspends the Job to preempt it: the stage waits to be admitted again, the run does not fail."""
+    start = plan(view(**KUEUE), observed(running("sft", 5, 10, queue="gpu")), NOW).status
+    p = plan(view(start, **KUEUE), observed(queued(active=0, pods=1)), NOW)
+    sft = p.status.stages[0]
+    assert (sft.phase, sft.reason) == ("Pending", "Queued")
+    assert sft.message is not None and "resumes from its last checkpoint" in sft.message
+    assert p.status.phase == "Running", "the run goes on; it is not Failed"
+    assert not any(isinstance(a, SetJobSuspend | DeleteJob) for a in p.actions)
+    assert cond(p.status, "Failed") == ("False", "NoFailure")
+    readmitted = plan(view(p.status, **KUEUE), observed(running("sft", 6, 10, queue="gpu", pods=2)), NOW)
+    assert readmitted.status.stages[0].phase == "Running"
+
+
+def test_a_job_without_the_queue_label_is_unsuspended_even_if_the_spec_names_a_queue_now() -> None:
+    """runtime.queueName added while a stage's Job (created without it) is suspended: that Job is not Kueue's."""
+    p = plan(view(**KUEUE), observed(running("sft", suspended=True, active=0)), NOW)
+    assert "Suspend:tiny-sft=False" in kinds(p.actions)
+
+
+def test_start_timeout_of_a_queued_job_deletes_it_and_keeps_the_reason() -> None:
+    """Kueue would unsuspend an admitted Job the operator suspends, so the timed-out Job is deleted."""
+    stuck = running("sft", queue="gpu", waiting=Waiting("ImagePullBackOff", "no", "2026-01-01T11:00:00Z"))
+    p = plan(view(**KUEUE), observed(stuck), NOW)
+    assert [a for a in p.actions if isinstance(a, DeleteJob)] == [DeleteJob("tiny-sft")]
+    assert not any(isinstance(a, SetJobSuspend) for a in p.actions)
+    assert p.status.phase == "Failed"
+    later = plan(view(p.status, **KUEUE), observed(), NOW)
+    assert later.status.phase == "Failed" and later.actions == []
+    assert cond(later.status, "Failed") == ("True", "StartTimeout"), "not StageLost: the operator deleted it"
