@@ -172,7 +172,7 @@ def reuse_message(ctx: StageContext, manifest: dict[str, Any]) -> str:
     else:
         who = f"an earlier run named {ctx.invocation.run.name} (uid {uid or 'unknown'})"
     attempt = f", attempt {by['attempt']}" if by.get("attempt") else ""
-    pod = f" in pod {by['pod']}" if by.get("pod") else ""
+    pod = f" on {by['pod']}" if by.get("pod") else ""  # the Pod name (the host name outside a cluster)
     return (
         f"already done: reused {ctx.relative(ctx.output_dir)}, written by {who}{attempt}{pod} at "
         f"{manifest.get('finishedAt', 'an unknown time')} from the same settings and inputs "

@@ -1,9 +1,13 @@
 """``rlhfctl run-local FILE``: the run's stages in order, as local processes, through the same
 stage entrypoint the Jobs run (``python -m rlhf_stages <stage> --config ...``).
 
-The volume is a local directory. Re-running skips stages whose output is complete and resumes an
-interrupted one from its last checkpoint (the stage entrypoint does both). Ctrl-C sends SIGTERM to
-the running stage, which saves a checkpoint, and stops.
+The volume is a local directory. Re-running reuses a stage's complete output when it was made from
+the same settings and inputs, and says so; a stage whose settings (or an earlier stage's output)
+changed trains again, its old output moved to ``<run>/superseded/`` with a warning. An interrupted
+stage resumes from its last checkpoint if that was written under the same settings (the stage
+entrypoint does all of this; docs/stage-protocol.md). Ctrl-C sends SIGTERM to the running stage,
+which saves a checkpoint, and stops. Each invocation is a new run (its own uid, ``local-...``), as a
+run re-created with the same name on an existing claim would be.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -56,10 +61,12 @@ def stage_env(result_file: Path) -> dict[str, str]:
     }
 
 
-def write_invocation(run: RLHFRun, stage: str, volume: Path, workdir: Path, namespace: str) -> Path:
+def write_invocation(
+    run: RLHFRun, stage: str, volume: Path, workdir: Path, namespace: str, uid: str | None = None
+) -> Path:
     invocation = layout.StageInvocation(
         stage=stage,
-        run=layout.RunRef(namespace=namespace, name=run.metadata.get("name", "run"), uid=None),
+        run=layout.RunRef(namespace=namespace, name=run.metadata.get("name", "run"), uid=uid),
         workspace=str(volume),
         spec=run.spec,
     )
@@ -99,8 +106,10 @@ class ProgressLine:
             self.stream.write("\r" + " " * 110 + "\r")
 
 
-def run_stage(run: RLHFRun, stage: str, volume: Path, workdir: Path, namespace: str, python: str) -> StageRun:
-    config = write_invocation(run, stage, volume, workdir, namespace)
+def run_stage(
+    run: RLHFRun, stage: str, volume: Path, workdir: Path, namespace: str, python: str, uid: str | None = None
+) -> StageRun:
+    config = write_invocation(run, stage, volume, workdir, namespace, uid)
     result_file = workdir / "results" / f"{stage}.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.unlink(missing_ok=True)
@@ -147,6 +156,7 @@ def run_pipeline(
 ) -> list[StageRun]:
     """Runs every enabled stage in order; stops at the first that does not succeed."""
     volume.mkdir(parents=True, exist_ok=True)
+    uid = f"local-{uuid.uuid4()}"  # this invocation's run, recorded in manifests and the attempts record
     done: list[StageRun] = []
     for stage in run.spec.pipeline():
         section = run.spec.stage(stage)
@@ -155,11 +165,17 @@ def run_pipeline(
             done.append(StageRun(stage, "Skipped", 0.0, {}))
             continue
         print(f"  {stage:<7} running (log: {workdir / 'logs' / (stage + '.log')})", file=out, flush=True)
-        outcome = run_stage(run, stage, volume, workdir, namespace, python)
+        outcome = run_stage(run, stage, volume, workdir, namespace, python, uid)
         done.append(outcome)
         metrics = outcome.result.get("metrics", {})
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6])
         print(f"  {stage:<7} {outcome.status} in {outcome.seconds:.1f}s {shown}", file=out, flush=True)
+        message = outcome.result.get("message")
+        if outcome.status == "Succeeded" and message and message != "done":
+            # Reuse of an earlier output, or a warning (trained again, old output set aside): said, not silent.
+            head, *warnings = message.split("; warning: ")
+            for line in ([head] if head != "done" else []) + [f"warning: {w}" for w in warnings]:
+                print(f"  {'':<7} {line}", file=out, flush=True)
         if outcome.status != "Succeeded":
             message = outcome.result.get("message") or _tail(outcome.log_file)
             print(f"  {stage} did not succeed: {message}", file=out)
