@@ -272,8 +272,8 @@ def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]
     optional = {
         "serviceAccountName": runtime.service_account_name,
         "nodeSelector": dict(runtime.node_selector) or None,
-        "tolerations": list(runtime.tolerations) or None,
-        "affinity": runtime.affinity,
+        "tolerations": [t.to_wire() for t in runtime.tolerations] or None,
+        "affinity": runtime.affinity.to_wire() if runtime.affinity else None,
         "priorityClassName": runtime.priority_class_name,
         "imagePullSecrets": [{"name": n} for n in runtime.image_pull_secrets] or None,
     }

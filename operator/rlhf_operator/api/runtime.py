@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from .base import ApiModel, Rule
+from .corev1 import Affinity, ImageReference, LabelMap, Toleration
 
 DEFAULT_STAGE_IMAGE = "ghcr.io/rlhf-operator/rlhf-stages:0.1.0"
 WORKSPACE_MOUNT_PATH = "/workspace"
@@ -15,10 +16,12 @@ Quantity = Annotated[
     str,
     Field(
         max_length=32,
-        pattern=r"^[+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+        # Kubernetes' quantity grammar without the minus sign: a Pod's requests and limits may not be
+        # negative. The exponent of 1e3 is an integer (the API server cannot parse 1e1.5).
+        pattern=r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$",
     ),
 ]
-"""A Kubernetes resource quantity such as ``4``, ``500m`` or ``16Gi``."""
+"""A non-negative Kubernetes resource quantity such as ``4``, ``500m`` or ``16Gi``."""
 
 DNSName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
 
@@ -98,20 +101,21 @@ class Storage(ApiModel):
 class Runtime(ApiModel):
     """Pod and Job settings applied to every stage's Job."""
 
-    image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_STAGE_IMAGE
-    """The stage image (``images/stages``)."""
+    image: ImageReference = DEFAULT_STAGE_IMAGE
+    """The stage image (``images/stages``): a reference ``name[:tag][@digest]``."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """Image pull policy."""
     image_pull_secrets: list[DNSName] = Field(default_factory=list, max_length=16)
     """Names of Secrets used to pull the image."""
     service_account_name: DNSName | None = None
     """ServiceAccount the stage pods run as; unset uses the namespace default."""
-    node_selector: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict, max_length=32)
-    """Node labels the stage pods must match, e.g. ``{nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB}``."""
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, max_length=32)
+    node_selector: LabelMap = Field(default_factory=dict)
+    """Node labels the stage pods must match (label keys and values), e.g.
+    ``{nvidia.com/gpu.product: NVIDIA-A100-SXM4-80GB}``."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     """Pod tolerations (core/v1 Toleration), e.g. for tainted GPU nodes."""
-    affinity: dict[str, Any] | None = None
-    """Pod affinity (core/v1 Affinity)."""
+    affinity: Affinity | None = None
+    """Pod affinity (core/v1 Affinity: nodeAffinity, podAffinity, podAntiAffinity)."""
     priority_class_name: DNSName | None = None
     """PriorityClass of the stage pods."""
     queue_name: DNSName | None = None
