@@ -174,5 +174,6 @@ def test_two_processes_match_one(workspace: Path, tmp_path: Path, in_process: Pa
             result = read_result(tmp_path / f"{run}.json")
         assert result["succeeded"] and result["step"] == 30
         losses[nproc] = result["metrics"]["eval_loss"]
-        assert sorted(p.name for p in run_dir(workspace, run).iterdir()) == ["sft", "sft.progress.json"]
+        expected = ["sft", "sft.attempts.json", "sft.progress.json"]  # the start record stays (stage-protocol.md)
+        assert sorted(p.name for p in run_dir(workspace, run).iterdir()) == expected
     assert abs(losses[1] - losses[2]) < 0.25, losses

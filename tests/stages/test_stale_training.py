@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_result, run_dir, tiny_spec, write_invocation
+from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
 from rlhf_stages.entrypoint import main
 
 pytestmark = pytest.mark.training
@@ -43,3 +43,16 @@ def test_sft_edited_learning_rate_trains_again(workspace: Path, in_process: Path
     (aside,) = (run_dir(workspace, RUN) / "superseded").iterdir()
     assert json.loads((aside / "manifest.json").read_text()) == first
     assert sorted(p.name for p in (aside / "model").iterdir()) == weights  # the old model, whole
+
+    # Two processes (--nproc 2): the process the Pod started sets the output aside and records the
+    # start once; rank 0 writes the output and a result that carries the same warning.
+    config = write_invocation(workspace, "sft", RUN, _spec(2.0e-3))
+    code, output = run_stage("sft", config, in_process.with_name("ddp.json"), "--nproc", "2")
+    assert code == 0, output[-3000:]
+    result = read_result(in_process.with_name("ddp.json"))
+    assert "spec.sft.training.learningRate: 0.001 -> 0.002" in result["message"]
+    assert output.count("WARNING: sft: trained again") == 1
+    assert len(list((run_dir(workspace, RUN) / "superseded").iterdir())) == 2
+    record = json.loads((run_dir(workspace, RUN) / "sft.attempts.json").read_text())
+    assert [(a["number"], a["exitCode"]) for a in record["attempts"]] == [(1, 0)]
+    assert "trained again" in record["attempts"][0]["notices"][0]
