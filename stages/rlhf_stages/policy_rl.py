@@ -20,7 +20,7 @@ from typing import Any
 
 from rlhf_operator.api import TrainingSettings
 
-from . import data, method_common, models
+from . import data, interrupt, method_common, models
 from .context import StageConfigError, StageContext, StageOutcome
 
 # generate() arguments the trainer sets itself from our fields.
@@ -167,7 +167,20 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
         peft_config=peft_config,
         callbacks=[callback],
     )
-    _, resumed_from = run_trainer(ctx, trainer, callback)
+    # SIGTERM mid-step (e.g. while sampling): abandon the step and save the last completed one.
+    # One process only: ranks aborting at different points would leave a collective waiting.
+    guard = None
+    if ctx.world_size == 1:
+        models_used = (trainer.model, getattr(trainer, "ref_model", None), reward_model)
+        guard = interrupt.StepGuard(ctx.stop_requested, models_used, stage=ctx.stage, total=cfg.total_steps)
+        trainer.add_callback(interrupt.trainer_callback(guard))
+    try:
+        _, resumed_from = run_trainer(ctx, trainer, callback)
+    except interrupt.StepAborted as aborted:
+        raise interrupt.save_trainer_after_abort(ctx, trainer, callback, aborted) from None
+    finally:
+        if guard is not None:
+            guard.close()
 
     logs = callback.latest_logs
     metrics = {ours: float(logs[theirs]) for theirs, ours in LOG_KEYS.items() if theirs in logs}

@@ -128,6 +128,7 @@ def run(ctx: StageContext) -> StageOutcome:
 
     from . import ppo_checkpoint
     from .checkpoints import STEP_DELAY_ENV  # imports transformers: not at module level (validate stays light)
+    from .interrupt import StepGuard
     from .ppo_models import load_models
     from .ppo_trainer import PPOTrainer
 
@@ -140,8 +141,21 @@ def run(ctx: StageContext) -> StageOutcome:
 
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every rank
     loaded = load_models(policy_loc, reward_loc, tokenizer, cfg, device=accelerator.device)
+    # Every rank gets a guard: they agree on aborting a step after sampling (see ppo_trainer).
+    guard = StepGuard(
+        ctx.stop_requested,
+        (loaded.policy, loaded.reference, loaded.value, loaded.reward.model),
+        stage="ppo",
+        total=cfg.total_steps,
+    )
     trainer = PPOTrainer(
-        cfg, loaded, tokenizer, train_prompts, accelerator=accelerator, checkpoint_root=ctx.checkpoints_dir
+        cfg,
+        loaded,
+        tokenizer,
+        train_prompts,
+        accelerator=accelerator,
+        checkpoint_root=ctx.checkpoints_dir,
+        guard=guard,
     )
     if ctx.is_main:
         ppo_checkpoint.clear_staging(ctx.checkpoints_dir)  # debris of a kill mid-save
@@ -173,6 +187,7 @@ def run(ctx: StageContext) -> StageOutcome:
             time.sleep(delay)
 
     finished = trainer.train(ctx.stop_requested.is_set, on_step)
+    guard.close()  # the held-out evaluation below always completes
     if not finished:
         newest = ppo_checkpoint.newest_checkpoint(ctx.checkpoints_dir)
         raise StageInterrupted(trainer.step, newest.name if newest else None)

@@ -1,5 +1,14 @@
 """The PPO loop: roll out, score, shape rewards, GAE, then clipped updates over mini-batches.
 
+SIGTERM (see ``interrupt``): during the sampling phase of a step (generation, log-probs, values,
+rewards: the long part) the step is abandoned after the current forward pass, the RNG streams are
+put back as the step found them, and the last completed step is saved (unless it already was), so
+the restarted run samples exactly what this one would have. During the optimisation epochs the
+step is *finished*, then saved: they are bounded (``ppoEpochs x batchSize / miniBatchSize`` updates,
+no sampling), and rolling them back instead would need a copy of the trainable weights and both
+Adam moments taken before every step (3x the trainable state: ~170 GB for a full-weight 7B policy
+and value model), paid on every step to serve the rare SIGTERM.
+
 Data parallel: every rank runs this same loop on ``batchSize / world`` prompts of the same global
 batch (all ranks derive the batch from the seed and the step, so nothing is communicated for it);
 gradients are averaged by DDP (set up by accelerate), and advantage whitening, the statistics and
@@ -12,12 +21,14 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import ppo_checkpoint as ckpt
+from .interrupt import StepAborted, StepGuard
 from .ppo_advantages import KLController, generalized_advantages, global_sum, masked_mean, masked_whiten, shaped_rewards
 from .ppo_losses import explained_variance, policy_loss, value_loss
 from .ppo_models import PolicyAndValue, PPOModels
@@ -36,10 +47,13 @@ class PPOTrainer:
         *,
         accelerator: Any,
         checkpoint_root: Path | None,
+        guard: StepGuard | None = None,
     ) -> None:
         self.stage, self.models, self.tokenizer, self.prompts = stage, models, tokenizer, list(prompts)
         self.acc = accelerator
         self.checkpoint_root = checkpoint_root
+        self.guard = guard  # aborts the sampling phase on SIGTERM (same on every rank, or on none)
+        self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed from
         world = accelerator.num_processes
         if stage.batch_size % world or stage.mini_batch_size % world:
             raise ValueError(f"batchSize and miniBatchSize must be multiples of the {world} processes")
@@ -82,28 +96,41 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Sequence[int]]) -> tuple[Rollout, dict[str, torch.Tensor]]:
+        """Sample and score a batch; raises StepAborted (on every rank) when SIGTERM interrupts it."""
         st, gen = self.stage, self.stage.generation
-        budgets = sample_budgets(
-            self.generators["budgets"], len(prompts), st.response_length.min, st.response_length.max
-        )
-        policy = self.module.policy
-        batch = generate(
-            policy,
-            prompts,
-            budgets,
-            eos_ids=self.eos_ids,
-            pad_id=self.pad_id,
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            top_p=gen.top_p,
-            extra=dict(gen.extra),
-        )
-        logprobs, entropy = token_logprobs(policy, batch, gen.temperature, with_entropy=True)
+        rng = ckpt.rng_state(self.generators) if self.guard is not None else None
+        aborted: StepAborted | None = None
+        try:
+            # No communication in here (the models are used unwrapped), so a rank may leave early.
+            with self.guard.phase(self.step + 1, "sampling") if self.guard is not None else nullcontext():
+                budgets = sample_budgets(
+                    self.generators["budgets"], len(prompts), st.response_length.min, st.response_length.max
+                )
+                policy = self.module.policy
+                batch = generate(
+                    policy,
+                    prompts,
+                    budgets,
+                    eos_ids=self.eos_ids,
+                    pad_id=self.pad_id,
+                    temperature=gen.temperature,
+                    top_k=gen.top_k,
+                    top_p=gen.top_p,
+                    extra=dict(gen.extra),
+                )
+                logprobs, entropy = token_logprobs(policy, batch, gen.temperature, with_entropy=True)
+                with self.models.reference_context():
+                    ref_logprobs, _ = token_logprobs(self.models.reference_model(), batch, gen.temperature)
+                values = token_values(self.module.value, batch)
+                raw_scores = self.models.reward.score(batch, self.tokenizer)
+        except StepAborted as exc:
+            aborted = exc
+        if rng is not None:
+            (aborting,) = global_sum(torch.tensor(float(aborted is not None)))  # every rank stops, or none
+            if aborting > 0:
+                ckpt.restore_rng(rng, self.generators)  # the restarted step samples what this one would have
+                raise aborted or StepAborted(self.step + 1, "sampling (SIGTERM seen by another process)", 0.0)
         assert entropy is not None
-        with self.models.reference_context():
-            ref_logprobs, _ = token_logprobs(self.models.reference_model(), batch, gen.temperature)
-        values = token_values(self.module.value, batch)
-        raw_scores = self.models.reward.score(batch, self.tokenizer)
         scores = raw_scores.clone()
         if st.missing_eos_penalty is not None:
             scores = scores - st.missing_eos_penalty * (~batch.ended_with_eos).float()
@@ -133,9 +160,18 @@ class PPOTrainer:
         self.model.train()
         self.module.policy.eval()  # dropout off: the ratio must be 1 before the first update
         self.module.value.eval()
-        for _ in range(st.ppo_epochs):
+        noticed = False
+        for epoch in range(st.ppo_epochs):
             order = torch.randperm(self.local_batch, generator=self.generators["shuffle"])
             for start in range(0, self.local_batch, self.local_mini):
+                if not noticed and self.guard is not None and self.guard.stop.is_set():
+                    noticed = True
+                    left = (st.ppo_epochs - epoch) * (self.local_batch // self.local_mini) - start // self.local_mini
+                    log.warning(
+                        "SIGTERM during the optimisation of step %d: finishing its %d remaining updates, then saving",
+                        self.step + 1,
+                        left,
+                    )
                 idx = order[start : start + self.local_mini].to(batch.query.device)
                 sub, mask = batch.select(idx), batch.response_mask[idx]
                 logprobs, values = self.model(sub, st.generation.temperature)
@@ -221,6 +257,7 @@ class PPOTrainer:
             ckpt.publish(self.checkpoint_root, tmp, self.step)
             log.info("checkpoint at step %d", self.step)
         acc.wait_for_everyone()
+        self.saved_step = self.step
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint, if any; True when one was loaded."""
@@ -231,6 +268,7 @@ class PPOTrainer:
         self.step = int(extra["step"])
         self.kl.load_state_dict(extra["kl_controller"])
         self.history = list(extra["history"])
+        self.saved_step = self.step
         log.info("resumed from %s", path)
         return True
 
@@ -242,7 +280,15 @@ class PPOTrainer:
         """Run to totalSteps; returns False when stopped early (a checkpoint was saved if possible)."""
         st = self.stage
         while self.step < st.total_steps:
-            stats = self.train_step()
+            try:
+                stats = self.train_step()
+            except StepAborted as aborted:
+                log.warning("%s; saving step %d", aborted, self.step)
+                if self.step > 0 and self.saved_step != self.step:
+                    started = time.perf_counter()
+                    self.save_checkpoint()
+                    log.warning("checkpoint-%d saved in %.1f s", self.step, time.perf_counter() - started)
+                return False
             if on_step is not None:
                 on_step(self.step, stats)
             (stop,) = global_sum(torch.tensor(float(should_stop())))  # every rank must agree to stop

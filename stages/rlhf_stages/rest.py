@@ -17,7 +17,9 @@ For each of ``growSteps`` iterations:
 The policy is ``sft/model`` (else ``baseModel``) plus a fresh LoRA adapter (or all weights with
 ``lora.enabled: false``). Each Improve step is a complete checkpoint (``rest.checkpoints/
 checkpoint-<n>``: weights, optimizer-free state, the Grow sets so far), so a preempted stage
-resumes after its last finished Improve step; SIGTERM stops between optimizer steps.
+resumes after its last finished Improve step. SIGTERM stops a Grow step after the current token's
+forward pass (its samples are discarded) and an Improve step between optimizer steps (its updates
+are discarded: the previous Improve step's checkpoint is the state kept); see ``interrupt``.
 
 Metrics: ``grow<g>_reward_mean`` per Grow step (the policy's reward on its own samples), the last
 Improve loss, and on the held-out prompts ``eval_reward_mean``, ``eval_eos_rate``,
@@ -28,12 +30,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from . import data, method_common, models
 from .checkpoints import latest_checkpoint
 from .context import StageConfigError, StageContext, StageInterrupted, StageOutcome
+from .interrupt import StepAborted, StepGuard
 from .rest_improve import GrowRow, improve, quantile
 
 GENERATION_BATCH = 64
@@ -138,6 +142,7 @@ def run(ctx: StageContext) -> StageOutcome:
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
 
     total = cfg.grow_steps * len(cfg.thresholds)
+    guard = StepGuard(ctx.stop_requested, (policy, reward_model), stage="rest", total=total)
     grow_rows: list[GrowRow] = []
     for g in range(cfg.grow_steps):
         if state["done"] >= (g + 1) * len(cfg.thresholds):
@@ -146,7 +151,14 @@ def run(ctx: StageContext) -> StageOutcome:
         if grow_file.exists():  # sampled before the restart: reuse exactly that set
             grow_rows = [GrowRow.from_json(line) for line in grow_file.read_text(encoding="utf-8").splitlines()]
         else:
-            grow_rows = grow(ctx, policy, tokenizer, (reward_model, reward_tokenizer), prompts, step=g)
+            try:  # SIGTERM while sampling: the partial Grow set is discarded, the last Improve step kept
+                with guard.phase(state["done"] + 1, f"grow {g} (sampling {len(prompts) * cfg.samples_per_prompt})"):
+                    grow_rows = grow(ctx, policy, tokenizer, (reward_model, reward_tokenizer), prompts, step=g)
+            except StepAborted as aborted:
+                print(f"rlhf-stage: {aborted}; keeping improve step {state['done']}", file=sys.stderr, flush=True)
+                raise StageInterrupted(
+                    state["done"], f"checkpoint-{state['done']}" if state["done"] else None
+                ) from None
             tmp = grow_file.with_suffix(".tmp")
             tmp.write_text("".join(r.to_json() + "\n" for r in grow_rows), encoding="utf-8")
             tmp.rename(grow_file)
@@ -179,6 +191,7 @@ def run(ctx: StageContext) -> StageOutcome:
             progress = {"threshold": tau, "kept": float(len(kept))} | ({"loss": loss} if loss is not None else {})
             ctx.write_progress(n, total, progress, force=True)
 
+    guard.close()  # the held-out evaluation below always completes
     metrics: dict[str, float] = {}
     for entry in state["history"]:
         if "reward_mean" in entry:
