@@ -208,7 +208,11 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
                 stages[i] = st.model_copy(update={"phase": "Suspended", "reason": None, "message": None})
             break
         if job.complete:
-            stages[i] = st.model_copy(update={"phase": "Succeeded", "completion_time": job.completion_time or ts})
+            # The stage's own word on success, when it says more than "done": whose output it reused, or
+            # that it trained again and set the old output aside (docs/stage-protocol.md).
+            said = job.result.message if job.result is not None and job.result.message != "done" else None
+            update = {"phase": "Succeeded", "completion_time": job.completion_time or ts, "message": said}
+            stages[i] = st.model_copy(update=update)
             finished.append(stages[i])
             continue
         if job.failed_condition:
