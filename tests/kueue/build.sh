@@ -3,14 +3,16 @@
 # (sigs.k8s.io/kueue, the version below), and keeps its CRDs beside it (config/components/crd of the same
 # module). `go install module@version` refuses a module whose go.mod has replace directives, as Kueue's
 # does, so the build runs inside a copy of the downloaded module source, where they apply.
-# Output goes to a cache directory outside the clone, keyed by this script (which pins the version) and the
-# Go toolchain, so a warm machine skips the build. Prints the directory (bin/kueue, crd/).
+# Also builds versionproxy (see its main.go: the test control plane reports a version Kueue cannot parse).
+# Output goes to a cache directory outside the clone, keyed by this script (which pins the version), the
+# proxy's source and the Go toolchain, so a warm machine skips the build. Prints the directory
+# (bin/kueue, bin/versionproxy, crd/).
 set -euo pipefail
 version="v0.17.0"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache_root="${RLHF_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/rlhf-operator}"
 command -v go >/dev/null || { echo "kueue/build.sh: the Go toolchain is needed to build Kueue" >&2; exit 1; }
-key="$( (cat "$here/build.sh"; go version) | sha256sum | cut -c1-16)"
+key="$( (cat "$here/build.sh" "$here/versionproxy/go.mod" "$here/versionproxy/main.go"; go version) | sha256sum | cut -c1-16)"
 out="$cache_root/kueue-$key"
 if [[ -x "$out/bin/kueue" ]]; then  # moved into place last: the directory is complete
   echo "$out"; exit 0
@@ -30,6 +32,7 @@ cp -r "$src/." "$tmp/src/"
 chmod -R u+w "$tmp/src"
 cp -r "$tmp/src/config/components/crd/bases" "$tmp/crd"
 (cd "$tmp/src" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$tmp/bin/kueue" ./cmd/kueue >&2)
+(cd "$here/versionproxy" && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$tmp/bin/versionproxy" . >&2)
 rm -rf "$tmp/src"
 trap - EXIT
 rm -rf "$out"; mv "$tmp" "$out"

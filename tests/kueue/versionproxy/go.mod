@@ -1,0 +1,3 @@
+module rlhf-operator.io/tests/kueue/versionproxy
+
+go 1.22
