@@ -4,7 +4,10 @@ the interruption bound) in milliseconds.
 Registered in place of every stage's module (``entrypoint.STAGES``), in-process by the tests, or by
 running this file as the stage command (``python tests/stages/fake_stage.py <stage> --config F``).
 Its "training" is ``FAKE_STEPS`` (default 4) steps, each leaving a complete
-``checkpoint-<step>`` under ``ctx.checkpoints_dir``; it resumes from the newest one. Environment:
+``checkpoint-<step>`` under ``ctx.checkpoints_dir``; it resumes from the newest one, and stops on
+SIGTERM as a real stage does (checkpoint, exit 143). ``<volume>/fake-stage.json`` may set
+``{"<stage>": {"steps": N, "stepSeconds": S}}`` for stage processes whose environment a test cannot
+set (the dev executor's). Environment:
 
 * ``FAKE_STOP_AT=N``: behave as if SIGTERM came at step N: save, raise StageInterrupted (exit 143);
 * ``FAKE_CRASH=1``: raise an ordinary error (exit 1, what the Job counts against backoffLimit);
@@ -20,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +49,10 @@ def _latest(ctx: StageContext) -> int:
 
 
 def run(ctx: StageContext) -> StageOutcome:
-    total = int(os.environ.get("FAKE_STEPS", "4"))
+    settings_file = ctx.workspace / "fake-stage.json"
+    settings = json.loads(settings_file.read_text()).get(ctx.stage, {}) if settings_file.exists() else {}
+    total = int(os.environ.get("FAKE_STEPS", settings.get("steps", 4)))
+    step_seconds = float(settings.get("stepSeconds", 0))
     start = _latest(ctx)
     with (ctx.run_dir / "fake-starts.log").open("a") as log:
         log.write(f"{ctx.stage} {start}\n")
@@ -58,8 +65,10 @@ def run(ctx: StageContext) -> StageOutcome:
         checkpoint = ctx.checkpoints_dir / f"checkpoint-{step}"
         checkpoint.mkdir(parents=True, exist_ok=True)
         (checkpoint / "state.json").write_text(json.dumps({"step": step}))
-        if step == stop_at:
+        ctx.write_progress(step, total)
+        if step == stop_at or ctx.stop_requested.is_set():
             raise StageInterrupted(step, checkpoint.name)
+        time.sleep(step_seconds)
     (ctx.staging_dir / "model.json").write_text(json.dumps(ctx.config.to_wire(), sort_keys=True))
     return StageOutcome(
         metrics={"loss": 1.0 / total}, step=total, total_steps=total, details={"resumedFromStep": start}
