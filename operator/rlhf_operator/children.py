@@ -13,29 +13,49 @@ from typing import Any
 
 import yaml
 
+from .api.base import ApiModel
 from .api.layout import (
     CONFIG_FILE_NAME,
-    CONFIG_MOUNT_PATH,
     CONSTITUTION_KEY,
-    CONSTITUTION_MOUNT_PATH,
     NON_RETRYABLE_EXIT_CODES,
     RunRef,
     StageInvocation,
     run_dir,
 )
+
+# The operator's label names live in the API (podtemplate), whose Pod-overlay rules refuse them;
+# the rest of the operator imports them from here.
+from .api.podtemplate import (
+    CONFIG_MOUNT_PATH,
+    CONSTITUTION_MOUNT_PATH,
+    DOMAIN,  # noqa: F401 (re-exported)
+    KUEUE_QUEUE_LABEL,
+    LABEL_MANAGED_BY,
+    LABEL_RUN,
+    LABEL_STAGE,
+    OPERATOR_APP_LABELS,
+    SHM_MOUNT_PATH,
+    TMP_MOUNT_PATH,
+    VOLUME_CONFIG,
+    VOLUME_CONSTITUTION,
+    VOLUME_SHM,
+    VOLUME_TMP,
+    VOLUME_WORKSPACE,
+    RunPodTemplate,
+    merged,
+)
 from .api.run import API_VERSION, KIND, RLHFRunSpec
 from .api.runtime import WORKSPACE_MOUNT_PATH
 
-DOMAIN = "rlhf-operator.io"
-LABEL_RUN = f"{DOMAIN}/run"
-LABEL_STAGE = f"{DOMAIN}/stage"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "rlhf-operator"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONTAINER_NAME = "stage"
 DEFAULT_PVC_SIZE = "100Gi"
 # The stage image runs as this unprivileged user; fsGroup makes the shared volume writable by it.
 STAGE_UID = 1000
+# What a stage Pod requests when neither its spec nor the operator's defaults (the chart's
+# stageDefaults) say: requests only, no limits, so that the Pod is never BestEffort (the first
+# evicted under node pressure, and scheduled as if it needed nothing) and yet is not capped.
+FALLBACK_REQUESTS = {"cpu": "100m", "memory": "256Mi"}
 
 
 @dataclass(frozen=True)
@@ -65,15 +85,16 @@ def workspace_claim(run: str, spec: RLHFRunSpec) -> str:
 
 
 def labels(run: str, stage: str | None = None) -> dict[str, str]:
+    name, instance, part_of, _, component = OPERATOR_APP_LABELS
     out = {
-        "app.kubernetes.io/name": "rlhf-stage" if stage else "rlhf-run",
-        "app.kubernetes.io/instance": run,
-        "app.kubernetes.io/part-of": "rlhf-operator",
+        name: "rlhf-stage" if stage else "rlhf-run",
+        instance: run,
+        part_of: "rlhf-operator",
         LABEL_MANAGED_BY: MANAGER,
         LABEL_RUN: run,
     }
     if stage:
-        out["app.kubernetes.io/component"] = stage
+        out[component] = stage
         out[LABEL_STAGE] = stage
     return out
 
@@ -185,7 +206,11 @@ def _resources(spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
     if res.gpus:
         amounts["nvidia.com/gpu"] = str(res.gpus)
     # Requests equal limits: a training pod should never be throttled or evicted for bursting.
-    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+    out = {"requests": dict(amounts), "limits": dict(amounts)}
+    if not res.cpu and not res.memory:
+        # GPUs alone do not count for the QoS class: without CPU or memory the Pod is BestEffort.
+        out["requests"].update(FALLBACK_REQUESTS)
+    return out
 
 
 def pod_failure_policy() -> dict[str, Any]:
@@ -209,17 +234,33 @@ def _constitution_volume(spec: RLHFRunSpec, stage: str, container: dict[str, Any
     """rlaif.constitutionConfigMap, mounted read-only where the rlaif stage reads its principles."""
     if stage != "rlaif" or spec.rlaif is None or spec.rlaif.constitution_config_map is None:
         return []
-    container["volumeMounts"].append({"name": "constitution", "mountPath": CONSTITUTION_MOUNT_PATH, "readOnly": True})
+    mount = {"name": VOLUME_CONSTITUTION, "mountPath": CONSTITUTION_MOUNT_PATH, "readOnly": True}
+    container["volumeMounts"].append(mount)
     items = [{"key": CONSTITUTION_KEY, "path": CONSTITUTION_KEY}]
     source = {"name": spec.rlaif.constitution_config_map, "items": items}
-    return [{"name": "constitution", "configMap": source}]
+    return [{"name": VOLUME_CONSTITUTION, "configMap": source}]
+
+
+def _wire(model: ApiModel) -> dict[str, Any]:
+    """An overlay entry in core/v1 wire form: what the run set, without the API's defaults."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+
+
+def pod_template(spec: RLHFRunSpec, stage: str) -> RunPodTemplate:
+    """The Pod overlay of a stage: its own podTemplate merged over spec.podTemplate."""
+    return merged(spec.pod_template, spec.stage(stage).pod_template)
 
 
 def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
     """The stage's Job. Created suspended when the run is suspended or Kueue is to admit it."""
     runtime = spec.runtime
+    overlay = pod_template(spec, stage)
     meta = _metadata(run, job_name(run.name, stage), stage)
-    pod_labels = labels(run.name, stage)
+    # The overlay's keys never clash with the operator's (admission refuses them); the operator's win anyway.
+    pod_labels = {**overlay.labels, **labels(run.name, stage)}
+    pod_meta: dict[str, Any] = {"labels": pod_labels}
+    if overlay.annotations:
+        pod_meta["annotations"] = dict(overlay.annotations)
     if runtime.queue_name:
         meta["labels"][KUEUE_QUEUE_LABEL] = runtime.queue_name
     container: dict[str, Any] = {
@@ -227,12 +268,13 @@ def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]
         "image": runtime.image,
         "imagePullPolicy": runtime.image_pull_policy,
         "command": stage_command(stage),
-        "env": _env(run, spec, stage),
+        "env": _env(run, spec, stage) + [_wire(e) for e in overlay.env],
         "volumeMounts": [
-            {"name": "workspace", "mountPath": WORKSPACE_MOUNT_PATH},
-            {"name": "config", "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": VOLUME_WORKSPACE, "mountPath": WORKSPACE_MOUNT_PATH},
+            {"name": VOLUME_CONFIG, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True},
+            {"name": VOLUME_TMP, "mountPath": TMP_MOUNT_PATH},
+            {"name": VOLUME_SHM, "mountPath": SHM_MOUNT_PATH},
+            *(_wire(m) for m in overlay.volume_mounts),
         ],
         # The stage writes a StageResult to /dev/termination-log; a crash before that still leaves
         # the tail of its log as the message.
@@ -244,9 +286,9 @@ def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    resources = _resources(spec, stage)
-    if resources:
-        container["resources"] = resources
+    if overlay.env_from:
+        container["envFrom"] = [_wire(e) for e in overlay.env_from]
+    container["resources"] = _resources(spec, stage)
     extra_volumes = _constitution_volume(spec, stage, container)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are the Job's (backoffLimit), so each one is a new, counted pod
@@ -258,15 +300,20 @@ def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]
             "runAsUser": STAGE_UID,
             "runAsGroup": STAGE_UID,
             "fsGroup": STAGE_UID,
+            # Change the ownership of a volume's files only when its root does not already match:
+            # a recursive chown of a workspace full of checkpoints delays every stage's start.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
         "volumes": [
-            {"name": "workspace", "persistentVolumeClaim": {"claimName": workspace_claim(run.name, spec)}},
-            {"name": "config", "configMap": {"name": config_map_name(run.name, stage)}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and DataLoader workers need shm
+            {"name": VOLUME_WORKSPACE, "persistentVolumeClaim": {"claimName": workspace_claim(run.name, spec)}},
+            {"name": VOLUME_CONFIG, "configMap": {"name": config_map_name(run.name, stage)}},
+            {"name": VOLUME_TMP, "emptyDir": {"sizeLimit": overlay.tmp_size_limit}},
+            # NCCL and DataLoader workers need shm; a tmpfs counts against the container's memory limit.
+            {"name": VOLUME_SHM, "emptyDir": {"medium": "Memory", "sizeLimit": overlay.shm_size_limit}},
             *extra_volumes,
+            *(_wire(v) for v in overlay.volumes),
         ],
     }
     optional = {
@@ -276,6 +323,8 @@ def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]
         "affinity": runtime.affinity.to_wire() if runtime.affinity else None,
         "priorityClassName": runtime.priority_class_name,
         "imagePullSecrets": [{"name": n} for n in runtime.image_pull_secrets] or None,
+        "schedulerName": overlay.scheduler_name,
+        "runtimeClassName": overlay.runtime_class_name,
     }
     pod_spec.update({k: v for k, v in optional.items() if v is not None})
     job_spec: dict[str, Any] = {
@@ -284,7 +333,7 @@ def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]
         "parallelism": 1,
         "suspend": bool(spec.suspend or runtime.queue_name),
         "podFailurePolicy": pod_failure_policy(),
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        "template": {"metadata": pod_meta, "spec": pod_spec},
     }
     if runtime.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds

@@ -25,9 +25,9 @@ class OperatorDefaults:
     storage_class: str | None = None
     """StorageClass of workspace PVCs the operator creates, when the run names none."""
     stage_cpu: str | None = None
-    """CPU of a stage pod whose resources set none."""
+    """CPU of a stage pod whose resources set neither CPU nor memory."""
     stage_memory: str | None = None
-    """Memory of a stage pod whose resources set none."""
+    """Memory of a stage pod whose resources set neither CPU nor memory."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorDefaults:
@@ -54,11 +54,13 @@ class OperatorDefaults:
             if section is None:
                 continue
             resources = section.resources
-            filled = {
-                key: value
-                for key, value in (("cpu", self.stage_cpu), ("memory", self.stage_memory))
-                if value and getattr(resources, key) is None
-            }
+            # Only a stage that sets neither CPU nor memory gets the defaults, both of them: a stage
+            # that sets one was sized by its author, and a default would add a limit (requests equal
+            # limits) they did not choose, e.g. a CPU limit on a run that asked for memory only.
+            # (A stage left with neither still gets a small request: children.FALLBACK_REQUESTS.)
+            if resources.cpu is not None or resources.memory is not None:
+                continue
+            filled = {key: value for key, value in (("cpu", self.stage_cpu), ("memory", self.stage_memory)) if value}
             if filled:
                 update[name] = section.model_copy(update={"resources": resources.model_copy(update=filled)})
         return spec.model_copy(update=update) if update else spec

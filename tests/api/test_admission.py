@@ -146,7 +146,172 @@ INVALID: list[tuple[str, str, Any, str]] = [
         patched(RLAIF_SPEC, "reward", {"enabled": False}),
         "ppo.rewardModel",
     ),
+    # The Pod-template overlay (spec.podTemplate, spec.<stage>.podTemplate): typed, and never the
+    # operator's own names. Each refusal names the field.
+    *(
+        (f"podTemplate env {name}", "spec.podTemplate", {"env": [{"name": name, "value": "x"}]}, "podTemplate.env")
+        for name in ("HOME", "HF_HOME", "HF_TOKEN", "RLHF_STAGE", "WANDB_API_KEY")
+    ),
+    (
+        "a stage's podTemplate env WANDB_MODE",
+        "spec.ppo.podTemplate",
+        {"env": [{"name": "WANDB_MODE"}]},
+        "ppo.podTemplate.env",
+    ),
+    ("podTemplate env twice", "spec.podTemplate", {"env": [{"name": "A"}, {"name": "A", "value": "2"}]}, "env"),
+    ("podTemplate env name with =", "spec.podTemplate", {"env": [{"name": "A=B"}]}, "env[0].name"),
+    (
+        "podTemplate env with value and valueFrom",
+        "spec.podTemplate",
+        {"env": [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
+        "env[0].valueFrom",
+    ),
+    ("podTemplate env valueFrom empty", "spec.podTemplate", {"env": [{"name": "A", "valueFrom": {}}]}, "secretKeyRef"),
+    (
+        "podTemplate env from a Pod field the downward API lacks",
+        "spec.podTemplate",
+        {"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "spec.containers"}}}]},
+        "fieldPath",
+    ),
+    (
+        "podTemplate envFrom Secret and ConfigMap at once",
+        "spec.podTemplate",
+        {"envFrom": [{"secretRef": {"name": "s"}, "configMapRef": {"name": "c"}}]},
+        "envFrom[0].secretRef",
+    ),
+    (
+        "podTemplate envFrom prefix RLHF_",
+        "spec.podTemplate",
+        {"envFrom": [{"prefix": "RLHF_", "configMapRef": {"name": "c"}}]},
+        "envFrom[0].prefix",
+    ),
+    *(
+        (
+            f"podTemplate volume named {name}",
+            "spec.podTemplate",
+            {"volumes": [{"name": name, "emptyDir": {}}]},
+            "volumes",
+        )
+        for name in ("workspace", "config", "tmp", "dshm", "constitution")
+    ),
+    (
+        "podTemplate hostPath volume",
+        "spec.podTemplate",
+        {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]},
+        "hostPath",
+    ),
+    ("podTemplate volume without a source", "spec.podTemplate", {"volumes": [{"name": "v"}]}, "volumes[0]"),
+    (
+        "podTemplate volume with two sources",
+        "spec.podTemplate",
+        {"volumes": [{"name": "v", "emptyDir": {}, "configMap": {"name": "c"}}]},
+        "volumes[0]",
+    ),
+    (
+        "podTemplate volume twice",
+        "spec.podTemplate",
+        {"volumes": [{"name": "v", "emptyDir": {}}, {"name": "v", "emptyDir": {}}]},
+        "volumes",
+    ),
+    (
+        "podTemplate ConfigMap item escaping the mount",
+        "spec.podTemplate",
+        {"volumes": [{"name": "v", "configMap": {"name": "c", "items": [{"key": "k", "path": "../k"}]}}]},
+        "items[0].path",
+    ),
+    *(
+        (
+            f"podTemplate mount at {path}",
+            "spec.podTemplate",
+            {"volumes": [{"name": "v", "emptyDir": {}}], "volumeMounts": [{"name": "v", "mountPath": path}]},
+            "volumeMounts",
+        )
+        for path in ("/workspace", "/workspace/models", "/tmp", "/dev/shm", "/etc/rlhf", "/etc", "/dev")
+    ),
+    (
+        "podTemplate relative mount path",
+        "spec.podTemplate",
+        {"volumes": [{"name": "v", "emptyDir": {}}], "volumeMounts": [{"name": "v", "mountPath": "data"}]},
+        "mountPath",
+    ),
+    (
+        "podTemplate mount path with ..",
+        "spec.podTemplate",
+        {"volumes": [{"name": "v", "emptyDir": {}}], "volumeMounts": [{"name": "v", "mountPath": "/data/../tmp"}]},
+        "mountPath",
+    ),
+    (
+        "podTemplate mount path twice",
+        "spec.podTemplate",
+        {
+            "volumes": [{"name": "v", "emptyDir": {}}],
+            "volumeMounts": [{"name": "v", "mountPath": "/d"}, {"name": "v", "mountPath": "/d", "readOnly": True}],
+        },
+        "volumeMounts",
+    ),
+    (
+        "podTemplate mount of no volume",
+        "spec.podTemplate",
+        {"volumeMounts": [{"name": "v", "mountPath": "/data"}]},
+        "podTemplate.volumeMounts",
+    ),
+    (
+        "a stage's mount of no volume",
+        "spec.sft.podTemplate",
+        {"volumeMounts": [{"name": "v", "mountPath": "/data"}]},
+        "sft.podTemplate.volumeMounts",
+    ),
+    *(
+        (f"podTemplate label {key}", "spec.podTemplate", {"labels": {key: "x"}}, "podTemplate.labels")
+        for key in (
+            "rlhf-operator.io/run",
+            "team.rlhf-operator.io/x",
+            "kueue.x-k8s.io/queue-name",
+            "kueue.x-k8s.io/priority-class",
+            "app.kubernetes.io/managed-by",
+            "not a key",
+        )
+    ),
+    (
+        "podTemplate annotation rlhf-operator.io/retry",
+        "spec.podTemplate",
+        {"annotations": {"rlhf-operator.io/retry": "1"}},
+        "annotations",
+    ),
+    ("podTemplate label value with spaces", "spec.podTemplate", {"labels": {"team": "a b"}}, "labels.team"),
+    ("podTemplate schedulerName not a name", "spec.podTemplate", {"schedulerName": "My_Scheduler"}, "schedulerName"),
+    ("podTemplate shm size not a quantity", "spec.podTemplate", {"shmSizeLimit": "lots"}, "shmSizeLimit"),
+    ("a stage's tmp size not a quantity", "spec.merge.podTemplate", {"tmpSizeLimit": "lots"}, "tmpSizeLimit"),
 ]
+
+# A Pod overlay platform teams would write: admitted, and what the server stores parses to the same spec.
+POD_TEMPLATE: dict[str, Any] = {
+    "labels": {"team": "nlp", "example.com/cost-center": "ml-42"},
+    "annotations": {"example.com/log-format": "json lines"},
+    "env": [
+        {"name": "TEAM", "value": "nlp"},
+        {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password", "optional": True}}},
+        {"name": "REGION", "valueFrom": {"configMapKeyRef": {"name": "site", "key": "region"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "TEAM_LABEL", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['team']"}}},
+    ],
+    "envFrom": [{"prefix": "SITE_", "configMapRef": {"name": "site"}}, {"secretRef": {"name": "s3-creds"}}],
+    "volumes": [
+        {"name": "datasets", "persistentVolumeClaim": {"claimName": "shared-datasets", "readOnly": True}},
+        {"name": "site", "configMap": {"name": "site", "items": [{"key": "ca.crt", "path": "certs/ca.crt"}]}},
+        {"name": "creds", "secret": {"secretName": "s3-creds", "optional": True}},
+        {"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+    ],
+    "volumeMounts": [
+        {"name": "datasets", "mountPath": "/data", "readOnly": True},
+        {"name": "site", "mountPath": "/etc/site", "subPath": "certs"},
+        {"name": "scratch", "mountPath": "/scratch"},
+    ],
+    "schedulerName": "volcano",
+    "runtimeClassName": "nvidia",
+    "shmSizeLimit": "8Gi",
+    "tmpSizeLimit": "20Gi",
+}
 
 # Specs whose policy stage has a reward model from somewhere (or needs none): all admitted.
 REWARD_SOURCES: dict[str, dict[str, Any]] = {
@@ -235,6 +400,22 @@ def test_policy_stages_with_a_reward_model_are_admitted(control_plane, namespace
     control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
     model, errors = validate_manifest(doc)
     assert errors == [] and model is not None
+
+
+def test_pod_template_overlays_are_admitted(control_plane, namespace):
+    doc = patched(minimal_run("overlay"), "spec.podTemplate", POD_TEMPLATE)
+    # A stage's overlay may mount a volume of spec.podTemplate, and add its own.
+    stage = {"volumes": [{"name": "extra", "emptyDir": {}}], "volumeMounts": [{"name": "creds", "mountPath": "/creds"}]}
+    doc = patched(
+        doc, "spec.ppo.podTemplate", {**stage, "env": [{"name": "TEAM", "value": "rl"}], "shmSizeLimit": "16Gi"}
+    )
+    doc["metadata"]["namespace"] = namespace
+    control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
+    stored = json.loads(control_plane.kubectl("get", "rlhfrun", "overlay", "-n", namespace, "-o", "json"))
+    model, errors = validate_manifest(doc)
+    assert errors == [] and model is not None
+    assert RLHFRunSpec.model_validate(stored["spec"]) == model.spec
+    assert stored["spec"]["podTemplate"]["volumeMounts"][1]["subPath"] == "certs"
 
 
 def test_table_is_large_enough():

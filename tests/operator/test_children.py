@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 from rlhf_operator.api.run import RLHFRunSpec
 from rlhf_operator.children import (
@@ -14,6 +15,7 @@ from rlhf_operator.children import (
     labels,
     stage_command,
 )
+from tests.api.builders import load_example
 from tests.pythonpath import python_env
 
 from .harness import tiny_run
@@ -145,3 +147,143 @@ def test_constitution_config_map_is_mounted_into_the_rlaif_job_only() -> None:
 def test_inline_constitution_needs_no_volume() -> None:
     pod = build_job(RUN, rlaif_spec(constitution=["Be kind."]), "rlaif")["spec"]["template"]["spec"]
     assert all(v["name"] != "constitution" for v in pod["volumes"])
+
+
+# --- the Pod-template overlay and safe Pod defaults ------------------------------------------------
+
+OVERLAY = {
+    "labels": {"team": "nlp", "tier": "run"},
+    "annotations": {"example.com/owner": "nlp"},
+    "env": [
+        {"name": "TEAM", "value": "nlp"},
+        {"name": "REGION", "valueFrom": {"configMapKeyRef": {"name": "site", "key": "region"}}},
+    ],
+    "envFrom": [{"prefix": "SITE_", "configMapRef": {"name": "site"}}],
+    "volumes": [
+        {"name": "datasets", "persistentVolumeClaim": {"claimName": "shared", "readOnly": True}},
+        {"name": "site", "configMap": {"name": "site"}},
+    ],
+    "volumeMounts": [{"name": "datasets", "mountPath": "/data", "readOnly": True}],
+    "schedulerName": "volcano",
+    "runtimeClassName": "nvidia",
+}
+STAGE_OVERLAY = {
+    "labels": {"tier": "ppo"},
+    "env": [
+        {"name": "TEAM", "value": "rl"},
+        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ],
+    "envFrom": [{"secretRef": {"name": "s3", "optional": True}}],
+    "volumes": [{"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}],
+    "volumeMounts": [
+        {"name": "site", "mountPath": "/data", "subPath": "ppo"},  # replaces the run's mount at /data
+        {"name": "scratch", "mountPath": "/scratch"},
+    ],
+    "runtimeClassName": "kata",
+    "shmSizeLimit": "16Gi",
+}
+
+
+def overlay_spec() -> RLHFRunSpec:
+    doc = tiny_run(podTemplate=OVERLAY)
+    doc["spec"]["ppo"]["podTemplate"] = STAGE_OVERLAY
+    return RLHFRunSpec.model_validate(doc["spec"], strict=False)
+
+
+def pod_of(s: RLHFRunSpec, stage: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    template = build_job(RUN, s, stage)["spec"]["template"]
+    return template["metadata"], template["spec"], template["spec"]["containers"][0]
+
+
+def test_the_run_overlay_reaches_every_stage_pod() -> None:
+    s = overlay_spec()
+    for stage in ("sft", "reward", "merge"):
+        meta, pod, container = pod_of(s, stage)
+        assert meta["labels"]["team"] == "nlp" and meta["labels"]["tier"] == "run"
+        assert meta["labels"]["rlhf-operator.io/stage"] == stage  # the operator's labels stay
+        assert meta["annotations"] == {"example.com/owner": "nlp"}
+        env = {e["name"]: e for e in container["env"]}
+        assert env["TEAM"] == {"name": "TEAM", "value": "nlp"}
+        assert env["REGION"]["valueFrom"] == {"configMapKeyRef": {"name": "site", "key": "region"}}
+        assert env["HOME"]["value"] == "/tmp" and env["RLHF_STAGE"]["value"] == stage
+        assert container["envFrom"] == [{"prefix": "SITE_", "configMapRef": {"name": "site"}}]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["datasets"] == {
+            "name": "datasets",
+            "persistentVolumeClaim": {"claimName": "shared", "readOnly": True},
+        }
+        assert volumes["site"] == {"name": "site", "configMap": {"name": "site"}}
+        assert {"name": "datasets", "mountPath": "/data", "readOnly": True} in container["volumeMounts"]
+        assert (pod["schedulerName"], pod["runtimeClassName"]) == ("volcano", "nvidia")
+    # The Job's own labels are the operator's only: the overlay is for the Pods.
+    assert "team" not in build_job(RUN, s, "sft")["metadata"]["labels"]
+
+
+def test_a_stage_overlay_is_merged_over_the_run_overlay() -> None:
+    meta, pod, container = pod_of(overlay_spec(), "ppo")
+    assert meta["labels"]["team"] == "nlp" and meta["labels"]["tier"] == "ppo"  # the stage's wins per key
+    env = [e for e in container["env"] if e["name"] in ("TEAM", "REGION", "POD")]
+    assert [e["name"] for e in env] == ["TEAM", "REGION", "POD"]
+    assert env[0]["value"] == "rl"
+    # envFrom lists are concatenated, the stage's last (Kubernetes: a later source wins).
+    assert container["envFrom"] == [
+        {"prefix": "SITE_", "configMapRef": {"name": "site"}},
+        {"secretRef": {"name": "s3", "optional": True}},
+    ]
+    names = [v["name"] for v in pod["volumes"]]
+    assert names[:4] == ["workspace", "config", "tmp", "dshm"] and set(names[4:]) == {"datasets", "site", "scratch"}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/data"] == {"name": "site", "mountPath": "/data", "subPath": "ppo"}
+    assert mounts["/scratch"]["name"] == "scratch" and mounts["/workspace"]["name"] == "workspace"
+    assert (pod["schedulerName"], pod["runtimeClassName"]) == ("volcano", "kata")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "8Gi"}
+
+
+def test_no_overlay_adds_nothing_but_the_safe_defaults() -> None:
+    meta, pod, container = pod_of(spec(), "sft")
+    assert "annotations" not in meta and "envFrom" not in container
+    assert "schedulerName" not in pod and "runtimeClassName" not in pod
+    assert [v["name"] for v in pod["volumes"]] == ["workspace", "config", "tmp", "dshm"]
+    # Memory-backed /dev/shm and the /tmp emptyDir are bounded (shm counts against the memory limit).
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "8Gi"}
+    # A workspace full of checkpoints is not chowned again on every stage's start.
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert pod["securityContext"]["fsGroup"] == 1000
+
+
+def qos_class(container: dict[str, Any]) -> str:
+    """Kubernetes' QoS class of a one-container Pod (only CPU and memory count)."""
+    res = container.get("resources", {})
+    requests, limits = res.get("requests", {}), res.get("limits", {})
+    if not any(k in requests or k in limits for k in ("cpu", "memory")):
+        return "BestEffort"
+    if all(k in limits and requests.get(k, limits[k]) == limits[k] for k in ("cpu", "memory")):
+        return "Guaranteed"
+    return "Burstable"
+
+
+def test_a_stage_that_sets_no_cpu_or_memory_still_requests_some() -> None:
+    doc = tiny_run()
+    doc["spec"]["ppo"]["resources"] = {"gpus": 1}  # GPUs alone leave a Pod BestEffort
+    container = build_job(RUN, RLHFRunSpec.model_validate(doc["spec"], strict=False), "ppo")["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    assert container["resources"] == {
+        "requests": {"nvidia.com/gpu": "1", "cpu": "100m", "memory": "256Mi"},
+        "limits": {"nvidia.com/gpu": "1"},
+    }
+    assert qos_class(container) == "Burstable"
+
+
+def test_tiny_runs_keep_their_memory_only_resources() -> None:
+    """examples/tiny.yaml (the node tier) asks for memory only: no CPU request or limit is added."""
+    s = RLHFRunSpec.model_validate(load_example("tiny.yaml")["spec"], strict=False)
+    for stage in s.pipeline():
+        container = pod_of(s, stage)[2]
+        assert container["resources"] == {"requests": {"memory": "4Gi"}, "limits": {"memory": "4Gi"}}, stage
+        assert qos_class(container) == "Burstable"
+    assert qos_class(pod_of(full_spec(), "ppo")[2]) == "Guaranteed"

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
 from rlhf_operator.api import RLHFRun
 from rlhf_operator.api.runtime import DEFAULT_STAGE_IMAGE
 from rlhf_operator.children import RunIdentity, build_job, build_pvc
 from rlhf_operator.defaults import OperatorDefaults
-from tests.api.builders import minimal_run, patched
+from tests.api.builders import REPO, load_example, minimal_run, patched
 
 ENV = {
     "RLHF_DEFAULT_STAGE_IMAGE": "registry.example/stages@sha256:abc",
@@ -39,7 +40,9 @@ def test_from_env_reads_every_variable_and_treats_empty_as_unset():
         ("spec.runtime", {"image": "mine:1"}, "mine:1", "fast-rwo", "8", "64Gi"),
         ("spec.storage", {"storageClassName": "rwx"}, "registry.example/stages@sha256:abc", "rwx", "8", "64Gi"),
         ("spec.storage", {"existingClaim": "data"}, "registry.example/stages@sha256:abc", None, "8", "64Gi"),
-        ("spec.sft.resources", {"cpu": "2"}, "registry.example/stages@sha256:abc", "fast-rwo", "2", "64Gi"),
+        # A stage that sets CPU or memory was sized by its author: the other stays unset (no limit added).
+        ("spec.sft.resources", {"cpu": "2"}, "registry.example/stages@sha256:abc", "fast-rwo", "2", None),
+        ("spec.sft.resources", {"memory": "4Gi"}, "registry.example/stages@sha256:abc", "fast-rwo", None, "4Gi"),
     ],
 )
 def test_defaults_fill_only_unset_fields(path, value, image, storage_class, sft_cpu, sft_memory):
@@ -64,3 +67,36 @@ def test_defaults_reach_the_built_objects():
     assert container["image"] == "registry.example/stages@sha256:abc"
     assert container["resources"]["limits"]["cpu"] == "8"
     assert build_pvc(RUN, spec)["spec"]["storageClassName"] == "fast-rwo"
+
+
+def test_memory_only_runs_get_no_cpu_default():
+    """examples/tiny.yaml asks for memory only (the node tier runs it on 2 cores): the chart's CPU
+    default must not add a CPU limit that would throttle it, nor a request that cannot schedule."""
+    doc = load_example("tiny.yaml")
+    spec = OperatorDefaults.from_env(ENV).apply(spec_of(doc))
+    for stage in spec.pipeline():
+        resources = spec.stage(stage).resources
+        assert (resources.cpu, resources.memory) == (None, "4Gi"), stage
+        container = build_job(RUN, spec, stage)["spec"]["template"]["spec"]["containers"][0]
+        assert container["resources"] == {"requests": {"memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+
+
+def test_stage_pods_are_never_best_effort():
+    """The chart's defaults fill a stage that sets neither CPU nor memory; with no defaults at all the
+    operator still requests a little (requests only, no limit), so no stage Pod is BestEffort."""
+    doc = patched(minimal_run(), "spec.sft.resources", {"gpus": 1})
+    with_defaults = OperatorDefaults.from_env(ENV).apply(spec_of(doc))
+    res = build_job(RUN, with_defaults, "sft")["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"] == res["limits"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"}
+    without = OperatorDefaults().apply(spec_of(doc))
+    res = build_job(RUN, without, "sft")["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"] == {"nvidia.com/gpu": "1", "cpu": "100m", "memory": "256Mi"}
+    assert res["limits"] == {"nvidia.com/gpu": "1"}
+
+
+def test_the_chart_ships_non_empty_stage_defaults():
+    values = yaml.safe_load((REPO / "charts" / "rlhf-operator" / "values.yaml").read_text())
+    resources = values["stageDefaults"]["resources"]
+    assert resources["cpu"] and resources["memory"]
+    # The same as the merge stage declares for itself in the API.
+    assert spec_of(minimal_run()).merge.resources.model_dump(include={"cpu", "memory"}) == resources

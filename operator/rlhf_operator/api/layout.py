@@ -14,13 +14,15 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import Field
 
 from .base import ApiModel
+
+# Mount paths are declared with the Pod's other reserved names (podtemplate) and re-exported here.
+from .podtemplate import CONFIG_MOUNT_PATH, CONSTITUTION_MOUNT_PATH, TERMINATION_LOG_PATH  # noqa: F401
 from .run import RLHFRunSpec
 
 INVOCATION_KIND: Final = "StageInvocation"
-CONFIG_MOUNT_PATH = "/etc/rlhf"
 CONFIG_FILE_NAME = "invocation.yaml"
 TERMINATION_LOG_ENV = "RLHF_TERMINATION_LOG"
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+DEFAULT_TERMINATION_LOG = TERMINATION_LOG_PATH
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a termination message
 MANIFEST_FILE = "manifest.json"
 
@@ -38,9 +40,9 @@ EXIT_INPUT_MISSING = 3
 NON_RETRYABLE_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_INPUT_MISSING)
 
 # RLAIF: the labelled pairs the reward or dpo stage trains on, and where a constitution ConfigMap is
-# mounted in the rlaif stage's pod (RLHF_CONSTITUTION_FILE overrides it outside a cluster).
+# mounted in the rlaif stage's pod (CONSTITUTION_MOUNT_PATH; RLHF_CONSTITUTION_FILE overrides it
+# outside a cluster).
 RLAIF_PAIRS_FILE = "pairs.jsonl"
-CONSTITUTION_MOUNT_PATH = "/etc/rlhf-constitution"
 CONSTITUTION_KEY = "constitution"
 CONSTITUTION_FILE_ENV = "RLHF_CONSTITUTION_FILE"
 

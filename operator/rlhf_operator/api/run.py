@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 
 from .base import ApiModel, Rule
+from .podtemplate import RunPodTemplate
 from .runtime import Runtime, Secrets, Storage, WandB
 from .sources import ModelSource
 from .stages import (
@@ -129,6 +130,41 @@ def _reward_source_rule(section: str) -> Rule:
     )
 
 
+# Every stage section (a stage may run in several methods' pipelines).
+STAGE_SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s for stages in PIPELINES.values() for s in stages))
+
+
+def _mounts_name_volumes_rule(section: str | None) -> Rule:
+    """volumeMounts name a volume of the same podTemplate or, in a stage's, of spec.podTemplate."""
+    where = f"{section}.podTemplate" if section else "podTemplate"
+    own = f"self.{where}"
+    guard = f"has(self.{section}) && has({own})" if section else f"has({own})"
+    in_run = (
+        "(has(self.podTemplate) && has(self.podTemplate.volumes) "
+        "&& self.podTemplate.volumes.exists(v, v.name == m.name))"
+    )
+    in_own = f"(has({own}.volumes) && {own}.volumes.exists(v, v.name == m.name))"
+    cel_found = f"{in_own} || {in_run}" if section else in_own
+    also = " or in spec.podTemplate.volumes" if section else ""
+
+    def check(s: Any) -> bool:
+        template = s.pod_template if section is None else getattr(s, section) and getattr(s, section).pod_template
+        if template is None:
+            return True
+        names = {v.name for v in template.volumes}
+        if section is not None:
+            names |= {v.name for v in s.pod_template.volumes}
+        return all(m.name in names for m in template.volume_mounts)
+
+    return Rule(
+        cel=f"!({guard} && has({own}.volumeMounts)) || {own}.volumeMounts.all(m, {cel_found})",
+        message=f"{where}.volumeMounts: every mount names a volume declared in {where}.volumes{also}: "
+        "add the volume or fix the name",
+        field_path=f".{where}.volumeMounts",
+        check=check,
+    )
+
+
 class RLHFRunSpec(ApiModel):
     """What to train and where. Stages run in the order the method defines, one Job each."""
 
@@ -164,6 +200,8 @@ class RLHFRunSpec(ApiModel):
             check=lambda s: s.method != "RLAIF" or s.rlaif is None or s.rlaif.then != "DPO" or s.dpo is not None,
         ),
         *(_reward_source_rule(section) for section in REWARD_CONSUMERS),
+        _mounts_name_volumes_rule(None),
+        *(_mounts_name_volumes_rule(section) for section in STAGE_SECTIONS),
     )
 
     method: Method = "PPO"
@@ -193,6 +231,10 @@ class RLHFRunSpec(ApiModel):
     """LoRA merge stage; produces the standalone output model."""
     runtime: Runtime = Field(default_factory=Runtime)
     """Image, scheduling and Job policy for every stage."""
+    pod_template: RunPodTemplate = Field(default_factory=RunPodTemplate)
+    """Typed additions to every stage's Pod: labels, annotations, env, envFrom, volumes and mounts,
+    schedulerName, runtimeClassName, and the sizes of /dev/shm and /tmp. A stage's own podTemplate
+    is merged over it."""
     storage: Storage = Field(default_factory=Storage)
     """The shared volume."""
     secrets: Secrets = Field(default_factory=Secrets)

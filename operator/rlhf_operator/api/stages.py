@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from .base import ApiModel, Rule
+from .podtemplate import PodTemplate
 from .runtime import Resources
 from .sources import DatasetSource, ModelSource
 from .training import LoRA, Quantization, TrainingSettings
@@ -57,6 +58,8 @@ class StageBase(ApiModel):
     """Run this stage. A disabled stage is reported as Skipped; later stages use its input instead."""
     resources: Resources = Field(default_factory=Resources)
     """Compute for this stage's pod."""
+    pod_template: PodTemplate | None = None
+    """Additions to this stage's Pod, merged over spec.podTemplate (see PodTemplate)."""
 
 
 class TrainedStage(StageBase):
