@@ -1,6 +1,7 @@
 """The chart's run policy (templates/admission-policy.yaml, docs/policy.md), enforced by the real
-API server: a ValidatingAdmissionPolicy limits the images, ServiceAccounts, PriorityClasses and
-tolerations a run's stage Pods may get, for every user (system:masters included, as here).
+API server: a ValidatingAdmissionPolicy limits the images, ServiceAccounts, PriorityClasses,
+tolerations, RuntimeClasses, schedulers and Secret references a run's stage Pods may get, for every
+user (system:masters included, as here).
 
 A private control plane: the policy is cluster-scoped and would otherwise judge every other test's
 runs. Each test installs its own release scoped to a fresh namespace (watchNamespaces), so value
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from rlhf_operator.api.run import STAGE_SECTIONS
 from rlhf_operator.api.runtime import DEFAULT_STAGE_IMAGE
 from rlhf_operator.dev import controlplane
 from rlhf_operator.dev.controlplane import ControlPlane
@@ -250,3 +252,106 @@ def test_deny_and_warn_together_fail_to_render(helm: Helm) -> None:
     assert proc.returncode != 0 and "Deny and Warn" in proc.stderr
     proc = helm.template_text({"runPolicy": {"allowedPriorityClasses": ["Not A Name"]}}, check=False)
     assert proc.returncode != 0 and "allowedPriorityClasses" in proc.stderr
+
+
+# --- the Pod-template overlay: RuntimeClasses, schedulers, Secret references ---------------------------
+
+
+def _overlay_run(name: str, where: str, overlay: dict[str, Any]) -> dict[str, Any]:
+    """minimal.yaml with ``overlay`` as spec.podTemplate (where == "") or as a stage's podTemplate."""
+    doc = _run(name)
+    if where:
+        doc["spec"].setdefault(where, {})["podTemplate"] = overlay
+    else:
+        doc["spec"]["podTemplate"] = overlay
+    return doc
+
+
+SECRET_REFERENCES = {
+    "env secretKeyRef": {"env": [{"name": "DB", "valueFrom": {"secretKeyRef": {"name": "db-creds", "key": "pw"}}}]},
+    "envFrom secretRef": {"envFrom": [{"secretRef": {"name": "db-creds"}}]},
+    "secret volume": {"volumes": [{"name": "certs", "secret": {"secretName": "db-creds"}}]},
+}
+CONFIG_MAP_REFERENCES = {
+    "env": [{"name": "REGION", "valueFrom": {"configMapKeyRef": {"name": "site", "key": "region"}}}],
+    "envFrom": [{"configMapRef": {"name": "site"}}],
+    "volumes": [{"name": "site", "configMap": {"name": "site"}}],
+    "volumeMounts": [{"name": "site", "mountPath": "/etc/site"}],
+}
+
+
+def test_the_template_covers_every_pod_overlay(helm: Helm) -> None:
+    """The policy gathers spec.podTemplate and every stage's podTemplate (the API's STAGE_SECTIONS)."""
+    (policy,) = by_kind(helm.template({}), "ValidatingAdmissionPolicy")
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert "has(object.spec.podTemplate.env)" in variables["secretNames"]
+    for name in ("runtimeClassNames", "schedulerNames", "secretNames"):
+        for section in STAGE_SECTIONS:
+            assert f"has(object.spec.{section}.podTemplate)" in variables[name], (name, section)
+    allowing = helm.template({"runPolicy": {"allowSecretReferences": True}})
+    (policy,) = by_kind(allowing, "ValidatingAdmissionPolicy")
+    assert "secretNames" not in {v["name"] for v in policy["spec"]["variables"]}
+
+
+def test_defaults_refuse_runtime_classes_other_schedulers_and_secret_references(
+    plane: ControlPlane, helm: Helm, policy_ns: str
+) -> None:
+    policy = _install(plane, helm, policy_ns, {})
+    for where in ("", "ppo", "merge"):
+        _refused(
+            _submit(plane, policy_ns, _overlay_run("rc", where, {"runtimeClassName": "gvisor"})),
+            policy,
+            "podTemplate.runtimeClassName gvisor is not allowed",
+            "runPolicy.allowedRuntimeClassNames",
+        )
+        _refused(
+            _submit(plane, policy_ns, _overlay_run("sched", where, {"schedulerName": "volcano"})),
+            "podTemplate.schedulerName volcano is not allowed",
+            "[default-scheduler]",
+            "runPolicy.allowedSchedulerNames",
+        )
+        for case, overlay in SECRET_REFERENCES.items():
+            proc = _submit(plane, policy_ns, _overlay_run("secret", where, overlay))
+            assert proc.returncode != 0, f"{where or 'spec'} {case} admitted"
+            _refused(proc, "podTemplate references Secret db-creds", "runPolicy.allowSecretReferences")
+    # What needs no right beyond the run's: ConfigMaps, the default scheduler, no RuntimeClass.
+    overlay = {**CONFIG_MAP_REFERENCES, "schedulerName": "default-scheduler", "labels": {"team": "nlp"}}
+    _admitted(_submit(plane, policy_ns, _overlay_run("ok", "", overlay)))
+    _admitted(_submit(plane, policy_ns, _overlay_run("ok", "sft", overlay)))
+
+
+def test_listed_runtime_classes_schedulers_and_secret_references(
+    plane: ControlPlane, helm: Helm, policy_ns: str
+) -> None:
+    listed = {
+        "runPolicy": {
+            "allowedRuntimeClassNames": ["nvidia"],
+            "allowedSchedulerNames": ["volcano"],
+            "allowSecretReferences": True,
+        }
+    }
+    _install(plane, helm, policy_ns, listed)
+    allowed = {"runtimeClassName": "nvidia", "schedulerName": "volcano", **SECRET_REFERENCES["envFrom secretRef"]}
+    run = _overlay_run("listed", "ppo", allowed)
+    _admitted(_submit(plane, policy_ns, run, "create"))
+    _refused(
+        _submit(plane, policy_ns, _overlay_run("bad", "", {"runtimeClassName": "kata"})),
+        "runtimeClassName kata is not allowed: it must be unset or one of [nvidia]",
+    )
+
+    # Tightened again: the admitted run keeps its values (it can be suspended), but gains none.
+    _install(plane, helm, policy_ns, {})
+    # _install waits for the image list of the new version, which is the same here: wait for this change.
+    deadline = time.monotonic() + 60
+    while _submit(plane, policy_ns, _overlay_run("probe", "", SECRET_REFERENCES["secret volume"])).returncode == 0:
+        assert time.monotonic() < deadline, "the tightened policy never took effect"
+        time.sleep(0.5)
+    suspended = copy.deepcopy(run)
+    suspended["spec"]["suspend"] = True
+    _admitted(_submit(plane, policy_ns, suspended, "replace"))
+    more = copy.deepcopy(suspended)
+    more["spec"]["ppo"]["podTemplate"]["envFrom"].append({"secretRef": {"name": "other"}})
+    _refused(_submit(plane, policy_ns, more, "replace"), "podTemplate references Secret other")
+    moved = copy.deepcopy(suspended)
+    moved["spec"]["merge"] = {"podTemplate": {"runtimeClassName": "kata"}}
+    _refused(_submit(plane, policy_ns, moved, "replace"), "runtimeClassName kata")
