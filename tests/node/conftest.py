@@ -17,6 +17,7 @@ import pytest
 
 from rlhf_operator.dev import cluster as node_cluster
 from tests.chart.tools import CHART, Helm
+from tests.kueue import manager as kueue_manager
 
 from .kube import NodeEnv, split_image
 
@@ -61,3 +62,12 @@ def env(cluster: node_cluster.Cluster, release: str, request: pytest.FixtureRequ
     yield node_env
     # A run left behind would keep training on the node's two cores through the next test.
     node_env.delete_runs()
+
+
+@pytest.fixture(scope="package")
+def kueue(cluster: node_cluster.Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[kueue_manager.Kueue]:
+    """Kueue's CRDs and manager on the node (tests/kueue): only the Kueue tests ask for it."""
+    started = time.monotonic()
+    with kueue_manager.running(cluster, tmp_path_factory.mktemp("kueue")) as running:
+        print(f"\nKueue {running.version} ready in {time.monotonic() - started:.0f} s")
+        yield running
