@@ -12,6 +12,11 @@ to let the policy learn endless repetition (an unfinished answer looks as good a
 :class:`RewardModelReward` scores prompt + completion + EOS when the completion ended with EOS,
 exactly as ``evaluation.score_with_reward_model`` and PPO do, and subtracts
 ``missingEosPenalty`` from answers cut off at ``responseLength.max``.
+
+SIGTERM inside a step (sampling, reference log-probs, the loss: every forward pass before the
+update) abandons the step and saves the last completed one (``interrupt``); after the update the
+step ends and is saved, as for every Trainer stage (``checkpoints.StageCallback``). With more than
+one process only the latter applies.
 """
 
 from __future__ import annotations

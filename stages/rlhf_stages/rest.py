@@ -152,7 +152,7 @@ def run(ctx: StageContext) -> StageOutcome:
             grow_rows = [GrowRow.from_json(line) for line in grow_file.read_text(encoding="utf-8").splitlines()]
         else:
             try:  # SIGTERM while sampling: the partial Grow set is discarded, the last Improve step kept
-                with guard.phase(state["done"] + 1, f"grow {g} (sampling {len(prompts) * cfg.samples_per_prompt})"):
+                with guard.phase(state["done"] + 1, f"sampling (grow {g}: {len(prompts) * cfg.samples_per_prompt})"):
                     grow_rows = grow(ctx, policy, tokenizer, (reward_model, reward_tokenizer), prompts, step=g)
             except StepAborted as aborted:
                 print(f"rlhf-stage: {aborted}; keeping improve step {state['done']}", file=sys.stderr, flush=True)

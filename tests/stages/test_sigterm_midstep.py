@@ -155,14 +155,21 @@ def _prepare(workspace: Path, run: str) -> None:
     shutil.rmtree(run_dir(workspace, run), ignore_errors=True)
 
 
-@pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo", "rest"])
-def test_sigterm_mid_step_saves_the_last_completed_step_and_resumes(volume: Path, tmp_path: Path, stage: str) -> None:
-    run, total = f"sigterm-{stage}", TOTALS[stage]
+@pytest.mark.parametrize(
+    ("stage", "nproc"),
+    # PPO on 2 processes too: each rank leaves its sampling on its own signal, and they must agree
+    # to abandon the step before any collective (the resumed attempt runs in 1 process).
+    [("ppo", 1), ("ppo", 2), ("grpo", 1), ("rloo", 1), ("rest", 1)],
+)
+def test_sigterm_mid_step_saves_the_last_completed_step_and_resumes(
+    volume: Path, tmp_path: Path, stage: str, nproc: int
+) -> None:
+    run, total = f"sigterm-{stage}-p{nproc}", TOTALS[stage]
     _prepare(volume, run)
     config = write_invocation(volume, stage, run, _spec(stage))
     checkpoints = run_dir(volume, run) / f"{stage}.checkpoints"
 
-    proc = start_stage(stage, config, tmp_path / "a.json", **SLOW)
+    proc = start_stage(stage, config, tmp_path / "a.json", "--nproc", str(nproc), **SLOW)
     out = Lines(proc)
     first = out.wait_for(f"{stage} step 1/{total}: ")
     second = out.wait_for(f"{stage} step 2/{total}: ")  # step 1 is complete, step 2 is sampling
@@ -180,7 +187,7 @@ def test_sigterm_mid_step_saves_the_last_completed_step_and_resumes(volume: Path
     # The interpreter's own exit (freeing torch & co.) comes on top: seconds on a loaded 2-core machine.
     assert gone < step_seconds, (gone, step_seconds)
     # It was inside step 2, in its sampling phase, and threw that step away.
-    assert "SIGTERM during " in text and " of step 2 " in text, text[-3000:]
+    assert text.count("SIGTERM during sampling") >= nproc and " of step 2 " in text, text[-3000:]
     result = read_result(tmp_path / "a.json")
     assert result["exitCode"] == 143 and result["step"] == 1 and "SIGTERM" in result["message"], result
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-1"]
@@ -206,9 +213,9 @@ def test_sigterm_mid_step_saves_the_last_completed_step_and_resumes(volume: Path
 def test_ppo_resumed_after_a_mid_step_sigterm_equals_an_uninterrupted_run(volume: Path, tmp_path: Path) -> None:
     """The abandoned step's RNG draws are put back before the save: the restart samples exactly the
     step the interrupted process would have, so the whole run is the uninterrupted one, bit for bit."""
-    interrupted = run_dir(volume, "sigterm-ppo") / "ppo" / "manifest.json"
+    interrupted = run_dir(volume, "sigterm-ppo-p1") / "ppo" / "manifest.json"
     if not interrupted.is_file():
-        test_sigterm_mid_step_saves_the_last_completed_step_and_resumes(volume, tmp_path, "ppo")
+        test_sigterm_mid_step_saves_the_last_completed_step_and_resumes(volume, tmp_path, "ppo", 1)
     run = "sigterm-ppo-straight"
     _prepare(volume, run)
     code, text = run_stage("ppo", write_invocation(volume, "ppo", run, _spec("ppo")), tmp_path / "s.json")
