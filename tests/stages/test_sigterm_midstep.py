@@ -230,3 +230,50 @@ def test_ppo_resumed_after_a_mid_step_sigterm_equals_an_uninterrupted_run(volume
     a = load_file(run_dir(volume, run) / "ppo" / "adapter" / "adapter_model.safetensors")
     b = load_file(interrupted.parent / "adapter" / "adapter_model.safetensors")
     assert set(a) == set(b) and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_ppo_sigterm_during_the_update_finishes_the_step_then_saves_it(
+    volume: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In process: the signal arrives as the optimisation epochs start (after sampling). PPO finishes
+    every update of the step (none cut off half-way), counts the step and saves it."""
+    import logging
+    import threading
+
+    import torch
+    from accelerate import Accelerator
+
+    from rlhf_operator.api.stages import PPOStage
+    from rlhf_stages.interrupt import StepGuard
+    from rlhf_stages.models import ModelLocation, load_tokenizer
+    from rlhf_stages.ppo_models import load_models
+    from rlhf_stages.ppo_trainer import PPOTrainer
+
+    cfg = PPOStage.model_validate(_spec("ppo")["ppo"] | {"ppoEpochs": 2})
+    base = ModelLocation(str(volume / "assets" / "base-model"), "assets/base-model")
+    tokenizer = load_tokenizer(base)
+    torch.manual_seed(0)
+    loaded = load_models(
+        base, ModelLocation(str(volume / REWARD_MODEL), REWARD_MODEL), tokenizer, cfg, device=torch.device("cpu")
+    )
+    stop = threading.Event()
+    guard = StepGuard(stop, (loaded.policy, loaded.value, loaded.reward.model), stage="ppo", total=cfg.total_steps)
+    prompts = [tokenizer(f"Question: how is the lake {i}?\n\nAnswer:")["input_ids"] for i in range(16)]
+
+    class SignalledAtTheUpdate(PPOTrainer):
+        def optimise(self, batch: Any, data: Any) -> dict[str, float]:
+            stop.set()  # what the entrypoint's SIGTERM handler does
+            return super().optimise(batch, data)
+
+    trainer = SignalledAtTheUpdate(
+        cfg, loaded, tokenizer, prompts, accelerator=Accelerator(cpu=True), checkpoint_root=tmp_path, guard=guard
+    )
+    with caplog.at_level(logging.WARNING, logger="rlhf_stages.ppo_trainer"):
+        assert trainer.train(stop.is_set) is False  # stopped early
+    guard.close()
+    updates = cfg.ppo_epochs * cfg.batch_size // cfg.mini_batch_size  # 2 x 8 / 4
+    assert "SIGTERM during the optimisation of step 1: finishing its 4 remaining updates" in caplog.text
+    assert trainer.step == 1 and [h["step"] for h in trainer.history] == [1]
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert adam_steps == {updates}  # every update of the step was applied, none after it
+    assert (tmp_path / "checkpoint-1" / "state.json").is_file()
