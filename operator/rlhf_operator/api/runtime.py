@@ -131,8 +131,10 @@ class Runtime(ApiModel):
     Kueue, queueing happens before the Job is unsuspended and does not count)."""
     termination_grace_period_seconds: Annotated[int, Field(ge=1, le=86400)] = 600
     """Time a stage's Pod has after SIGTERM (eviction, preemption, suspend, deletion) to save a checkpoint
-    and exit before it is killed. Stages save within one optimizer step of the signal; the default leaves
-    room for a 7B LoRA policy and its optimizer state on network storage (docs/install.md measures it)."""
+    and exit before it is killed. PPO, GRPO, RLOO and ReST abandon a sampling phase within one forward pass
+    (PPO finishes a step's remaining updates), then save the last completed step. 600 s covers any LoRA
+    stage and full-weight 7B ReST/GRPO/RLOO on storage writing >= 135 MB/s; full-weight 7B PPO (~162 GB with
+    Adam state) needs about 1800 s at 178 MB/s (docs/benchmarks.md, "Checkpoint save time and the grace period")."""
     max_interruptions: Annotated[int, Field(ge=0, le=1000)] = 10
     """How many times a stage's Pod may be stopped from outside (eviction, preemption, node drain, a deleted
     Pod) and started again from its checkpoint before the stage, and the run, fail. Kubernetes does not
