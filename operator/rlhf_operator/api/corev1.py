@@ -200,22 +200,28 @@ class Toleration(ApiModel):
 Values = Annotated[list[LabelValue], Field(max_length=32)]
 
 
+# The API server's rules for the set-based operators, shared by node and label selector requirements.
+SET_OPERATOR_RULES = (
+    Rule(
+        cel="!(self.operator in ['In', 'NotIn']) || (has(self.values) && size(self.values) > 0)",
+        message="operator In and NotIn need at least one value in values",
+        field_path=".values",
+        check=lambda r: r.operator not in ("In", "NotIn") or bool(r.values),
+    ),
+    Rule(
+        cel="!(self.operator in ['Exists', 'DoesNotExist']) || !has(self.values) || size(self.values) == 0",
+        message="operator Exists and DoesNotExist take no values: remove values",
+        field_path=".values",
+        check=lambda r: r.operator not in ("Exists", "DoesNotExist") or not r.values,
+    ),
+)
+
+
 class NodeSelectorRequirement(ApiModel):
     """A node label requirement: ``key operator values``."""
 
     rules = (
-        Rule(
-            cel="!(self.operator in ['In', 'NotIn']) || (has(self.values) && size(self.values) > 0)",
-            message="operator In and NotIn need at least one value in values",
-            field_path=".values",
-            check=lambda r: r.operator not in ("In", "NotIn") or bool(r.values),
-        ),
-        Rule(
-            cel="!(self.operator in ['Exists', 'DoesNotExist']) || !has(self.values) || size(self.values) == 0",
-            message="operator Exists and DoesNotExist take no values: remove values",
-            field_path=".values",
-            check=lambda r: r.operator not in ("Exists", "DoesNotExist") or not r.values,
-        ),
+        *SET_OPERATOR_RULES,
         Rule(
             cel="!(self.operator in ['Gt', 'Lt']) || (has(self.values) && size(self.values) == 1 "
             "&& self.values[0].matches('^[0-9]{1,18}$'))",
@@ -298,20 +304,7 @@ class NodeAffinity(ApiModel):
 class LabelSelectorRequirement(ApiModel):
     """A label requirement: ``key operator values``."""
 
-    rules = (
-        Rule(
-            cel="!(self.operator in ['In', 'NotIn']) || (has(self.values) && size(self.values) > 0)",
-            message="operator In and NotIn need at least one value in values",
-            field_path=".values",
-            check=lambda r: r.operator not in ("In", "NotIn") or bool(r.values),
-        ),
-        Rule(
-            cel="!(self.operator in ['Exists', 'DoesNotExist']) || !has(self.values) || size(self.values) == 0",
-            message="operator Exists and DoesNotExist take no values: remove values",
-            field_path=".values",
-            check=lambda r: r.operator not in ("Exists", "DoesNotExist") or not r.values,
-        ),
-    )
+    rules = (*SET_OPERATOR_RULES,)
 
     key: LabelKey
     """Label key."""
