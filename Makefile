@@ -43,7 +43,7 @@ demo: venv ## run a complete tiny RLHF pipeline locally on the CPU and write a r
 	$(PY) -m rlhf_operator.cli quickstart --workdir $(or $(WORKDIR),$(CURDIR)/.quickstart)
 
 test: setup ## run the whole test suite: the node tier and the rest side by side (tests/run_suite.py)
-	$(PY) tests/run_suite.py -- $(PYTEST_ARGS)
+	$(PY) -m tests.run_suite -- $(PYTEST_ARGS)
 
 test-serial: setup ## the whole suite in one pytest process (as plain `pytest` from the root runs it)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -8,7 +8,8 @@ suite is CPU-bound training and API-server tests. Run one after the other they a
 The node tier's output goes to a log file that is printed once it ends, so the two never
 interleave; the exit status is the first non-zero one. Arguments after ``--`` go to both.
 
-    python tests/run_suite.py [--node-log PATH] [-- PYTEST_ARGS...]
+    python -m tests.run_suite [--node-log PATH] [-- PYTEST_ARGS...]   (a module: run as a script,
+    tests/ would come first on sys.path and tests/operator would shadow the standard library)
 """
 
 from __future__ import annotations
