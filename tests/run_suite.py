@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-log", type=Path, default=Path(".pytest-node.log"))
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args(argv)
-    pytest = [sys.executable, "-m", "pytest", *args.pytest_args]
+    # The slowest tests are listed at the end of each tier: where the suite's time goes (issue 15).
+    pytest = [sys.executable, "-m", "pytest", "--durations=30", *args.pytest_args]
     started = time.monotonic()
     with open(args.node_log, "w", encoding="utf-8") as log:
         print(f"run_suite: node tier in the background, its output in {args.node_log}", flush=True)
