@@ -68,16 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig  # kopf logs in through the same kubeconfig
     import kopf
 
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from . import handlers  # registers the handlers
     from .controller import Controller
     from .defaults import OperatorDefaults
     from .executor import Cluster
-    from .health import Health, serve
+    from .health import Health, serve, track_watch_streams
     from .leader import LeaseElector
     from .metrics import Metrics
 
     api_client = _api_client(args.kubeconfig)
     metrics, health = Metrics(), Health()
+    # Ready once kopf streams every watched resource in every watched namespace (one cluster-wide).
+    streams = len(handlers.RESOURCES) * (len(set(args.namespaces)) if args.namespaces else 1)
+    track_watch_streams(health, streams)
     server = serve(health, metrics, args.health_host, args.health_port)
     logging.getLogger(__name__).info("probes and metrics on port %d", server.server_port)
     elector = None

@@ -72,6 +72,8 @@ class Controller:
     def start(self) -> None:
         self.queue.start()
         self._tasks.append(asyncio.create_task(self._resync(), name="resync"))
+        # Not ready yet: /readyz also waits for kopf's watch-streams (health.track_watch_streams), which
+        # open only after this startup handler has returned.
         self.health.watching = True
 
     async def stop(self) -> None:

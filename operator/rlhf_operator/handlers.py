@@ -21,6 +21,8 @@ from .controller import Controller
 
 log = logging.getLogger(__name__)
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
+# Every resource the operator watches, for readiness: one kopf watch-stream each per watched namespace.
+RESOURCES = ((GROUP, VERSION, PLURAL), ("batch", "v1", "jobs"), ("", "v1", "pods"))
 
 
 def _runtime(memo: Any) -> Controller:
@@ -33,6 +35,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.enabled = False  # the operator posts its own, meaningful events
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
+    # With explicit namespaces kopf still LISTs and WATCHes all Namespaces (to match patterns) and
+    # all CRDs (to follow new versions). The chart's namespace-scoped Role grants neither: each 403
+    # was retried through every error backoff (~19 s) before kopf fell back to the plain names and
+    # opened any watch. Plain names need no scan, and the CRD is installed before the operator.
+    settings.scanning.disabled = bool(runtime.namespaces)
     # A standby replica waits here: kopf starts no watch until startup handlers return.
     await runtime.wait_for_leadership()
     runtime.start()
@@ -60,20 +67,20 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await _runtime(memo).stop()
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
+@kopf.on.event(*RESOURCES[0])
 async def run_event(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     # kopf types namespace as optional (for cluster-scoped kinds); every kind watched here is namespaced.
     if namespace is not None:
         _runtime(memo).queue.add((namespace, name))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+@kopf.on.event(*RESOURCES[1], labels=MANAGED)
 async def job_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
     if namespace is not None and LABEL_RUN in labels:
         _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
 
 
-@kopf.on.event("", "v1", "pods", labels=MANAGED)
+@kopf.on.event(*RESOURCES[2], labels=MANAGED)
 async def pod_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
     if namespace is not None and LABEL_RUN in labels:
         _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))

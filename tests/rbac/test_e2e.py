@@ -18,21 +18,23 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_operator.dev.controlplane import free_port
+from rlhf_operator.dev.controlplane import User, free_port
 from tests.chart.tools import argocd_health, by_kind
-from tests.operator.harness import Env, Process, tiny_run
+from tests.operator.harness import Env, Process, http_get, tiny_run
 from tests.pythonpath import python_env
 
-from .conftest import Installed
+from .conftest import OTHER, SCOPED, WATCHED, Installed
 
 pytestmark = pytest.mark.controlplane
 FIELD_MANAGER = "argocd-controller"  # as Argo CD's server-side apply names itself
 
 
-def chart_container(installed: Installed) -> dict[str, Any]:
+def chart_container(
+    installed: Installed, release: str = "rlhf-operator", namespace: str = "rlhf-system"
+) -> dict[str, Any]:
     """The operator container exactly as the installed release's Deployment defines it."""
     manifest = installed.helm(
-        "get", "manifest", "rlhf-operator", "-n", "rlhf-system", kubeconfig=installed.plane.kubeconfig()
+        "get", "manifest", release, "-n", namespace, kubeconfig=installed.plane.kubeconfig()
     ).stdout
     (deployment,) = by_kind([d for d in yaml.safe_load_all(manifest) if d], "Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
@@ -49,8 +51,15 @@ def world(installed: Installed, tmp_path: Path) -> Iterator[Env]:
         env.stop_all()
 
 
-def start_operator_as_the_chart_does(installed: Installed, env: Env) -> tuple[Process, int]:
-    container = chart_container(installed)
+def start_operator_as_the_chart_does(
+    installed: Installed,
+    env: Env,
+    release: str = "rlhf-operator",
+    namespace: str = "rlhf-system",
+    user: User | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> tuple[Process, int]:
+    container = chart_container(installed, release, namespace)
     port = free_port()
     # The image's ENTRYPOINT (python -m rlhf_operator), the chart's args, then what only differs
     # outside a pod: the API server address (in-cluster config there) and the probe port.
@@ -60,16 +69,17 @@ def start_operator_as_the_chart_does(installed: Installed, env: Env) -> tuple[Pr
         "rlhf_operator",
         *container["args"],
         "--kubeconfig",
-        str(installed.plane.kubeconfig(installed.plane.operator)),
+        str(installed.plane.kubeconfig(user or installed.plane.operator)),
         "--health-host",
         "127.0.0.1",
         "--health-port",
         str(port),
         "--resync",
         "2",
+        *extra_args,
     ]
     process_env = python_env()  # the image's PYTHONPATH
-    process_env.update({"POD_NAME": "rlhf-operator-7d9f8-abcde", "POD_NAMESPACE": "rlhf-system"})
+    process_env.update({"POD_NAME": f"{release}-7d9f8-abcde", "POD_NAMESPACE": namespace})
     process_env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
     log = env.root / "operator.log"
     proc = Process(subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=process_env), log)
@@ -128,3 +138,101 @@ def test_tiny_pipeline_as_the_operator_identity_with_only_the_chart_rbac(install
         timeout=60,
     )
     assert diff.returncode == 0, diff.stdout + diff.stderr
+
+
+def rlhfrun_watches(installed: Installed) -> int:
+    """Open WATCH requests on rlhfruns, as the API server itself counts them: evidence that owes
+    nothing to the operator's own idea of its readiness."""
+    metrics = installed.plane.kubectl("get", "--raw", "/metrics")
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in metrics.splitlines()
+        if line.startswith("apiserver_longrunning_requests{")
+        and 'resource="rlhfruns"' in line
+        and 'verb="WATCH"' in line
+    )
+
+
+def scoped_user(installed: Installed) -> tuple[User, str]:
+    """The scoped release's own ServiceAccount, with a real token from the API server."""
+    _, sa_namespace, sa_name = SCOPED.rsplit(":", 2)
+    token = installed.plane.kubectl("create", "token", sa_name, "-n", sa_namespace).strip()
+    return User(SCOPED, token, ("system:serviceaccounts", f"system:serviceaccounts:{sa_namespace}")), sa_namespace
+
+
+def test_namespace_scoped_operator_is_ready_only_once_its_watches_are_open(
+    installed: Installed, tmp_path: Path
+) -> None:
+    """The scoped release (watchNamespaces=team-a,team-b) as its own ServiceAccount: its Role grants
+    nothing cluster-wide, so kopf must not try to list namespaces or watch CRDs (a 403 there was
+    retried through the error backoffs for ~20 s before any watch opened, while /readyz said 200)."""
+    namespace = WATCHED[0]
+    env = Env(installed.plane, namespace, tmp_path)
+    try:
+        user, sa_namespace = scoped_user(installed)
+        assert rlhfrun_watches(installed) == 0  # nothing else watches runs: the count below is ours
+        started = time.monotonic()
+        operator, port = start_operator_as_the_chart_does(installed, env, "scoped", sa_namespace, user)
+        codes: list[int] = []
+        while time.monotonic() - started < 90:
+            code, _ = http_get(port, "/readyz")
+            codes.append(code)
+            if code == 200:
+                break
+            assert operator.alive(), operator.text()
+            time.sleep(0.05)
+        ready_after = time.monotonic() - started
+        assert codes[-1] == 200, f"/readyz never turned 200 in 90s:\n{operator.text()[-4000:]}"
+        assert 503 in codes, f"/readyz answered {sorted(set(codes))} before 200, never 503 (starting)"
+        env.wait_for(
+            "the API server to hold the operator's watches on rlhfruns",
+            lambda: rlhfrun_watches(installed) >= len(WATCHED),
+            timeout=60,
+            every=0.2,
+        )
+        watching_after = time.monotonic() - started
+        print(f"scoped operator: /readyz 200 after {ready_after:.1f}s, rlhfruns watched after {watching_after:.1f}s")
+        # Ready means watching: the API server holds a watch on runs in each watched namespace by
+        # then (a moment's grace for the WATCH that follows the initial LIST), not 20 s later.
+        assert watching_after - ready_after < 3, "/readyz said ready long before the watches opened"
+        assert watching_after < 15, f"the watches took {watching_after:.1f}s to open: a backoff before them?"
+
+        env.start_executor()
+        env.apply(tiny_run())
+        run = env.wait_phase("tiny", "Succeeded", timeout=120)
+        assert [s["phase"] for s in run["status"]["stages"]] == ["Succeeded"] * 4
+        assert operator.alive()
+        refused = [
+            line
+            for line in operator.text().splitlines()
+            if "403" in line or "Forbidden" in line or "Not enough permissions" in line
+        ]
+        assert refused == [], "the scoped operator was refused something:\n" + "\n".join(refused)
+    finally:
+        env.stop_all()
+
+
+def test_a_watch_that_cannot_open_keeps_the_operator_unready(installed: Installed, tmp_path: Path) -> None:
+    """The readiness gate itself: told to watch one more namespace than its Role covers, the scoped
+    operator leads and watches team-a and team-b, but the refused LIST in the third keeps it unready."""
+    env = Env(installed.plane, WATCHED[0], tmp_path)
+    try:
+        user, sa_namespace = scoped_user(installed)
+        operator, port = start_operator_as_the_chart_does(
+            installed, env, "scoped", sa_namespace, user, extra_args=("--namespace", OTHER)
+        )
+        env.wait_for(
+            f"the LIST of runs in {OTHER} to be refused",
+            lambda: f"/namespaces/{OTHER}/rlhfruns" in operator.text() and "Forbidden" in operator.text(),
+            timeout=30,
+        )
+        env.wait_for("the other watches to open", lambda: rlhfrun_watches(installed) >= len(WATCHED), timeout=10)
+        codes = []
+        for _ in range(20):
+            code, body = http_get(port, "/readyz")
+            codes.append((code, body))
+            time.sleep(0.25)
+        assert operator.alive()
+        assert set(codes) == {(503, "starting\n")}, codes
+    finally:
+        env.stop_all()
