@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +48,18 @@ def patched(doc: dict[str, Any], path: str, value: Any = _DELETE) -> dict[str, A
     else:
         node[leaf] = value
     return out
+
+
+def kubectl_create(
+    control_plane: Any, namespace: str, doc: dict[str, Any], *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``kubectl create -f -`` of one object against the test API server; the caller checks the outcome."""
+    command = [str(control_plane.bin_dir / "kubectl"), "--kubeconfig", str(control_plane.kubeconfig())]
+    return subprocess.run(
+        [*command, "-n", namespace, "create", *extra, "-f", "-"],
+        input=json.dumps(doc),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -4,7 +4,6 @@ refused with a message naming the field, and the offline validator agrees with t
 from __future__ import annotations
 
 import json
-import subprocess
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ import yaml
 from rlhf_operator.api import RLHFRunSpec
 from rlhf_operator.api.validation import validate_manifest
 
-from .builders import EXAMPLES, minimal_run, patched
+from .builders import EXAMPLES, kubectl_create, minimal_run, patched
 
 pytestmark = pytest.mark.controlplane
 
@@ -359,23 +358,7 @@ def _case(path: str, value: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(("path", "value", "field"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
 def test_invalid_spec_is_refused_naming_the_field(control_plane, namespace, path, value, field):
     doc = _case(path, value)
-    proc = subprocess.run(
-        [
-            str(control_plane.bin_dir / "kubectl"),
-            "--kubeconfig",
-            str(control_plane.kubeconfig()),
-            "-n",
-            namespace,
-            "create",
-            "-f",
-            "-",
-        ],
-        input=json.dumps(doc),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = kubectl_create(control_plane, namespace, doc)
     assert proc.returncode != 0, f"server accepted: {proc.stdout}"
     assert field in proc.stderr, proc.stderr
 

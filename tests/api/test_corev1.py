@@ -5,7 +5,6 @@ validator agrees; and what is admitted becomes a Job the API server accepts."""
 from __future__ import annotations
 
 import json
-import subprocess
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from rlhf_operator.api.corev1 import Affinity, Toleration
 from rlhf_operator.api.validation import validate_manifest
 from rlhf_operator.children import RunIdentity, build_job
 
-from .builders import minimal_run, patched
+from .builders import kubectl_create, minimal_run, patched
 
 pytestmark = pytest.mark.controlplane
 
@@ -467,33 +466,12 @@ def _pod(runtime: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe"}, "spec": spec}
 
 
-def _create(control_plane: Any, namespace: str, doc: dict[str, Any], *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            str(control_plane.bin_dir / "kubectl"),
-            "--kubeconfig",
-            str(control_plane.kubeconfig()),
-            "-n",
-            namespace,
-            "create",
-            *extra,
-            "-f",
-            "-",
-        ],
-        input=json.dumps(doc),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("runtime", "field", "message", "pod_refuses"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
 )
 def test_bad_core_value_is_refused_naming_the_field(control_plane, namespace, runtime, field, message, pod_refuses):
     doc = _run(runtime)
-    proc = _create(control_plane, namespace, doc)
+    proc = kubectl_create(control_plane, namespace, doc)
     assert proc.returncode != 0, f"server accepted: {proc.stdout}"
     assert field in proc.stderr, proc.stderr
     if message:
@@ -506,7 +484,7 @@ def test_bad_core_value_is_refused_naming_the_field(control_plane, namespace, ru
         assert any(message in line for line in errors), errors
 
     # The same value in a Pod: refused there too, unless the case is marked stricter than a Pod.
-    pod = _create(control_plane, namespace, _pod(runtime), "--dry-run=server")
+    pod = kubectl_create(control_plane, namespace, _pod(runtime), "--dry-run=server")
     assert (pod.returncode != 0) == pod_refuses, pod.stderr or pod.stdout
 
 
@@ -542,7 +520,7 @@ def test_valid_core_values_are_admitted_and_become_an_accepted_job(control_plane
 def test_valid_image_references_are_admitted(control_plane, namespace, image):
     doc = _run({"image": image}, "image-ok")
     assert validate_manifest(doc)[1] == []
-    proc = _create(control_plane, namespace, doc)
+    proc = kubectl_create(control_plane, namespace, doc)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -550,7 +528,7 @@ def test_valid_image_references_are_admitted(control_plane, namespace, image):
 def test_valid_quantities_are_admitted(control_plane, namespace, resources):
     doc = _run({"_resources": resources}, "quantity-ok")
     assert validate_manifest(doc)[1] == []
-    proc = _create(control_plane, namespace, doc)
+    proc = kubectl_create(control_plane, namespace, doc)
     assert proc.returncode == 0, proc.stderr
 
 
