@@ -102,9 +102,12 @@ class Cluster:
         try:
             self._stop_pods()
         finally:
+            # While containerd still answers: a sandbox the kubelet did not tear down would otherwise
+            # outlive the cluster (its shim and pause process) until the next start cleaned it up.
+            kill_leftover_tasks(self.containerd_socket)
             controlplane.terminate(self.processes, grace=20)
             self.processes.clear()
-            kill_leftover_tasks(self.containerd_socket)
+            kill_leftover_tasks(self.containerd_socket)  # a no-op unless containerd was already gone
             self.plane.stop()
             unmount_under(self.workdir)
             remove_pod_network()
