@@ -8,7 +8,7 @@ status flips, so rewriting an unchanged condition is a no-op (and no status writ
 
 from __future__ import annotations
 
-from .api.run import Condition
+from .api.run import Condition, StageStatus
 
 RUNNING = "Running"
 SUSPENDED = "Suspended"
@@ -36,6 +36,12 @@ STAGE_LOST = "StageLost"  # the failed stage's Job is gone and its reason with i
 START_TIMEOUT = "StartTimeout"  # the stage's Pod did not start within runtime.startTimeoutSeconds
 # A stage's reason (not a condition's): its Job waits for Kueue to admit it (runtime.queueName).
 QUEUED = "Queued"
+
+# Set only once a stage's watch raised an alarm (docs/watch.md): True while a stage's status carries
+# findings, False once none does (the stage trained again without one).
+REWARD_HACKING_SUSPECTED = "RewardHackingSuspected"
+DETECTOR_FIRED = "DetectorFired"
+NO_ALARM = "NoAlarm"
 
 JOB_REASONS = {"BackoffLimitExceeded": BACKOFF_LIMIT_EXCEEDED, "DeadlineExceeded": DEADLINE_EXCEEDED}
 
@@ -101,3 +107,18 @@ def get(conditions: list[Condition], type_: str) -> Condition | None:
 def is_true(conditions: list[Condition], type_: str) -> bool:
     cond = get(conditions, type_)
     return cond is not None and cond.status == "True"
+
+
+def reward_hacking(
+    conditions: list[Condition], stages: list[StageStatus], generation: int | None, now: str
+) -> list[Condition]:
+    """RewardHackingSuspected from the stages' findings: the evidence and which checkpoint was kept."""
+    flagged = [s for s in stages if s.findings]
+    if not flagged:
+        if get(conditions, REWARD_HACKING_SUSPECTED) is None:
+            return conditions
+        return set_condition(conditions, REWARD_HACKING_SUSPECTED, "False", NO_ALARM, "", generation, now)
+    parts = [f"{s.name}: {'; '.join(s.findings)}" + (f" ({s.selection})" if s.selection else "") for s in flagged]
+    return set_condition(
+        conditions, REWARD_HACKING_SUSPECTED, "True", DETECTOR_FIRED, " | ".join(parts)[:4000], generation, now
+    )

@@ -95,6 +95,10 @@ def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
         metrics.update(job.result.metrics)
         if job.result.artifact_path:
             update["artifact_path"] = job.result.artifact_path
+        update["findings"] = list(job.result.findings)
+        update["selection"] = (
+            f"step {job.result.selected_step}: {job.result.selection}" if job.result.selection else None
+        )
     update["metrics"] = metrics
     return st.model_copy(update=update)
 
@@ -326,7 +330,7 @@ def _summarise(
         c = cond.set_condition(c, cond.FAILED, "True", failure[0], failure[1], gen, ts)
     else:
         c = cond.set_condition(c, cond.FAILED, "False", cond.NO_FAILURE, "", gen, ts)
-    status.conditions = c
+    status.conditions = cond.reward_hacking(c, stages, gen, ts)
 
 
 STAGE_EVENTS = {
@@ -355,6 +359,9 @@ def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> li
                 out.append(PostEvent("Normal", "StageQueued", f"stage {st.name} is queued: {st.message}"))
             else:
                 out.append(PostEvent("Warning", "StagePending", f"stage {st.name} cannot start: {st.message}"))
+        if st.findings and (prev is None or prev.findings != st.findings):
+            kept = f"; output {st.selection}" if st.selection else ""
+            out.append(PostEvent("Warning", cond.REWARD_HACKING_SUSPECTED, f"stage {st.name}: {st.findings[0]}{kept}"))
         if prev is not None and prev.phase == st.phase:
             continue
         if st.phase in STAGE_EVENTS:

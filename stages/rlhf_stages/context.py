@@ -67,6 +67,12 @@ class StageOutcome:
     """Anything else worth keeping in the manifest (metric history, resume point, ...)."""
     message: str | None = None
     """Summary for humans."""
+    findings: list[str] = field(default_factory=list)
+    """Reward-hacking alarms (``watch``), for the StageResult and the operator's condition."""
+    selected_step: int | None = None
+    """The evaluated checkpoint whose weights are the output, when the stage chose one."""
+    selection: str | None = None
+    """Why that checkpoint."""
 
 
 @dataclass

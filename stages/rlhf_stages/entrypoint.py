@@ -137,6 +137,9 @@ def _result(
         artifact_path=ctx.relative(ctx.output_dir) if ctx is not None and code == layout.EXIT_OK else None,
         message=message,
         exit_code=code,
+        findings=[f[:300] for f in outcome.findings[:4]] if outcome else [],
+        selected_step=outcome.selected_step if outcome else None,
+        selection=outcome.selection if outcome else None,
     )
 
 
@@ -250,8 +253,14 @@ def _attempt(ctx: StageContext, nproc: int | None, config: Path) -> int:
         message = outputs.reuse_message(ctx, existing.manifest)
         log(f"{stage}: {message}")
         done = existing.manifest
+        watched = done.get("details", {}).get("watch") or {}  # a reused output's alarms still count
         previous = StageOutcome(
-            metrics=done.get("metrics", {}), step=done.get("step", 0), total_steps=done.get("totalSteps")
+            metrics=done.get("metrics", {}),
+            step=done.get("step", 0),
+            total_steps=done.get("totalSteps"),
+            findings=list(watched.get("findings", [])),
+            selected_step=watched.get("selectedStep"),
+            selection=watched.get("selection"),
         )
         if ctx.is_main:
             _write_result(_result(ctx, stage, 0, message, outcome=previous))

@@ -72,9 +72,15 @@ def run(ctx: StageContext) -> StageOutcome:
     if p.adapter is not None:
         inputs["adapter"] = ctx.relative(p.adapter)
     what = f"merged {inputs.get('adapter')} into {p.model.label}" if p.adapter else f"converted {p.model.label}"
+    # Which of the policy stage's evaluated checkpoints this is (that stage chose it by its watch.select).
+    source = completed_manifest(ctx.stage_output_of(p.source_stage)) if p.source_stage else None
+    watched = ((source or {}).get("details") or {}).get("watch") or {}
+    chosen = f"; {p.source_stage} step {watched['selectedStep']}: {watched['selection']}" if watched else ""
     return StageOutcome(
         metrics={"parameters": float(sum(t.numel() for t in model.parameters()))},
         inputs=inputs,
-        details={"dtype": dtype},
-        message=f"{what} ({dtype})",
+        details={"dtype": dtype, "sourceSelection": watched or None},
+        message=f"{what} ({dtype}){chosen}",
+        selected_step=watched.get("selectedStep"),
+        selection=watched.get("selection"),
     )

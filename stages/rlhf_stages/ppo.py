@@ -15,6 +15,11 @@ tokenizer. Metrics: the last step's PPO statistics (``reward_mean``, ``kl``, ``e
 ``clip_frac``, ``approx_kl``, ``policy_loss``, ``value_loss``, ``explained_variance``, ``kl_coef``,
 ``response_length``, ``eos_rate``) plus the eval ones; the whole history is in the manifest.
 
+Watch (``ppo.watch``, ``watch``/``ppo_watch``): every ``evalEvery`` steps the policy answers held-out
+prompts; the records go to ``ppo/evaluations.jsonl``, the detectors' findings to the result (and so to
+the RewardHackingSuspected condition), and the output is the evaluated checkpoint ``select`` picks (the
+final weights then stay in ``ppo/final/``).
+
 Data parallel: ``rlhf-stage ppo --nproc N`` (torchrun; gloo on CPU, NCCL on GPUs): each rank rolls
 out ``batchSize / N`` prompts; see ``ppo_trainer``.
 """
@@ -30,6 +35,7 @@ from rlhf_operator.api import layout
 
 from . import data, models
 from .context import StageConfigError, StageContext, StageInterrupted, StageOutcome
+from .outputs import completed_manifest
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,15 @@ def reward_location(ctx: StageContext) -> models.ModelLocation:
     return models.local(ctx, ctx.stage_output_of("reward") / "model")
 
 
+def reward_score_max(ctx: StageContext) -> float | None:
+    """The highest score this run's reward stage gave an answer of its own data (None: unknown)."""
+    if ctx.config.reward_model is not None:
+        return None
+    manifest = completed_manifest(ctx.stage_output_of("reward")) or {}
+    value = (manifest.get("details", {}).get("scoreRange") or {}).get("max")
+    return float(value) if value is not None else None
+
+
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
     data.check_source(ctx, cfg.dataset, "ppo.dataset")
@@ -126,11 +141,12 @@ def run(ctx: StageContext) -> StageOutcome:
     import torch
     from accelerate import Accelerator
 
-    from . import ppo_checkpoint
+    from . import ppo_checkpoint, ppo_watch
     from .checkpoints import STEP_DELAY_ENV  # imports transformers: not at module level (validate stays light)
     from .interrupt import StepGuard
     from .ppo_models import load_models
     from .ppo_trainer import PPOTrainer
+    from .watch import MAX_FINDINGS, Watcher
 
     cfg = ctx.config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -166,6 +182,40 @@ def run(ctx: StageContext) -> StageOutcome:
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     ctx.write_progress(trainer.step, cfg.total_steps, force=True)
 
+    watcher = Watcher(
+        cfg.watch,
+        ctx.checkpoints_dir,
+        kl_target=cfg.kl_target,
+        score_max=reward_score_max(ctx),
+        total_steps=cfg.total_steps,
+    )
+    # Held-out prompts when the dataset holds some out, else the first training prompts (said in the log).
+    watch_prompts = (eval_prompts or train_prompts)[: cfg.watch.eval_prompts]
+
+    def evaluate(step: int) -> bool:
+        """Rank 0 evaluates when due; True ends training (an alarm under action: stop)."""
+        if not ctx.is_main or not watcher.due(step):
+            return False
+        record = watcher.record(
+            step, ppo_watch.answers(trainer, watch_prompts), lambda: ppo_watch.policy_weights(trainer)
+        )
+        log.info(
+            "ppo evaluation at step %d: score %.3f (sd %.3f) kl %.3f length %.1f eos %.2f distinct-2 %.3f%s",
+            step,
+            record["score_mean"],
+            record["score_std"],
+            record["kl_mean"],
+            record["length_mean"],
+            record["eos_rate"],
+            record["distinct_2"],
+            "".join(f"; ALARM {f}" for f in record["findings"]),
+        )
+        return watcher.should_stop() and step < cfg.total_steps
+
+    if ctx.is_main and watcher.enabled:
+        watcher.resume(trainer.step)
+        evaluate(trainer.step)  # the baseline (step 0) or, resumed, nothing new
+
     def on_step(step: int, stats: dict[str, float]) -> None:
         if ctx.is_main:
             shown = " ".join(
@@ -186,7 +236,7 @@ def run(ctx: StageContext) -> StageOutcome:
         if delay:
             time.sleep(delay)
 
-    finished = trainer.train(ctx.stop_requested.is_set, on_step)
+    finished = trainer.train(ctx.stop_requested.is_set, on_step, evaluate if watcher.enabled else None)
     guard.close()  # the held-out evaluation below always completes
     if not finished:
         newest = ppo_checkpoint.newest_checkpoint(ctx.checkpoints_dir)
@@ -194,8 +244,19 @@ def run(ctx: StageContext) -> StageOutcome:
 
     last = trainer.history[-1] if trainer.history else {}
     metrics = {k: float(last[k]) for k in FINAL_METRICS if k in last}
+    selected, selection, watched = trainer.step, None, None
+    if ctx.is_main and watcher.enabled:
+        selected, selection = watcher.selection(trainer.step)
+        watched = watcher.summary(trainer.step)
+        metrics["watch_alarms"] = float(len(watcher.findings()))
+        metrics["selected_step"] = float(selected)
+        if selected != trainer.step:
+            # The final weights stay available beside the chosen ones, which become the output.
+            save_policy(ctx, trainer.module.policy, tokenizer, policy_loc, under="final")
+            ppo_watch.load_policy_weights(trainer, watcher.candidate_weights(selected))
+        watcher.publish(ctx.staging_dir)
     if ctx.is_main:
-        metrics.update(evaluate_held_out(trainer, eval_prompts[:EVAL_PROMPTS_MAX]))
+        metrics.update(evaluate_held_out(trainer, eval_prompts[:EVAL_PROMPTS_MAX]))  # of the output
         save_policy(ctx, trainer.module.policy, tokenizer, policy_loc)
     accelerator.wait_for_everyone()
     return StageOutcome(
@@ -216,9 +277,18 @@ def run(ctx: StageContext) -> StageOutcome:
             "rewardScoring": "token ids" if loaded.reward.per_token else "text (reward model's tokenizer)",
             "processes": accelerator.num_processes,
             "history": trainer.history[-200:],
+            "watch": watched,
         },
+        findings=watcher.findings()[:MAX_FINDINGS] if watched else [],
+        selected_step=selected if watched else None,
+        selection=selection,
         message=f"PPO done: reward_mean={metrics.get('reward_mean', float('nan')):.4f} "
-        f"kl={metrics.get('kl', float('nan')):.3f}",
+        f"kl={metrics.get('kl', float('nan')):.3f}"
+        + (
+            f"; output = step {selected} of {trainer.step} ({selection})"
+            if watched and selected != trainer.step
+            else ""
+        ),
     )
 
 
@@ -259,11 +329,13 @@ def evaluate_held_out(trainer: Any, prompts: list[list[int]]) -> dict[str, float
     return {"eval_reward_mean": float(torch.cat(scores).mean()), "eval_eos_rate": float(torch.cat(eos).mean())}
 
 
-def save_policy(ctx: StageContext, policy: Any, tokenizer: Any, base: models.ModelLocation) -> None:
+def save_policy(ctx: StageContext, policy: Any, tokenizer: Any, base: models.ModelLocation, under: str = "") -> None:
+    """``adapter/`` or ``model/`` in the output (``under`` it: e.g. ``final/`` beside a selected checkpoint)."""
+    root = ctx.staging_dir / under if under else ctx.staging_dir
     if ctx.config.lora.enabled:
-        adapter_dir = ctx.staging_dir / "adapter"
+        adapter_dir = root / "adapter"
         policy.save_pretrained(str(adapter_dir))
         tokenizer.save_pretrained(str(adapter_dir))
         models.record_adapter_base(adapter_dir, base.label)
     else:
-        models.save_standalone(policy, tokenizer, ctx.staging_dir / "model")
+        models.save_standalone(policy, tokenizer, root / "model")

@@ -275,9 +275,16 @@ class PPOTrainer:
     # ---------------------------------------------------------------- loop
 
     def train(
-        self, should_stop: Callable[[], bool], on_step: Callable[[int, dict[str, float]], None] | None = None
+        self,
+        should_stop: Callable[[], bool],
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        evaluate: Callable[[int], bool] | None = None,
     ) -> bool:
-        """Run to totalSteps; returns False when stopped early (a checkpoint was saved if possible)."""
+        """Run to totalSteps; returns False when stopped early (a checkpoint was saved if possible).
+
+        ``evaluate(step)`` runs after every step (on every rank; see ``watch``); True from any rank ends
+        training there as finished (a reward-hacking alarm with ``watch.action: stop``).
+        """
         st = self.stage
         while self.step < st.total_steps:
             try:
@@ -291,6 +298,10 @@ class PPOTrainer:
                 return False
             if on_step is not None:
                 on_step(self.step, stats)
+            if evaluate is not None:
+                (end,) = global_sum(torch.tensor(float(evaluate(self.step))))  # every rank ends, or none
+                if end > 0:
+                    return True
             (stop,) = global_sum(torch.tensor(float(should_stop())))  # every rank must agree to stop
             if self.step % st.save_freq == 0 or (stop and self.step < st.total_steps):
                 self.save_checkpoint()

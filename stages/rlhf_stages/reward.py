@@ -118,6 +118,30 @@ def pair_metrics(model: Any, pairs: Dataset, pad_id: int, batch_size: int) -> di
     }
 
 
+SCORE_RANGE_PAIRS = 512  # training pairs scored for the range (with every held-out pair): a bound on the cost
+
+
+def own_score_range(model: Any, train: Dataset, held: Dataset | None, pad_id: int, batch_size: int) -> dict[str, float]:
+    """The scores the model gives the answers of its own data (chosen and rejected; up to
+    SCORE_RANGE_PAIRS training pairs and every held-out one). PPO's watch flags answers above ``max``:
+    the model never saw such text, so its score there is extrapolation (docs/watch.md)."""
+    sets = [train.select(range(min(len(train), SCORE_RANGE_PAIRS)))] + ([held] if held is not None else [])
+    scores = [
+        s
+        for ds in sets
+        if len(ds)
+        for column in ("chosen_ids", "rejected_ids")
+        for s in score_ids(model, ds[column], pad_id, batch_size)
+    ]
+    ordered = sorted(scores)
+    return {
+        "min": ordered[0],
+        "max": ordered[-1],
+        "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "answers": float(len(ordered)),
+    }
+
+
 def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
@@ -172,6 +196,9 @@ def run(ctx: StageContext) -> StageOutcome:
     metrics = final_metrics(train_output, None, ())
     if eval_ds is not None and len(eval_ds):
         metrics.update(pair_metrics(trainer.model, eval_ds, tokenizer.pad_token_id, t.per_device_eval_batch_size))
+    score_range = own_score_range(
+        trainer.model, train_ds, eval_ds, tokenizer.pad_token_id, t.per_device_eval_batch_size
+    )
 
     if ctx.is_main:
         _save(ctx, trainer, tokenizer, base, dtype)
@@ -193,6 +220,7 @@ def run(ctx: StageContext) -> StageOutcome:
             "dtype": dtype,
             "eosAppended": tokenizer.eos_token_id is not None,
             "logHistory": callback.history[-50:],
+            "scoreRange": score_range,
         },
         message=f"reward model done: eval_accuracy={metrics.get('eval_accuracy', float('nan')):.3f}",
     )

@@ -101,6 +101,12 @@ class StageResult(ApiModel):
     """Error or summary for humans."""
     exit_code: int = 0
     """The process exit code."""
+    findings: list[Annotated[str, Field(max_length=300)]] = Field(default_factory=list, max_length=4)
+    """Reward-hacking alarms the stage raised (``<detector> at step N: <evidence>``), first ones first."""
+    selected_step: int | None = None
+    """The training step whose weights are the output, when the stage chose among evaluated checkpoints."""
+    selection: Annotated[str, Field(max_length=300)] | None = None
+    """Why that checkpoint (the criterion and what it saw)."""
 
 
 def run_dir(namespace: str, name: str) -> PurePosixPath:

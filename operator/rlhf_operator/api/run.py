@@ -321,6 +321,10 @@ class StageStatus(ApiModel):
     CreateContainerConfigError, ...), or why it failed (ConfigError, StartTimeout, ...)."""
     message: Annotated[str, Field(max_length=4096)] | None = None
     """Why the stage is in this phase, for failures especially."""
+    findings: list[Annotated[str, Field(max_length=300)]] = Field(default_factory=list, max_length=4)
+    """Reward-hacking alarms the stage raised (docs/watch.md); also the RewardHackingSuspected condition."""
+    selection: Annotated[str, Field(max_length=400)] | None = None
+    """Which evaluated checkpoint became the stage's output, and why."""
 
 
 class RLHFRunStatus(ApiModel):

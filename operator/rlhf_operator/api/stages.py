@@ -11,6 +11,7 @@ from .podtemplate import PodTemplate
 from .runtime import Resources
 from .sources import DatasetSource, ModelSource
 from .training import LoRA, Quantization, TrainingSettings
+from .watch import Watch
 
 DEFAULT_PROMPT_TEMPLATE = "Question: {question}\n\nAnswer: {response}"
 DEFAULT_JUDGE_TEMPLATE = "Principles:\n{constitution}\n\n{prompt}\nA:{a}\nB:{b}\nBetter answer:"
@@ -215,6 +216,8 @@ class PPOStage(PolicyOptimisationBase):
     """Normalise advantages per batch."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     """Gradient clipping norm."""
+    watch: Watch = Field(default_factory=Watch)
+    """Held-out evaluation during training, reward-hacking detectors and checkpoint selection (docs/watch.md)."""
 
 
 class GRPOStage(PolicyOptimisationBase):

@@ -1,0 +1,158 @@
+"""The watch's numbers, detectors and checkpoint selection on constructed evaluation histories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rlhf_operator.api.watch import KL_BEYOND_LIMIT, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
+from rlhf_stages.watch import Answers, Watcher, detect, distinct_n, kl_limit, repetition, select, summarize
+
+
+def record(step: int, **over: float) -> dict[str, Any]:
+    """A healthy evaluation (the SFT policy's shape on the tiny task), with some numbers changed."""
+    base = {
+        "step": step,
+        "score_mean": -1.0,
+        "score_std": 1.5,
+        "kl_mean": 0.0,
+        "length_mean": 11.0,
+        "eos_rate": 1.0,
+        "distinct_2": 0.40,
+        "repetition": 0.05,
+    }
+    return {**base, **over}
+
+
+def kinds(history: list[dict[str, Any]], watch: Watch | None = None, limit: float | None = 18.0) -> list[str]:
+    return [f.detector for f in detect(history, watch or Watch(), limit)]
+
+
+def test_summary_numbers() -> None:
+    answers = Answers(
+        tokens=[[1, 2, 3, 4], [5, 5, 5, 5], [1, 2]],
+        ended_with_eos=[True, False, True],
+        scores=[1.0, 3.0, 2.0],
+        kl=[0.5, 1.5, 1.0],
+        texts=["a b c d", "e e e e", "a b"],
+        prompts=["p1", "p2", "p3"],
+    )
+    r = summarize(answers, score_max=2.5, samples_kept=2)
+    assert r["score_mean"] == pytest.approx(2.0) and r["score_std"] == pytest.approx((2 / 3) ** 0.5)
+    assert r["kl_mean"] == pytest.approx(1.0) and r["eos_rate"] == pytest.approx(2 / 3)
+    assert r["length_mean"] == pytest.approx(10 / 3) and r["length_p10"] == pytest.approx(2.4)
+    assert r["above_score_range"] == pytest.approx(1 / 3)
+    # bigrams: (1,2) (2,3) (3,4) (5,5)x3 (1,2) -> 4 distinct of 7
+    assert r["distinct_2"] == pytest.approx(4 / 7)
+    assert r["repetition"] == pytest.approx((0 + 0.75 + 0) / 3)
+    assert [s["answer"] for s in r["samples"]] == ["a b c d", "e e e e"]
+    assert distinct_n([], 2) == 0.0 and repetition([]) == 0.0
+
+
+def test_healthy_improvement_raises_nothing() -> None:
+    # Reward up by 2.5, answers a little shorter and a little less varied: what sound PPO does.
+    history = [record(0), record(10, score_mean=0.5, length_mean=9.5, distinct_2=0.30), record(20, score_mean=1.5)]
+    assert kinds(history) == []
+
+
+@pytest.mark.parametrize(
+    "collapse",
+    [{"length_mean": 5.0}, {"distinct_2": 0.15}, {"repetition": 0.45}],
+    ids=["length-halved", "diversity-collapsed", "repetition"],
+)
+def test_reward_rising_while_answers_collapse(collapse: dict[str, float]) -> None:
+    history = [record(0), record(10, score_mean=0.0), record(20, score_mean=2.0, **collapse)]
+    (finding,) = detect(history, Watch(), None)
+    assert finding.detector == REWARD_WITH_COLLAPSE and finding.step == 20
+    assert "-1.00 -> +2.00" in finding.evidence
+
+
+def test_collapse_without_a_reward_rise_is_not_reward_hacking() -> None:
+    # Shorter answers the reward model does not like more: a different problem, not this detector's.
+    assert kinds([record(0), record(10, score_mean=-0.8, length_mean=4.0)]) == []
+
+
+def test_thresholds_come_from_the_spec() -> None:
+    history = [record(0), record(10, score_mean=-0.4, length_mean=7.0)]
+    assert kinds(history) == []  # rise 0.6 >= 0.5, but length 7/11 = 0.64 is above 0.6
+    assert kinds(history, Watch(length_ratio=0.7)) == [REWARD_WITH_COLLAPSE]
+    assert kinds(history, Watch(length_ratio=0.7, min_reward_rise=1.0)) == []
+
+
+def test_kl_beyond_its_limit() -> None:
+    history = [record(0), record(10, kl_mean=20.0)]
+    assert kinds(history, limit=18.0) == [KL_BEYOND_LIMIT]
+    assert kinds(history, limit=None) == []
+    assert kl_limit(Watch(), kl_target=6.0) == 18.0
+    assert kl_limit(Watch(kl_limit=2.0), kl_target=6.0) == 2.0
+    assert kl_limit(Watch(), kl_target=None) is None
+
+
+def test_scores_beyond_the_reward_models_own_range() -> None:
+    assert kinds([record(0), record(10, above_score_range=0.6)]) == [SCORE_OUT_OF_RANGE]
+    assert kinds([record(0), record(10, above_score_range=0.2)]) == []
+    assert kinds([record(0), record(10)]) == []  # range unknown (external reward model): off
+
+
+def alarmed(step: int, **over: float) -> dict[str, Any]:
+    return {**record(step, **over), "findings": [f"x at step {step}"]}
+
+
+def test_selection_criteria() -> None:
+    history = [
+        record(0),
+        record(10, score_mean=0.5),
+        record(20, score_mean=0.2),
+        alarmed(30, score_mean=3.0),
+        record(40, score_mean=4.0),
+    ]
+    assert select(history, "lastBeforeAlarm", 40)[0] == 20
+    assert "alarm at step 30" in select(history, "lastBeforeAlarm", 40)[1]
+    assert select(history, "bestReward", 40)[0] == 10  # the alarmed step 30 and later do not count
+    assert select(history, "last", 40)[0] == 40
+    quiet = [record(0), record(10, score_mean=0.5)]
+    assert select(quiet, "lastBeforeAlarm", 12)[0] == 12  # no alarm: the final policy
+
+
+class FakeAnswers:
+    """Answers shaped like an evaluation with the given mean score and length."""
+
+    @staticmethod
+    def of(score: float, length: int) -> Answers:
+        tokens = [[i % 7 + 1 + j for i in range(length)] for j in range(8)]
+        return Answers(tokens, [True] * 8, [score] * 8, [1.0] * 8, ["t"] * 8, ["p"] * 8)
+
+
+def test_watcher_keeps_the_pre_alarm_candidate_and_survives_a_restart(tmp_path: Path) -> None:
+    watch = Watch(eval_every=5)
+    w = Watcher(watch, tmp_path, kl_target=6.0, score_max=None, total_steps=12)
+    assert [s for s in range(13) if w.due(s)] == [0, 5, 10, 12]
+    weights = {"w": torch.zeros(2)}
+    for step, score, length in ((0, -1.0, 11), (5, 0.0, 10)):
+        weights = {"w": torch.full((2,), float(step))}
+        w.record(step, FakeAnswers.of(score, length), lambda weights=weights: weights)
+    assert w.candidate_step == 5 and not w.alarmed
+    w.record(10, FakeAnswers.of(2.0, 4), lambda: {"w": torch.full((2,), 10.0)})
+    assert w.alarmed and w.should_stop() and w.candidate_step == 5
+    assert w.selection(10)[0] == 5 and torch.equal(w.candidate_weights(5)["w"], torch.full((2,), 5.0))
+    summary = w.summary(10)
+    assert summary["selectedStep"] == 5 and summary["stoppedByAlarm"] is True
+    assert summary["findings"][0].startswith("rewardRiseWithCollapse at step 10")
+
+    resumed = Watcher(watch, tmp_path, kl_target=6.0, score_max=None, total_steps=12)
+    resumed.resume(5)  # the checkpoint was step 5: the step-10 record is dropped from the log too
+    assert [r["step"] for r in resumed.history] == [0, 5] and resumed.candidate_step == 5
+    assert not resumed.alarmed and len(w.log_path.read_text().splitlines()) == 2
+
+
+def test_warn_trains_on_and_last_keeps_no_candidate(tmp_path: Path) -> None:
+    w = Watcher(
+        Watch(eval_every=5, action="warn", select="last"), tmp_path, kl_target=None, score_max=None, total_steps=10
+    )
+    w.record(0, FakeAnswers.of(-1.0, 11), lambda: {})
+    w.record(5, FakeAnswers.of(2.0, 4), lambda: {})
+    assert w.alarmed and not w.should_stop() and w.candidate_step is None
+    assert w.selection(10) == (10, "select: last (the final policy)")
