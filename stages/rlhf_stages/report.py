@@ -108,10 +108,33 @@ def build_report(
         "samples": {"sft": before.get("samples", [])[:5], "aligned": after.get("samples", [])[:5]},
         "plots": plots,
         "timings_seconds": timings,
+        "watch": watch_of(run_dir, policy_stage, manifests, out, plots),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (out / "report.md").write_text(render_markdown(report))
     return report
+
+
+WATCH_CURVES = (("score_mean", "held-out reward-model score"), ("length_mean", "held-out answer length (tokens)"))
+
+
+def watch_of(
+    run_dir: Path, stage: str | None, manifests: dict[str, Any], out: Path, plots: list[dict[str, str]]
+) -> dict[str, Any] | None:
+    """The policy stage's watch (docs/watch.md): settings, findings, the checkpoint chosen, the evaluation
+    table with its samples (from the stage's evaluation log), and its curves (appended to ``plots``)."""
+    watched = ((manifests.get(stage or "") or {}).get("details") or {}).get("watch")
+    if not watched:
+        return None
+    log = run_dir / str(stage) / str(watched.get("log", ""))
+    records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.is_file() else []
+    for key, title in WATCH_CURVES:
+        xs, ys = series(records, key)
+        if len(xs) >= 2:
+            name = f"{stage}_watch_{key}.png"
+            plot(xs, ys, title, out / name)
+            plots.append({"stage": str(stage), "metric": f"watch {key}", "file": name})
+    return {**watched, "samples": {str(r["step"]): r.get("samples", []) for r in records}}
 
 
 RLAIF_HEADLINES = ("pairs_labelled", "pairs_judged", "agreement_rate", "first_position_rate")
@@ -168,6 +191,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for stage, info in report["stages"].items():
         metrics = ", ".join(f"{k}={_fmt(v, '.4g')}" for k, v in list(info["metrics"].items())[:6])
         lines.append(f"| {stage} | {_fmt(info['seconds'], '.1f')} | {_cell(metrics)} |")
+    lines += watch_markdown(report.get("watch"))
     if report["plots"]:
         lines += ["", "## Curves", ""]
         lines += [f"![{p['stage']} {p['metric']}]({p['file']})" for p in report["plots"]]
@@ -177,6 +201,32 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {_cell(before.get('prompt', ''))} | {_cell(before.get('text', ''))} | {_cell(after.get('text', ''))} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def watch_markdown(watched: dict[str, Any] | None) -> list[str]:
+    if not watched:
+        return []
+    lines = ["", "## Reward-hacking watch", ""]
+    findings = watched.get("findings") or []
+    lines.append(
+        f"**ALARM**: {'; '.join(findings)}"
+        if findings
+        else "No detector fired (docs/watch.md says what they cannot see)."
+    )
+    lines += ["", f"Output: step {watched.get('selectedStep')} ({watched.get('selection')}).", ""]
+    lines += ["| step | score | score sd | KL | length | EOS | distinct-2 |", "|---|---|---|---|---|---|---|"]
+    for e in watched.get("evaluations") or []:
+        cells = [
+            _fmt(e.get(k)) for k in ("score_mean", "score_std", "kl_mean", "length_mean", "eos_rate", "distinct_2")
+        ]
+        lines.append(f"| {e.get('step')} | " + " | ".join(cells) + " |")
+    samples = watched.get("samples") or {}
+    if samples:
+        lines += ["", "| step | prompt | answer | score |", "|---|---|---|---|"]
+        for step, kept in samples.items():
+            for s in kept:
+                lines.append(f"| {step} | {_cell(s['prompt'])} | {_cell(s['answer'])} | {_fmt(s['score'])} |")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

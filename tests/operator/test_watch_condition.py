@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from rlhf_operator.actions import PostEvent
 from rlhf_operator.api.layout import StageResult
 from rlhf_operator.api.run import RLHFRunSpec, RLHFRunStatus
+from rlhf_operator.cli.cluster import render_status
 from rlhf_operator.observe import JobObservation, Observed
 from rlhf_operator.planner import RunView, plan
 
@@ -74,3 +75,12 @@ def test_the_condition_turns_false_when_no_stage_carries_findings_any_more() -> 
     )
     again = plan(view(cleared), Observed({s: done(s) for s in ("sft", "reward", "ppo")}, True), NOW)
     assert condition(again.status) == ("False", "NoAlarm", "")
+
+
+def test_rlhfctl_status_shows_the_alarm_and_the_kept_checkpoint() -> None:
+    jobs = {"sft": done("sft"), "reward": done("reward"), "ppo": done("ppo", [FINDING])}
+    status = plan(view(), Observed(jobs, True), NOW).status
+    text = render_status("tiny", {"spec": {}, "status": status.to_wire()})
+    assert f"ALARM {FINDING}" in text
+    assert "output: step 10: select: lastBeforeAlarm" in text
+    assert "RewardHackingSuspected=True DetectorFired" in text

@@ -32,3 +32,47 @@ def test_rlaif_then_dpo_report_compares_ground_truth_and_shows_the_judge(tmp_pat
     assert "RLAIF judge: **425** of 958 pairs labelled" in markdown and "agreeing: 0.44" in markdown
     assert "| reward-model score (mean) | n/a | n/a | n/a |" in markdown
     assert json.loads((tmp_path / "out" / "report.json").read_text())["labelling"] == labelling
+
+
+def test_the_report_shows_the_watch_its_alarm_table_samples_and_the_kept_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _manifest(run_dir, "sft", {"eval_loss": 1.0})
+    records = [
+        {
+            "step": 0,
+            "score_mean": -1.0,
+            "length_mean": 11.0,
+            "findings": [],
+            "samples": [{"prompt": "q?", "answer": "a.", "score": -1.0}],
+        },
+        {
+            "step": 5,
+            "score_mean": 2.0,
+            "length_mean": 4.0,
+            "findings": ["x at step 5: y"],
+            "samples": [{"prompt": "q?", "answer": "a", "score": 2.0}],
+        },
+    ]
+    watch = {
+        "findings": ["rewardRiseWithCollapse at step 5: score up, length down"],
+        "selectedStep": 0,
+        "selection": "select: lastBeforeAlarm (the last evaluation before the alarm at step 5)",
+        "evaluations": [{k: r[k] for k in ("step", "score_mean", "length_mean")} for r in records],
+        "log": "evaluations.jsonl",
+    }
+    (run_dir / "ppo").mkdir()
+    (run_dir / "ppo" / "manifest.json").write_text(
+        json.dumps({"stage": "ppo", "metrics": {}, "details": {"watch": watch}})
+    )
+    (run_dir / "ppo" / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = {"reward_mean": -1.0, "target_rate": 0.3, "eos_rate": 1.0}
+
+    report = build_report(run_dir, before, before, {}, tmp_path / "out")
+
+    assert report["watch"]["selectedStep"] == 0 and report["watch"]["samples"]["5"][0]["answer"] == "a"
+    assert {p["metric"] for p in report["plots"]} >= {"watch score_mean", "watch length_mean"}
+    assert (tmp_path / "out" / "ppo_watch_score_mean.png").is_file()
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "**ALARM**: rewardRiseWithCollapse at step 5" in markdown
+    assert "Output: step 0 (select: lastBeforeAlarm" in markdown
+    assert "| 5 | 2.000 | n/a | n/a | 4.000 | n/a | n/a |" in markdown and "| 5 | q? | a | 2.000 |" in markdown

@@ -50,6 +50,9 @@ def render_status(name: str, obj: dict[str, Any]) -> str:
         )
         if st.message and st.phase == "Failed":
             lines.append(f"{'':<8} {st.message}")
+        lines += [f"{'':<8} ALARM {finding}" for finding in st.findings]  # reward hacking (docs/watch.md)
+        if st.selection:
+            lines.append(f"{'':<8} output: {st.selection}")
     if status.conditions:
         lines += ["", "CONDITIONS"]
         lines += [f"  {c.type}={c.status} {c.reason}: {c.message}" for c in status.conditions]
