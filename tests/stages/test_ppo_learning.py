@@ -114,6 +114,12 @@ def test_ppo_policy_beats_sft_on_held_out_prompts(
         assert key in result["metrics"], key
     manifest = json.loads((run_dir(workspace, run) / "ppo" / "manifest.json").read_text())
     assert manifest["details"]["processes"] == nproc
+    # The sound reward model raises no reward-hacking alarm (the default watch: every 10 steps), and
+    # the output is the final policy (docs/watch.md; the exploitable one: test_watch_hacking.py).
+    watched = manifest["details"]["watch"]
+    assert "findings" not in result and watched["findings"] == [], watched
+    assert [e["step"] for e in watched["evaluations"]] == [0, 10, 20, 30, 40]
+    assert result["selectedStep"] == 40 and not (run_dir(workspace, run) / "ppo" / "final").exists()
     assert manifest["details"]["valueModelInit"] == "reward model"
 
     code, out = run_stage("merge", write_invocation(workspace, "merge", run, spec), tmp_path / "merge.json")
@@ -121,7 +127,7 @@ def test_ppo_policy_beats_sft_on_held_out_prompts(
 
     before = _evaluate(workspace, run_dir(workspace, run) / "sft" / "model")
     after = _evaluate(workspace, run_dir(workspace, run) / "merge" / "model")
-    report = {"seed": seed, "nproc": nproc, "sft": before, "ppo": after}
+    report = {"seed": seed, "nproc": nproc, "sft": before, "ppo": after, "watch": watched["evaluations"]}
     print(json.dumps(report, indent=1))
     (workspace / f"ppo-learning-{seed}-{nproc}.json").write_text(json.dumps(report, indent=1))
     assert after["reward"] - before["reward"] >= MIN_REWARD_GAIN, report

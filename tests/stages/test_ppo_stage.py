@@ -88,7 +88,11 @@ def test_missing_reward_model_is_an_input_error(workspace: Path, tmp_path: Path)
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(
     workspace: Path, tmp_path: Path
 ) -> None:
-    spec = _spec(generation={"extra": {"repetition_penalty": 1.1}})  # extra kwargs reach generate()
+    # extra kwargs reach generate(); the watch evaluates at steps 0, 2, 4, 6, across the interruption
+    # (warn: an alarm on this untrained reward model must not end the run this test compares).
+    spec = _spec(
+        generation={"extra": {"repetition_penalty": 1.1}}, watch={"evalEvery": 2, "evalPrompts": 8, "action": "warn"}
+    )
 
     straight = "ppo-straight"
     _prepare(workspace, straight)
@@ -130,3 +134,20 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_
     ]
     a, b = _adapter_weights(workspace, straight), _adapter_weights(workspace, run)
     assert set(a) == set(b) and all(bool((a[k] == b[k]).all()) for k in a)
+    # The evaluation log too: the resumed run kept the records up to its checkpoint and added the same ones.
+    log_a, log_b = ((run_dir(workspace, r) / "ppo" / "evaluations.jsonl").read_text() for r in (straight, run))
+    assert [json.loads(line)["step"] for line in log_a.splitlines()] == [0, 2, 4, 6] and log_a == log_b
+
+    # Evaluating changes nothing about training (the training RNG is restored after each evaluation).
+    unwatched = "ppo-unwatched"
+    _prepare(workspace, unwatched)
+    quiet = _spec(generation={"extra": {"repetition_penalty": 1.1}}, watch={"evalEvery": 0})
+    code, out = run_stage("ppo", write_invocation(workspace, "ppo", unwatched, quiet), tmp_path / "d.json")
+    assert code == 0, out[-3000:]
+    plain = json.loads((run_dir(workspace, unwatched) / "ppo" / "manifest.json").read_text())
+    assert [h["reward_mean"] for h in plain["details"]["history"]] == [
+        h["reward_mean"] for h in manifest["details"]["history"]
+    ]
+    assert (
+        plain["details"]["watch"] is None and not (run_dir(workspace, unwatched) / "ppo" / "evaluations.jsonl").exists()
+    )
