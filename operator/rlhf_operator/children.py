@@ -22,18 +22,22 @@ from .api.layout import (
     StageInvocation,
     run_dir,
 )
-
-# The operator's label names live in the API (podtemplate), whose Pod-overlay rules refuse them;
-# the rest of the operator imports them from here.
-from .api.podtemplate import (
-    CONFIG_MOUNT_PATH,
-    CONSTITUTION_MOUNT_PATH,
-    DOMAIN,  # noqa: F401 (re-exported)
+from .api.names import (
+    API_VERSION,
+    KIND,
     KUEUE_QUEUE_LABEL,
+    LABEL_APP_COMPONENT,
+    LABEL_APP_INSTANCE,
+    LABEL_APP_NAME,
+    LABEL_APP_PART_OF,
     LABEL_MANAGED_BY,
     LABEL_RUN,
     LABEL_STAGE,
-    OPERATOR_APP_LABELS,
+    MANAGER,
+)
+from .api.podtemplate import (
+    CONFIG_MOUNT_PATH,
+    CONSTITUTION_MOUNT_PATH,
     SHM_MOUNT_PATH,
     TMP_MOUNT_PATH,
     VOLUME_CONFIG,
@@ -44,10 +48,9 @@ from .api.podtemplate import (
     RunPodTemplate,
     merged,
 )
-from .api.run import API_VERSION, KIND, RLHFRunSpec
+from .api.run import RLHFRunSpec
 from .api.runtime import WORKSPACE_MOUNT_PATH
 
-MANAGER = "rlhf-operator"
 CONTAINER_NAME = "stage"
 DEFAULT_PVC_SIZE = "100Gi"
 # The stage image runs as this unprivileged user; fsGroup makes the shared volume writable by it.
@@ -85,16 +88,15 @@ def workspace_claim(run: str, spec: RLHFRunSpec) -> str:
 
 
 def labels(run: str, stage: str | None = None) -> dict[str, str]:
-    name, instance, part_of, _, component = OPERATOR_APP_LABELS
     out = {
-        name: "rlhf-stage" if stage else "rlhf-run",
-        instance: run,
-        part_of: "rlhf-operator",
+        LABEL_APP_NAME: "rlhf-stage" if stage else "rlhf-run",
+        LABEL_APP_INSTANCE: run,
+        LABEL_APP_PART_OF: MANAGER,
         LABEL_MANAGED_BY: MANAGER,
         LABEL_RUN: run,
     }
     if stage:
-        out[component] = stage
+        out[LABEL_APP_COMPONENT] = stage
         out[LABEL_STAGE] = stage
     return out
 

@@ -12,7 +12,6 @@ import json
 import logging
 import secrets
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
@@ -20,11 +19,12 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .api.run import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from .children import CONTAINER_NAME, LABEL_RUN, pvc_name
+from .api.names import API_VERSION, GROUP, KIND, LABEL_RUN, MANAGER, PLURAL, VERSION
+from .api.timestamps import format_timestamp
+from .children import CONTAINER_NAME, pvc_name
 
 log = logging.getLogger(__name__)
-COMPONENT = "rlhf-operator"
+COMPONENT = MANAGER  # the reporting component of the operator's events
 LOG_TAIL_LINES = 200  # of a running stage's log, read for its newest progress line
 LOG_TIMEOUT = (5.0, 10.0)  # connect, read: a node that does not answer must not hold a worker long
 
@@ -145,7 +145,7 @@ class Cluster:
 
     def post_event(self, run: dict[str, Any], event: PostEvent) -> None:
         meta = run["metadata"]
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = format_timestamp()
         body = {
             "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
             "involvedObject": {

@@ -19,10 +19,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from .api.layout import PROGRESS_LOG_MARKER, StageResult
-from .children import CONTAINER_NAME, DOMAIN, KUEUE_QUEUE_LABEL, LABEL_STAGE
-
-PROGRESS_ANNOTATION = f"{DOMAIN}/progress"
-CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
+from .api.names import CONTROLLER_UID_LABEL, KUEUE_QUEUE_LABEL, LABEL_STAGE, PROGRESS_ANNOTATION
+from .children import CONTAINER_NAME
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ from datetime import datetime
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
 from .api.layout import last_policy_stage, run_dir, stage_output
+from .api.names import RETRY_ANNOTATION
 from .api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
+from .api.timestamps import format_timestamp, parse_timestamp
 from .children import RunIdentity, build_config_map, build_job, build_pvc
 from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
-from .progress import merge_progress, parse_timestamp, summary
+from .progress import merge_progress, summary
 
-RETRY_ANNOTATION = "rlhf-operator.io/retry"
 REWARD_KEYS = ("reward_mean", "reward/mean", "rewards/mean")
 
 
@@ -56,10 +57,6 @@ class Plan:
     actions: list[Action]
     status: RLHFRunStatus
     finished: list[StageStatus] = field(default_factory=list)  # stages that finished in this pass (metrics)
-
-
-def timestamp(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _enabled(spec: RLHFRunSpec, stage: str) -> bool:
@@ -131,7 +128,7 @@ def _queued(st: StageStatus, job: JobObservation) -> StageStatus:
 
 
 def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
-    ts = timestamp(now)
+    ts = format_timestamp(now)
     spec = run.spec
     old = run.status or RLHFRunStatus()
     status = old.model_copy(deep=True)

@@ -15,11 +15,10 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from rlhf_operator.api.layout import PROGRESS_LOG_MARKER, progress_log_line
+from rlhf_operator.api.names import CONTROLLER_UID_LABEL, PROGRESS_ANNOTATION
 from rlhf_operator.api.run import RLHFRunStatus, StageStatus
 from rlhf_operator.executor import Cluster
 from rlhf_operator.observe import (
-    CONTROLLER_UID_LABEL,
-    PROGRESS_ANNOTATION,
     Progress,
     log_readable,
     observe_job,

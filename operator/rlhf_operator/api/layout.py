@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import Field
 
 from .base import ApiModel
+from .names import API_VERSION, ApiVersion
 
 # Mount paths are declared with the Pod's other reserved names (podtemplate) and re-exported here.
 from .podtemplate import CONFIG_MOUNT_PATH, CONSTITUTION_MOUNT_PATH, TERMINATION_LOG_PATH  # noqa: F401
@@ -64,7 +65,7 @@ class RunRef(ApiModel):
 class StageInvocation(ApiModel):
     """What a stage container is given: the whole run spec plus where it lives on the volume."""
 
-    api_version: Literal["rlhf-operator.io/v1alpha1"] = "rlhf-operator.io/v1alpha1"
+    api_version: ApiVersion = API_VERSION
     """API version."""
     kind: Literal["StageInvocation"] = INVOCATION_KIND
     """Kind."""

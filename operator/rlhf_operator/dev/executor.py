@@ -38,8 +38,18 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from ..api.layout import run_dir, stage_progress_file
-from ..children import LABEL_MANAGED_BY, LABEL_RUN, LABEL_STAGE, MANAGER
-from ..observe import CONTROLLER_UID_LABEL, PROGRESS_ANNOTATION
+from ..api.names import (
+    CONTROLLER_UID_LABEL,
+    JOB_NAME_LABEL,
+    LABEL_MANAGED_BY,
+    LABEL_RUN,
+    LABEL_STAGE,
+    LEGACY_CONTROLLER_UID_LABEL,
+    LEGACY_JOB_NAME_LABEL,
+    MANAGER,
+    PROGRESS_ANNOTATION,
+)
+from ..api.timestamps import format_timestamp, parse_timestamp
 from .process import LocalProcess, launch
 
 log = logging.getLogger("rlhf-dev-executor")
@@ -49,20 +59,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _ts(at: datetime | None = None) -> str:
-    return (at or _now()).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse(ts: str) -> datetime:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
 def _cond(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c["type"] == kind), None)
 
 
 def _set_cond(status: dict[str, Any], kind: str, value: str, reason: str, message: str) -> None:
-    now = _ts()
+    now = format_timestamp()
     existing = _cond(status, kind)
     if existing is None:
         status.setdefault("conditions", []).append(
@@ -187,10 +189,10 @@ class DevJobController:
             return
         if (_cond(status, "Suspended") or {}).get("status") == "True":
             _set_cond(status, "Suspended", "False", "JobResumed", "Job resumed")
-            status["startTime"] = _ts()  # resuming restarts the activeDeadlineSeconds clock
-        status.setdefault("startTime", _ts())
-        deadline = spec.get("activeDeadlineSeconds")
-        if deadline and _now() > _parse(status["startTime"]) + timedelta(seconds=deadline):
+            status["startTime"] = format_timestamp()  # resuming restarts the activeDeadlineSeconds clock
+        status.setdefault("startTime", format_timestamp())
+        deadline, started = spec.get("activeDeadlineSeconds"), parse_timestamp(status["startTime"])
+        if deadline and started is not None and _now() > started + timedelta(seconds=deadline):
             if proc is not None:
                 self.procs.pop(uid)
                 proc.terminate(self.grace_seconds)
@@ -237,7 +239,7 @@ class DevJobController:
                 status, "SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of succeeded pods"
             )
             _set_cond(status, "Complete", "True", "CompletionsReached", "Reached expected number of succeeded pods")
-            status["completionTime"] = _ts()
+            status["completionTime"] = format_timestamp()
             return
         status["failed"] = int(status.get("failed") or 0) + 1
         self.last_failure[job["metadata"]["uid"]] = time.monotonic()
@@ -274,8 +276,10 @@ class DevJobController:
             pod["metadata"]["name"],
             {
                 "phase": "Running",
-                "startTime": _ts(),
-                "containerStatuses": [self._container_status(pod, {"running": {"startedAt": _ts()}}, ready=True)],
+                "startTime": format_timestamp(),
+                "containerStatuses": [
+                    self._container_status(pod, {"running": {"startedAt": format_timestamp()}}, ready=True)
+                ],
             },
         )
         log.info("started pod %s/%s", pod["metadata"]["namespace"], pod["metadata"]["name"])
@@ -284,8 +288,10 @@ class DevJobController:
     def _expire(self, job: dict[str, Any], status: dict[str, Any]) -> None:
         """ttlSecondsAfterFinished: the TTL-after-finished controller's job."""
         ttl = job["spec"].get("ttlSecondsAfterFinished")
-        done = status.get("completionTime") or (_cond(status, "Failed") or {}).get("lastTransitionTime")
-        if ttl is not None and done and _now() >= _parse(done) + timedelta(seconds=ttl):
+        done = parse_timestamp(
+            status.get("completionTime") or (_cond(status, "Failed") or {}).get("lastTransitionTime")
+        )
+        if ttl is not None and done is not None and _now() >= done + timedelta(seconds=ttl):
             self.batch.delete_namespaced_job(
                 job["metadata"]["name"], job["metadata"]["namespace"], propagation_policy="Background"
             )
@@ -310,9 +316,9 @@ class DevJobController:
         labels.update(
             {
                 CONTROLLER_UID_LABEL: meta["uid"],
-                "batch.kubernetes.io/job-name": meta["name"],
-                "controller-uid": meta["uid"],
-                "job-name": meta["name"],
+                JOB_NAME_LABEL: meta["name"],
+                LEGACY_CONTROLLER_UID_LABEL: meta["uid"],
+                LEGACY_JOB_NAME_LABEL: meta["name"],
             }
         )
         body = {
@@ -362,8 +368,8 @@ class DevJobController:
             "exitCode": code,
             "reason": reason,
             "message": proc.termination_message(),
-            "startedAt": _ts(datetime.fromtimestamp(proc.started, UTC)),
-            "finishedAt": _ts(),
+            "startedAt": format_timestamp(datetime.fromtimestamp(proc.started, UTC)),
+            "finishedAt": format_timestamp(),
         }
         self._patch_pod_status(
             proc.namespace,
