@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from .actions import PostEvent
 from .api.run import RLHFRunSpec, RLHFRunStatus
 from .defaults import OperatorDefaults
-from .executor import Cluster
+from .kube import Cluster
 from .metrics import Metrics
 from .observe import Progress, log_readable, observe, parse_progress_log
 from .planner import RunView, plan

@@ -1,6 +1,6 @@
 """Dev/test only: a stand-in Job controller and kubelet for the test control plane (never shipped).
 
-``python -m rlhf_operator.dev.executor --kubeconfig K --volume-dir DIR`` watches (polls) the Jobs the
+``python -m rlhf_operator.dev.local_kubelet --kubeconfig K --volume-dir DIR`` watches (polls) the Jobs the
 operator manages and, for each, creates Pods and runs their container as a local process
 (``dev/process.py``), writing Job and Pod status as the Job controller and the kubelet would:
 suspend (the pod is terminated and deleted, it does not count as failed; resume starts a new one and
@@ -11,7 +11,7 @@ Suspended. On SIGTERM or SIGINT it stops like a node going away: its running con
 SIGTERM, then SIGKILL after ``--grace-seconds``.
 
 Live progress: on a real cluster the operator reads it from the stage container's log (the stage's
-``rlhf-progress {...}`` lines, through ``get pods/log``). This executor is no kubelet, so its pods
+``rlhf-progress {...}`` lines, through ``get pods/log``). This stand-in runs no containers, so its pods
 have no logs (nor a ``nodeName``, so the operator does not try); instead it copies a running stage's
 progress file into the Pod's ``rlhf-operator.io/progress`` annotation, which the operator parses with
 the same function. That annotation is this test transport only (docs/operator.md "Live progress").
@@ -52,7 +52,7 @@ from ..api.names import (
 from ..api.timestamps import format_timestamp, parse_timestamp
 from .process import LocalProcess, launch
 
-log = logging.getLogger("rlhf-dev-executor")
+log = logging.getLogger("rlhf-local-kubelet")
 
 
 def _now() -> datetime:
@@ -131,7 +131,7 @@ class DevJobController:
     def shutdown(self) -> None:
         """The node going away: SIGTERM every running container, SIGKILL what outlives the grace period.
 
-        Containers run in their own sessions, so without this they would outlive the executor.
+        Containers run in their own sessions, so without this they would outlive the local kubelet.
         """
         procs = [proc for proc in self.procs.values() if proc.poll() is None]
         self.procs.clear()
@@ -407,7 +407,9 @@ class DevJobController:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlhf_operator.dev.executor", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_operator.dev.local_kubelet", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--volume-dir", required=True, type=Path, help="local directory standing in for every PVC")
     parser.add_argument("--work-dir", type=Path, help="pod directories and logs (default: <volume-dir>/../pods)")
