@@ -24,11 +24,11 @@ from datetime import datetime
 
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .api.layout import last_policy_stage, run_dir, stage_output
+from .api.layout import RunRef, last_policy_stage, run_dir, stage_output
 from .api.names import RETRY_ANNOTATION
 from .api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
 from .api.timestamps import format_timestamp, parse_timestamp
-from .children import RunIdentity, build_config_map, build_job, build_pvc
+from .children import build_config_map, build_job, build_pvc
 from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
 from .progress import merge_progress, summary
 
@@ -37,7 +37,13 @@ REWARD_KEYS = ("reward_mean", "reward/mean", "rewards/mean")
 
 @dataclass(frozen=True)
 class RunView:
-    """The run as the planner needs it."""
+    """The run as the planner reads it: which run (``ref``) and the state its decisions depend on.
+
+    Not another name for a run: ``RunRef`` (api.layout) only says which run, and is what the children
+    and the stage invocation carry; a view adds what was read from the API server in this pass
+    (generation, the defaulted spec, the last written status, the annotations), so it lives only as
+    long as one reconcile.
+    """
 
     name: str
     namespace: str
@@ -48,8 +54,8 @@ class RunView:
     annotations: dict[str, str] = field(default_factory=dict)
 
     @property
-    def identity(self) -> RunIdentity:
-        return RunIdentity(self.name, self.namespace, self.uid)
+    def ref(self) -> RunRef:
+        return RunRef(namespace=self.namespace, name=self.name, uid=self.uid)
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,7 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
         stages = list(old.stages)  # a succeeded run is final
 
     if spec.storage.existing_claim is None and not observed.pvc_exists and old.phase != "Succeeded":
-        actions.append(EnsurePVC(build_pvc(run.identity, spec)))
+        actions.append(EnsurePVC(build_pvc(run.ref, spec)))
 
     current: str | None = None
     failure: tuple[str, str] | None = None
@@ -188,8 +194,8 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
                 stages[i] = st.model_copy(update={"phase": "Succeeded", "completion_time": st.completion_time or ts})
                 continue
             if st.name not in waiting and not spec.suspend and old.phase not in ("Failed", "Succeeded"):
-                cfg = build_config_map(run.identity, spec, st.name)
-                job_manifest = build_job(run.identity, spec, st.name)
+                cfg = build_config_map(run.ref, spec, st.name)
+                job_manifest = build_job(run.ref, spec, st.name)
                 actions.append(CreateJob(cfg, job_manifest))
                 known = next((o for o in old.stages if o.name == st.name and o.phase == "Pending"), None)
                 if known is None or known.job_name is None:

@@ -52,14 +52,15 @@ POLICY_STAGES = frozenset({"sft", "ppo", "dpo", "rest", "grpo", "rloo"})
 
 
 class RunRef(ApiModel):
-    """Which run a stage belongs to."""
+    """Which run: the one type that names a run, carried by the objects the operator builds for it
+    and by the stage invocation (the planner's ``RunView`` adds the run's observed state to one)."""
 
     namespace: Annotated[str, Field(max_length=63)] = "default"
     """Namespace of the RLHFRun."""
     name: Annotated[str, Field(max_length=63)]
     """Name of the RLHFRun."""
     uid: str | None = None
-    """UID of the RLHFRun, recorded in manifests."""
+    """UID of the RLHFRun, recorded in manifests (absent only outside a cluster: ``rlhfctl local``)."""
 
 
 class StageInvocation(ApiModel):
