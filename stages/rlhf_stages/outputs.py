@@ -22,6 +22,7 @@ from typing import Any
 
 from rlhf_operator.api import layout
 from rlhf_operator.api.layout import StageResult
+from rlhf_operator.api.timestamps import format_timestamp as _now  # now, as an RFC 3339 timestamp
 
 from .context import StageContext, StageOutcome, write_json_atomic
 
@@ -235,10 +236,6 @@ def claim_checkpoints(ctx: StageContext, config_hash: str, attempt: int | None) 
     return notice
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def prepare_staging(ctx: StageContext) -> None:
     """A fresh, empty staging directory (a previous attempt may have left a partial one)."""
     if ctx.is_main:
@@ -281,7 +278,7 @@ def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
         "step": outcome.step,
         "totalSteps": outcome.total_steps,
         "details": details,
-        "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finishedAt": _now(),
     }
     if not ctx.is_main:
         return manifest
