@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from .api.base import ApiModel
-from .api.layout import (
+from rlhf_api.base import ApiModel
+from rlhf_api.layout import (
     CONFIG_FILE_NAME,
     CONSTITUTION_KEY,
     NON_RETRYABLE_EXIT_CODES,
@@ -21,7 +21,7 @@ from .api.layout import (
     StageInvocation,
     run_dir,
 )
-from .api.names import (
+from rlhf_api.names import (
     API_VERSION,
     KIND,
     KUEUE_QUEUE_LABEL,
@@ -34,7 +34,7 @@ from .api.names import (
     LABEL_STAGE,
     MANAGER,
 )
-from .api.podtemplate import (
+from rlhf_api.podtemplate import (
     CONFIG_MOUNT_PATH,
     CONSTITUTION_MOUNT_PATH,
     SHM_MOUNT_PATH,
@@ -47,8 +47,8 @@ from .api.podtemplate import (
     RunPodTemplate,
     merged,
 )
-from .api.run import RLHFRunSpec
-from .api.runtime import WORKSPACE_MOUNT_PATH
+from rlhf_api.run import RLHFRunSpec
+from rlhf_api.runtime import WORKSPACE_MOUNT_PATH
 
 CONTAINER_NAME = "stage"
 DEFAULT_PVC_SIZE = "100Gi"

@@ -18,9 +18,10 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from rlhf_api.names import API_VERSION, GROUP, KIND, LABEL_RUN, MANAGER, PLURAL, VERSION
+from rlhf_api.timestamps import format_timestamp
+
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .api.names import API_VERSION, GROUP, KIND, LABEL_RUN, MANAGER, PLURAL, VERSION
-from .api.timestamps import format_timestamp
 from .children import CONTAINER_NAME, pvc_name
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from .api.timestamps import format_micro_timestamp, parse_timestamp
+from rlhf_api.timestamps import format_micro_timestamp, parse_timestamp
 
 log = logging.getLogger(__name__)
 

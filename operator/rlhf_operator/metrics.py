@@ -10,8 +10,8 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .api.run import StageStatus
-from .api.timestamps import parse_timestamp
+from rlhf_api.run import StageStatus
+from rlhf_api.timestamps import parse_timestamp
 
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 

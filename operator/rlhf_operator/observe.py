@@ -18,8 +18,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .api.layout import PROGRESS_LOG_MARKER, StageResult
-from .api.names import CONTROLLER_UID_LABEL, KUEUE_QUEUE_LABEL, LABEL_STAGE, PROGRESS_ANNOTATION
+from rlhf_api.layout import PROGRESS_LOG_MARKER, StageResult
+from rlhf_api.names import CONTROLLER_UID_LABEL, KUEUE_QUEUE_LABEL, LABEL_STAGE, PROGRESS_ANNOTATION
+
 from .children import CONTAINER_NAME
 
 

@@ -30,12 +30,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from rlhf_api.layout import RunRef, last_policy_stage, run_dir, stage_output
+from rlhf_api.names import RETRY_ANNOTATION
+from rlhf_api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
+from rlhf_api.timestamps import format_timestamp, parse_timestamp
+
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .api.layout import RunRef, last_policy_stage, run_dir, stage_output
-from .api.names import RETRY_ANNOTATION
-from .api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
-from .api.timestamps import format_timestamp, parse_timestamp
 from .children import build_config_map, build_job, build_pvc
 from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
 from .progress import merge_progress, summary
@@ -47,7 +48,7 @@ REWARD_KEYS = ("reward_mean", "reward/mean", "rewards/mean")
 class RunView:
     """The run as the planner reads it: which run (``ref``) and the state its decisions depend on.
 
-    Not another name for a run: ``RunRef`` (api.layout) only says which run, and is what the children
+    Not another name for a run: ``RunRef`` (rlhf_api.layout) only says which run, and is what the children
     and the stage invocation carry; a view adds what was read from the API server in this pass
     (generation, the defaulted spec, the last written status, the annotations), so it lives only as
     long as one reconcile.

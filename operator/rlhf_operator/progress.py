@@ -8,8 +8,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .api.run import RLHFRunStatus, StageProgress, StageStatus
-from .api.timestamps import parse_timestamp
+from rlhf_api.run import RLHFRunStatus, StageProgress, StageStatus
+from rlhf_api.timestamps import parse_timestamp
+
 from .observe import JobObservation, Progress
 
 DEFAULT_PROGRESS_INTERVAL = 10.0  # seconds between log reads of one running stage pod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
-from rlhf_operator.api.timestamps import format_micro_timestamp, format_timestamp, parse_timestamp
+from rlhf_api.timestamps import format_micro_timestamp, format_timestamp, parse_timestamp
 
 
 def test_formats_in_utc_whatever_the_zone_of_the_clock() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_operator.api.layout import RunRef
-from rlhf_operator.api.run import RLHFRunSpec
+from rlhf_api.layout import RunRef
+from rlhf_api.run import RLHFRunSpec
 from rlhf_operator.children import build_job
 from rlhf_operator.dev.controlplane import ControlPlane
 

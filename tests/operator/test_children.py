@@ -6,8 +6,8 @@ import subprocess
 import sys
 from typing import Any
 
-from rlhf_operator.api.layout import RunRef
-from rlhf_operator.api.run import RLHFRunSpec
+from rlhf_api.layout import RunRef
+from rlhf_api.run import RLHFRunSpec
 from rlhf_operator.children import (
     build_config_map,
     build_job,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_operator.api.run import StageStatus
+from rlhf_api.run import StageStatus
 from rlhf_operator.observe import JobObservation
 from rlhf_operator.planner import Cause, detect
 

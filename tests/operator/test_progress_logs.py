@@ -14,9 +14,9 @@ import pytest
 import urllib3
 from kubernetes.client.rest import ApiException
 
-from rlhf_operator.api.layout import PROGRESS_LOG_MARKER, progress_log_line
-from rlhf_operator.api.names import CONTROLLER_UID_LABEL, PROGRESS_ANNOTATION
-from rlhf_operator.api.run import RLHFRunStatus, StageStatus
+from rlhf_api.layout import PROGRESS_LOG_MARKER, progress_log_line
+from rlhf_api.names import CONTROLLER_UID_LABEL, PROGRESS_ANNOTATION
+from rlhf_api.run import RLHFRunStatus, StageStatus
 from rlhf_operator.kube import Cluster
 from rlhf_operator.observe import (
     Progress,
@@ -103,7 +103,7 @@ def pod(name: str = "tiny-ppo-abcde", phase: str = "Running", node: str | None =
 
 def test_only_a_running_stage_container_on_a_node_has_a_log_to_read() -> None:
     assert log_readable(pod())
-    assert not log_readable(pod(node=None))  # not scheduled (or the local kubelet: no kubelet)
+    assert not log_readable(pod(node=None))  # not scheduled (or the local kubelet: no real node)
     assert not log_readable(pod(phase="Pending", waiting={"reason": "ContainerCreating"}))
     assert not log_readable(pod(waiting={"reason": "CrashLoopBackOff"}))
     assert not log_readable(pod(phase="Succeeded", terminated={"exitCode": 0}))

@@ -7,10 +7,10 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from rlhf_api.names import GROUP, LEGACY_JOB_NAME_LABEL, PLURAL, VERSION
+from rlhf_api.run import RLHFRunStatus
+from rlhf_api.timestamps import parse_timestamp
 from rlhf_operator import children
-from rlhf_operator.api.names import GROUP, LEGACY_JOB_NAME_LABEL, PLURAL, VERSION
-from rlhf_operator.api.run import RLHFRunStatus
-from rlhf_operator.api.timestamps import parse_timestamp
 
 
 def _clients(kubeconfig: str | None, context: str | None) -> Any:

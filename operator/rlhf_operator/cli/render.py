@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
+from rlhf_api.layout import RunRef
 from rlhf_operator import children
-from rlhf_operator.api.layout import RunRef
 
 from .validate import ManifestError, load_runs
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..api.names import TEST_VOLUME_LABEL
+from rlhf_api.names import TEST_VOLUME_LABEL
+
 from . import controlplane
 from .controlplane import ControlPlane, NodeOptions, User
 from .host import (

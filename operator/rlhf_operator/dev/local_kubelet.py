@@ -37,8 +37,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from ..api.layout import run_dir, stage_progress_file
-from ..api.names import (
+from rlhf_api.layout import run_dir, stage_progress_file
+from rlhf_api.names import (
     CONTROLLER_UID_LABEL,
     JOB_NAME_LABEL,
     LABEL_MANAGED_BY,
@@ -49,7 +49,8 @@ from ..api.names import (
     MANAGER,
     PROGRESS_ANNOTATION,
 )
-from ..api.timestamps import format_timestamp, parse_timestamp
+from rlhf_api.timestamps import format_timestamp, parse_timestamp
+
 from .process import LocalProcess, launch
 
 log = logging.getLogger("rlhf-local-kubelet")
