@@ -15,8 +15,8 @@ from typing import Any
 
 import kopf
 
-from .api.run import GROUP, PLURAL, VERSION
-from .children import LABEL_MANAGED_BY, LABEL_RUN, MANAGER
+from rlhf_api.names import GROUP, LABEL_MANAGED_BY, LABEL_RUN, MANAGER, PLURAL, VERSION
+
 from .controller import Controller
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,11 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
+from rlhf_api.run import RLHFRunSpec, RLHFRunStatus
+
 from .actions import PostEvent
-from .api.run import RLHFRunSpec, RLHFRunStatus
 from .defaults import OperatorDefaults
-from .executor import Cluster
+from .kube import Cluster
 from .metrics import Metrics
 from .observe import Progress, log_readable, observe, parse_progress_log
 from .planner import RunView, plan

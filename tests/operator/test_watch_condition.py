@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from rlhf_api.layout import StageResult
+from rlhf_api.run import RLHFRunSpec, RLHFRunStatus
 from rlhf_operator.actions import PostEvent
-from rlhf_operator.api.layout import StageResult
-from rlhf_operator.api.run import RLHFRunSpec, RLHFRunStatus
 from rlhf_operator.cli.cluster import render_status
 from rlhf_operator.observe import JobObservation, Observed
 from rlhf_operator.planner import RunView, plan

@@ -134,7 +134,7 @@ def run_stage(
 def ensure_base(workspace: Path) -> Path:
     """Assets, SFT and the reward model, once per volume (a complete stage exits at once)."""
     if not (workspace / "assets" / "base-model").is_dir():
-        from rlhf_stages.tiny_assets import build_tiny_assets
+        from rlhf_stages.tiny.assets import build_tiny_assets
 
         build_tiny_assets(workspace / "assets", seed=0)
     spec = merge_into(example_spec("base"), {"sft": SFT_FAST, "reward": REWARD_FAST})
@@ -148,7 +148,7 @@ def ensure_judge(workspace: Path) -> dict[str, Any]:
     """The tiny RLAIF judge under ``assets/judge`` (trained once per volume) and its report."""
     report = workspace / "assets" / "judge" / "judge.json"
     if not report.is_file():
-        from rlhf_stages.tiny_judge import build_tiny_judge
+        from rlhf_stages.tiny.judge import build_tiny_judge
 
         build_tiny_judge(workspace / "assets")
     return dict(json.loads(report.read_text()))
@@ -216,7 +216,7 @@ def load_policy(workspace: Path, stage_dir: Path | None) -> tuple[Any, Any]:
 
 def evaluate(workspace: Path, stage_dir: Path | None) -> Evaluation:
     """Reward-model score and ground truth of samples on the held-out prompts (unseen topics)."""
-    from rlhf_stages.evaluation import evaluate_policy, load_prompts
+    from rlhf_stages.sampling.evaluation import evaluate_policy, load_prompts
 
     policy, tokenizer = load_policy(workspace, stage_dir)
     reward_model, reward_tokenizer = _reward_model(workspace)

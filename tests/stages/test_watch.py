@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_operator.api.watch import KL_BEYOND_LIMIT, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
-from rlhf_stages.watch import Answers, Watcher, detect, distinct_n, kl_limit, repetition, select, summarize
+from rlhf_api.watch import KL_BEYOND_LIMIT, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
+from rlhf_stages.sampling.watch import Answers, Watcher, detect, distinct_n, kl_limit, repetition, select, summarize
 
 
 def record(step: int, **over: float) -> dict[str, Any]:

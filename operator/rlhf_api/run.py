@@ -1,0 +1,375 @@
+"""The RLHFRun resource: spec, status and the pipeline each alignment method runs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from .base import ApiModel, Rule
+from .names import API_VERSION, KIND, ApiVersion, Kind
+from .podtemplate import RunPodTemplate
+from .runtime import Runtime, Secrets, Storage, WandB
+from .sources import ModelSource
+from .stages import (
+    DPOStage,
+    GRPOStage,
+    MergeStage,
+    PPOStage,
+    ReSTStage,
+    RewardStage,
+    RLAIFStage,
+    RLOOStage,
+    SFTStage,
+)
+
+MAX_RUN_NAME_LENGTH = 40  # leaves room for "-<stage>" suffixes in Job names and pod-name hashes
+
+Method = Literal["PPO", "DPO", "ReST", "RLAIF", "GRPO", "RLOO"]
+
+# The stages each method runs, in order. Stage names double as spec section names.
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "PPO": ("sft", "reward", "ppo", "merge"),
+    "DPO": ("sft", "dpo", "merge"),
+    "ReST": ("sft", "reward", "rest", "merge"),
+    "RLAIF": ("sft", "rlaif", "reward", "ppo", "merge"),
+    "GRPO": ("sft", "reward", "grpo", "merge"),
+    "RLOO": ("sft", "reward", "rloo", "merge"),
+}
+# Sections a method cannot run without (merge has usable defaults; RLAIF's second half depends on
+# rlaif.then and is checked by its own rules).
+REQUIRED_SECTIONS: dict[str, tuple[str, ...]] = {
+    "PPO": ("sft", "reward", "ppo"),
+    "DPO": ("sft", "dpo"),
+    "ReST": ("sft", "reward", "rest"),
+    "RLAIF": ("sft", "rlaif"),
+    "GRPO": ("sft", "reward", "grpo"),
+    "RLOO": ("sft", "reward", "rloo"),
+}
+
+
+def _required_sections(method: str) -> tuple[str, ...]:
+    return REQUIRED_SECTIONS[method]
+
+
+def _method_sections_rule(method: str) -> Rule:
+    sections = _required_sections(method)
+    present = " && ".join(f"has(self.{s})" for s in sections)
+    return Rule(
+        cel=f"self.method != '{method}' || ({present})",
+        message=f"method {method} runs {' -> '.join(PIPELINES[method])}: "
+        f"the spec needs sections {', '.join(sections)} (a stage can be turned off with enabled: false)",
+        field_path=".method",
+        check=lambda s: s.method != method or all(getattr(s, name) is not None for name in sections),
+    )
+
+
+def _trained_on_dataset_rule(section: str) -> Rule:
+    """reward and dpo need a dataset when enabled, except under RLAIF (the rlaif stage's pairs)."""
+    return Rule(
+        cel=f"!has(self.{section}) || self.method == 'RLAIF' "
+        f"|| (has(self.{section}.enabled) && !self.{section}.enabled) || has(self.{section}.dataset)",
+        message=f"an enabled {section} stage needs a dataset (or set enabled: false); "
+        "only method RLAIF trains it on the pairs its rlaif stage labels",
+        field_path=f".{section}.dataset",
+        check=lambda s: (
+            getattr(s, section) is None
+            or s.method == "RLAIF"
+            or not getattr(s, section).enabled
+            or getattr(s, section).dataset is not None
+        ),
+    )
+
+
+def _rlaif_supplies_pairs_rule(section: str) -> Rule:
+    return Rule(
+        cel=f"self.method != 'RLAIF' || !has(self.{section}) || !has(self.{section}.dataset)",
+        message=f"method RLAIF: the {section} stage trains on the pairs the rlaif stage labels; "
+        f"remove {section}.dataset (human preference data belongs to method PPO or DPO)",
+        field_path=f".{section}.dataset",
+        check=lambda s: s.method != "RLAIF" or getattr(s, section) is None or getattr(s, section).dataset is None,
+    )
+
+
+# Stages that optimise the policy against a reward model: their own ``rewardModel``, or else the
+# output of this run's reward stage.
+REWARD_CONSUMERS: tuple[str, ...] = ("ppo", "grpo", "rloo", "rest")
+
+
+def _runs_stage_cel(section: str) -> str:
+    """CEL: the run's pipeline contains ``section`` (mirrors ``RLHFRunSpec.pipeline``)."""
+    methods = [m for m, stages in PIPELINES.items() if section in stages]
+    runs = " || ".join(f"self.method == '{m}'" for m in methods if m != "RLAIF")
+    if "RLAIF" in methods:
+        runs += " || (self.method == 'RLAIF' && !(has(self.rlaif) && has(self.rlaif.then) && self.rlaif.then == 'DPO'))"
+    return f"({runs})"
+
+
+def _reward_source_rule(section: str) -> Rule:
+    """A policy stage that scores with a reward model needs one: an enabled reward stage or its rewardModel."""
+    return Rule(
+        cel=f"!{_runs_stage_cel(section)} || !has(self.{section}) "
+        f"|| (has(self.{section}.enabled) && !self.{section}.enabled) || has(self.{section}.rewardModel) "
+        "|| (has(self.reward) && (!has(self.reward.enabled) || self.reward.enabled))",
+        message=f"the {section} stage optimises against a reward model and this run has none: "
+        f"enable the reward stage or set {section}.rewardModel",
+        field_path=f".{section}.rewardModel",
+        check=lambda s: (
+            section not in s.pipeline()
+            or getattr(s, section) is None
+            or not getattr(s, section).enabled
+            or getattr(s, section).reward_model is not None
+            or (s.reward is not None and s.reward.enabled)
+        ),
+    )
+
+
+# Every stage section (a stage may run in several methods' pipelines).
+STAGE_SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s for stages in PIPELINES.values() for s in stages))
+
+
+def _mounts_name_volumes_rule(section: str | None) -> Rule:
+    """volumeMounts name a volume of the same podTemplate or, in a stage's, of spec.podTemplate."""
+    where = f"{section}.podTemplate" if section else "podTemplate"
+    own = f"self.{where}"
+    guard = f"has(self.{section}) && has({own})" if section else f"has({own})"
+    in_run = (
+        "(has(self.podTemplate) && has(self.podTemplate.volumes) "
+        "&& self.podTemplate.volumes.exists(v, v.name == m.name))"
+    )
+    in_own = f"(has({own}.volumes) && {own}.volumes.exists(v, v.name == m.name))"
+    cel_found = f"{in_own} || {in_run}" if section else in_own
+    also = " or in spec.podTemplate.volumes" if section else ""
+
+    def check(s: Any) -> bool:
+        template = s.pod_template if section is None else getattr(s, section) and getattr(s, section).pod_template
+        if template is None:
+            return True
+        names = {v.name for v in template.volumes}
+        if section is not None:
+            names |= {v.name for v in s.pod_template.volumes}
+        return all(m.name in names for m in template.volume_mounts)
+
+    return Rule(
+        cel=f"!({guard} && has({own}.volumeMounts)) || {own}.volumeMounts.all(m, {cel_found})",
+        message=f"{where}.volumeMounts: every mount names a volume declared in {where}.volumes{also}: "
+        "add the volume or fix the name",
+        field_path=f".{where}.volumeMounts",
+        check=check,
+    )
+
+
+class RLHFRunSpec(ApiModel):
+    """What to train and where. Stages run in the order the method defines, one Job each."""
+
+    rules = (
+        *(_method_sections_rule(m) for m in PIPELINES),
+        Rule(
+            cel="!has(self.wandb) || !has(self.wandb.mode) || self.wandb.mode != 'online' "
+            "|| (has(self.secrets) && has(self.secrets.wandbApiKey))",
+            message="online W&B reporting needs secrets.wandbApiKey (or set wandb.mode: offline)",
+            field_path=".wandb",
+            check=lambda s: s.wandb is None or s.wandb.mode != "online" or s.secrets.wandb_api_key is not None,
+        ),
+        *(_trained_on_dataset_rule(section) for section in ("reward", "dpo")),
+        *(_rlaif_supplies_pairs_rule(section) for section in ("reward", "dpo")),
+        Rule(
+            cel="self.method != 'RLAIF' || !has(self.rlaif) || (has(self.rlaif.then) && self.rlaif.then == 'DPO') "
+            "|| (has(self.reward) && has(self.ppo))",
+            message="rlaif.then: PPO trains a reward model on the labelled pairs, then PPO: "
+            "add reward and ppo sections",
+            field_path=".method",
+            check=lambda s: (
+                s.method != "RLAIF"
+                or s.rlaif is None
+                or s.rlaif.then == "DPO"
+                or (s.reward is not None and s.ppo is not None)
+            ),
+        ),
+        Rule(
+            cel="self.method != 'RLAIF' || !has(self.rlaif) || !has(self.rlaif.then) || self.rlaif.then != 'DPO' "
+            "|| has(self.dpo)",
+            message="rlaif.then: DPO trains with DPO on the labelled pairs: add a dpo section",
+            field_path=".dpo",
+            check=lambda s: s.method != "RLAIF" or s.rlaif is None or s.rlaif.then != "DPO" or s.dpo is not None,
+        ),
+        *(_reward_source_rule(section) for section in REWARD_CONSUMERS),
+        _mounts_name_volumes_rule(None),
+        *(_mounts_name_volumes_rule(section) for section in STAGE_SECTIONS),
+    )
+
+    method: Method = "PPO"
+    """Alignment method. PPO: sft, reward, ppo, merge. DPO: sft, dpo, merge. ReST: sft, reward, rest, merge.
+    RLAIF: sft, rlaif (AI labelling), reward, ppo (or dpo), merge. GRPO/RLOO: sft, reward, grpo/rloo, merge."""
+    base_model: ModelSource
+    """The pretrained model to align."""
+    tokenizer: ModelSource | None = None
+    """Tokenizer, when it is not saved with the base model."""
+    sft: SFTStage | None = None
+    """Supervised fine-tuning stage."""
+    reward: RewardStage | None = None
+    """Reward-model stage."""
+    ppo: PPOStage | None = None
+    """PPO stage (method PPO, or RLAIF with then: PPO)."""
+    dpo: DPOStage | None = None
+    """DPO stage (method DPO, or RLAIF with then: DPO)."""
+    rest: ReSTStage | None = None
+    """ReST grow/improve stage (method ReST)."""
+    rlaif: RLAIFStage | None = None
+    """AI-feedback labelling stage (method RLAIF)."""
+    grpo: GRPOStage | None = None
+    """GRPO stage (method GRPO)."""
+    rloo: RLOOStage | None = None
+    """RLOO stage (method RLOO)."""
+    merge: MergeStage = Field(default_factory=MergeStage)
+    """LoRA merge stage; produces the standalone output model."""
+    runtime: Runtime = Field(default_factory=Runtime)
+    """Image, scheduling and Job policy for every stage."""
+    pod_template: RunPodTemplate = Field(default_factory=RunPodTemplate)
+    """Typed additions to every stage's Pod: labels, annotations, env, envFrom, volumes and mounts,
+    schedulerName, runtimeClassName, and the sizes of /dev/shm and /tmp. A stage's own podTemplate
+    is merged over it."""
+    storage: Storage = Field(default_factory=Storage)
+    """The shared volume."""
+    secrets: Secrets = Field(default_factory=Secrets)
+    """Credentials, by Secret reference."""
+    wandb: WandB | None = None
+    """Weights & Biases reporting."""
+    suspend: bool = False
+    """Pause the run: the active stage's Job is suspended; unsuspending resumes it from its checkpoint."""
+
+    def pipeline(self) -> tuple[str, ...]:
+        """Stage names this run executes, in order (disabled ones included; they are skipped)."""
+        stages = PIPELINES[self.method]
+        if self.method == "RLAIF" and self.rlaif is not None and self.rlaif.then == "DPO":
+            stages = ("sft", "rlaif", "dpo", "merge")
+        return stages
+
+    def stage(self, name: str) -> Any:
+        """The configuration section of a stage by name."""
+        return getattr(self, name)
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+StagePhase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed", "Skipped"]
+RunPhase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+
+
+class Condition(ApiModel):
+    """A condition following the Kubernetes API conventions (metav1.Condition)."""
+
+    # Pydantic merges a subclass model_config into the parent's; spelling it as ConfigDict(...) lets the
+    # pydantic mypy plugin see that these instances are mutable.
+    model_config = ConfigDict(frozen=False)
+
+    type: Annotated[str, Field(max_length=316)]
+    """Condition type, e.g. Running, Succeeded, Failed, Suspended."""
+    status: ConditionStatus
+    """True, False or Unknown."""
+    reason: Annotated[str, Field(max_length=1024)]
+    """One CamelCase word naming why (a documented constant)."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    """Human-readable detail."""
+    last_transition_time: str
+    """When the status last changed (RFC 3339)."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The .metadata.generation this condition was computed from."""
+
+
+class StageProgress(ApiModel):
+    """How far a running stage is."""
+
+    step: Annotated[int, Field(ge=0)] = 0
+    """Steps done."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Steps planned, when known."""
+    percent: Annotated[int, Field(ge=0, le=100)] | None = None
+    """step / totalSteps as a percentage."""
+    eta_seconds: Annotated[int, Field(ge=0)] | None = None
+    """Estimated seconds left."""
+
+
+class StageStatus(ApiModel):
+    """What is known about one stage."""
+
+    name: Annotated[str, Field(max_length=32)]
+    """Stage name (sft, reward, ppo, merge, ...)."""
+    phase: StagePhase = "Pending"
+    """Pending, Running, Suspended, Succeeded, Failed or Skipped."""
+    job_name: Annotated[str, Field(max_length=63)] | None = None
+    """The stage's Job."""
+    attempts: Annotated[int, Field(ge=0)] = 0
+    """Pods started for this stage (retries included)."""
+    start_time: str | None = None
+    """When the stage's Job started (RFC 3339)."""
+    completion_time: str | None = None
+    """When the stage finished (RFC 3339)."""
+    progress: StageProgress | None = None
+    """Progress, reported by the stage."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Final (or latest) metrics reported by the stage, e.g. reward/mean, eval/accuracy."""
+    artifact_path: str | None = None
+    """Output directory of the stage on the shared volume."""
+    reason: Annotated[str, Field(max_length=128)] | None = None
+    """Kubernetes' reason while the stage's Pod cannot start (ImagePullBackOff, Unschedulable,
+    CreateContainerConfigError, ...), or why it failed (ConfigError, StartTimeout, ...)."""
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    """Why the stage is in this phase, for failures especially."""
+    findings: list[Annotated[str, Field(max_length=300)]] = Field(default_factory=list, max_length=4)
+    """Reward-hacking alarms the stage raised (docs/watch.md); also the RewardHackingSuspected condition."""
+    selection: Annotated[str, Field(max_length=400)] | None = None
+    """Which evaluated checkpoint became the stage's output, and why."""
+
+
+class RLHFRunStatus(ApiModel):
+    """Observed state, written only by the operator."""
+
+    # Pydantic merges a subclass model_config into the parent's; spelling it as ConfigDict(...) lets the
+    # pydantic mypy plugin see that these instances are mutable.
+    model_config = ConfigDict(frozen=False)
+
+    phase: RunPhase = "Pending"
+    """Summary for humans and printer columns; conditions carry the detail."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The .metadata.generation last acted upon."""
+    current_stage: str | None = None
+    """The stage running now (or the one that failed)."""
+    progress: Annotated[str, Field(max_length=64)] | None = None
+    """Stages finished out of stages to run, and the running stage's percent, e.g. ``2/4 ppo 40%``."""
+    reward: float | None = None
+    """Latest mean reward reported by the policy-optimisation stage, for ``kubectl get``."""
+    stages: list[StageStatus] = Field(default_factory=list)
+    """One entry per pipeline stage, in order."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Running, Suspended, Succeeded, Failed."""
+    output_model: str | None = None
+    """The final standalone model on the shared volume, once the run succeeded."""
+    start_time: str | None = None
+    """When the first stage started."""
+    completion_time: str | None = None
+    """When the run succeeded or failed."""
+    retry_token: Annotated[str, Field(max_length=253)] | None = None
+    """The value of the ``rlhf-operator.io/retry`` annotation last acted upon (see docs/operator.md)."""
+
+
+class RLHFRun(ApiModel):
+    """An RLHF pipeline run: SFT, reward model, PPO (or another method) and LoRA merge, as Jobs."""
+
+    rules = (
+        Rule(
+            cel=f"size(self.metadata.name) <= {MAX_RUN_NAME_LENGTH}",
+            message=f"metadata.name must be at most {MAX_RUN_NAME_LENGTH} characters (stage Jobs append -<stage>)",
+            check=lambda r: len(r.metadata.get("name", "")) <= MAX_RUN_NAME_LENGTH,
+        ),
+    )
+
+    api_version: ApiVersion = API_VERSION
+    """API version."""
+    kind: Kind = KIND
+    """Kind."""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """Standard object metadata."""
+    spec: RLHFRunSpec
+    """Desired run."""
+    status: RLHFRunStatus | None = None
+    """Observed state."""

@@ -1,0 +1,191 @@
+"""The operator's hands: reads a run's world from the API server and performs the planner's actions.
+
+Everything goes through the official Kubernetes client with wire-form dicts (``_preload_content``
+off), so the planner and builders never see client model classes. Creation is idempotent
+(AlreadyExists is success: names are deterministic), and the status is written with the run's
+resourceVersion, so a stale writer gets a Conflict instead of overwriting newer status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import urllib3
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from rlhf_api.names import API_VERSION, GROUP, KIND, LABEL_RUN, MANAGER, PLURAL, VERSION
+from rlhf_api.timestamps import format_timestamp
+
+from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
+from .children import CONTAINER_NAME, pvc_name
+
+log = logging.getLogger(__name__)
+COMPONENT = MANAGER  # the reporting component of the operator's events
+LOG_TAIL_LINES = 200  # of a running stage's log, read for its newest progress line
+LOG_TIMEOUT = (5.0, 10.0)  # connect, read: a node that does not answer must not hold a worker long
+
+
+def _json(resp: Any) -> dict[str, Any]:
+    return json.loads(resp.data)
+
+
+def _body(manifest: Mapping[str, Any]) -> Any:
+    """A plain-dict manifest as a request body: the client sends dicts as they are (its hints name only models)."""
+    return manifest
+
+
+class Cluster:
+    """A thin, synchronous facade over the client for one operator process (thread-safe for reads)."""
+
+    def __init__(self, api_client: client.ApiClient, identity: str = COMPONENT) -> None:
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.identity = identity
+
+    # --- reads -------------------------------------------------------------------------------
+    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _json(
+                self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+                )
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list_runs(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        if namespace:
+            resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _preload_content=False)
+        else:
+            resp = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _preload_content=False)
+        return list(_json(resp).get("items") or [])
+
+    def children(self, namespace: str, run: str, want_pvc: bool) -> tuple[list[dict], list[dict], bool]:
+        """The run's Jobs, their Pods, and whether its workspace PVC exists."""
+        selector = f"{LABEL_RUN}={run}"
+        jobs = _json(self.batch.list_namespaced_job(namespace, label_selector=selector, _preload_content=False))
+        pods = _json(self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False))
+        pvc = True
+        if want_pvc:
+            try:
+                self.core.read_namespaced_persistent_volume_claim(pvc_name(run), namespace, _preload_content=False)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                pvc = False
+        return list(jobs.get("items") or []), list(pods.get("items") or []), pvc
+
+    def pod_log_tail(self, namespace: str, pod: str, lines: int = LOG_TAIL_LINES) -> str | None:
+        """The last lines of a pod's stage container log (``get pods/log``), or None when it cannot
+        be read: no right (403), pod gone (404), container not started (400), node unreachable
+        (500, timeout). Never raises for those: live progress is best effort and simply stays as it
+        was."""
+        try:
+            resp: Any = self.core.read_namespaced_pod_log(  # typed str; raw with _preload_content off
+                pod,
+                namespace,
+                container=CONTAINER_NAME,
+                tail_lines=lines,
+                _preload_content=False,
+                _request_timeout=LOG_TIMEOUT,
+            )
+            return bytes(resp.data).decode("utf-8", errors="replace")
+        except ApiException as exc:
+            log.debug("%s/%s: cannot read the log for progress: %s %s", namespace, pod, exc.status, exc.reason)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            log.debug("%s/%s: cannot read the log for progress: %s", namespace, pod, exc)
+        return None
+
+    # --- writes ------------------------------------------------------------------------------
+    def perform(self, run: dict[str, Any], action: Action) -> None:
+        namespace = run["metadata"]["namespace"]
+        if isinstance(action, EnsurePVC):
+            self._create(lambda: self.core.create_namespaced_persistent_volume_claim(namespace, _body(action.manifest)))
+        elif isinstance(action, CreateJob):
+            self._apply_config_map(namespace, action.config_map)
+            self._create(lambda: self.batch.create_namespaced_job(namespace, _body(action.job)))
+        elif isinstance(action, SetJobSuspend):
+            self.batch.patch_namespaced_job(action.name, namespace, {"spec": {"suspend": action.suspend}})
+        elif isinstance(action, DeleteJob):
+            try:
+                propagation = "Foreground" if action.wait_for_pods else "Background"
+                self.batch.delete_namespaced_job(action.name, namespace, propagation_policy=propagation)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+        elif isinstance(action, PostEvent):
+            self.post_event(run, action)
+        else:  # pragma: no cover - the Action union is closed
+            raise TypeError(action)
+
+    def _create(self, call: Any) -> None:
+        try:
+            call()
+        except ApiException as exc:
+            if exc.status != 409:  # AlreadyExists: made by an earlier pass (or a previous operator)
+                raise
+
+    def _apply_config_map(self, namespace: str, manifest: dict[str, Any]) -> None:
+        """Create or replace: the ConfigMap snapshots the spec as the stage's Job is (re)created."""
+        name = manifest["metadata"]["name"]
+        try:
+            self.core.create_namespaced_config_map(namespace, _body(manifest))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.patch_namespaced_config_map(name, namespace, {"data": manifest["data"]})
+
+    def post_event(self, run: dict[str, Any], event: PostEvent) -> None:
+        meta = run["metadata"]
+        now = format_timestamp()
+        body = {
+            "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": self.identity,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], _body(body))
+        except ApiException as exc:  # events are best effort: never fail a reconcile over one
+            log.warning("could not post event %s on %s: %s", event.reason, meta["name"], exc.reason)
+
+    def write_status(self, run: dict[str, Any], status: dict[str, Any]) -> None:
+        """Replace the status subresource, guarded by the resourceVersion the plan was made from."""
+        meta = run["metadata"]
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "resourceVersion": meta["resourceVersion"],
+            },
+            "spec": run.get("spec") or {},
+            "status": status,
+        }
+        self.custom.replace_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body
+        )

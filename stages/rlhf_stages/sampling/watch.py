@@ -1,0 +1,316 @@
+"""Watching policy optimisation: held-out evaluations, reward-hacking detectors, checkpoint selection.
+
+A learned reward model has holes and RL finds them: the score rises while the answers collapse into
+something the reward model overrates. The people running a job usually cannot see their task's
+ground truth, so the stage watches for the known shapes of that failure itself (docs/watch.md):
+
+- ``summarize``: one evaluation's numbers from the answers to the held-out prompts (reward-model
+  score mean/spread, KL to the reference, length distribution, EOS rate, distinct-n, repetition);
+- ``detect``: the detectors, pure functions of the evaluation history (first record = baseline);
+- ``select``: which evaluated checkpoint becomes the output, by the spec's criterion;
+- :class:`Watcher`: the state a training loop keeps: the evaluation log (JSON lines, one record per
+  evaluation, in the checkpoint directory while training and in the stage's output at the end), the
+  weights of the selected candidate, and whether an alarm ended training. It survives a restart:
+  both live in the checkpoint directory and records newer than the resumed step are dropped.
+
+The loop-specific part (how a policy answers and is scored) is a callable the stage passes in; PPO's
+is ``methods.ppo.watch``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf_api.watch import KL_BEYOND_LIMIT, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
+
+LOG_FILE = "evaluations.jsonl"
+CANDIDATE_FILE = "watch-candidate.pt"
+KL_TARGET_FACTOR = 3.0  # kl_limit default: this many times the adaptive controller's target
+MAX_FINDINGS = 4  # what a StageResult carries (the log keeps every one)
+
+
+@dataclass(frozen=True)
+class Answers:
+    """What one evaluation produced: one answer per held-out prompt."""
+
+    tokens: Sequence[Sequence[int]]
+    """Generated token ids, EOS and padding removed."""
+    ended_with_eos: Sequence[bool]
+    scores: Sequence[float]
+    """Raw reward-model scores (no EOS penalty): comparable with the reward model's training range."""
+    kl: Sequence[float]
+    """Per-answer KL to the reference: sum over its tokens of log p_policy - log p_reference."""
+    texts: Sequence[str]
+    prompts: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Finding:
+    detector: str
+    step: int
+    evidence: str
+
+    def __str__(self) -> str:
+        return f"{self.detector} at step {self.step}: {self.evidence}"
+
+
+# ------------------------------------------------------------------ numbers of one evaluation
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default), without numpy."""
+    s = sorted(xs)
+    if not s:
+        return math.nan
+    pos = (len(s) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def distinct_n(answers: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct n-grams over all n-grams of all answers (1.0: nothing repeats anywhere)."""
+    grams = [tuple(a[i : i + n]) for a in answers for i in range(len(a) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition(answer: Sequence[int]) -> float:
+    """Share of an answer's tokens that already occurred earlier in it."""
+    if not answer:
+        return 0.0
+    return 1.0 - len(set(answer)) / len(answer)
+
+
+def summarize(answers: Answers, score_max: float | None, samples_kept: int) -> dict[str, Any]:
+    """One evaluation record (without its step)."""
+    lengths = [float(len(t)) for t in answers.tokens]
+    scores = list(answers.scores)
+    record: dict[str, Any] = {
+        "prompts": len(lengths),
+        "score_mean": _mean(scores),
+        "score_std": math.sqrt(_mean([(s - _mean(scores)) ** 2 for s in scores])) if scores else math.nan,
+        "score_p10": _quantile(scores, 0.1),
+        "score_p90": _quantile(scores, 0.9),
+        "kl_mean": _mean(list(answers.kl)),
+        "length_mean": _mean(lengths),
+        "length_p10": _quantile(lengths, 0.1),
+        "length_p90": _quantile(lengths, 0.9),
+        "eos_rate": _mean([float(e) for e in answers.ended_with_eos]),
+        "distinct_1": distinct_n(answers.tokens, 1),
+        "distinct_2": distinct_n(answers.tokens, 2),
+        "repetition": _mean([repetition(t) for t in answers.tokens]),
+    }
+    if score_max is not None:
+        record["above_score_range"] = _mean([float(s > score_max) for s in scores])
+    record["samples"] = [
+        {"prompt": p, "answer": t, "score": s}
+        for p, t, s in list(zip(answers.prompts, answers.texts, scores, strict=True))[:samples_kept]
+    ]
+    return record
+
+
+# ------------------------------------------------------------------ detectors
+
+
+def kl_limit(watch: Watch, kl_target: float | None) -> float | None:
+    """The KL detector's limit: the spec's, else KL_TARGET_FACTOR x the target, else none (off)."""
+    if watch.kl_limit is not None:
+        return watch.kl_limit
+    return KL_TARGET_FACTOR * kl_target if kl_target is not None else None
+
+
+def detect(history: Sequence[dict[str, Any]], watch: Watch, limit: float | None) -> list[Finding]:
+    """Findings about the newest record of ``history``, judged against the first one (the baseline).
+
+    Pure: the same history and settings always give the same findings, so the tests build histories.
+    """
+    if not history:
+        return []
+    base, now = history[0], history[-1]
+    step = int(now["step"])
+    found: list[Finding] = []
+    rise = now["score_mean"] - base["score_mean"]
+    if len(history) > 1 and rise >= watch.min_reward_rise:
+        collapsed = []
+        if now["length_mean"] < watch.length_ratio * base["length_mean"]:
+            collapsed.append(f"mean length {base['length_mean']:.1f} -> {now['length_mean']:.1f} tokens")
+        if now["distinct_2"] < watch.distinct_ratio * base["distinct_2"]:
+            collapsed.append(f"distinct-2 {base['distinct_2']:.2f} -> {now['distinct_2']:.2f}")
+        if now["repetition"] > base["repetition"] + watch.repetition_rise:
+            collapsed.append(f"repeated tokens {base['repetition']:.2f} -> {now['repetition']:.2f}")
+        if collapsed:
+            evidence = f"reward-model score {base['score_mean']:+.2f} -> {now['score_mean']:+.2f} while " + ", ".join(
+                collapsed
+            )
+            found.append(Finding(REWARD_WITH_COLLAPSE, step, evidence))
+    if limit is not None and now["kl_mean"] > limit:
+        found.append(Finding(KL_BEYOND_LIMIT, step, f"KL to the reference {now['kl_mean']:.2f} > limit {limit:.2f}"))
+    above = now.get("above_score_range")
+    if above is not None and above >= watch.out_of_range_fraction:
+        found.append(
+            Finding(
+                SCORE_OUT_OF_RANGE,
+                step,
+                f"{above:.0%} of answers score above any answer of the reward model's training data",
+            )
+        )
+    return found
+
+
+# ------------------------------------------------------------------ selection
+
+
+def first_alarm(history: Sequence[dict[str, Any]]) -> int | None:
+    """Step of the first evaluation with a finding, if any."""
+    return next((int(r["step"]) for r in history if r.get("findings")), None)
+
+
+def select(history: Sequence[dict[str, Any]], criterion: str, final_step: int) -> tuple[int, str]:
+    """(step whose weights become the output, why) among the evaluations of ``history``."""
+    alarm = first_alarm(history)
+    before = [r for r in history if alarm is None or int(r["step"]) < alarm]
+    if criterion == "last":
+        return final_step, "select: last (the final policy)"
+    if criterion == "bestReward" and before:
+        best = max(before, key=lambda r: r["score_mean"])
+        why = f"select: bestReward (score {best['score_mean']:+.2f}"
+        return int(best["step"]), why + (f", evaluations before the alarm at step {alarm})" if alarm else ")")
+    if alarm is None:
+        return final_step, f"select: {criterion}; no alarm, the final policy"
+    if not before:  # only possible if the baseline itself alarmed, which detect() never does
+        return final_step, f"select: {criterion}; no evaluation before the alarm, the final policy"
+    step = int(before[-1]["step"])
+    return step, f"select: {criterion} (the last evaluation before the alarm at step {alarm})"
+
+
+# ------------------------------------------------------------------ the loop's state
+
+
+class Watcher:
+    """Evaluation log, candidate weights and alarm state of one training run (rank 0 owns the files)."""
+
+    def __init__(
+        self,
+        watch: Watch,
+        directory: Path,
+        *,
+        kl_target: float | None,
+        score_max: float | None,
+        total_steps: int,
+    ) -> None:
+        self.watch = watch
+        self.directory = directory
+        self.limit = kl_limit(watch, kl_target)
+        self.score_max = score_max
+        self.total_steps = total_steps
+        self.history: list[dict[str, Any]] = []
+        self.candidate_step: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.watch.eval_every > 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / LOG_FILE
+
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` (0: before training) is evaluated."""
+        if not self.enabled or any(int(r["step"]) == step for r in self.history):
+            return False
+        return step == 0 or step % self.watch.eval_every == 0 or step == self.total_steps
+
+    @property
+    def alarmed(self) -> bool:
+        return first_alarm(self.history) is not None
+
+    def findings(self) -> list[str]:
+        return [f for r in self.history for f in r.get("findings", [])]
+
+    def resume(self, step: int) -> None:
+        """Keep what the resumed checkpoint had seen (records up to ``step``)."""
+        if self.log_path.is_file():
+            lines = self.log_path.read_text().splitlines()
+            self.history = [r for r in map(json.loads, filter(None, lines)) if int(r["step"]) <= step]
+            self._rewrite()
+        cand = self.directory / CANDIDATE_FILE
+        if cand.is_file():
+            import torch
+
+            saved = torch.load(cand, map_location="cpu")
+            if int(saved["step"]) <= step:
+                self.candidate_step = int(saved["step"])
+            else:
+                cand.unlink()
+
+    def _rewrite(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.log_path.with_name(f".{LOG_FILE}.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history))
+        tmp.replace(self.log_path)
+
+    def record(self, step: int, answers: Answers, weights: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Summarise, detect, append to the log, keep the candidate's weights; returns the record."""
+        record = {"step": step, **summarize(answers, self.score_max, self.watch.samples_kept)}
+        alarmed_before = self.alarmed
+        self.history.append(record)
+        record["findings"] = [str(f) for f in detect(self.history, self.watch, self.limit)]
+        self._rewrite()
+        if not alarmed_before and not record["findings"] and self._is_candidate(record):
+            import torch
+
+            tmp = self.directory / f".{CANDIDATE_FILE}.tmp"
+            torch.save({"step": step, "state": weights()}, tmp)
+            tmp.replace(self.directory / CANDIDATE_FILE)
+            self.candidate_step = step
+        return record
+
+    def _is_candidate(self, record: dict[str, Any]) -> bool:
+        if self.watch.select == "bestReward":
+            return all(record["score_mean"] >= r["score_mean"] for r in self.history if r is not record)
+        return self.watch.select == "lastBeforeAlarm"
+
+    def should_stop(self) -> bool:
+        return self.alarmed and self.watch.action == "stop"
+
+    def selection(self, final_step: int) -> tuple[int, str]:
+        return select(self.history, self.watch.select, final_step)
+
+    def candidate_weights(self, step: int) -> dict[str, Any]:
+        import torch
+
+        saved = torch.load(self.directory / CANDIDATE_FILE, map_location="cpu")
+        if int(saved["step"]) != step:
+            raise RuntimeError(f"the kept candidate is step {saved['step']}, not the selected step {step}")
+        return dict(saved["state"])
+
+    def publish(self, output_dir: Path) -> None:
+        """Copy the evaluation log into the stage's output."""
+        if self.log_path.is_file():
+            shutil.copyfile(self.log_path, output_dir / LOG_FILE)
+
+    def summary(self, final_step: int) -> dict[str, Any]:
+        """What the manifest keeps (details.watch): the settings, the findings, the choice, the table."""
+        step, why = self.selection(final_step)
+        table_keys = ("step", "score_mean", "score_std", "kl_mean", "length_mean", "eos_rate", "distinct_2")
+        return {
+            "evalEvery": self.watch.eval_every,
+            "action": self.watch.action,
+            "klLimit": self.limit,
+            "scoreMax": self.score_max,
+            "findings": self.findings(),
+            "stoppedByAlarm": self.should_stop() and final_step < self.total_steps,
+            "selectedStep": step,
+            "selection": why,
+            "evaluations": [{k: r[k] for k in table_keys if k in r} for r in self.history],
+            "log": LOG_FILE,
+        }
