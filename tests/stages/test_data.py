@@ -108,6 +108,8 @@ def test_every_format_samples_the_same_rows_by_seed(volume: Path) -> None:
     chosen = data.sample_indices(len(ROWS), 7, seed=3)
     assert chosen is not None and len(set(chosen)) == 7 and chosen != sorted(chosen)  # shuffled, not a prefix
     expected = [ROWS[i] for i in chosen]
+    # The rows datasets' own seeded shuffle kept when data.py loaded everything first: runs keep their rows.
+    assert Dataset.from_list(ROWS).shuffle(seed=3).select(range(7)).to_list() == expected
     for fmt, path in (
         ("jsonl", "d/rows.jsonl"),
         ("parquet", "d/rows.parquet"),
