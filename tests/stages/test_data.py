@@ -171,6 +171,12 @@ def test_deeplake_reads_only_the_chosen_rows_once(volume: Path, monkeypatch: pyt
     lake.commit()
     assert data.load_rows(ctx, source, seed=11)["id"] == data.sample_indices(total + 1, wanted, seed=11)
     assert len(reads) == 2 * wanted
+    # No maxSamples: every row once, in order, over several batches.
+    reads.clear()
+    assert data.load_rows(ctx, _source(format="deeplake", path="big"), seed=11)["id"] == list(range(total + 1))
+    assert total + 1 > 2 * data.READ_BATCH and reads == Counter(
+        {(c, i): 1 for c in ("id", "text") for i in range(total + 1)}
+    )
 
 
 def test_hub_ids_with_max_samples_are_streamed(volume: Path, monkeypatch: pytest.MonkeyPatch) -> None:

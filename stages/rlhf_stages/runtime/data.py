@@ -61,9 +61,12 @@ def _hf_token() -> str | None:
 # Rows a streamed hub dataset is shuffled through. A bigger buffer mixes further but holds more rows
 # in memory on every rank; 10 000 rows of text are tens of MB.
 SHUFFLE_BUFFER = 10_000
-# Rows read from deeplake per request: large enough that each request decompresses a chunk once for
-# many rows, small enough that one batch of text stays a few MB.
+# Rows of a deeplake dataset per Arrow batch, and per request when they are consecutive (reading all).
 READ_BATCH = 1_024
+# Chosen (scattered) rows per deeplake request: deeplake fetches every chunk a request touches at
+# once, so 1024 scattered rows of a 300 000-row text dataset held 1 GB of chunks; 64 hold 0.2 GB at
+# the same speed (docs/benchmarks.md, deeplake sampling).
+SCATTERED_BATCH = 64
 # Bump when the cached Arrow layout of a deeplake read changes, so old files are not reused.
 _DEEPLAKE_CACHE_FORMAT = 1
 
@@ -118,13 +121,16 @@ def _deeplake_batches(ds: Any, ordered: Any) -> Iterator[dict[str, list[Any]]]:
     names = [column.name for column in ds.schema.columns]
     for start in range(0, len(ordered), READ_BATCH):
         indices = ordered[start : start + READ_BATCH]
-        contiguous = indices[-1] - indices[0] + 1 == len(indices)
-        # A run of consecutive rows (reading everything) is one range; otherwise exactly these rows.
-        where: Any = slice(int(indices[0]), int(indices[-1]) + 1) if contiguous else indices.tolist()
-        batch: dict[str, list[Any]] = {}
+        requests: list[Any]
+        if indices[-1] - indices[0] + 1 == len(indices):  # consecutive rows (reading all): one range
+            requests = [slice(int(indices[0]), int(indices[-1]) + 1)]
+        else:  # exactly the chosen rows, a few at a time
+            requests = [indices[i : i + SCATTERED_BATCH].tolist() for i in range(0, len(indices), SCATTERED_BATCH)]
+        batch: dict[str, list[Any]] = {name: [] for name in names}
         for name in names:
-            values: Any = ds[name][where]
-            batch[name] = values.tolist() if hasattr(values, "tolist") else list(values)
+            for where in requests:
+                values: Any = ds[name][where]
+                batch[name].extend(values.tolist() if hasattr(values, "tolist") else values)
         yield batch
 
 
@@ -135,15 +141,16 @@ def _write_arrow(path: Path, batches: Iterator[dict[str, list[Any]]]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    writer = None
+    writer, schema = None, None
     try:
         with pa.OSFile(str(partial), "wb") as sink:
             for batch in batches:
                 table = pa.Table.from_pydict(batch)
                 if writer is None:
-                    writer = pa.ipc.new_stream(sink, table.schema)
-                else:  # a later batch may infer a narrower type (e.g. all-null): keep the first's
-                    table = table.cast(writer.schema)
+                    schema = table.schema
+                    writer = pa.ipc.new_stream(sink, schema)
+                else:  # one schema per file; deeplake columns are typed, so every batch infers the same
+                    table = table.cast(schema)
                 writer.write_table(table)
             if writer is None:
                 raise ValueError("no batches to write")  # callers check for rows first
