@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .crd import build_crd
+from .names import CRD_NAME
 from .reference import render
 
 REPO = Path(__file__).resolve().parents[2]  # operator/rlhf_api/generate.py -> the repository root
@@ -54,7 +55,7 @@ def _chart_crd_template() -> str:
 # Every generated file and the function producing its content. Chart copies live here too, so a
 # chart can never ship a CRD that differs from crds/.
 GENERATED: dict[str, Callable[[], str]] = {
-    "crds/rlhfruns.rlhf-operator.io.yaml": _crd_yaml,
+    f"crds/{CRD_NAME}.yaml": _crd_yaml,
     "docs/reference.md": render,
     "charts/rlhf-operator/templates/crd-rlhfruns.yaml": _chart_crd_template,
 }
