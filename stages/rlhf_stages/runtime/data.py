@@ -162,7 +162,7 @@ def _write_arrow(path: Path, batches: Iterator[dict[str, list[Any]]]) -> None:
 
 def stream_sample(location: str, subset: str | None, split: str, max_samples: int, seed: int) -> Dataset:
     """``max_samples`` rows of a streamed dataset (a hub id), shuffled by ``seed`` through a buffer of
-    :data:`SHUFFLE_BUFFER` rows; only those rows are downloaded and held.
+    :data:`SHUFFLE_BUFFER` rows; only what the stream reads (those rows and the buffer's) is downloaded.
 
     The shuffle is approximate: shards are shuffled, then rows mix only within the buffer, so with
     one shard the rows come from the first ``max_samples + SHUFFLE_BUFFER`` of it. The same seed and
