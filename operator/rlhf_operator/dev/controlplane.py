@@ -111,7 +111,11 @@ class ControlPlane:
         return proc.stdout if check else proc.stdout + proc.stderr
 
     def stop(self) -> None:
-        terminate(self.processes, grace=15)
+        # Top down: etcd last. kube-apiserver's graceful shutdown removes its own endpoint from etcd;
+        # with etcd stopped at the same moment it waited out the whole grace period (15 s) instead.
+        etcd = [proc for proc in self.processes if proc.args == self.commands.get("etcd")]
+        terminate([proc for proc in self.processes if proc not in etcd], grace=15)
+        terminate(etcd, grace=15)
         self.processes.clear()
 
     @contextlib.contextmanager
