@@ -1,5 +1,6 @@
 """Faults, bounded in time (issue 14, item 4): the operator SIGKILLed over and over, the API server
-down, etcd restarted. Against the real etcd + kube-apiserver, with fake stages (seconds, no training).
+down, etcd restarted, the leader of two replicas cut off from the API server. Against the real etcd +
+kube-apiserver, with fake stages (seconds, no training). About 3 minutes in all.
 
 Each test checks the same three things: every run completes, no stage's Job is created twice
 (a Job watch records every Job ever created), and no stage's result is lost (every stage's status
@@ -10,11 +11,15 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import socket
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -111,9 +116,9 @@ def _wait_live(env: Env, port: int) -> None:
 def test_operator_sigkilled_at_20_seeded_points(env: Env) -> None:
     """20 SIGKILLs at seeded random moments while 3 four-stage runs are in flight (a finished run is
     replaced by a new one until the last kill), each followed at once by a restart with the same
-    identity (a Deployment's pod coming back). The kill points fall anywhere from the operator's
-    first reconciles (lease taken, watches opening) to the middle of its passes, between a Job's
-    creation and the status that records it."""
+    identity (a Deployment's pod coming back). The kill points spread from the operator's start
+    (lease taken, watches opening, first passes) into its steady state, so some land inside passes,
+    for instance between a Job's creation and the status write that records it."""
     seed = int(os.environ.get("RLHF_FAULT_SEED", "14"))
     rng = random.Random(seed)
     env.fake_behaviour(_stages(3, 0.3))
@@ -143,11 +148,12 @@ def test_operator_sigkilled_at_20_seeded_points(env: Env) -> None:
     assert len(names) >= 4, "no run finished during the kills: the kill points tested nothing but startup"
 
 
-OUTAGE_STEPS = 4  # 2 s a stage: the outage begins with every run's first stage running
+OUTAGE_STEPS, OUTAGE_STEP_SECONDS = 4, 0.3  # the outages begin while every run is running a stage
 
 
-def _running(env: Env, name: str, stage: str) -> bool:
-    return bool(env.stage(env.run(name), stage).get("phase") == "Running")
+def _running(env: Env, name: str) -> bool:
+    """One of the run's stages is running (with stages this short, the first may be over already)."""
+    return any(s.get("phase") == "Running" for s in (env.run(name).get("status") or {}).get("stages") or [])
 
 
 LEASE_SECONDS = 15  # the operator's default: it stops acting 10 s (the renew deadline) into an outage
@@ -155,15 +161,15 @@ LEASE_SECONDS = 15  # the operator's default: it stops acting 10 s (the renew de
 
 @contextmanager
 def _in_flight(env: Env, names: list[str]) -> Iterator[tuple[Process, int, JobWatch]]:
-    """An operator leading, with the runs applied and their first stage running."""
-    env.fake_behaviour(_stages(OUTAGE_STEPS, 0.5))
+    """An operator leading, with the runs applied and each running a stage."""
+    env.fake_behaviour(_stages(OUTAGE_STEPS, OUTAGE_STEP_SECONDS))
     env.start_kubelet()
     operator, port = env.start_operator("op-a", lease_duration=LEASE_SECONDS)
     env.wait_for("the operator to lead", lambda: http_get(port, "/readyz")[0] == 200, timeout=60)
     with JobWatch(env) as jobs:
         for name in names:
             env.apply(tiny_run(name))
-        env.wait_for("every run's first stage to run", lambda: all(_running(env, name, "sft") for name in names))
+        env.wait_for("every run to be running a stage", lambda: all(_running(env, name) for name in names))
         yield operator, port, jobs
 
 
@@ -199,3 +205,116 @@ def test_etcd_restarted_operator_recovers_in_place(env: Env) -> None:
     stays up and answers errors meanwhile): same outcome. etcd's shutdown, restart and the API
     server's return to ready add about 10 s to the ``RLHF_FAULT_ETCD_SECONDS`` (default 5) it is down."""
     _outage(env, "etcd", ETCD_DOWN_SECONDS)
+
+
+class LoopbackProxy:
+    """A TCP relay to the API server that can be cut like a network partition: open connections are
+    dropped and new ones are accepted but never answered (a black hole, not a refusal, so clients
+    wait out their timeouts as they would behind a dead link), until ``heal``."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.partitioned = threading.Event()
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                self._open.append(conn)
+            if self.partitioned.is_set():
+                continue  # held open, never answered
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._open.append(upstream)
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with suppress(OSError):
+            while data := src.recv(65536):
+                if self.partitioned.is_set():
+                    break
+                dst.sendall(data)
+        for sock in (src, dst):
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _drop_all(self) -> None:
+        with self._lock:
+            socks, self._open = self._open, []
+        for sock in socks:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def partition(self) -> None:
+        self.partitioned.set()
+        self._drop_all()
+
+    def heal(self) -> None:
+        self.partitioned.clear()
+        self._drop_all()  # the held connections: their clients reconnect through the relay
+
+    def close(self) -> None:
+        self.server.close()
+        self._drop_all()
+
+
+def _logged_at(process: Process, message: str, since: datetime) -> datetime | None:
+    """When the process first logged a line containing ``message`` at or after ``since`` (local
+    time, as its logging's asctime)."""
+    for line in process.text().splitlines():
+        stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})", line)
+        if stamp and message in line:
+            at = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            if at >= since:
+                return at
+    return None
+
+
+def test_leader_cut_off_stops_before_the_standby_takes_over(env: Env, tmp_path: Path) -> None:
+    """Two replicas; the leader reaches the API server through a loopback proxy, which is then cut.
+    The standby takes the Lease once it expires; the old leader must have stopped acting before that
+    (its renew deadline is 2/3 of the Lease, as client-go's), so two leaders never act at once. When
+    the link heals, the old leader finds the Lease taken and stays a standby, in the same process."""
+    lease = 6.0
+    env.fake_behaviour(_stages(OUTAGE_STEPS, OUTAGE_STEP_SECONDS))
+    env.start_kubelet()
+    host, port = env.plane.url.removeprefix("https://").split(":")
+    proxy = LoopbackProxy((host, int(port)))
+    proxied = tmp_path / "kubeconfig-via-proxy"
+    proxied.write_text(
+        env.plane.kubeconfig(env.plane.operator).read_text().replace(env.plane.url, f"https://{host}:{proxy.port}")
+    )
+    try:
+        leader, leader_port = env.start_operator("op-a", lease_duration=lease, kubeconfig=proxied)
+        env.wait_for("op-a to lead", lambda: http_get(leader_port, "/readyz")[0] == 200, timeout=60)
+        standby, standby_port = env.start_operator("op-b", lease_duration=lease)
+        env.wait_for("op-b to be live", lambda: http_get(standby_port, "/healthz")[0] == 200, timeout=60)
+        with JobWatch(env) as jobs:
+            env.apply(tiny_run("iso"))
+            env.wait_for("iso to be running a stage", lambda: _running(env, "iso"))
+            cut = datetime.now() - timedelta(milliseconds=1)  # the logs' local time, whose stamps have ms
+            proxy.partition()
+            env.wait_for("op-b to take over", lambda: http_get(standby_port, "/readyz")[0] == 200, timeout=60)
+            stopped = _logged_at(leader, "not the leader any more", cut)
+            took_over = _logged_at(standby, "became leader (op-b)", cut)
+            assert stopped is not None and took_over is not None
+            assert stopped < took_over, f"op-a stopped acting at {stopped}, after op-b took over at {took_over}"
+            assert http_get(leader_port, "/readyz")[0] == 503
+            proxy.heal()
+            _check_runs(env, ["iso"], jobs, OUTAGE_STEPS)
+        # Healed for the whole rest of the run: op-a saw op-b's live Lease and never led again.
+        assert http_get(leader_port, "/readyz")[0] == 503
+        assert leader.alive() and standby.alive()
+        assert leader.text().count("became leader (op-a)") == 1
+    finally:
+        proxy.close()
