@@ -65,11 +65,11 @@ fmt: venv ## format the code
 	$(PY) -m ruff check --fix $(PY_PATHS)
 
 generate: venv ## regenerate the CRD, the chart's CRD, docs/reference.md and the chart's values table
-	$(PY) -m rlhf_operator.api.generate
+	$(PY) -m rlhf_api.generate
 	$(PY) tests/chart/valuesdoc.py
 
 verify: venv lint ## fail if a generated file is stale, or lint fails
-	$(PY) -m rlhf_operator.api.generate --check
+	$(PY) -m rlhf_api.generate --check
 	$(PY) tests/chart/valuesdoc.py --check
 
 clean: ## remove local outputs (not the caches)

@@ -124,8 +124,8 @@ def lora_params_7b() -> tuple[int, int]:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from rlhf_operator.api import LoRA
-    from rlhf_stages.models import lora_config
+    from rlhf_api import LoRA
+    from rlhf_stages.runtime.models import lora_config
 
     config = LlamaConfig(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
@@ -144,7 +144,7 @@ def _record(rows: list[dict[str, Any]], name: str, n: int, what: str, target: Pa
 
 
 def _save_lora(model: Any, optimizer: Any) -> Any:
-    from rlhf_stages import ppo_checkpoint
+    from rlhf_stages.methods.ppo import checkpoint as ppo_checkpoint
 
     return lambda d: ppo_checkpoint.write_shared(d, model, optimizer, 1, {"history": []})
 
@@ -164,8 +164,8 @@ def measure(name: str, workdir: Path) -> list[dict[str, Any]]:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    from rlhf_operator.api import LoRA
-    from rlhf_stages.models import lora_config
+    from rlhf_api import LoRA
+    from rlhf_stages.runtime.models import lora_config
 
     config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **SIZES[name])
     with torch.device("meta"):

@@ -88,7 +88,7 @@ def run_stage(ws: Path, stage: str, spec: dict[str, Any]) -> float:
 
 def prepare(ws: Path) -> None:
     """Tiny assets, then SFT and the reward model (skipped when already done)."""
-    from rlhf_stages.tiny_assets import build_tiny_assets
+    from rlhf_stages.tiny.assets import build_tiny_assets
 
     if not (ws / "assets" / "base-model" / "config.json").exists():
         build_tiny_assets(ws / "assets", seed=0)
@@ -134,7 +134,7 @@ def trl_worker(ws: Path, seed: int, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from rlhf_stages.tiny_assets import read_jsonl
+    from rlhf_stages.tiny.assets import read_jsonl
 
     p = TINY["ppo"]
     lora = p.get("lora", {})
@@ -207,7 +207,7 @@ def evaluate(ws: Path, adapter: Path | None, samples: int) -> dict[str, float]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_stages.evaluation import evaluate_policy, load_prompts
+    from rlhf_stages.sampling.evaluation import evaluate_policy, load_prompts
 
     sft = run_dir(ws) / "sft" / "model"
     tokenizer = AutoTokenizer.from_pretrained(str(sft))

@@ -25,7 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "stages")]
 
-from rlhf_operator.api.run import RLHFRun  # noqa: E402
+from rlhf_api.run import RLHFRun  # noqa: E402
 from rlhf_operator.cli.local import stage_env, write_invocation  # noqa: E402
 
 # The plain script: the same data, template, model and training arguments, straight into TRL,
@@ -79,7 +79,7 @@ def main() -> int:
     volume = workdir / "volume"
     env = stage_env(workdir / "result.json")
     subprocess.run(
-        [sys.executable, "-m", "rlhf_stages.tiny_assets", "--out", str(volume / "assets")],
+        [sys.executable, "-m", "rlhf_stages.tiny.assets", "--out", str(volume / "assets")],
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,

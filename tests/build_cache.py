@@ -59,11 +59,11 @@ def library_versions(*names: str) -> list[str]:
 def training_key(assets: Path, settings: Mapping[str, Any]) -> str:
     """The key of something trained on the tiny assets in ``assets`` with ``settings``: every asset
     file, every source file of the stages and of the API they read, the settings and the libraries."""
-    import rlhf_operator.api
+    import rlhf_api
     import rlhf_stages
 
     asset_files = [p for p in assets.rglob("*") if p.is_file() and p.relative_to(assets).parts[0] not in ASSET_OUTPUTS]
-    code = python_sources(Path(rlhf_stages.__file__).parent, Path(rlhf_operator.api.__file__).parent)
+    code = python_sources(Path(rlhf_stages.__file__).parent, Path(rlhf_api.__file__).parent)
     return digest(
         {assets: asset_files, REPO: code},
         extra=[json.dumps(settings, sort_keys=True), *library_versions(*LIBRARIES)],

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from .api.base import ApiModel
-from .api.layout import (
+from rlhf_api.base import ApiModel
+from rlhf_api.layout import (
     CONFIG_FILE_NAME,
     CONSTITUTION_KEY,
     NON_RETRYABLE_EXIT_CODES,
@@ -25,7 +25,7 @@ from .api.layout import (
 
 # The operator's label names live in the API (podtemplate), whose Pod-overlay rules refuse them;
 # the rest of the operator imports them from here.
-from .api.podtemplate import (
+from rlhf_api.podtemplate import (
     CONFIG_MOUNT_PATH,
     CONSTITUTION_MOUNT_PATH,
     DOMAIN,  # noqa: F401 (re-exported)
@@ -44,8 +44,8 @@ from .api.podtemplate import (
     RunPodTemplate,
     merged,
 )
-from .api.run import API_VERSION, KIND, RLHFRunSpec
-from .api.runtime import WORKSPACE_MOUNT_PATH
+from rlhf_api.run import API_VERSION, KIND, RLHFRunSpec
+from rlhf_api.runtime import WORKSPACE_MOUNT_PATH
 
 MANAGER = "rlhf-operator"
 CONTAINER_NAME = "stage"

@@ -8,7 +8,7 @@ status flips, so rewriting an unchanged condition is a no-op (and no status writ
 
 from __future__ import annotations
 
-from .api.run import Condition
+from rlhf_api.run import Condition
 
 RUNNING = "Running"
 SUSPENDED = "Suspended"

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .api.run import RLHFRunSpec
-from .api.runtime import DEFAULT_STAGE_IMAGE
+from rlhf_api.run import RLHFRunSpec
+from rlhf_api.runtime import DEFAULT_STAGE_IMAGE
 
 
 @dataclass(frozen=True)

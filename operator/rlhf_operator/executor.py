@@ -19,8 +19,9 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from rlhf_api.run import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .api.run import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from .children import CONTAINER_NAME, LABEL_RUN, pvc_name
 
 log = logging.getLogger(__name__)

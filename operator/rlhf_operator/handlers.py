@@ -15,7 +15,8 @@ from typing import Any
 
 import kopf
 
-from .api.run import GROUP, PLURAL, VERSION
+from rlhf_api.run import GROUP, PLURAL, VERSION
+
 from .children import LABEL_MANAGED_BY, LABEL_RUN, MANAGER
 from .controller import Controller
 

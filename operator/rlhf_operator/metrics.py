@@ -11,7 +11,7 @@ from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .api.run import StageStatus
+from rlhf_api.run import StageStatus
 
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .api.layout import PROGRESS_LOG_MARKER, StageResult
+from rlhf_api.layout import PROGRESS_LOG_MARKER, StageResult
+
 from .children import CONTAINER_NAME, DOMAIN, KUEUE_QUEUE_LABEL, LABEL_STAGE
 
 PROGRESS_ANNOTATION = f"{DOMAIN}/progress"

@@ -22,10 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from rlhf_api.layout import last_policy_stage, run_dir, stage_output
+from rlhf_api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
+
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .api.layout import last_policy_stage, run_dir, stage_output
-from .api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
 from .children import RunIdentity, build_config_map, build_job, build_pvc
 from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
 from .progress import merge_progress, parse_timestamp, summary

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .api.run import RLHFRunStatus, StageProgress, StageStatus
+from rlhf_api.run import RLHFRunStatus, StageProgress, StageStatus
+
 from .observe import JobObservation, Progress
 
 DEFAULT_PROGRESS_INTERVAL = 10.0  # seconds between log reads of one running stage pod

@@ -20,8 +20,9 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
+from rlhf_api.run import RLHFRunSpec, RLHFRunStatus
+
 from .actions import PostEvent
-from .api.run import RLHFRunSpec, RLHFRunStatus
 from .defaults import OperatorDefaults
 from .executor import Cluster
 from .metrics import Metrics

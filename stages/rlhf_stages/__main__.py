@@ -1,6 +1,6 @@
 """``python -m rlhf_stages <stage> --config FILE`` (also the ``rlhf-stage`` console script).
 
-See ``rlhf_stages.entrypoint`` for what happens and how stages plug in.
+See ``rlhf_stages.runtime.entrypoint`` for what happens and how stages plug in.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .entrypoint import main as entrypoint_main
+    from rlhf_stages.runtime.entrypoint import main as entrypoint_main
 
     return entrypoint_main(argv)
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_operator.api import RLHFRunSpec
-from rlhf_operator.api.validation import validate_manifest
+from rlhf_api import RLHFRunSpec
+from rlhf_api.validation import validate_manifest
 
 from .builders import EXAMPLES, kubectl_create, minimal_run, patched
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from rlhf_operator.api import RLHFRunSpec
-from rlhf_operator.api.corev1 import Affinity, Toleration
-from rlhf_operator.api.validation import validate_manifest
+from rlhf_api import RLHFRunSpec
+from rlhf_api.corev1 import Affinity, Toleration
+from rlhf_api.validation import validate_manifest
 from rlhf_operator.children import RunIdentity, build_job
 
 from .builders import kubectl_create, minimal_run, patched

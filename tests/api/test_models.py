@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from rlhf_operator.api import RLHFRun, RLHFRunSpec
-from rlhf_operator.api.generate import GENERATED, stale_files
-from rlhf_operator.api.reference import _walk
-from rlhf_operator.api.validation import validate_manifest
+from rlhf_api import RLHFRun, RLHFRunSpec
+from rlhf_api.generate import GENERATED, stale_files
+from rlhf_api.reference import _walk
+from rlhf_api.validation import validate_manifest
 
 from .builders import EXAMPLES, REPO, minimal_run, patched
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_operator.api.run import RLHFRunStatus
+from rlhf_api.run import RLHFRunStatus
 from rlhf_operator.dev.controlplane import ControlPlane
 
 from .tools import HEALTH_LUA, REPO, argocd_health, server_side_diff

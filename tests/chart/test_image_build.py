@@ -35,7 +35,7 @@ def repo(tmp_path: Path) -> Path:
         "images/stages/requirements.txt",
         ".dockerignore",
         "operator/rlhf_operator/__init__.py",
-        "operator/rlhf_operator/api",
+        "operator/rlhf_api",
         "stages/rlhf_stages",
     ):
         src, dst = REPO / rel, tmp_path / rel
@@ -63,7 +63,7 @@ def test_input_hash_follows_every_input_and_nothing_else(repo: Path) -> None:
         path = repo / rel
         path.write_text(path.read_text() + "\n# changed\n")
         seen.add(_hash(repo))
-    (repo / "operator/rlhf_operator/api/new_module.py").write_text("")  # a new copied file
+    (repo / "operator/rlhf_api/new_module.py").write_text("")  # a new copied file
     seen.add(_hash(repo))
     (repo / ".dockerignore").write_text("*\n")
     seen.add(_hash(repo))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_operator.api.layout import CONFIG_FILE_NAME, CONFIG_MOUNT_PATH
+from rlhf_api.layout import CONFIG_FILE_NAME, CONFIG_MOUNT_PATH
 from rlhf_operator.children import STAGE_UID, stage_command
 
 from .tools import REPO, Helm, by_kind

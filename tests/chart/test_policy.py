@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_operator.api.run import STAGE_SECTIONS
-from rlhf_operator.api.runtime import DEFAULT_STAGE_IMAGE
+from rlhf_api.run import STAGE_SECTIONS
+from rlhf_api.runtime import DEFAULT_STAGE_IMAGE
 from rlhf_operator.dev import controlplane
 from rlhf_operator.dev.controlplane import ControlPlane
 

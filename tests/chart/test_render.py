@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_operator.api.run import RLHFRunSpec
+from rlhf_api.run import RLHFRunSpec
 from rlhf_operator.children import RunIdentity, build_job
 from rlhf_operator.dev.controlplane import ControlPlane
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_operator.api.generate import GENERATED
+from rlhf_api.generate import GENERATED
 
 from . import valuesdoc
 from .tools import CHART, REPO, Helm, by_kind, value_sets

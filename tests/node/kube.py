@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_operator.api.runtime import WORKSPACE_MOUNT_PATH
+from rlhf_api.runtime import WORKSPACE_MOUNT_PATH
 from rlhf_operator.dev.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,7 +157,7 @@ class NodeEnv:
     def tiny_assets(self, claim: str) -> None:
         """The tiny model, tokenizer and data, written onto the claim by a Job in the stage image."""
         out = f"{WORKSPACE_MOUNT_PATH}/assets"
-        self.tool_job("tiny-assets", claim, ["python", "-m", "rlhf_stages.tiny_assets", "--out", out])
+        self.tool_job("tiny-assets", claim, ["python", "-m", "rlhf_stages.tiny.assets", "--out", out])
 
     def operator_pods(self) -> list[dict[str, Any]]:
         out = self.cluster.kubectl(

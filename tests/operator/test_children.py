@@ -6,7 +6,7 @@ import subprocess
 import sys
 from typing import Any
 
-from rlhf_operator.api.run import RLHFRunSpec
+from rlhf_api.run import RLHFRunSpec
 from rlhf_operator.children import (
     RunIdentity,
     build_config_map,

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
-from rlhf_operator.api import RLHFRun
-from rlhf_operator.api.runtime import DEFAULT_STAGE_IMAGE
+from rlhf_api import RLHFRun
+from rlhf_api.runtime import DEFAULT_STAGE_IMAGE
 from rlhf_operator.children import RunIdentity, build_job, build_pvc
 from rlhf_operator.defaults import OperatorDefaults
 from tests.api.builders import REPO, load_example, minimal_run, patched

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from rlhf_api.layout import StageResult
+from rlhf_api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
 from rlhf_operator.actions import CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from rlhf_operator.api.layout import StageResult
-from rlhf_operator.api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
 from rlhf_operator.observe import JobObservation, Observed, Progress, Waiting
 from rlhf_operator.planner import RETRY_ANNOTATION, RunView, plan
 

@@ -14,8 +14,8 @@ import pytest
 import urllib3
 from kubernetes.client.rest import ApiException
 
-from rlhf_operator.api.layout import PROGRESS_LOG_MARKER, progress_log_line
-from rlhf_operator.api.run import RLHFRunStatus, StageStatus
+from rlhf_api.layout import PROGRESS_LOG_MARKER, progress_log_line
+from rlhf_api.run import RLHFRunStatus, StageStatus
 from rlhf_operator.executor import Cluster
 from rlhf_operator.observe import (
     CONTROLLER_UID_LABEL,

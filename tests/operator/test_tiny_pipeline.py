@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.training, pytest.mark.timeou
 
 @pytest.fixture
 def assets(env: Env) -> None:
-    from rlhf_stages.tiny_assets import build_tiny_assets
+    from rlhf_stages.tiny.assets import build_tiny_assets
 
     build_tiny_assets(env.volume / "assets")
 

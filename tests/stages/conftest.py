@@ -25,7 +25,7 @@ TINY_SPEC: dict[str, Any] = yaml.safe_load((REPO / "examples" / "tiny.yaml").rea
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A volume with the tiny assets under ``assets/`` (as examples/tiny.yaml expects)."""
-    from rlhf_stages.tiny_assets import build_tiny_assets
+    from rlhf_stages.tiny.assets import build_tiny_assets
 
     root = tmp_path_factory.mktemp("volume")
     build_tiny_assets(root / "assets", seed=0)

@@ -31,7 +31,7 @@ for root in (REPO, REPO / "operator", REPO / "stages"):
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
 
-from rlhf_stages.context import StageContext, StageInputMissing, StageInterrupted, StageOutcome  # noqa: E402
+from rlhf_stages.runtime.context import StageContext, StageInputMissing, StageInterrupted, StageOutcome  # noqa: E402
 
 MODULE = "tests.stages.fake_stage"
 
@@ -77,14 +77,14 @@ def run(ctx: StageContext) -> StageOutcome:
 
 def register() -> None:
     """Make the real entrypoint run this module for every stage."""
-    from rlhf_stages import entrypoint
+    from rlhf_stages.runtime import entrypoint
 
     for stage in entrypoint.STAGES:
         entrypoint.STAGES[stage] = MODULE
 
 
 if __name__ == "__main__":
-    from rlhf_stages.entrypoint import main
+    from rlhf_stages.runtime.entrypoint import main
 
     register()
     sys.exit(main(sys.argv[1:]))

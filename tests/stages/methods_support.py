@@ -136,7 +136,7 @@ def ensure_base(workspace: Path) -> Path:
     """Assets, SFT and the reward model, once per volume (a complete stage exits at once); the
     trained outputs come from the build cache when a session on this machine trained them already."""
     if not (workspace / "assets" / "base-model").is_dir():
-        from rlhf_stages.tiny_assets import build_tiny_assets
+        from rlhf_stages.tiny.assets import build_tiny_assets
 
         build_tiny_assets(workspace / "assets", seed=0)
     spec = merge_into(example_spec("base"), {"sft": SFT_FAST, "reward": REWARD_FAST})
@@ -163,7 +163,7 @@ def ensure_judge(workspace: Path) -> dict[str, Any]:
 
     judge = workspace / "assets" / "judge"
     if not (judge / "judge.json").is_file():
-        from rlhf_stages.tiny_judge import DEFAULT_STEPS, build_tiny_judge
+        from rlhf_stages.tiny.judge import DEFAULT_STEPS, build_tiny_judge
 
         key = training_key(workspace / "assets", {"tiny_judge": {"steps": DEFAULT_STEPS, "seed": 0}})
         cached = cached_build("tiny-judge", key, lambda out: build_tiny_judge(workspace / "assets", out))
@@ -234,7 +234,7 @@ def load_policy(workspace: Path, stage_dir: Path | None) -> tuple[Any, Any]:
 
 def evaluate(workspace: Path, stage_dir: Path | None) -> Evaluation:
     """Reward-model score and ground truth of samples on the held-out prompts (unseen topics)."""
-    from rlhf_stages.evaluation import evaluate_policy, load_prompts
+    from rlhf_stages.sampling.evaluation import evaluate_policy, load_prompts
 
     policy, tokenizer = load_policy(workspace, stage_dir)
     reward_model, reward_tokenizer = _reward_model(workspace)

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from conftest import tiny_spec
-from rlhf_operator.api import DatasetSource, SFTStage
-from rlhf_operator.api.layout import RunRef, StageInvocation
-from rlhf_stages import data
-from rlhf_stages.context import StageConfigError, StageContext, StageInputMissing
-from rlhf_stages.sft import build_examples
+from rlhf_api import DatasetSource, SFTStage
+from rlhf_api.layout import RunRef, StageInvocation
+from rlhf_stages.methods.sft import build_examples
+from rlhf_stages.runtime import data
+from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInputMissing
 
 ROWS = [
     {"question": f"how is the old lake {i}?", "response": f"the old lake is calm {i}.", "system_prompt": "Be nice."}

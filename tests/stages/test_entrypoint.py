@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from conftest import PYTHON_PATH, REPO, read_result, tiny_spec, write_invocation
-from rlhf_operator.api.layout import StageResult
-from rlhf_stages.entrypoint import main
-from rlhf_stages.outputs import result_json
+from rlhf_api.layout import StageResult
+from rlhf_stages.runtime.entrypoint import main
+from rlhf_stages.runtime.outputs import result_json
 
 # (case id, stage, changes to the tiny spec or the invocation, text the error must contain)
 BAD_CONFIGS: list[tuple[str, str, dict[str, Any], str]] = [

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_operator.api.stages import DEFAULT_JUDGE_TEMPLATE
-from rlhf_stages.judge import (
+from rlhf_api.stages import DEFAULT_JUDGE_TEMPLATE
+from rlhf_stages.methods.judge import (
     Verdict,
     missing_template_fields,
     parse_constitution,

@@ -80,8 +80,8 @@ def test_metrics_and_output(volume: Path, runs: tuple[str, list[MethodRun]]) -> 
 def test_reward_function_scores_the_eos_and_penalises_its_absence(volume: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_stages.evaluation import score_with_reward_model
-    from rlhf_stages.policy_rl import RewardModelReward
+    from rlhf_stages.methods.policy_rl import RewardModelReward
+    from rlhf_stages.sampling.evaluation import score_with_reward_model
 
     ensure_base(volume)
     path = run_dir(volume, "methods-base") / "reward" / "model"

@@ -57,7 +57,7 @@ def test_every_grow_set_is_kept_and_rewards_rise(volume: Path, runs: list[Any]) 
 
 
 def test_quantile_and_grow_rows_round_trip() -> None:
-    from rlhf_stages.rest_improve import GrowRow, quantile
+    from rlhf_stages.methods.rest_improve import GrowRow, quantile
 
     assert quantile([3.0, 1.0, 2.0, 4.0], 0.0) == 1.0
     assert quantile([3.0, 1.0, 2.0, 4.0], 0.5) == pytest.approx(2.5)  # numpy's linear interpolation

@@ -1,10 +1,10 @@
 """RLAIF learns the target behaviour from a judge, not from labels: examples/tiny-rlaif.yaml, 3 seeds.
 
-A tiny judge (rlhf_stages.tiny_judge, trained once per volume on the tiny preference pairs under
-the constitution of the example) labels pairs of the SFT policy's own answers; DPO trains on those
-labels. The policies are judged like every method (methods_support): on the held-out prompts
-(unseen topics) by the base run's independent reward model and by the ground-truth check. The
-numbers are printed (``-s``) and are the ones in docs/methods.md.
+A tiny judge (rlhf_stages.tiny.judge, trained on the tiny preference pairs under the constitution
+of the example, once per machine: tests/build_cache.py) labels pairs of the SFT policy's own
+answers; DPO trains on those labels. The policies are judged like every method (methods_support):
+on the held-out prompts (unseen topics) by the base run's independent reward model and by the
+ground-truth check. The numbers are printed (``-s``) and are the ones in docs/methods.md.
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def test_rlaif_labels_train_a_reward_model_that_agrees_with_ground_truth(
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_stages.reward import pair_texts, score_ids, tokenize_pairs
-    from rlhf_stages.tiny_assets import read_jsonl
+    from rlhf_stages.methods.reward import pair_texts, score_ids, tokenize_pairs
+    from rlhf_stages.tiny.assets import read_jsonl
 
     run = "rlaif-reward"
     link_base(volume, run, stages=("sft",))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
-from rlhf_stages.entrypoint import main
+from rlhf_stages.runtime.entrypoint import main
 
 pytestmark = pytest.mark.training
 
@@ -79,8 +79,8 @@ def test_reward_model_on_unseen_topics(workspace: Path, pipeline: dict[str, Any]
     """Cross-check with the evaluation module's scorer (prompt + answer + EOS) on held-out topics."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_stages.evaluation import score_with_reward_model
-    from rlhf_stages.tiny_assets import read_jsonl
+    from rlhf_stages.sampling.evaluation import score_with_reward_model
+    from rlhf_stages.tiny.assets import read_jsonl
 
     model_dir = run_dir(workspace, RUN) / "reward" / "model"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)

@@ -9,16 +9,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rlhf_stages import ppo_checkpoint as ckpt  # noqa: E402
-from rlhf_stages.ppo_advantages import (  # noqa: E402
+from rlhf_stages.methods.ppo import checkpoint as ckpt  # noqa: E402
+from rlhf_stages.methods.ppo.advantages import (  # noqa: E402
     KLController,
     generalized_advantages,
     masked_mean,
     masked_whiten,
     shaped_rewards,
 )
-from rlhf_stages.ppo_losses import policy_loss, value_loss  # noqa: E402
-from rlhf_stages.ppo_rollout import Rollout, generate, last_token_scores, token_logprobs, token_values  # noqa: E402
+from rlhf_stages.methods.ppo.losses import policy_loss, value_loss  # noqa: E402
+from rlhf_stages.methods.ppo.rollout import Rollout, generate, last_token_scores, token_logprobs, token_values  # noqa: E402
 
 
 def _naive_gae(values: list[float], rewards: list[float], gamma: float, lam: float) -> list[float]:
@@ -105,7 +105,7 @@ def test_value_loss_clips_around_the_rollout_values() -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object, object]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_stages.tiny_assets import build_tiny_assets
+    from rlhf_stages.tiny.assets import build_tiny_assets
 
     assets = build_tiny_assets(tmp_path_factory.mktemp("ppo-core"), seed=0)
     tok = AutoTokenizer.from_pretrained(str(assets.base_model))
@@ -153,7 +153,7 @@ def test_generate_respects_budgets_and_logprobs_match_sampling(tiny: tuple[objec
 
 
 def test_scores_are_read_at_the_generated_eos_as_the_reward_model_would(tiny: tuple[object, object, object]) -> None:
-    from rlhf_stages.ppo_models import TokenScorer
+    from rlhf_stages.methods.ppo.models import TokenScorer
 
     tok, _, rm = tiny
     eos, pad = tok.eos_token_id, tok.pad_token_id

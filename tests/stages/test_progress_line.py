@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_spec
-from rlhf_operator.api.layout import PROGRESS_LOG_MARKER, StageInvocation
+from rlhf_api.layout import PROGRESS_LOG_MARKER, StageInvocation
 from rlhf_operator.observe import Progress, parse_progress, parse_progress_log
-from rlhf_stages.context import StageContext
+from rlhf_stages.runtime.context import StageContext
 
 
 def context(workspace: Path, rank: int = 0) -> StageContext:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import read_result, run_dir, run_stage, start_stage, tiny_spec, write_invocation
-from rlhf_stages.interrupt import FORWARD_DELAY_ENV
+from rlhf_stages.runtime.interrupt import FORWARD_DELAY_ENV
 
 pytestmark = pytest.mark.training
 
@@ -243,11 +243,11 @@ def test_ppo_sigterm_during_the_update_finishes_the_step_then_saves_it(
     import torch
     from accelerate import Accelerator
 
-    from rlhf_operator.api.stages import PPOStage
-    from rlhf_stages.interrupt import StepGuard
-    from rlhf_stages.models import ModelLocation, load_tokenizer
-    from rlhf_stages.ppo_models import load_models
-    from rlhf_stages.ppo_trainer import PPOTrainer
+    from rlhf_api.stages import PPOStage
+    from rlhf_stages.methods.ppo.models import load_models
+    from rlhf_stages.methods.ppo.trainer import PPOTrainer
+    from rlhf_stages.runtime.interrupt import StepGuard
+    from rlhf_stages.runtime.models import ModelLocation, load_tokenizer
 
     cfg = PPOStage.model_validate(_spec("ppo")["ppo"] | {"ppoEpochs": 2})
     base = ModelLocation(str(volume / "assets" / "base-model"), "assets/base-model")
@@ -268,7 +268,7 @@ def test_ppo_sigterm_during_the_update_finishes_the_step_then_saves_it(
     trainer = SignalledAtTheUpdate(
         cfg, loaded, tokenizer, prompts, accelerator=Accelerator(cpu=True), checkpoint_root=tmp_path, guard=guard
     )
-    with caplog.at_level(logging.WARNING, logger="rlhf_stages.ppo_trainer"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_stages.methods.ppo.trainer"):
         assert trainer.train(stop.is_set) is False  # stopped early
     guard.close()
     updates = cfg.ppo_epochs * cfg.batch_size // cfg.mini_batch_size  # 2 x 8 / 4

@@ -16,7 +16,7 @@ import yaml
 from tests.stages import fake_stage
 
 from conftest import read_result, run_dir, tiny_spec
-from rlhf_stages.entrypoint import main
+from rlhf_stages.runtime.entrypoint import main
 
 RUN = "stale"
 FAKE_ENV = ("FAKE_STEPS", "FAKE_STOP_AT", "FAKE_CRASH", "FAKE_KILL", "FAKE_INPUT_MISSING")
@@ -25,7 +25,7 @@ FAKE_ENV = ("FAKE_STEPS", "FAKE_STOP_AT", "FAKE_CRASH", "FAKE_KILL", "FAKE_INPUT
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, in_process: Path) -> Path:
     """Every stage runs fake_stage in this process; returns the result file."""
-    from rlhf_stages import entrypoint
+    from rlhf_stages.runtime import entrypoint
 
     for stage in list(entrypoint.STAGES):
         monkeypatch.setitem(entrypoint.STAGES, stage, fake_stage.MODULE)

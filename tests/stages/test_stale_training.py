@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
-from rlhf_stages.entrypoint import main
+from rlhf_stages.runtime.entrypoint import main
 
 pytestmark = pytest.mark.training
 

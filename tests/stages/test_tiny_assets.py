@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_stages.evaluation import (
+from rlhf_stages.sampling.evaluation import (
     Completion,
     check_target,
     evaluate_policy,
@@ -20,7 +20,7 @@ from rlhf_stages.evaluation import (
     score_with_reward_model,
     topics_in,
 )
-from rlhf_stages.tiny_assets import (
+from rlhf_stages.tiny.assets import (
     DEFAULT_PROMPT_TEMPLATE,
     HELD_OUT_TOPICS,
     REJECTED_KINDS,

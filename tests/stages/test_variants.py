@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import read_result, run_dir, tiny_spec, write_invocation
-from rlhf_stages.entrypoint import main
-from rlhf_stages.tiny_assets import read_jsonl
+from rlhf_stages.runtime.entrypoint import main
+from rlhf_stages.tiny.assets import read_jsonl
 
 pytestmark = pytest.mark.training
 
@@ -77,7 +77,7 @@ def _tiny_bert(workspace: Path) -> str:
     """A DeBERTa-style encoder stand-in: tiny BERT with a WordPiece tokenizer (no EOS token)."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    from rlhf_stages.evaluation import words
+    from rlhf_stages.sampling.evaluation import words
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", ":", "!", "human", "assistant"]
     for row in read_jsonl(workspace / "assets" / "data" / "hh_rlhf.jsonl")[:500]:

@@ -7,8 +7,8 @@ import sys
 from datetime import datetime
 from typing import Any
 
+from rlhf_api.run import GROUP, PLURAL, VERSION, RLHFRunStatus
 from rlhf_operator import children
-from rlhf_operator.api.run import GROUP, PLURAL, VERSION, RLHFRunStatus
 
 
 def _clients(kubeconfig: str | None, context: str | None) -> Any:

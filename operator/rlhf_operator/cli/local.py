@@ -27,8 +27,8 @@ from typing import IO, Any
 
 import yaml
 
-from rlhf_operator.api import layout
-from rlhf_operator.api.run import RLHFRun
+from rlhf_api import layout
+from rlhf_api.run import RLHFRun
 
 from .validate import ManifestError, load_runs
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_operator.api import layout
+from rlhf_api import layout
 
 from .local import SOURCE_ROOT, run_pipeline, stage_env
 from .validate import ManifestError, load_runs
@@ -47,7 +47,7 @@ def build_assets(volume: Path, python: str, log: Path) -> Path:
         print(f"  assets  reused ({assets})")
         return assets
     started = time.monotonic()
-    _python_module(python, "rlhf_stages.tiny_assets", "--out", str(assets), log=log)
+    _python_module(python, "rlhf_stages.tiny.assets", "--out", str(assets), log=log)
     print(f"  assets  built in {time.monotonic() - started:.1f}s ({assets})")
     return assets
 
@@ -62,7 +62,7 @@ def build_judge(manifest: Any, volume: Path, python: str, log: Path) -> None:
         print(f"  judge   reused ({judge})")
         return
     started = time.monotonic()
-    _python_module(python, "rlhf_stages.tiny_judge", "--assets", str(volume / "assets"), log=log)
+    _python_module(python, "rlhf_stages.tiny.judge", "--assets", str(volume / "assets"), log=log)
     print(f"  judge   trained in {time.monotonic() - started:.1f}s ({judge})")
 
 
@@ -72,7 +72,7 @@ def evaluate(
     scorer = ["--reward-model", str(reward_model)] if reward_model is not None else []
     _python_module(
         python,
-        "rlhf_stages.evaluation",
+        "rlhf_stages.sampling.evaluation",
         "--policy",
         str(policy),
         *scorer,

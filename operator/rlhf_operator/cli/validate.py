@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from rlhf_operator.api.run import RLHFRun
-from rlhf_operator.api.validation import validate_manifest
+from rlhf_api.run import RLHFRun
+from rlhf_api.validation import validate_manifest
 
 
 class ManifestError(Exception):

@@ -37,7 +37,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from ..api.layout import run_dir, stage_progress_file
+from rlhf_api.layout import run_dir, stage_progress_file
+
 from ..children import LABEL_MANAGED_BY, LABEL_RUN, LABEL_STAGE, MANAGER
 from ..observe import CONTROLLER_UID_LABEL, PROGRESS_ANNOTATION
 from .process import LocalProcess, launch

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ..api.layout import INVOCATION_KIND, TERMINATION_LOG_ENV, TERMINATION_MESSAGE_LIMIT
+from rlhf_api.layout import INVOCATION_KIND, TERMINATION_LOG_ENV, TERMINATION_MESSAGE_LIMIT
 
 REPO = Path(__file__).resolve().parents[3]
 

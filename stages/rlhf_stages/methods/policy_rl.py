@@ -1,0 +1,226 @@
+"""What GRPO and RLOO share: TRL's online trainers with this run's reward model as the reward.
+
+Both sample ``numGenerations`` completions for each of ``batchSize`` prompts per step, reward every
+completion with the reward model and push the policy (``sft/model``: a fresh LoRA adapter on it, or
+all its weights with ``lora.enabled`` false) towards the better ones of each group; ``beta`` weighs
+the KL to the reference (the policy with the adapter disabled, or a frozen copy of ``sft/model``).
+
+The reward is a callable, not the model itself: given a model, TRL scores ``prompt + completion``
+*decoded without special tokens*, i.e. without the EOS that ends a finished answer. Our reward
+models are trained on answers that end with EOS (reward.py), and scoring without it was measured
+to let the policy learn endless repetition (an unfinished answer looks as good as a finished one).
+:class:`RewardModelReward` scores prompt + completion + EOS when the completion ended with EOS,
+exactly as ``evaluation.score_with_reward_model`` and PPO do, and subtracts
+``missingEosPenalty`` from answers cut off at ``responseLength.max``.
+
+SIGTERM inside a step (sampling, reference log-probs, the loss: every forward pass before the
+update) abandons the step and saves the last completed one (``interrupt``); after the update the
+step ends and is saved, as for every Trainer stage (``checkpoints.StageCallback``). With more than
+one process only the latter applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf_api import TrainingSettings
+from rlhf_stages.methods import common as method_common
+from rlhf_stages.runtime import data, interrupt, models
+from rlhf_stages.runtime.context import StageConfigError, StageContext, StageOutcome
+
+# generate() arguments the trainer sets itself from our fields.
+RESERVED_GENERATION_KEYS = frozenset(
+    {
+        "max_new_tokens",
+        "max_length",
+        "min_new_tokens",
+        "num_return_sequences",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_token_id",
+        "pad_token_id",
+        "generation_config",
+    }
+)
+# TRL's log keys -> the names our status and report use.
+LOG_KEYS = {
+    "reward": "reward_mean",
+    "reward_std": "reward_std",
+    "kl": "kl",
+    "entropy": "entropy",
+    "completions/mean_length": "response_length",
+    "completions/clipped_ratio": "truncated_rate",
+}
+
+
+class RewardModelReward:
+    """A TRL reward function: reward-model score of prompt + completion (+ EOS when it ended)."""
+
+    __name__ = "reward_model"  # TRL names logged rewards after the function
+
+    def __init__(self, model: Any, tokenizer: Any, eos_ids: set[int], missing_eos_penalty: float | None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.penalty = missing_eos_penalty
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], completion_ids: list[list[int]], **_: Any
+    ) -> list[float]:
+        from rlhf_stages.sampling.evaluation import score_with_reward_model
+
+        ended = [bool(ids) and ids[-1] in self.eos_ids for ids in completion_ids]
+        scores = score_with_reward_model(self.model, self.tokenizer, prompts, completions, ended_with_eos=ended)
+        if self.penalty is not None:
+            scores = [s if done else s - self.penalty for s, done in zip(scores, ended, strict=True)]
+        return scores
+
+
+def validate(ctx: StageContext) -> None:
+    cfg = ctx.config
+    data.check_source(ctx, cfg.dataset, f"{ctx.stage}.dataset")
+    models.check_quantization(cfg.quantization, ctx.stage, cfg.resources.gpus)
+    method_common.check_prompt_template(cfg.prompt_template, ctx.stage)
+    method_common.check_policy_input(ctx)
+    method_common.check_reward_input(ctx)
+    reserved = sorted(RESERVED_GENERATION_KEYS & set(cfg.generation.extra))
+    if reserved:
+        raise StageConfigError(
+            f"{ctx.stage}.generation.extra: {reserved} are set from responseLength, temperature, topK and topP"
+        )
+
+
+def training_settings(cfg: Any) -> TrainingSettings:
+    """Our on-policy fields as the TrainingSettings every Trainer-based stage maps onto TRL."""
+    return TrainingSettings(
+        learning_rate=cfg.learning_rate,
+        max_steps=cfg.total_steps,
+        # One optimizer step = batchSize prompts x numGenerations completions.
+        per_device_train_batch_size=cfg.batch_size * cfg.num_generations,
+        lr_scheduler_type="constant",
+        logging_steps=max(1, min(10, cfg.total_steps // 5)),
+        save_steps=cfg.save_freq,
+        save_total_limit=2,
+        seed=cfg.seed,
+    )
+
+
+def shared_config(cfg: Any, tokenizer: Any) -> dict[str, Any]:
+    """Config arguments GRPOConfig and RLOOConfig have in common."""
+    return {
+        "num_generations": cfg.num_generations,
+        "steps_per_generation": 1,  # every step samples afresh: on-policy
+        "num_iterations": 1,
+        "max_completion_length": cfg.response_length.max,
+        "temperature": cfg.generation.temperature,
+        "top_p": cfg.generation.top_p,
+        "top_k": cfg.generation.top_k,
+        "generation_kwargs": {"min_new_tokens": cfg.response_length.min, **cfg.generation.extra},
+        "beta": cfg.beta,
+        "disable_dropout": True,
+        # Truncated answers are penalised through the reward (missingEosPenalty), not dropped.
+        "mask_truncated_completions": False,
+        "log_completions": False,
+    }
+
+
+def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: dict[str, Any]) -> StageOutcome:
+    """Train with ``trainer_class`` (GRPOTrainer or RLOOTrainer); the stage modules only pick the class."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_stages.runtime.checkpoints import StageCallback
+    from rlhf_stages.runtime.training import run_trainer, trainer_kwargs
+
+    cfg = ctx.config
+    base = method_common.policy_location(ctx)
+    tokenizer = models.load_tokenizer(base)
+    reward_at = method_common.reward_location(ctx)
+    reward_tokenizer = models.load_tokenizer(reward_at)
+    reward_model = models.load_model(
+        reward_at,
+        AutoModelForSequenceClassification,
+        models.Quantization(),
+        f"{ctx.stage}.rewardModel",
+        "float32",
+        num_labels=1,
+    ).eval()
+    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+    for p in reward_model.parameters():
+        p.requires_grad_(False)
+
+    rows = data.load_rows(ctx, cfg.dataset, cfg.seed)
+    prompt_ds = method_common.prompts(rows, cfg.prompt_template, ctx.stage)
+    train_ds, eval_ds = data.split_eval(prompt_ds, cfg.dataset.eval_fraction, cfg.seed)
+
+    model = models.load_model(base, AutoModelForCausalLM, cfg.quantization, ctx.stage, "float32")
+    peft_config = models.lora_config(cfg.lora, "CAUSAL_LM") if cfg.lora.enabled else None
+    eos_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    reward = RewardModelReward(reward_model, reward_tokenizer, eos_ids, cfg.missing_eos_penalty)
+
+    callback = StageCallback(ctx, keep=2)
+    args = config_class(
+        **trainer_kwargs(ctx, training_settings(cfg), has_eval=False), **shared_config(cfg, tokenizer), **extra
+    )
+    trainer = trainer_class(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
+    # SIGTERM mid-step (e.g. while sampling): abandon the step and save the last completed one.
+    # One process only: ranks aborting at different points would leave a collective waiting.
+    guard = None
+    if ctx.world_size == 1:
+        models_used = (trainer.model, getattr(trainer, "ref_model", None), reward_model)
+        guard = interrupt.StepGuard(ctx.stop_requested, models_used, stage=ctx.stage, total=cfg.total_steps)
+        trainer.add_callback(interrupt.trainer_callback(guard))
+    try:
+        _, resumed_from = run_trainer(ctx, trainer, callback)
+    except interrupt.StepAborted as aborted:
+        raise interrupt.save_trainer_after_abort(ctx, trainer, callback, aborted) from None
+    finally:
+        if guard is not None:
+            guard.close()
+
+    logs = callback.latest_logs
+    metrics = {ours: float(logs[theirs]) for theirs, ours in LOG_KEYS.items() if theirs in logs}
+    if eval_ds is not None:
+        metrics.update(
+            method_common.evaluate_held_out(
+                trainer.model,
+                tokenizer,
+                list(eval_ds["prompt"]),
+                max_new_tokens=cfg.response_length.max,
+                seed=cfg.seed,
+                reward_model=reward_model,
+                reward_tokenizer=reward_tokenizer,
+            )
+        )
+    if ctx.is_main:
+        method_common.save_policy(ctx, trainer.model, tokenizer, base, cfg.lora.enabled)
+    return StageOutcome(
+        metrics=metrics,
+        step=trainer.state.global_step,
+        total_steps=trainer.state.max_steps,
+        inputs={
+            "policy": base.label,
+            "rewardModel": reward_at.label,
+            "dataset": data.source_summary(ctx, cfg.dataset),
+            "trainPrompts": len(train_ds),
+            "evalPrompts": len(eval_ds) if eval_ds is not None else 0,
+        },
+        details={
+            "resumedFromStep": resumed_from,
+            "beta": cfg.beta,
+            "numGenerations": cfg.num_generations,
+            "rewardScoredWithEos": True,
+            "logHistory": callback.history[-50:],
+        },
+        message=f"{ctx.stage.upper()} done: reward_mean={metrics.get('reward_mean', float('nan')):.3f}, "
+        f"eval_reward_mean={metrics.get('eval_reward_mean', float('nan')):.3f}",
+    )

@@ -1,0 +1,270 @@
+"""PPO stage: the policy (SFT model + a fresh LoRA adapter, or all weights) against the reward model.
+
+TRL removed its PPOTrainer, so the algorithm is the project's own, on transformers + peft +
+accelerate, split into: ``ppo_rollout`` (sampling, log-probs, values), ``ppo_advantages`` (KL
+penalty, KL controller, GAE, whitening), ``ppo_losses`` (clipped objectives), ``ppo_models``
+(policy/reference/value/reward models), ``ppo_checkpoint`` and ``ppo_trainer`` (the loop).
+
+Inputs: the policy starts from ``sft/model`` when SFT ran (else ``spec.baseModel``); the reward
+model is ``ppo.rewardModel`` or this run's ``reward/model``. Prompts are the dataset's rows rendered
+with ``promptTemplate``; ``dataset.evalFraction`` of them are held out and used once at the end
+(``eval_reward_mean``, ``eval_eos_rate``).
+
+Output: ``ppo/adapter`` (LoRA; merged by the merge stage) or ``ppo/model`` (all weights), with the
+tokenizer. Metrics: the last step's PPO statistics (``reward_mean``, ``kl``, ``entropy``,
+``clip_frac``, ``approx_kl``, ``policy_loss``, ``value_loss``, ``explained_variance``, ``kl_coef``,
+``response_length``, ``eos_rate``) plus the eval ones; the whole history is in the manifest.
+
+Data parallel: ``rlhf-stage ppo --nproc N`` (torchrun; gloo on CPU, NCCL on GPUs): each rank rolls
+out ``batchSize / N`` prompts; see ``ppo_trainer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from rlhf_api import layout
+from rlhf_stages.runtime import data, models
+from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInterrupted, StageOutcome
+
+log = logging.getLogger(__name__)
+
+# generate() arguments the rollout controls itself: PPO's math needs one sampled response per
+# prompt with the sampled length budget, and temperature/topK/topP have their own fields.
+RESERVED_GENERATION_KEYS = frozenset(
+    {
+        "max_new_tokens",
+        "max_length",
+        "min_length",
+        "num_return_sequences",
+        "do_sample",
+        "num_beams",
+        "temperature",
+        "top_k",
+        "top_p",
+        "return_dict_in_generate",
+        "output_scores",
+        "output_logits",
+        "eos_token_id",
+        "pad_token_id",
+        "generation_config",
+    }
+)
+FINAL_METRICS = (
+    "reward_mean",
+    "reward_std",
+    "rm_score_mean",
+    "kl",
+    "kl_coef",
+    "entropy",
+    "clip_frac",
+    "approx_kl",
+    "policy_loss",
+    "value_loss",
+    "value_clip_frac",
+    "explained_variance",
+    "response_length",
+    "eos_rate",
+)
+EVAL_PROMPTS_MAX = 256
+
+
+def policy_location(ctx: StageContext) -> models.ModelLocation:
+    base = layout.policy_base(ctx.spec, ctx.stage, ctx.invocation.run_dir)
+    if base is not None:
+        return models.local(ctx, ctx.volume_path(base))
+    return models.locate(ctx, ctx.spec.base_model)
+
+
+def reward_location(ctx: StageContext) -> models.ModelLocation:
+    if ctx.config.reward_model is not None:
+        return models.locate(ctx, ctx.config.reward_model)
+    return models.local(ctx, ctx.stage_output_of("reward") / "model")
+
+
+def validate(ctx: StageContext) -> None:
+    cfg = ctx.config
+    data.check_source(ctx, cfg.dataset, "ppo.dataset")
+    models.check_quantization(cfg.quantization, "ppo", cfg.resources.gpus)
+    models.check_model_dir(policy_location(ctx), "ppo policy (sft/model or baseModel)")
+    models.check_model_dir(reward_location(ctx), "ppo.rewardModel (or the reward stage's output)")
+    reserved = sorted(RESERVED_GENERATION_KEYS & set(cfg.generation.extra))
+    if reserved:
+        raise StageConfigError(
+            f"ppo.generation.extra: {reserved} are set by the rollout itself "
+            "(use responseLength, temperature, topK, topP)"
+        )
+    if "{" not in cfg.prompt_template:
+        raise StageConfigError("ppo.promptTemplate must read at least one column, e.g. {prompt}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world or cfg.mini_batch_size % world:
+        raise StageConfigError(
+            f"ppo.batchSize ({cfg.batch_size}) and miniBatchSize ({cfg.mini_batch_size}) must be multiples "
+            f"of the {world} data-parallel processes"
+        )
+
+
+def load_prompts(ctx: StageContext, tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:
+    """(training, held-out) prompts as token ids, rendered with promptTemplate."""
+    cfg = ctx.config
+    rows = data.load_rows(ctx, cfg.dataset, cfg.seed)
+    data.check_columns(rows, data.template_fields(cfg.prompt_template), "ppo.promptTemplate")
+    train, held = data.split_eval(rows, cfg.dataset.eval_fraction, cfg.seed)
+
+    def encode(ds: Any) -> list[list[int]]:
+        # Default special tokens, as the SFT trainer tokenised its prompts (e.g. a BOS where the model uses one).
+        return [list(tokenizer(data.render(cfg.prompt_template, row))["input_ids"]) for row in ds]
+
+    return encode(train), encode(held) if held is not None else []
+
+
+def run(ctx: StageContext) -> StageOutcome:
+    import torch
+    from accelerate import Accelerator
+
+    from rlhf_stages.methods.ppo import checkpoint as ppo_checkpoint
+    from rlhf_stages.methods.ppo.models import load_models
+    from rlhf_stages.methods.ppo.trainer import PPOTrainer
+    from rlhf_stages.runtime.checkpoints import (
+        STEP_DELAY_ENV,  # imports transformers: not at module level (validate stays light)
+    )
+    from rlhf_stages.runtime.interrupt import StepGuard
+
+    cfg = ctx.config
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    policy_loc, reward_loc = policy_location(ctx), reward_location(ctx)
+    tokenizer = models.load_tokenizer(models.locate(ctx, ctx.spec.tokenizer) if ctx.spec.tokenizer else policy_loc)
+    train_prompts, eval_prompts = load_prompts(ctx, tokenizer)
+
+    torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every rank
+    loaded = load_models(policy_loc, reward_loc, tokenizer, cfg, device=accelerator.device)
+    # Every rank gets a guard: they agree on aborting a step after sampling (see ppo_trainer).
+    guard = StepGuard(
+        ctx.stop_requested,
+        (loaded.policy, loaded.reference, loaded.value, loaded.reward.model),
+        stage="ppo",
+        total=cfg.total_steps,
+    )
+    trainer = PPOTrainer(
+        cfg,
+        loaded,
+        tokenizer,
+        train_prompts,
+        accelerator=accelerator,
+        checkpoint_root=ctx.checkpoints_dir,
+        guard=guard,
+    )
+    if ctx.is_main:
+        ppo_checkpoint.clear_staging(ctx.checkpoints_dir)  # debris of a kill mid-save
+    accelerator.wait_for_everyone()
+    resumed_from = trainer.step if trainer.resume() else None
+    if resumed_from is not None and ctx.is_main:
+        print(f"rlhf-stage: resuming ppo from checkpoint-{resumed_from}", flush=True)
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    ctx.write_progress(trainer.step, cfg.total_steps, force=True)
+
+    def on_step(step: int, stats: dict[str, float]) -> None:
+        if ctx.is_main:
+            shown = " ".join(
+                f"{k}={stats[k]:.4g}"
+                for k in (
+                    "reward_mean",
+                    "kl",
+                    "kl_coef",
+                    "entropy",
+                    "clip_frac",
+                    "value_loss",
+                    "eos_rate",
+                    "response_length",
+                )
+            )
+            log.info("ppo step %d/%d %s", step, cfg.total_steps, shown)
+        ctx.write_progress(step, cfg.total_steps, stats)
+        if delay:
+            time.sleep(delay)
+
+    finished = trainer.train(ctx.stop_requested.is_set, on_step)
+    guard.close()  # the held-out evaluation below always completes
+    if not finished:
+        newest = ppo_checkpoint.newest_checkpoint(ctx.checkpoints_dir)
+        raise StageInterrupted(trainer.step, newest.name if newest else None)
+
+    last = trainer.history[-1] if trainer.history else {}
+    metrics = {k: float(last[k]) for k in FINAL_METRICS if k in last}
+    if ctx.is_main:
+        metrics.update(evaluate_held_out(trainer, eval_prompts[:EVAL_PROMPTS_MAX]))
+        save_policy(ctx, trainer.module.policy, tokenizer, policy_loc)
+    accelerator.wait_for_everyone()
+    return StageOutcome(
+        metrics=metrics,
+        step=trainer.step,
+        total_steps=cfg.total_steps,
+        inputs={
+            "policy": policy_loc.label,
+            "rewardModel": reward_loc.label,
+            "dataset": data.source_summary(ctx, cfg.dataset),
+            "trainPrompts": len(train_prompts),
+            "evalPrompts": len(eval_prompts),
+        },
+        details={
+            "resumedFromStep": resumed_from,
+            "lora": cfg.lora.enabled,
+            "valueModelInit": "reward model" if loaded.value_from_reward_model else "policy base (zero head)",
+            "rewardScoring": "token ids" if loaded.reward.per_token else "text (reward model's tokenizer)",
+            "processes": accelerator.num_processes,
+            "history": trainer.history[-200:],
+        },
+        message=f"PPO done: reward_mean={metrics.get('reward_mean', float('nan')):.4f} "
+        f"kl={metrics.get('kl', float('nan')):.3f}",
+    )
+
+
+def evaluate_held_out(trainer: Any, prompts: list[list[int]]) -> dict[str, float]:
+    """Reward (EOS penalty included) and EOS rate of one sampled response per held-out prompt.
+
+    Rank 0 only, so nothing here may communicate (the training rollout whitens across ranks).
+    """
+    import torch
+
+    from rlhf_stages.methods.ppo.rollout import generate, sample_budgets
+
+    if not prompts:
+        return {}
+    cfg, gen = trainer.stage, trainer.stage.generation
+    scores, eos = [], []
+    for start in range(0, len(prompts), trainer.local_batch):
+        chunk = prompts[start : start + trainer.local_batch]
+        budgets = sample_budgets(
+            trainer.generators["budgets"], len(chunk), cfg.response_length.min, cfg.response_length.max
+        )
+        batch = generate(
+            trainer.module.policy,
+            chunk,
+            budgets,
+            eos_ids=trainer.eos_ids,
+            pad_id=trainer.pad_id,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            extra=dict(gen.extra),
+        )
+        score = trainer.models.reward.score(batch, trainer.tokenizer)
+        if cfg.missing_eos_penalty is not None:
+            score = score - cfg.missing_eos_penalty * (~batch.ended_with_eos).float()
+        scores.append(score)
+        eos.append(batch.ended_with_eos.float())
+    return {"eval_reward_mean": float(torch.cat(scores).mean()), "eval_eos_rate": float(torch.cat(eos).mean())}
+
+
+def save_policy(ctx: StageContext, policy: Any, tokenizer: Any, base: models.ModelLocation) -> None:
+    if ctx.config.lora.enabled:
+        adapter_dir = ctx.staging_dir / "adapter"
+        policy.save_pretrained(str(adapter_dir))
+        tokenizer.save_pretrained(str(adapter_dir))
+        models.record_adapter_base(adapter_dir, base.label)
+    else:
+        models.save_standalone(policy, tokenizer, ctx.staging_dir / "model")

@@ -1,0 +1,326 @@
+"""The one entrypoint every stage runs through: ``python -m rlhf_stages <stage> --config FILE``.
+
+What it does, in order (heavy libraries are imported only from step 6 on):
+
+1. load FILE (YAML or JSON) as a ``StageInvocation``; invalid -> field paths on stderr, exit 2;
+2. check the stage: registered, in the run's pipeline, enabled (else exit 2);
+3. a complete ``<stage>/manifest.json`` made from the same settings and inputs (config hash,
+   ``outputs.config_inputs``) -> "already done", reused with a message saying whose it is, exit 0;
+   one made from others is moved to ``<run>/superseded/`` (after step 4), with a warning, and the
+   stage trains again; so are checkpoints written under another config hash. Then this start is
+   recorded in ``<stage>.attempts.json``; more than ``spec.runtime.maxInterruptions`` interrupted
+   attempts before it -> exit 2 (``attempts.py``);
+4. the stage module's ``validate(ctx)``: cheap checks, e.g. a dataset file is missing -> exit 3,
+   quantization on a pod without GPUs -> exit 2;
+5. ``--nproc N`` (or ``resources.gpus`` > 1): re-run itself under ``torch.distributed.run`` with
+   N processes, one per GPU, and report for them;
+6. ``run(ctx)``: the stage trains, writing into ``ctx.staging_dir`` (rank 0 only);
+7. the output is committed atomically with its manifest, checkpoints are removed, a
+   ``StageResult`` goes to ``$RLHF_TERMINATION_LOG``; SIGTERM -> checkpoint, exit 143.
+
+How to add a stage (PPO, DPO, GRPO, RLOO, ReST, RLAIF): a module ``rlhf_stages.<name>`` with
+
+    def validate(ctx: StageContext) -> None: ...   # optional; no torch/transformers imports
+    def run(ctx: StageContext) -> StageOutcome: ... # import heavy libraries inside
+
+listed in ``STAGES`` below. ``run`` reads its section as ``ctx.config``, writes its output into
+``ctx.staging_dir`` (when ``ctx.is_main``), raises ``StageConfigError`` (exit 2) or
+``StageInputMissing`` (exit 3) for errors retrying cannot fix, and for Trainer-based training uses
+``training.trainer_kwargs``/``run_trainer`` with a ``checkpoints.StageCallback`` (resume,
+SIGTERM, progress). A custom loop saves complete checkpoints as
+``ctx.checkpoints_dir/checkpoint-<step>`` (write elsewhere, then rename), resumes from
+``checkpoints.latest_checkpoint(ctx.checkpoints_dir)``, checks ``ctx.stop_requested`` each step
+(save, then raise ``StageInterrupted``) and calls ``ctx.write_progress``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhf_api import layout
+from rlhf_api.layout import StageInvocation, StageResult
+from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext, StageError, StageOutcome
+
+# Stage name -> module. Modules are imported only when their stage runs.
+STAGES: dict[str, str] = {
+    "sft": "rlhf_stages.methods.sft",
+    "reward": "rlhf_stages.methods.reward",
+    "merge": "rlhf_stages.methods.merge",
+    "ppo": "rlhf_stages.methods.ppo.stage",
+    "dpo": "rlhf_stages.methods.dpo",
+    "grpo": "rlhf_stages.methods.grpo",
+    "rloo": "rlhf_stages.methods.rloo",
+    "rest": "rlhf_stages.methods.rest",
+    "rlaif": "rlhf_stages.methods.rlaif",
+}
+
+
+def log(message: str) -> None:
+    print(f"rlhf-stage: {message}", file=sys.stderr, flush=True)
+
+
+def _format_errors(exc: Any) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_invocation(path: Path) -> StageInvocation:
+    """Parse and validate the config file; every problem is a StageConfigError naming the field."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StageConfigError(f"cannot read config file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise StageConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise StageConfigError(f"config file {path} must hold a StageInvocation object")
+    try:
+        return StageInvocation.model_validate(raw)
+    except ValidationError as exc:
+        raise StageConfigError(f"invalid StageInvocation in {path}:\n{_format_errors(exc)}") from exc
+
+
+def check_stage(invocation: StageInvocation, requested: str) -> None:
+    stage, spec = invocation.stage, invocation.spec
+    if requested != stage:
+        raise StageConfigError(f"stage: the command runs {requested!r} but the config is for {stage!r}")
+    if stage not in STAGES:
+        raise StageConfigError(f"stage: unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    if stage not in spec.pipeline():
+        raise StageConfigError(f"stage: method {spec.method} runs {', '.join(spec.pipeline())}, not {stage}")
+    section = spec.stage(stage)
+    if section is None:
+        raise StageConfigError(f"spec.{stage}: the run has no {stage} section")
+    if not section.enabled:
+        raise StageConfigError(f"spec.{stage}.enabled: the stage is disabled; the operator should skip it")
+
+
+def stage_module(stage: str) -> Any:
+    try:
+        return importlib.import_module(STAGES[stage])
+    except ModuleNotFoundError as exc:
+        if exc.name == STAGES[stage]:
+            raise StageConfigError(f"stage: {stage} is not implemented in this image") from exc
+        raise
+
+
+def _result(
+    ctx: StageContext | None, stage: str, code: int, message: str, *, outcome: StageOutcome | None = None, step: int = 0
+) -> StageResult:
+    notices = (ctx.attempt or {}).get("notices", []) if ctx is not None else []
+    if notices:
+        message = "; ".join([message, *(f"warning: {n}" for n in notices)])
+    return StageResult(
+        stage=stage,
+        succeeded=code == layout.EXIT_OK,
+        step=outcome.step if outcome else step,
+        total_steps=outcome.total_steps if outcome else None,
+        metrics=outcome.metrics if outcome else {},
+        artifact_path=ctx.relative(ctx.output_dir) if ctx is not None and code == layout.EXIT_OK else None,
+        message=message,
+        exit_code=code,
+    )
+
+
+def _install_sigterm(ctx: StageContext) -> None:
+    def handler(signum: int, frame: Any) -> None:
+        log("SIGTERM: saving a checkpoint and stopping")
+        ctx.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _launch_distributed(stage: str, config: Path, nproc: int) -> int:
+    """Run this stage under torch.distributed.run with ``nproc`` processes and relay the result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / "result.json"
+        env = {**os.environ, layout.TERMINATION_LOG_ENV: str(result_file), "RLHF_NPROC_CHILD": "1"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "rlhf_stages",
+            stage,
+            "--config",
+            str(config),
+        ]
+        log(f"launching {nproc} processes: {' '.join(cmd)}")
+        child = subprocess.Popen(cmd, env=env)
+        # Pods get SIGTERM on PID 1: pass it on, torchrun forwards it to every rank.
+        signal.signal(signal.SIGTERM, lambda s, f: child.send_signal(signal.SIGTERM))
+        code = child.wait()
+        code = 128 - code if code < 0 else code  # killed by a signal
+        if result_file.exists() and result_file.stat().st_size:
+            rank0 = StageResult.model_validate_json(result_file.read_text(encoding="utf-8"))
+            # torchrun exits 1 whatever failed; rank 0's code keeps its meaning (2, 3, 143).
+            code = 0 if code == 0 else rank0.exit_code or code
+            _write_result(rank0.model_copy(update={"exit_code": code, "succeeded": code == 0}))
+        else:  # rank 0 died before reporting
+            code = code or 1
+            _write_result(
+                StageResult(
+                    stage=stage,
+                    succeeded=False,
+                    exit_code=code,
+                    message=f"distributed launch failed with exit code {code}",
+                )
+            )
+        return code
+
+
+def _write_result(result: StageResult) -> None:
+    from rlhf_stages.runtime.outputs import write_termination_log
+
+    write_termination_log(result)
+
+
+def _cpu_threads(quantity: str | None) -> int | None:
+    """Whole CPUs in a Kubernetes quantity ("2", "1500m"), at least 1."""
+    if not quantity:
+        return None
+    try:
+        cpus = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    except ValueError:
+        return None
+    return max(1, int(cpus))
+
+
+def _limit_threads(ctx: StageContext, processes: int) -> None:
+    """Match torch's CPU threads to the pod's CPU limit (before torch is imported).
+
+    torch sizes its thread pool by the host's cores, not the container's quota: on a shared
+    node that oversubscribes the quota and small models train many times slower.
+    """
+    threads = _cpu_threads(getattr(ctx.config.resources, "cpu", None))
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, threads // processes))
+
+
+def _launched_child() -> bool:
+    """One of the processes ``_launch_distributed`` started (not the process the Pod started)."""
+    return bool(os.environ.get("RLHF_NPROC_CHILD")) or "LOCAL_RANK" in os.environ
+
+
+def _requested_nproc(ctx: StageContext, nproc: int | None) -> int:
+    if _launched_child():
+        return 1
+    if nproc is not None:
+        return nproc
+    return max(1, getattr(ctx.config.resources, "gpus", 1))
+
+
+def _warn(ctx: StageContext, notice: str) -> None:
+    """A warning for people: the log, this start's record, and so the manifest and the result."""
+    from rlhf_stages.runtime import attempts
+
+    log(f"WARNING: {ctx.stage}: {notice}")
+    if ctx.attempt is not None:
+        attempts.note(ctx, ctx.attempt, notice)
+
+
+def _attempt(ctx: StageContext, nproc: int | None, config: Path) -> int:
+    """Steps 3-7 once the invocation is valid; returns the exit code."""
+    from rlhf_stages.runtime import attempts, outputs
+
+    stage = ctx.stage
+    inputs = outputs.config_inputs(ctx)
+    existing = outputs.existing_output(ctx, inputs)
+    if existing is not None and existing.reusable:
+        message = outputs.reuse_message(ctx, existing.manifest)
+        log(f"{stage}: {message}")
+        done = existing.manifest
+        previous = StageOutcome(
+            metrics=done.get("metrics", {}), step=done.get("step", 0), total_steps=done.get("totalSteps")
+        )
+        if ctx.is_main:
+            _write_result(_result(ctx, stage, 0, message, outcome=previous))
+        return layout.EXIT_OK
+    top = not _launched_child()
+    ctx.attempt = attempts.begin(ctx, outputs.hash_of(inputs)) if top else attempts.latest(ctx)
+    module = stage_module(stage)
+    if hasattr(module, "validate"):
+        module.validate(ctx)
+    if top:  # the valid configuration trains: stale output and checkpoints go aside, said so
+        if existing is not None:
+            _warn(ctx, outputs.supersede_output(ctx, existing))
+        number = ctx.attempt["number"] if ctx.attempt else None
+        checkpoint_notice = outputs.claim_checkpoints(ctx, outputs.hash_of(inputs), number)
+        if checkpoint_notice:
+            _warn(ctx, checkpoint_notice)
+    processes = _requested_nproc(ctx, nproc)
+    _limit_threads(ctx, processes)
+    if processes > 1:
+        return _launch_distributed(stage, config, processes)
+    _install_sigterm(ctx)
+    outputs.prepare_staging(ctx)
+    outcome = module.run(ctx)
+    outputs.commit(ctx, outcome)
+    if ctx.is_main:
+        shutil.rmtree(ctx.checkpoints_dir, ignore_errors=True)
+        ctx.write_progress(outcome.step, outcome.total_steps, outcome.metrics, force=True)
+        _write_result(_result(ctx, stage, 0, outcome.message or "done", outcome=outcome))
+    log(f"{stage}: done, metrics {outcome.metrics}")
+    return layout.EXIT_OK
+
+
+def execute(stage: str, config: Path, nproc: int | None = None) -> int:
+    """Steps 1-7 of the module docstring; returns the exit code."""
+    from rlhf_stages.runtime import attempts
+
+    ctx: StageContext | None = None
+    try:
+        invocation = load_invocation(config)
+        check_stage(invocation, stage)
+        ctx = StageContext.create(invocation)
+        code = _attempt(ctx, nproc, config)
+    except StageError as exc:
+        log(f"{stage} failed: {exc}")
+        step = getattr(exc, "step", 0)
+        if ctx is None or ctx.is_main:
+            _write_result(_result(ctx, stage, exc.exit_code, str(exc), step=step))
+        code = exc.exit_code
+    except Exception as exc:  # retried by the Job: report and exit 1
+        traceback.print_exc()
+        if ctx is not None and ctx.stop_requested.is_set():
+            code, message = EXIT_INTERRUPTED, f"stopped by SIGTERM: {type(exc).__name__}: {exc}"
+        else:
+            code, message = 1, f"{type(exc).__name__}: {exc}"
+        if ctx is None or ctx.is_main:
+            _write_result(_result(ctx, stage, code, message))
+    if ctx is not None and ctx.attempt is not None and not _launched_child():
+        try:
+            attempts.end(ctx, ctx.attempt, code)
+        except OSError as exc:  # the record is best effort; the exit code is what the Job acts on
+            log(f"cannot record the end of this attempt: {exc}")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf-stage", description="Run one RLHF pipeline stage.")
+    parser.add_argument("stage", help=f"stage to run ({', '.join(STAGES)})")
+    parser.add_argument("--config", required=True, type=Path, help="StageInvocation file (YAML or JSON)")
+    parser.add_argument(
+        "--nproc", type=int, default=None, help="data-parallel processes (default: the stage's resources.gpus)"
+    )
+    args = parser.parse_args(argv)
+    return execute(args.stage, args.config, args.nproc)

@@ -1,0 +1,116 @@
+"""What every Trainer-based stage shares: TrainingSettings -> TRL config kwargs, W&B, resume, stop.
+
+Usage in a stage (see sft.py)::
+
+    callback = StageCallback(ctx, keep=settings.save_total_limit)
+    args = SFTConfig(**trainer_kwargs(ctx, settings, has_eval=eval_ds is not None), max_length=...)
+    trainer = SFTTrainer(..., callbacks=[callback])
+    train_out = run_trainer(ctx, trainer, callback)   # resumes; raises StageInterrupted on SIGTERM
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rlhf_api import TrainingSettings
+from rlhf_stages.runtime.checkpoints import StageCallback, clear_incoming, incoming_dir, latest_checkpoint
+from rlhf_stages.runtime.context import StageContext, StageInterrupted
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def report_to(ctx: StageContext) -> list[str]:
+    """W&B only when the spec asks for it; its settings travel as the env vars wandb reads."""
+    wandb = ctx.spec.wandb
+    if wandb is None:
+        return ["none"]
+    os.environ["WANDB_PROJECT"] = wandb.project
+    os.environ["WANDB_MODE"] = wandb.mode
+    if wandb.entity:
+        os.environ["WANDB_ENTITY"] = wandb.entity
+    # Offline runs land on the volume, next to the stage, for a later `wandb sync`.
+    os.environ.setdefault("WANDB_DIR", str(ctx.run_dir))
+    os.environ.setdefault("WANDB_RUN_GROUP", f"{ctx.invocation.run.namespace}/{ctx.invocation.run.name}")
+    return ["wandb"]
+
+
+def checkpointing_field() -> str:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing (old name deprecated);
+    TRL still defaults the old one to True, so the new one must be set to win."""
+    from transformers import TrainingArguments
+
+    names = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def trainer_kwargs(ctx: StageContext, t: TrainingSettings, *, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments for any TRL ``*Config`` (a TrainingArguments subclass).
+
+    Everything TRL defaults differently from our API (bf16, gradient checkpointing) is passed
+    explicitly, so a CPU run is a CPU run and the spec means what it says.
+    """
+    evaluate_periodically = has_eval and t.eval_steps is not None
+    return {
+        "output_dir": str(incoming_dir(ctx)),
+        "learning_rate": t.learning_rate,
+        "num_train_epochs": t.num_train_epochs,
+        "max_steps": t.max_steps if t.max_steps is not None else -1,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_steps": t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "bf16": t.bf16,
+        "fp16": t.fp16,
+        checkpointing_field(): t.gradient_checkpointing,
+        "logging_steps": t.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        # Rotation is ours (StageCallback), over committed checkpoints only.
+        "save_total_limit": None,
+        "eval_strategy": "steps" if evaluate_periodically else "no",
+        "eval_steps": t.eval_steps if evaluate_periodically else None,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "use_cpu": not cuda_available(),
+        "report_to": report_to(ctx),
+        "run_name": f"{ctx.invocation.run.name}-{ctx.stage}",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": True,
+        # Every parameter that trains is used in every forward pass; the search costs a graph walk.
+        "ddp_find_unused_parameters": False,
+    }
+
+
+def run_trainer(ctx: StageContext, trainer: Any, callback: StageCallback) -> tuple[Any, int | None]:
+    """Train, resuming from the newest complete checkpoint. Returns (TrainOutput, resumed step)."""
+    if ctx.stop_requested.is_set():
+        raise StageInterrupted(0, None)
+    resume = latest_checkpoint(ctx.checkpoints_dir)
+    clear_incoming(ctx)
+    if resume is not None:
+        print(f"rlhf-stage: resuming {ctx.stage} from {resume[1].name}", flush=True)
+    output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
+    if callback.stopped_by_signal:
+        raise StageInterrupted(trainer.state.global_step, callback.last_checkpoint)
+    return output, resume[0] if resume else None
+
+
+def final_metrics(train_output: Any, eval_metrics: dict[str, float] | None, keys: tuple[str, ...]) -> dict[str, float]:
+    """A few headline numbers: train loss and the chosen eval metrics that exist."""
+    metrics: dict[str, float] = {}
+    loss = getattr(train_output, "training_loss", None)
+    if loss is not None:
+        metrics["train_loss"] = float(loss)
+    for key in keys:
+        if eval_metrics and key in eval_metrics:
+            metrics[key] = float(eval_metrics[key])
+    return metrics
