@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +30,7 @@ from tests.pythonpath import REPO
 
 # Trained on CPU by these; another version may compute other weights from the same inputs.
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate")
+UNUSED_FOR_S = 7 * 24 * 3600
 # Trained into the assets directory by the tests, never read by what it keys.
 ASSET_OUTPUTS = ("judge",)
 
@@ -74,8 +76,10 @@ def cached_build(name: str, key: str, build: Callable[[Path], object]) -> Path:
     """The directory ``build`` fills for ``key``: built now if no complete one is cached."""
     entry = cache_root() / f"{name}-{key[:16]}"
     if entry.is_dir():
+        os.utime(entry)  # in use: not pruned
         return entry
     entry.parent.mkdir(parents=True, exist_ok=True)
+    _prune(entry.parent, name)
     scratch = entry.parent / f".{entry.name}.{os.getpid()}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
@@ -88,6 +92,14 @@ def cached_build(name: str, key: str, build: Callable[[Path], object]) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return entry
+
+
+def _prune(root: Path, name: str) -> None:
+    """Remove ``name``'s entries unused for a week: every edit of the stages makes a new key, and an
+    entry another clone still uses was touched by it more recently."""
+    for old in root.glob(f"{name}-*"):
+        if old.is_dir() and time.time() - old.stat().st_mtime > UNUSED_FOR_S:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def cached_outputs(name: str, key: str, target: Path, train: Callable[[], object]) -> None:
