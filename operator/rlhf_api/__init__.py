@@ -1,13 +1,9 @@
 """The RLHFRun API, declared once. The CRD, the chart's CRD and docs/reference.md are generated from it."""
 
 from .base import ApiModel, Rule
+from .names import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from .run import (
-    API_VERSION,
-    GROUP,
-    KIND,
     PIPELINES,
-    PLURAL,
-    VERSION,
     Condition,
     RLHFRun,
     RLHFRunSpec,
