@@ -4,7 +4,7 @@
         [--timings timings.json] --out REPORT_DIR
 
 Reads the stage manifests in the run directory (metrics and per-step history) and two
-evaluations from ``rlhf_stages.sampling.evaluation`` (the SFT policy and the aligned policy on the same
+evaluations from ``rlhf_stages.tiny.evaluate`` (the SFT policy and the aligned policy on the same
 held-out prompts), and writes ``report.md``, ``report.json`` and ``*.png``.
 """
 

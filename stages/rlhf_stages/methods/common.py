@@ -119,7 +119,7 @@ def preference_pairs(ds: Dataset, template: str, what: str) -> Dataset:
 
 
 def sampling_kwargs(generation: Any) -> dict[str, Any]:
-    """Our ``Generation`` section as ``evaluation.generate_completions`` arguments."""
+    """Our ``Generation`` section as ``sampling.generate.generate_completions`` arguments."""
     return {"temperature": generation.temperature, "top_k": generation.top_k, "top_p": generation.top_p}
 
 
@@ -134,7 +134,8 @@ def evaluate_held_out(
     reward_tokenizer: Any | None = None,
 ) -> dict[str, float]:
     """``eval_*`` metrics of one sample per held-out prompt (deterministic for ``seed``)."""
-    from rlhf_stages.sampling.evaluation import generate_completions, score_with_reward_model
+    from rlhf_stages.sampling.generate import generate_completions
+    from rlhf_stages.sampling.score import score_with_reward_model
 
     unique = list(dict.fromkeys(prompt_texts))[:EVAL_PROMPTS_MAX]
     if not unique:

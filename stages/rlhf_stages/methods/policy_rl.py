@@ -10,7 +10,7 @@ The reward is a callable, not the model itself: given a model, TRL scores ``prom
 models are trained on answers that end with EOS (reward.py), and scoring without it was measured
 to let the policy learn endless repetition (an unfinished answer looks as good as a finished one).
 :class:`RewardModelReward` scores prompt + completion + EOS when the completion ended with EOS,
-exactly as ``evaluation.score_with_reward_model`` and PPO do, and subtracts
+exactly as ``sampling.score.score_with_reward_model`` and PPO do, and subtracts
 ``missingEosPenalty`` from answers cut off at ``responseLength.max``.
 
 SIGTERM inside a step (sampling, reference log-probs, the loss: every forward pass before the
@@ -69,7 +69,7 @@ class RewardModelReward:
     def __call__(
         self, prompts: list[str], completions: list[str], completion_ids: list[list[int]], **_: Any
     ) -> list[float]:
-        from rlhf_stages.sampling.evaluation import score_with_reward_model
+        from rlhf_stages.sampling.score import score_with_reward_model
 
         ended = [bool(ids) and ids[-1] in self.eos_ids for ids in completion_ids]
         scores = score_with_reward_model(self.model, self.tokenizer, prompts, completions, ended_with_eos=ended)

@@ -60,7 +60,8 @@ def grow(
     ctx: StageContext, policy: Any, tokenizer: Any, scorer: tuple[Any, Any], prompts: list[str], *, step: int
 ) -> list[GrowRow]:
     """Sample ``samplesPerPrompt`` completions per prompt from the current policy and score them."""
-    from rlhf_stages.sampling.evaluation import generate_completions, score_with_reward_model
+    from rlhf_stages.sampling.generate import generate_completions
+    from rlhf_stages.sampling.score import score_with_reward_model
 
     cfg = ctx.config
     repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]

@@ -94,7 +94,7 @@ def sample_pairs(ctx: StageContext, prompts: list[str]) -> tuple[list[dict[str, 
     """Sample answers from the policy and pair them; drop unfinished and identical pairs."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_stages.sampling.evaluation import generate_completions
+    from rlhf_stages.sampling.generate import generate_completions
 
     cfg = ctx.config
     base = method_common.policy_location(ctx)
