@@ -28,6 +28,32 @@ if TYPE_CHECKING:
     from rlhf_api.sources import DatasetSource
 
 EVAL_PROMPTS_MAX = 128
+"""Held-out prompts a policy stage evaluates at its end (every method, PPO included): enough for a
+stable mean, bounded so the evaluation after SIGTERM's grace-period check stays short."""
+
+# generate() arguments the stages set themselves: from responseLength, temperature, topK and topP,
+# and what PPO's math and TRL's online trainers need (one sampled response per prompt, plain
+# tensors out, our EOS and pad ids). ``generation.extra`` may set anything else.
+RESERVED_GENERATION_KEYS = frozenset(
+    {
+        "max_new_tokens",
+        "max_length",
+        "min_length",
+        "min_new_tokens",
+        "num_return_sequences",
+        "do_sample",
+        "num_beams",
+        "temperature",
+        "top_k",
+        "top_p",
+        "return_dict_in_generate",
+        "output_scores",
+        "output_logits",
+        "eos_token_id",
+        "pad_token_id",
+        "generation_config",
+    }
+)
 
 
 def policy_location(ctx: StageContext) -> models.ModelLocation:
@@ -81,6 +107,16 @@ def check_pairs_input(ctx: StageContext) -> None:
             raise StageInputMissing(f"{ctx.stage}: the rlaif stage's output is not complete (rlaif/manifest.json)")
         return
     data.check_source(ctx, ctx.config.dataset, f"{ctx.stage}.dataset")
+
+
+def check_generation_extra(ctx: StageContext) -> None:
+    """Exit 2 when ``<stage>.generation.extra`` sets what the stage sets itself."""
+    reserved = sorted(RESERVED_GENERATION_KEYS & set(ctx.config.generation.extra))
+    if reserved:
+        raise StageConfigError(
+            f"{ctx.stage}.generation.extra: {reserved} are set by the stage itself "
+            "(use responseLength, temperature, topK, topP)"
+        )
 
 
 def check_prompt_template(template: str, what: str) -> None:

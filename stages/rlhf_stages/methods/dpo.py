@@ -49,8 +49,7 @@ def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf_stages.runtime.checkpoints import StageCallback
-    from rlhf_stages.runtime.training import final_metrics, run_trainer, trainer_kwargs
+    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer
 
     cfg, t = ctx.config, ctx.config.training
     base = method_common.policy_location(ctx)
@@ -65,25 +64,26 @@ def run(ctx: StageContext) -> StageOutcome:
 
     model = models.load_model(base, AutoModelForCausalLM, cfg.quantization, "dpo", "float32")
     peft_config = models.lora_config(cfg.lora, "CAUSAL_LM") if cfg.lora.enabled else None
-    callback = StageCallback(ctx, keep=t.save_total_limit)
-    args = DPOConfig(
-        **trainer_kwargs(ctx, t, has_eval=eval_ds is not None),
-        beta=cfg.beta,
-        loss_type=[cfg.loss_type],
-        label_smoothing=cfg.label_smoothing,
-        max_length=t.max_length,
-        # Keep the end of long prompts: the answer must stay in the window.
-        truncation_mode="keep_end",
-        dataset_num_proc=None,
-    )
-    trainer = DPOTrainer(
+    trainer, callback = make_trainer(
+        ctx,
+        DPOTrainer,
+        DPOConfig,
+        t,
+        has_eval=eval_ds is not None,
+        config={
+            "beta": cfg.beta,
+            "loss_type": [cfg.loss_type],
+            "label_smoothing": cfg.label_smoothing,
+            "max_length": t.max_length,
+            # Keep the end of long prompts: the answer must stay in the window.
+            "truncation_mode": "keep_end",
+            "dataset_num_proc": None,
+        },
         model=model,
-        args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[callback],
     )
     train_output, resumed_from = run_trainer(ctx, trainer, callback)
     metrics = final_metrics(train_output, None, ())

@@ -122,8 +122,7 @@ def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf_stages.runtime.checkpoints import StageCallback
-    from rlhf_stages.runtime.training import final_metrics, run_trainer, trainer_kwargs
+    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer
 
     cfg, t = ctx.config, ctx.config.training
     base = base_location(ctx)
@@ -153,20 +152,19 @@ def run(ctx: StageContext) -> StageOutcome:
     model.config.pad_token_id = tokenizer.pad_token_id
     peft_config = models.lora_config(cfg.lora, "SEQ_CLS") if cfg.lora.enabled else None
 
-    callback = StageCallback(ctx, keep=t.save_total_limit)
-    args = RewardConfig(
-        **trainer_kwargs(ctx, t, has_eval=eval_ds is not None and len(eval_ds) > 0),
-        max_length=cfg.max_length,
-        disable_dropout=True,
-    )
-    trainer = RewardTrainer(
+    has_eval = eval_ds is not None and len(eval_ds) > 0
+    trainer, callback = make_trainer(
+        ctx,
+        RewardTrainer,
+        RewardConfig,
+        t,
+        has_eval=has_eval,
+        config={"max_length": cfg.max_length, "disable_dropout": True},
         model=model,
-        args=args,
         train_dataset=train_ds,
-        eval_dataset=eval_ds if eval_ds is not None and len(eval_ds) else None,
+        eval_dataset=eval_ds if has_eval else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[callback],
     )
     train_output, resumed_from = run_trainer(ctx, trainer, callback)
     metrics = final_metrics(train_output, None, ())

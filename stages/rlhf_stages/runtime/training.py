@@ -2,10 +2,9 @@
 
 Usage in a stage (see sft.py)::
 
-    callback = StageCallback(ctx, keep=settings.save_total_limit)
-    args = SFTConfig(**trainer_kwargs(ctx, settings, has_eval=eval_ds is not None), max_length=...)
-    trainer = SFTTrainer(..., callbacks=[callback])
-    train_out = run_trainer(ctx, trainer, callback)   # resumes; raises StageInterrupted on SIGTERM
+    trainer, callback = make_trainer(ctx, SFTTrainer, SFTConfig, settings, has_eval=..., config={"max_length": ...},
+                                     model=model, train_dataset=train_ds, ...)
+    train_out, resumed_from = run_trainer(ctx, trainer, callback)   # resumes; StageInterrupted on SIGTERM
 """
 
 from __future__ import annotations
@@ -88,6 +87,24 @@ def trainer_kwargs(ctx: StageContext, t: TrainingSettings, *, has_eval: bool) ->
         # Every parameter that trains is used in every forward pass; the search costs a graph walk.
         "ddp_find_unused_parameters": False,
     }
+
+
+def make_trainer(
+    ctx: StageContext,
+    trainer_class: Any,
+    config_class: Any,
+    settings: TrainingSettings,
+    *,
+    has_eval: bool,
+    config: dict[str, Any],
+    **trainer_args: Any,
+) -> tuple[Any, StageCallback]:
+    """The one recipe of every Trainer-based stage (SFT, reward, DPO, GRPO, RLOO): a TRL ``*Config``
+    from ``settings`` (:func:`trainer_kwargs`) plus the stage's own ``config`` fields, and the trainer
+    with our :class:`StageCallback` (commit, rotate, SIGTERM, progress). Train it with :func:`run_trainer`."""
+    callback = StageCallback(ctx, keep=settings.save_total_limit)
+    args = config_class(**trainer_kwargs(ctx, settings, has_eval=has_eval), **config)
+    return trainer_class(args=args, callbacks=[callback], **trainer_args), callback
 
 
 def run_trainer(ctx: StageContext, trainer: Any, callback: StageCallback) -> tuple[Any, int | None]:

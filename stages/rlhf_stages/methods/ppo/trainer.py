@@ -40,6 +40,7 @@ from rlhf_stages.methods.ppo.losses import explained_variance, policy_loss, valu
 from rlhf_stages.methods.ppo.models import PolicyAndValue, PPOModels
 from rlhf_stages.methods.ppo.rollout import Rollout, generate, sample_budgets, token_logprobs, token_values
 from rlhf_stages.runtime.interrupt import StepAborted, StepGuard
+from rlhf_stages.sampling.generate import eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class PPOTrainer:
             raise ValueError(f"batchSize and miniBatchSize must be multiples of the {world} processes")
         self.local_batch = stage.batch_size // world
         self.local_mini = stage.mini_batch_size // world
-        self.eos_ids = sorted(_eos_ids(models.policy, tokenizer))
+        self.eos_ids = eos_ids(models.policy, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.kl = KLController(stage.init_kl_coef, stage.adaptive_kl, stage.kl_target, stage.kl_horizon)
 
@@ -304,15 +305,3 @@ class PPOTrainer:
             if stop and self.step < st.total_steps:
                 return False
         return True
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif isinstance(gen_eos, (list, tuple)):
-        ids.update(int(i) for i in gen_eos)
-    if not ids:
-        raise ValueError("the tokenizer has no EOS token: responses could never end")
-    return ids
