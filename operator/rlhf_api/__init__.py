@@ -1,11 +1,11 @@
 """The RLHFRun API, declared once. The CRD, the chart's CRD and docs/reference.md are generated from it."""
 
 from .base import ApiModel, Rule
+from .methods import METHODS, PIPELINES, STAGE_KINDS
 from .run import (
     API_VERSION,
     GROUP,
     KIND,
-    PIPELINES,
     PLURAL,
     VERSION,
     Condition,
@@ -34,8 +34,10 @@ __all__ = [
     "API_VERSION",
     "GROUP",
     "KIND",
+    "METHODS",
     "PIPELINES",
     "PLURAL",
+    "STAGE_KINDS",
     "VERSION",
     "WORKSPACE_MOUNT_PATH",
     "ApiModel",

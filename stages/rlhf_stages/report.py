@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf_api.methods import ALIGNED_POLICY_STAGES
+
 # Curves worth plotting per stage: (history key, label). The first key a stage has is used.
 CURVES: dict[str, list[tuple[str, str]]] = {
     "sft": [("loss", "SFT training loss")],
@@ -87,7 +89,7 @@ def build_report(
         return {k: float(evaluation[k]) for k in keys if isinstance(evaluation.get(k), int | float)}
 
     reward_metrics = manifests.get("reward", {}).get("metrics", {})
-    policy_stage = next((s for s in ("ppo", "grpo", "rloo", "dpo", "rest") if s in manifests), None)
+    policy_stage = next((s for s in ALIGNED_POLICY_STAGES if s in manifests), None)
     report = {
         "stages": {
             s: {"metrics": m.get("metrics", {}), "step": m.get("step"), "seconds": timings.get(s)}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_api import layout
+from rlhf_api.methods import pairs_from
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInputMissing
 from rlhf_stages.runtime.outputs import completed_manifest
@@ -93,7 +94,7 @@ def pairs_source(ctx: StageContext) -> tuple[DatasetSource, str]:
     """
     from rlhf_api.sources import DatasetSource
 
-    if ctx.spec.method == "RLAIF":
+    if pairs_from(ctx.spec.method) is not None:
         path = layout.rlaif_pairs(ctx.invocation.run_dir)
         fraction = ctx.spec.rlaif.eval_fraction if ctx.spec.rlaif is not None else 0.05
         return DatasetSource(format="jsonl", path=str(path), eval_fraction=fraction), "{prompt}"
@@ -102,9 +103,12 @@ def pairs_source(ctx: StageContext) -> tuple[DatasetSource, str]:
 
 def check_pairs_input(ctx: StageContext) -> None:
     """Cheap check that the pairs are there: the rlaif stage's complete output, or the dataset."""
-    if ctx.spec.method == "RLAIF":
-        if completed_manifest(ctx.stage_output_of("rlaif")) is None:
-            raise StageInputMissing(f"{ctx.stage}: the rlaif stage's output is not complete (rlaif/manifest.json)")
+    labeller = pairs_from(ctx.spec.method)
+    if labeller is not None:
+        if completed_manifest(ctx.stage_output_of(labeller)) is None:
+            raise StageInputMissing(
+                f"{ctx.stage}: the {labeller} stage's output is not complete ({labeller}/manifest.json)"
+            )
         return
     data.check_source(ctx, ctx.config.dataset, f"{ctx.stage}.dataset")
 

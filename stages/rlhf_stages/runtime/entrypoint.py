@@ -50,20 +50,12 @@ from typing import Any
 
 from rlhf_api import layout
 from rlhf_api.layout import StageInvocation, StageResult
+from rlhf_api.methods import STAGE_MODULES
 from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext, StageError, StageOutcome
 
-# Stage name -> module. Modules are imported only when their stage runs.
-STAGES: dict[str, str] = {
-    "sft": "rlhf_stages.methods.sft",
-    "reward": "rlhf_stages.methods.reward",
-    "merge": "rlhf_stages.methods.merge",
-    "ppo": "rlhf_stages.methods.ppo.stage",
-    "dpo": "rlhf_stages.methods.dpo",
-    "grpo": "rlhf_stages.methods.grpo",
-    "rloo": "rlhf_stages.methods.rloo",
-    "rest": "rlhf_stages.methods.rest",
-    "rlaif": "rlhf_stages.methods.rlaif",
-}
+# Stage name -> module (the API's method table). Modules are imported only when their stage runs.
+# A copy: tests register a fake stage in place of every module.
+STAGES: dict[str, str] = dict(STAGE_MODULES)
 
 
 def log(message: str) -> None:
