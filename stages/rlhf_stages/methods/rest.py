@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlhf_stages.methods import common as method_common
+from rlhf_stages.methods import common
 from rlhf_stages.methods.rest_improve import GrowRow, improve, quantile
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.checkpoints import latest_checkpoint
@@ -47,9 +47,9 @@ GENERATION_BATCH = 64
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
     data.check_source(ctx, cfg.dataset, "rest.dataset")
-    method_common.check_prompt_template(cfg.prompt_template, "rest")
-    method_common.check_policy_input(ctx)
-    method_common.check_reward_input(ctx)
+    common.check_prompt_template(cfg.prompt_template, "rest")
+    common.check_policy_input(ctx)
+    common.check_reward_input(ctx)
     if cfg.resources.gpus > 1:  # the Grow/Improve loop is single-process: N ranks would each run all of it
         raise StageConfigError("rest.resources.gpus: ReST runs in one process; use at most 1 GPU")
     if cfg.generation.extra:
@@ -72,7 +72,7 @@ def grow(
         cfg.response_length.max,
         seed=cfg.training.seed * 1000 + step,
         batch_size=GENERATION_BATCH,
-        **method_common.sampling_kwargs(cfg.generation),
+        **common.sampling_kwargs(cfg.generation),
     )
     rewards = score_with_reward_model(scorer[0], scorer[1], repeated, completions)
     return [GrowRow(c.prompt, c.text, r, c.ended_with_eos, step) for c, r in zip(completions, rewards, strict=True)]
@@ -115,9 +115,9 @@ def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForSequenceClassification
 
     cfg, t = ctx.config, ctx.config.training
-    base = method_common.policy_location(ctx)
+    base = common.policy_location(ctx)
     tokenizer = models.load_tokenizer(base)
-    reward_at = method_common.reward_location(ctx)
+    reward_at = common.reward_location(ctx)
     reward_tokenizer = models.load_tokenizer(reward_at)
     reward_model = models.load_model(
         reward_at,
@@ -131,7 +131,7 @@ def run(ctx: StageContext) -> StageOutcome:
 
     rows = data.load_rows(ctx, cfg.dataset, t.seed)
     train_ds, eval_ds = data.split_eval(
-        method_common.prompts(rows, cfg.prompt_template, "rest"), cfg.dataset.eval_fraction, t.seed
+        common.prompts(rows, cfg.prompt_template, "rest"), cfg.dataset.eval_fraction, t.seed
     )
     prompts = list(train_ds["prompt"])
 
@@ -204,7 +204,7 @@ def run(ctx: StageContext) -> StageOutcome:
         metrics["improve_loss"] = losses[-1]
     if eval_ds is not None:
         metrics.update(
-            method_common.evaluate_held_out(
+            common.evaluate_held_out(
                 policy,
                 tokenizer,
                 list(eval_ds["prompt"]),
@@ -215,7 +215,7 @@ def run(ctx: StageContext) -> StageOutcome:
             )
         )
     if ctx.is_main:
-        method_common.save_policy(ctx, policy, tokenizer, base, cfg.lora.enabled)
+        common.save_policy(ctx, policy, tokenizer, base, cfg.lora.enabled)
         (ctx.staging_dir / "grow").mkdir()
         for name in state["grow_files"]:
             shutil.copy2(ctx.checkpoints_dir / name, ctx.staging_dir / "grow" / name)

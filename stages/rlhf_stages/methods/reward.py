@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_api import layout
-from rlhf_stages.methods import common as method_common
+from rlhf_stages.methods import common
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInputMissing, StageOutcome
 from rlhf_stages.runtime.outputs import completed_manifest
@@ -42,7 +42,7 @@ def base_location(ctx: StageContext) -> models.ModelLocation:
 
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
-    method_common.check_pairs_input(ctx)
+    common.check_pairs_input(ctx)
     models.check_quantization(cfg.quantization, "reward", cfg.resources.gpus)
     on_sft = cfg.model is None and layout.policy_base(ctx.spec, ctx.stage, ctx.invocation.run_dir) is not None
     if on_sft and completed_manifest(ctx.stage_output_of("sft")) is None:
@@ -128,7 +128,7 @@ def run(ctx: StageContext) -> StageOutcome:
     base = base_location(ctx)
     tokenizer = models.load_tokenizer(base)
 
-    source, template = method_common.pairs_source(ctx)
+    source, template = common.pairs_source(ctx)
     rows = data.load_rows(ctx, source, t.seed)
     train_rows, eval_rows = data.split_eval(pair_texts(rows, template), source.eval_fraction, t.seed)
     train_ds, dropped = tokenize_pairs(train_rows, tokenizer, cfg.max_length)

@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_api import layout
-from rlhf_stages.methods import common as method_common
-from rlhf_stages.methods import judge
+from rlhf_stages.methods import common, judge
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import (
     StageConfigError,
@@ -77,11 +76,11 @@ def judge_location(ctx: StageContext) -> models.ModelLocation:
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
     data.check_source(ctx, cfg.dataset, "rlaif.dataset")
-    method_common.check_prompt_template(cfg.prompt_template, "rlaif")
+    common.check_prompt_template(cfg.prompt_template, "rlaif")
     missing = judge.missing_template_fields(cfg.judge_template)
     if missing:
         raise StageConfigError(f"rlaif.judgeTemplate lacks {', '.join('{' + m + '}' for m in missing)}")
-    method_common.check_policy_input(ctx)
+    common.check_policy_input(ctx)
     models.check_model_dir(judge_location(ctx), "rlaif.judge")
     principles(ctx)
     if cfg.resources.gpus > 1:  # sampling and judging run in one process
@@ -97,7 +96,7 @@ def sample_pairs(ctx: StageContext, prompts: list[str]) -> tuple[list[dict[str, 
     from rlhf_stages.sampling.generate import generate_completions
 
     cfg = ctx.config
-    base = method_common.policy_location(ctx)
+    base = common.policy_location(ctx)
     tokenizer = models.load_tokenizer(base)
     policy = models.load_model(base, AutoModelForCausalLM, models.Quantization(), "rlaif policy", "float32").eval()
     per_prompt = 2 * cfg.pairs_per_prompt
@@ -109,7 +108,7 @@ def sample_pairs(ctx: StageContext, prompts: list[str]) -> tuple[list[dict[str, 
         cfg.response_length.max,
         seed=cfg.seed,
         batch_size=GENERATION_BATCH,
-        **method_common.sampling_kwargs(cfg.generation),
+        **common.sampling_kwargs(cfg.generation),
     )
     pairs, unfinished, identical = [], 0, 0
     for i in range(0, len(completions), 2):
@@ -166,7 +165,7 @@ def run(ctx: StageContext) -> StageOutcome:
     cfg = ctx.config
     rules = principles(ctx)
     rows = data.load_rows(ctx, cfg.dataset, cfg.seed)
-    prompts = list(method_common.prompts(rows, cfg.prompt_template, "rlaif")["prompt"])
+    prompts = list(common.prompts(rows, cfg.prompt_template, "rlaif")["prompt"])
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
 
     samples_file = ctx.checkpoints_dir / "samples.json"
@@ -215,7 +214,7 @@ def run(ctx: StageContext) -> StageOutcome:
         step=len(chunks),
         total_steps=len(chunks),
         inputs={
-            "policy": method_common.policy_location(ctx).label,
+            "policy": common.policy_location(ctx).label,
             "judge": judge_at.label,
             "dataset": data.source_summary(ctx, cfg.dataset),
             "prompts": len(prompts),
