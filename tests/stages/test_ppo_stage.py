@@ -130,11 +130,13 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_
     assert not result["succeeded"] and "SIGTERM" in result["message"] and 2 <= stopped < 6
     assert (checkpoints / f"checkpoint-{stopped}" / "state.json").is_file()
     assert not (run_dir(workspace, run) / "ppo").exists()
-    (checkpoints / ".tmp-checkpoint-5").mkdir()  # what a kill mid-save leaves: ignored, removed
+    debris = checkpoints / ".incoming" / "checkpoint-5"
+    debris.mkdir(parents=True)  # what a kill mid-save leaves: ignored, removed
 
     code, out = run_stage("ppo", config, tmp_path / "c.json")
     assert code == 0, out[-3000:]
     assert f"resuming ppo from checkpoint-{stopped}" in out
+    assert not debris.exists()
     resumed = json.loads((run_dir(workspace, run) / "ppo" / "manifest.json").read_text())
     assert resumed["details"]["resumedFromStep"] == stopped and resumed["step"] == 6
     # Weights, optimizer, KL controller and every RNG were restored: the same run, bit for bit.

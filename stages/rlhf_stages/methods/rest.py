@@ -37,7 +37,8 @@ from typing import Any
 from rlhf_stages.methods import common
 from rlhf_stages.methods.rest_improve import GrowRow, improve, quantile
 from rlhf_stages.runtime import data, models
-from rlhf_stages.runtime.checkpoints import latest_checkpoint
+from rlhf_stages.runtime.atomic import write_json_atomic, write_jsonl_atomic
+from rlhf_stages.runtime.checkpoint_dir import CheckpointDir
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInterrupted, StageOutcome
 from rlhf_stages.runtime.interrupt import StepAborted, StepGuard
 
@@ -78,20 +79,19 @@ def grow(
     return [GrowRow(c.prompt, c.text, r, c.ended_with_eos, step) for c, r in zip(completions, rewards, strict=True)]
 
 
+def checkpoints(ctx: StageContext) -> CheckpointDir:
+    """Only the newest checkpoint is kept: each holds the whole state (policy, history, Grow sets' names)."""
+    return CheckpointDir(ctx.checkpoints_dir, keep=1)
+
+
 def _save_checkpoint(ctx: StageContext, policy: Any, n: int, state: dict[str, Any]) -> str:
-    """Write the checkpoint elsewhere, then rename: a ``checkpoint-<n>`` directory is always complete."""
-    name = f"checkpoint-{n}"
-    tmp = ctx.checkpoints_dir / f".incoming-{name}"
+    """Assemble the checkpoint in ``.incoming``, then publish it: ``checkpoint-<n>`` is always complete."""
+    directory = checkpoints(ctx)
+    tmp = directory.staging(n)
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(str(tmp / "policy"))
-    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-    target = ctx.checkpoints_dir / name
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    for old in sorted(ctx.checkpoints_dir.glob("checkpoint-*")):
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
-    return name
+    write_json_atomic(tmp / "state.json", state)
+    return directory.publish(n).name
 
 
 def _load_policy(ctx: StageContext, base: models.ModelLocation, resume: Path | None) -> Any:
@@ -135,7 +135,7 @@ def run(ctx: StageContext) -> StageOutcome:
     )
     prompts = list(train_ds["prompt"])
 
-    resume = latest_checkpoint(ctx.checkpoints_dir)
+    resume = checkpoints(ctx).latest()
     state: dict[str, Any] = {"done": 0, "history": [], "grow_files": []}
     if resume is not None:
         state = json.loads((resume[1] / "state.json").read_text(encoding="utf-8"))
@@ -161,9 +161,7 @@ def run(ctx: StageContext) -> StageOutcome:
                 raise StageInterrupted(
                     state["done"], f"checkpoint-{state['done']}" if state["done"] else None
                 ) from None
-            tmp = grow_file.with_suffix(".tmp")
-            tmp.write_text("".join(r.to_json() + "\n" for r in grow_rows), encoding="utf-8")
-            tmp.rename(grow_file)
+            write_jsonl_atomic(grow_file, [r.to_json() for r in grow_rows])
         if grow_file.name not in state["grow_files"]:
             state["grow_files"].append(grow_file.name)
         rewards = [r.reward for r in grow_rows]

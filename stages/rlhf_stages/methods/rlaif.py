@@ -32,13 +32,13 @@ from typing import Any
 from rlhf_api import layout
 from rlhf_stages.methods import common, judge
 from rlhf_stages.runtime import data, models
+from rlhf_stages.runtime.atomic import write_json_atomic, write_jsonl_atomic
 from rlhf_stages.runtime.context import (
     StageConfigError,
     StageContext,
     StageInputMissing,
     StageInterrupted,
     StageOutcome,
-    write_json_atomic,
 )
 
 GENERATION_BATCH = 64
@@ -153,12 +153,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.rename(path)
-
-
 def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForCausalLM
 
@@ -190,7 +184,7 @@ def run(ctx: StageContext) -> StageOutcome:
         if not chunk_file.exists():
             if ctx.stop_requested.is_set():
                 raise StageInterrupted(k, "samples and judged chunks" if k else "samples")
-            _write_jsonl_atomic(chunk_file, judge_chunk(judge_model, judge_tokenizer, cfg, rules, chunk))
+            write_jsonl_atomic(chunk_file, judge_chunk(judge_model, judge_tokenizer, cfg, rules, chunk))
         judged.extend(_read_jsonl(chunk_file))
         ctx.write_progress(k + 1, len(chunks), force=True)
 
@@ -207,8 +201,8 @@ def run(ctx: StageContext) -> StageOutcome:
     metrics = {"pairs_labelled": float(len(labelled)), "pairs_judged": float(len(judged))}
     metrics |= judge.summarise(verdicts) | stats
     if ctx.is_main:
-        _write_jsonl_atomic(ctx.staging_dir / layout.RLAIF_PAIRS_FILE, labelled)
-        _write_jsonl_atomic(ctx.staging_dir / "verdicts.jsonl", judged)
+        write_jsonl_atomic(ctx.staging_dir / layout.RLAIF_PAIRS_FILE, labelled)
+        write_jsonl_atomic(ctx.staging_dir / "verdicts.jsonl", judged)
     return StageOutcome(
         metrics=metrics,
         step=len(chunks),

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_api import layout
-from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext, write_json_atomic
+from rlhf_stages.runtime.atomic import write_json_atomic
+from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext
 
 RECORD_SUFFIX = ".attempts.json"
 KEEP = 50  # entries kept in the record (the counters cover all starts)

@@ -26,11 +26,11 @@ How to add a stage (PPO, DPO, GRPO, RLOO, ReST, RLAIF): a module ``rlhf_stages.<
 listed in ``STAGES`` below. ``run`` reads its section as ``ctx.config``, writes its output into
 ``ctx.staging_dir`` (when ``ctx.is_main``), raises ``StageConfigError`` (exit 2) or
 ``StageInputMissing`` (exit 3) for errors retrying cannot fix, and for Trainer-based training uses
-``training.trainer_kwargs``/``run_trainer`` with a ``checkpoints.StageCallback`` (resume,
-SIGTERM, progress). A custom loop saves complete checkpoints as
-``ctx.checkpoints_dir/checkpoint-<step>`` (write elsewhere, then rename), resumes from
-``checkpoints.latest_checkpoint(ctx.checkpoints_dir)``, checks ``ctx.stop_requested`` each step
-(save, then raise ``StageInterrupted``) and calls ``ctx.write_progress``.
+``training.make_trainer``/``run_trainer`` (a ``checkpoints.StageCallback``: resume, SIGTERM,
+progress). A custom loop (PPO, ReST) saves through ``checkpoint_dir.CheckpointDir``: it writes
+``staging(step)``, then ``publish(step)`` makes it ``checkpoint-<step>``; it resumes from ``latest()``,
+checks ``ctx.stop_requested`` each step (save, then raise ``StageInterrupted``) and calls
+``ctx.write_progress``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from rlhf_api import TrainingSettings
-from rlhf_stages.runtime.checkpoints import StageCallback, clear_incoming, incoming_dir, latest_checkpoint
+from rlhf_stages.runtime.checkpoints import StageCallback, trainer_checkpoints
 from rlhf_stages.runtime.context import StageContext, StageInterrupted
 
 
@@ -55,7 +55,7 @@ def trainer_kwargs(ctx: StageContext, t: TrainingSettings, *, has_eval: bool) ->
     """
     evaluate_periodically = has_eval and t.eval_steps is not None
     return {
-        "output_dir": str(incoming_dir(ctx)),
+        "output_dir": str(trainer_checkpoints(ctx).incoming),
         "learning_rate": t.learning_rate,
         "num_train_epochs": t.num_train_epochs,
         "max_steps": t.max_steps if t.max_steps is not None else -1,
@@ -111,8 +111,9 @@ def run_trainer(ctx: StageContext, trainer: Any, callback: StageCallback) -> tup
     """Train, resuming from the newest complete checkpoint. Returns (TrainOutput, resumed step)."""
     if ctx.stop_requested.is_set():
         raise StageInterrupted(0, None)
-    resume = latest_checkpoint(ctx.checkpoints_dir)
-    clear_incoming(ctx)
+    resume = callback.checkpoints.latest()
+    if ctx.is_main:
+        callback.checkpoints.clear_incoming()
     if resume is not None:
         print(f"rlhf-stage: resuming {ctx.stage} from {resume[1].name}", flush=True)
     output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)

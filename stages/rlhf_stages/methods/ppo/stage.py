@@ -85,7 +85,7 @@ def run(ctx: StageContext) -> StageOutcome:
     import torch
     from accelerate import Accelerator
 
-    from rlhf_stages.methods.ppo import checkpoint as ppo_checkpoint
+    from rlhf_stages.methods.ppo.checkpoint import checkpoint_dir
     from rlhf_stages.methods.ppo.models import load_models
     from rlhf_stages.methods.ppo.trainer import PPOTrainer
     from rlhf_stages.runtime.checkpoints import (
@@ -109,17 +109,18 @@ def run(ctx: StageContext) -> StageOutcome:
         stage="ppo",
         total=cfg.total_steps,
     )
+    checkpoints = checkpoint_dir(ctx.checkpoints_dir)
     trainer = PPOTrainer(
         cfg,
         loaded,
         tokenizer,
         train_prompts,
         accelerator=accelerator,
-        checkpoint_root=ctx.checkpoints_dir,
+        checkpoints=checkpoints,
         guard=guard,
     )
     if ctx.is_main:
-        ppo_checkpoint.clear_staging(ctx.checkpoints_dir)  # debris of a kill mid-save
+        checkpoints.clear_incoming()  # debris of a kill mid-save
     accelerator.wait_for_everyone()
     resumed_from = trainer.step if trainer.resume() else None
     if resumed_from is not None and ctx.is_main:
@@ -150,8 +151,8 @@ def run(ctx: StageContext) -> StageOutcome:
     finished = trainer.train(ctx.stop_requested.is_set, on_step)
     guard.close()  # the held-out evaluation below always completes
     if not finished:
-        newest = ppo_checkpoint.newest_checkpoint(ctx.checkpoints_dir)
-        raise StageInterrupted(trainer.step, newest.name if newest else None)
+        newest = checkpoints.latest()
+        raise StageInterrupted(trainer.step, newest[1].name if newest else None)
 
     last = trainer.history[-1] if trainer.history else {}
     metrics = {k: float(last[k]) for k in FINAL_METRICS if k in last}
