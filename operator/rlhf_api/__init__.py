@@ -2,12 +2,8 @@
 
 from .base import ApiModel, Rule
 from .methods import METHODS, PIPELINES, STAGE_KINDS
+from .names import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from .run import (
-    API_VERSION,
-    GROUP,
-    KIND,
-    PLURAL,
-    VERSION,
     Condition,
     RLHFRun,
     RLHFRunSpec,

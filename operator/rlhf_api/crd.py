@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .run import (
+from .names import (
+    CRD_NAME,
     GROUP,
     KIND,
+    LABEL_APP_NAME,
+    LABEL_APP_PART_OF,
+    MANAGER,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
     VERSION,
-    RLHFRun,
-    RLHFRunSpec,
-    RLHFRunStatus,
 )
+from .run import RLHFRun, RLHFRunSpec, RLHFRunStatus
 
 _KEPT_KEYWORDS = (
     "type",
@@ -151,8 +153,8 @@ def build_crd() -> dict[str, Any]:
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{PLURAL}.{GROUP}",
-            "labels": {"app.kubernetes.io/name": "rlhf-operator", "app.kubernetes.io/part-of": "rlhf-operator"},
+            "name": CRD_NAME,
+            "labels": {LABEL_APP_NAME: MANAGER, LABEL_APP_PART_OF: MANAGER},
         },
         "spec": {
             "group": GROUP,

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from .base import ApiModel
 from .methods import POLICY_STAGES
+from .names import API_VERSION, ApiVersion
 
 # Mount paths are declared with the Pod's other reserved names (podtemplate) and re-exported here.
 from .podtemplate import CONFIG_MOUNT_PATH, CONSTITUTION_MOUNT_PATH, TERMINATION_LOG_PATH  # noqa: F401
@@ -49,20 +50,21 @@ CONSTITUTION_FILE_ENV = "RLHF_CONSTITUTION_FILE"
 
 
 class RunRef(ApiModel):
-    """Which run a stage belongs to."""
+    """Which run: the one type that names a run, carried by the objects the operator builds for it
+    and by the stage invocation (the planner's ``RunView`` adds the run's observed state to one)."""
 
     namespace: Annotated[str, Field(max_length=63)] = "default"
     """Namespace of the RLHFRun."""
     name: Annotated[str, Field(max_length=63)]
     """Name of the RLHFRun."""
     uid: str | None = None
-    """UID of the RLHFRun, recorded in manifests."""
+    """UID of the RLHFRun, recorded in manifests (absent only outside a cluster: ``rlhfctl local``)."""
 
 
 class StageInvocation(ApiModel):
     """What a stage container is given: the whole run spec plus where it lives on the volume."""
 
-    api_version: Literal["rlhf-operator.io/v1alpha1"] = "rlhf-operator.io/v1alpha1"
+    api_version: ApiVersion = API_VERSION
     """API version."""
     kind: Literal["StageInvocation"] = INVOCATION_KIND
     """Kind."""

@@ -4,9 +4,9 @@
 over it (see ``merged``). Only a safe, typed subset of core/v1 is offered: no free-form YAML, no
 hostPath, nothing that changes the image, the user, the ServiceAccount or the security context.
 
-The names the operator itself gives a stage's Pod (environment variables, volumes, mount paths,
-labels) are declared here, once: the Job builder (``children``) uses them, and the overlay's rules
-refuse them, at admission (CEL) and offline (Python) alike.
+The names the operator itself gives a stage's Pod (environment variables, volumes, mount paths) are
+declared here, once, and its label and annotation keys in ``names``: the Job builder (``children``)
+uses them, and the overlay's rules refuse them, at admission (CEL) and offline (Python) alike.
 """
 
 from __future__ import annotations
@@ -17,29 +17,16 @@ from typing import Annotated, Final, Literal, TypeVar
 from pydantic import Field
 
 from .base import ApiModel, Rule
+from .names import DOMAIN, KUEUE_DOMAIN, OPERATOR_APP_LABELS
 from .runtime import WORKSPACE_MOUNT_PATH, DNSName, Quantity
 
 # --- what the operator owns in a stage's Pod ---------------------------------------------------------
 
-DOMAIN: Final = "rlhf-operator.io"
-"""Label and annotation keys in this domain (or a subdomain of it) belong to the operator."""
-LABEL_RUN: Final = f"{DOMAIN}/run"
-LABEL_STAGE: Final = f"{DOMAIN}/stage"
-LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
-KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
-"""Set from spec.runtime.queueName only: a run may not pick a Kueue queue behind the API's back."""
-# The app.kubernetes.io labels the operator puts on every stage Pod (children.labels).
-OPERATOR_APP_LABELS: Final = (
-    "app.kubernetes.io/name",
-    "app.kubernetes.io/instance",
-    "app.kubernetes.io/part-of",
-    LABEL_MANAGED_BY,
-    "app.kubernetes.io/component",
-)
+# Label and annotation keys are named in .names; these are the ones a Pod overlay may not set.
 RESERVED_LABEL_KEYS: Final = OPERATOR_APP_LABELS
 # Keys in these domains (or their subdomains) are refused whole: the operator's own, and Kueue's
 # (its queue and priority labels are chosen with spec.runtime.queueName and priorityClassName).
-RESERVED_KEY_DOMAINS: Final = (DOMAIN, "kueue.x-k8s.io")
+RESERVED_KEY_DOMAINS: Final = (DOMAIN, KUEUE_DOMAIN)
 
 # Environment: the operator sets these (children._env); the stages read RLHF_* and the W&B client WANDB_*.
 RESERVED_ENV_NAMES: Final = ("HOME", "HF_HOME", "HF_TOKEN")

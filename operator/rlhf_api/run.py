@@ -8,6 +8,7 @@ from pydantic import ConfigDict, Field
 
 from .base import ApiModel, Rule
 from .methods import LABELLING_METHODS, METHODS, PAIR_TRAINED, PIPELINES, REQUIRED_SECTIONS, REWARD_CONSUMERS, pipeline
+from .names import API_VERSION, KIND, ApiVersion, Kind
 from .podtemplate import RunPodTemplate
 from .runtime import Runtime, Secrets, Storage, WandB
 from .sources import ModelSource
@@ -23,13 +24,6 @@ from .stages import (
     SFTStage,
 )
 
-GROUP = "rlhf-operator.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "RLHFRun"
-PLURAL = "rlhfruns"
-SINGULAR = "rlhfrun"
-SHORT_NAMES = ("rlhf",)
 MAX_RUN_NAME_LENGTH = 40  # leaves room for "-<stage>" suffixes in Job names and pod-name hashes
 
 Method = Literal["PPO", "DPO", "ReST", "RLAIF", "GRPO", "RLOO"]
@@ -343,9 +337,9 @@ class RLHFRun(ApiModel):
         ),
     )
 
-    api_version: Literal["rlhf-operator.io/v1alpha1"] = API_VERSION  # type: ignore[assignment]
+    api_version: ApiVersion = API_VERSION
     """API version."""
-    kind: Literal["RLHFRun"] = KIND  # type: ignore[assignment]
+    kind: Kind = KIND
     """Kind."""
     metadata: dict[str, Any] = Field(default_factory=dict)
     """Standard object metadata."""

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import handlers  # registers the handlers
     from .controller import Controller
     from .defaults import OperatorDefaults
-    from .executor import Cluster
     from .health import Health, serve, track_watch_streams
+    from .kube import Cluster
     from .leader import LeaseElector
     from .metrics import Metrics
 

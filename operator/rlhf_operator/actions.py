@@ -1,4 +1,4 @@
-"""What the planner asks for. Plain data: the executor performs them, tests compare them."""
+"""What the planner asks for. Plain data: kube.Cluster performs them, tests compare them."""
 
 from __future__ import annotations
 

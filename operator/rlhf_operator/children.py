@@ -8,7 +8,6 @@ Kubernetes client: manifests are plain dicts in wire form.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -22,18 +21,22 @@ from rlhf_api.layout import (
     StageInvocation,
     run_dir,
 )
-
-# The operator's label names live in the API (podtemplate), whose Pod-overlay rules refuse them;
-# the rest of the operator imports them from here.
-from rlhf_api.podtemplate import (
-    CONFIG_MOUNT_PATH,
-    CONSTITUTION_MOUNT_PATH,
-    DOMAIN,  # noqa: F401 (re-exported)
+from rlhf_api.names import (
+    API_VERSION,
+    KIND,
     KUEUE_QUEUE_LABEL,
+    LABEL_APP_COMPONENT,
+    LABEL_APP_INSTANCE,
+    LABEL_APP_NAME,
+    LABEL_APP_PART_OF,
     LABEL_MANAGED_BY,
     LABEL_RUN,
     LABEL_STAGE,
-    OPERATOR_APP_LABELS,
+    MANAGER,
+)
+from rlhf_api.podtemplate import (
+    CONFIG_MOUNT_PATH,
+    CONSTITUTION_MOUNT_PATH,
     SHM_MOUNT_PATH,
     TMP_MOUNT_PATH,
     VOLUME_CONFIG,
@@ -44,10 +47,9 @@ from rlhf_api.podtemplate import (
     RunPodTemplate,
     merged,
 )
-from rlhf_api.run import API_VERSION, KIND, RLHFRunSpec
+from rlhf_api.run import RLHFRunSpec
 from rlhf_api.runtime import WORKSPACE_MOUNT_PATH
 
-MANAGER = "rlhf-operator"
 CONTAINER_NAME = "stage"
 DEFAULT_PVC_SIZE = "100Gi"
 # The stage image runs as this unprivileged user; fsGroup makes the shared volume writable by it.
@@ -56,15 +58,6 @@ STAGE_UID = 1000
 # stageDefaults) say: requests only, no limits, so that the Pod is never BestEffort (the first
 # evicted under node pressure, and scheduled as if it needed nothing) and yet is not capped.
 FALLBACK_REQUESTS = {"cpu": "100m", "memory": "256Mi"}
-
-
-@dataclass(frozen=True)
-class RunIdentity:
-    """The parts of a run's metadata children depend on."""
-
-    name: str
-    namespace: str
-    uid: str
 
 
 def job_name(run: str, stage: str) -> str:
@@ -85,23 +78,24 @@ def workspace_claim(run: str, spec: RLHFRunSpec) -> str:
 
 
 def labels(run: str, stage: str | None = None) -> dict[str, str]:
-    name, instance, part_of, _, component = OPERATOR_APP_LABELS
     out = {
-        name: "rlhf-stage" if stage else "rlhf-run",
-        instance: run,
-        part_of: "rlhf-operator",
+        LABEL_APP_NAME: "rlhf-stage" if stage else "rlhf-run",
+        LABEL_APP_INSTANCE: run,
+        LABEL_APP_PART_OF: MANAGER,
         LABEL_MANAGED_BY: MANAGER,
         LABEL_RUN: run,
     }
     if stage:
-        out[component] = stage
+        out[LABEL_APP_COMPONENT] = stage
         out[LABEL_STAGE] = stage
     return out
 
 
-def owner_reference(run: RunIdentity) -> dict[str, Any]:
+def owner_reference(run: RunRef) -> dict[str, Any]:
     # controller=true marks the run as the one manager; blockOwnerDeletion lets foreground deletion
     # of the run wait for its children.
+    if run.uid is None:  # only a run outside a cluster (rlhfctl local) has none, and it owns no objects
+        raise ValueError(f"run {run.namespace}/{run.name}: an owner reference needs the run's uid")
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -112,14 +106,14 @@ def owner_reference(run: RunIdentity) -> dict[str, Any]:
     }
 
 
-def _metadata(run: RunIdentity, name: str, stage: str | None, owned: bool = True) -> dict[str, Any]:
+def _metadata(run: RunRef, name: str, stage: str | None, owned: bool = True) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": run.namespace, "labels": labels(run.name, stage)}
     if owned:
         meta["ownerReferences"] = [owner_reference(run)]
     return meta
 
 
-def build_pvc(run: RunIdentity, spec: RLHFRunSpec) -> dict[str, Any]:
+def build_pvc(run: RunRef, spec: RLHFRunSpec) -> dict[str, Any]:
     """The workspace PVC the operator creates when no existingClaim is given.
 
     With keepOnDelete the PVC carries no owner reference, so the garbage collector leaves it (and the
@@ -140,16 +134,16 @@ def build_pvc(run: RunIdentity, spec: RLHFRunSpec) -> dict[str, Any]:
     }
 
 
-def build_invocation(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> StageInvocation:
+def build_invocation(run: RunRef, spec: RLHFRunSpec, stage: str) -> StageInvocation:
     return StageInvocation(
         stage=stage,
-        run=RunRef(namespace=run.namespace, name=run.name, uid=run.uid),
+        run=run,
         workspace=WORKSPACE_MOUNT_PATH,
         spec=spec,
     )
 
 
-def build_config_map(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
+def build_config_map(run: RunRef, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
     """The stage's invocation: a snapshot of the spec taken when the stage's Job is created."""
     text = yaml.safe_dump(build_invocation(run, spec, stage).to_wire(), sort_keys=True)
     return {
@@ -168,7 +162,7 @@ def stage_command(stage: str) -> list[str]:
     return ["python", "-m", "rlhf_stages", stage, "--config", f"{CONFIG_MOUNT_PATH}/{CONFIG_FILE_NAME}"]
 
 
-def _env(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
+def _env(run: RunRef, spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
     home = f"{WORKSPACE_MOUNT_PATH}/{run_dir(run.namespace, run.name)}"
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only
@@ -251,7 +245,7 @@ def pod_template(spec: RLHFRunSpec, stage: str) -> RunPodTemplate:
     return merged(spec.pod_template, spec.stage(stage).pod_template)
 
 
-def build_job(run: RunIdentity, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
+def build_job(run: RunRef, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
     """The stage's Job. Created suspended when the run is suspended or Kueue is to admit it."""
     runtime = spec.runtime
     overlay = pod_template(spec, stage)

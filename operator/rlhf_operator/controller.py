@@ -10,8 +10,8 @@ import logging
 from typing import Any
 
 from .defaults import OperatorDefaults
-from .executor import Cluster
 from .health import Health
+from .kube import Cluster
 from .leader import LeaseElector
 from .metrics import Metrics
 from .progress import DEFAULT_PROGRESS_INTERVAL

@@ -15,9 +15,8 @@ from typing import Any
 
 import kopf
 
-from rlhf_api.run import GROUP, PLURAL, VERSION
+from rlhf_api.names import GROUP, LABEL_MANAGED_BY, LABEL_RUN, MANAGER, PLURAL, VERSION
 
-from .children import LABEL_MANAGED_BY, LABEL_RUN, MANAGER
 from .controller import Controller
 
 log = logging.getLogger(__name__)

@@ -20,26 +20,13 @@ from datetime import UTC, datetime
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from rlhf_api.timestamps import format_micro_timestamp, parse_timestamp
+
 log = logging.getLogger(__name__)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _micro(ts: datetime) -> str:
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse(ts: str | None) -> datetime | None:
-    if not ts:
-        return None
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(ts, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    return None
 
 
 class LeaseElector:
@@ -102,8 +89,8 @@ class LeaseElector:
         return client.V1LeaseSpec(
             holder_identity=self.identity,
             lease_duration_seconds=max(1, round(self.duration)),
-            acquire_time=_micro(acquire or now),
-            renew_time=_micro(now),
+            acquire_time=format_micro_timestamp(acquire or now),
+            renew_time=format_micro_timestamp(now),
             lease_transitions=transitions,
         )
 
@@ -127,7 +114,7 @@ class LeaseElector:
         holder = spec.holder_identity
         renewed = spec.renew_time
         if isinstance(renewed, str):
-            renewed = _parse(renewed)
+            renewed = parse_timestamp(renewed)
         duration = spec.lease_duration_seconds or self.duration
         expired = renewed is None or (_now() - renewed).total_seconds() > duration
         if holder and holder != self.identity and not expired:
@@ -135,7 +122,7 @@ class LeaseElector:
         transitions = (spec.lease_transitions or 0) + (0 if holder == self.identity else 1)
         acquired = spec.acquire_time if holder == self.identity else None
         if isinstance(acquired, str):
-            acquired = _parse(acquired)
+            acquired = parse_timestamp(acquired)
         lease.spec = self._spec(acquired, transitions)
         try:  # carries metadata.resourceVersion: a concurrent winner makes this a Conflict
             self.api.replace_namespaced_lease(self.name, self.namespace, lease)

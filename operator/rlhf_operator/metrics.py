@@ -7,23 +7,20 @@ exposition holds only what the operator means to publish.
 from __future__ import annotations
 
 import threading
-from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from rlhf_api.run import StageStatus
+from rlhf_api.timestamps import parse_timestamp
 
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 
 
 def _seconds(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
+    begin, finish = parse_timestamp(start), parse_timestamp(end)
+    if begin is None or finish is None:
         return None
-    fmt = "%Y-%m-%dT%H:%M:%SZ"
-    try:
-        return max(0.0, (datetime.strptime(end, fmt) - datetime.strptime(start, fmt)).total_seconds())
-    except ValueError:
-        return None
+    return max(0.0, (finish - begin).total_seconds())
 
 
 class Metrics:

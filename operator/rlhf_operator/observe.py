@@ -4,7 +4,7 @@ Pure: no client calls here. A Job becomes a :class:`JobObservation`; its Pods co
 stage's reported results (the container's termination message, a :class:`StageResult` as JSON)
 and live progress. Live progress comes from the stage container's log (the last
 ``rlhf-progress {...}`` line of its tail, read by the reconciler and handed in here parsed), or,
-under the dev executor, which has no pod logs, from the ``rlhf-operator.io/progress`` Pod
+under the local kubelet, which has no pod logs, from the ``rlhf-operator.io/progress`` Pod
 annotation; both carry the same JSON and go through :func:`parse_progress` (docs/operator.md).
 """
 
@@ -19,11 +19,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from rlhf_api.layout import PROGRESS_LOG_MARKER, StageResult
+from rlhf_api.names import CONTROLLER_UID_LABEL, KUEUE_QUEUE_LABEL, LABEL_STAGE, PROGRESS_ANNOTATION
 
-from .children import CONTAINER_NAME, DOMAIN, KUEUE_QUEUE_LABEL, LABEL_STAGE
-
-PROGRESS_ANNOTATION = f"{DOMAIN}/progress"
-CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
+from .children import CONTAINER_NAME
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class JobObservation:
     completion_time: str | None = None
     result: StageResult | None = None  # from the newest terminated container
     exit_code: int | None = None  # of the newest terminated container
-    progress: Progress | None = None  # from the running pod's log (or, dev executor, its annotation)
+    progress: Progress | None = None  # from the running pod's log (or, local kubelet, its annotation)
     waiting: Waiting | None = None  # the newest live pod has not started: why
     queue: str | None = None  # the Kueue LocalQueue its label names: Kueue, not the operator, unsuspends it
 

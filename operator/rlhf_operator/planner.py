@@ -9,6 +9,12 @@ Rules, in order: a finished run stays finished (until a retry is requested); sta
 time in pipeline order; a stage's Job is created only when every earlier enabled stage succeeded;
 spec.suspend suspends the active Job and holds back new ones.
 
+How a pass is built: ``_stages_to_walk`` lists the stages (acting on a retry request, keeping a
+finished run's list); ``_walk`` then goes through them in order and, for each, first ``detect``s its
+cause from its status entry and its Job alone, then ``decide``s what to do about that cause given the
+spec, until the stage the pipeline stands at; ``_summarise`` and ``_events`` derive the run's phase,
+conditions and events from the result.
+
 Kueue (runtime.queueName, the Job labelled with the LocalQueue): Kueue owns the Job's spec.suspend.
 It unsuspends the Job when it admits its Workload and suspends it again to preempt it, so the operator
 never patches it: the stage shows Pending with reason Queued while the Job waits, and a run's suspend
@@ -19,25 +25,34 @@ from the stage's last checkpoint on the workspace volume (docs/install.md, Kueue
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from rlhf_api.layout import last_policy_stage, run_dir, stage_output
+from rlhf_api.layout import RunRef, last_policy_stage, run_dir, stage_output
+from rlhf_api.names import RETRY_ANNOTATION
 from rlhf_api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
+from rlhf_api.timestamps import format_timestamp, parse_timestamp
 
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .children import RunIdentity, build_config_map, build_job, build_pvc
+from .children import build_config_map, build_job, build_pvc
 from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
-from .progress import merge_progress, parse_timestamp, summary
+from .progress import merge_progress, summary
 
-RETRY_ANNOTATION = "rlhf-operator.io/retry"
 REWARD_KEYS = ("reward_mean", "reward/mean", "rewards/mean")
 
 
 @dataclass(frozen=True)
 class RunView:
-    """The run as the planner needs it."""
+    """The run as the planner reads it: which run (``ref``) and the state its decisions depend on.
+
+    Not another name for a run: ``RunRef`` (rlhf_api.layout) only says which run, and is what the children
+    and the stage invocation carry; a view adds what was read from the API server in this pass
+    (generation, the defaulted spec, the last written status, the annotations), so it lives only as
+    long as one reconcile.
+    """
 
     name: str
     namespace: str
@@ -48,8 +63,8 @@ class RunView:
     annotations: dict[str, str] = field(default_factory=dict)
 
     @property
-    def identity(self) -> RunIdentity:
-        return RunIdentity(self.name, self.namespace, self.uid)
+    def ref(self) -> RunRef:
+        return RunRef(namespace=self.namespace, name=self.name, uid=self.uid)
 
 
 @dataclass(frozen=True)
@@ -57,10 +72,6 @@ class Plan:
     actions: list[Action]
     status: RLHFRunStatus
     finished: list[StageStatus] = field(default_factory=list)  # stages that finished in this pass (metrics)
-
-
-def timestamp(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _enabled(spec: RLHFRunSpec, stage: str) -> bool:
@@ -131,136 +142,277 @@ def _queued(st: StageStatus, job: JobObservation) -> StageStatus:
     return st.model_copy(update={"phase": "Pending", "reason": cond.QUEUED, "message": message})
 
 
+# --- which stages the pass walks: the listed stages, a retry, and the finality of a finished run -----
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """What a retry request (a new value of the retry annotation) does before the stages are walked."""
+
+    token: str
+    stages: list[StageStatus]
+    actions: list[Action]
+    deleting: frozenset[str] = frozenset()  # stages whose old Job is being deleted: none is created yet
+    restarted: bool = False  # the failed run runs again from its failed stage
+
+
+def _retry(token: str, old: RLHFRunStatus, stages: list[StageStatus], jobs: Mapping[str, JobObservation]) -> _Retry:
+    """Restart a failed run from its failed stage (deleting that stage's Job), or ignore the request."""
+    failed = next((i for i, s in enumerate(stages) if s.phase == "Failed"), None)
+    if old.phase != "Failed" or failed is None:
+        event = PostEvent("Normal", "RetryIgnored", f"retry {token!r} ignored: the run has not failed")
+        return _Retry(token, stages, [event])
+    stages, deleting = list(stages), frozenset[str]()
+    actions: list[Action] = []
+    name = stages[failed].name
+    if name in jobs:
+        actions.append(DeleteJob(jobs[name].name))
+        deleting = frozenset({name})
+    stages[failed] = StageStatus(name=name, job_name=stages[failed].job_name)
+    actions.append(PostEvent("Normal", "RetryRequested", f"retrying from stage {name} ({token})"))
+    return _Retry(token, stages, actions, deleting, restarted=True)
+
+
+def _stages_to_walk(
+    run: RunView, old: RLHFRunStatus, jobs: Mapping[str, JobObservation]
+) -> tuple[list[StageStatus], _Retry | None]:
+    """The stage list this pass walks, and the retry it acts on, if one was requested.
+
+    A failed run is final until retried (spec edits change nothing), a succeeded run is final.
+    """
+    stages = _stage_list(run.spec, old.stages)
+    retry = None
+    token = run.annotations.get(RETRY_ANNOTATION)
+    if token and token != old.retry_token:
+        retry = _retry(token, old, stages, jobs)
+        stages = retry.stages
+    elif old.phase == "Failed" and old.stages:
+        stages = list(old.stages)
+    if old.phase == "Succeeded":
+        stages = list(old.stages)
+    return stages, retry
+
+
+# --- one stage: detect what its Job says (the cause), then decide what to do about it -----------------
+
+
+class Cause(enum.Enum):
+    """Where a stage stands, read from its status entry and its Job alone (never from the spec)."""
+
+    SKIPPED = "recorded as skipped (disabled)"
+    SUCCEEDED = "recorded as succeeded"
+    FAILED = "recorded as failed"
+    JOB_BEING_REPLACED = "its old Job is being deleted for a retry"
+    SUCCEEDED_BEFORE = "no Job, but a later stage has one: it succeeded and its Job was deleted since"
+    NO_JOB = "no Job"
+    JOB_DELETING = "its Job is being deleted"
+    JOB_COMPLETE = "its Job completed"
+    JOB_FAILED = "its Job failed"
+    JOB_LIVE = "its Job is neither finished nor being deleted"
+
+
+def detect(st: StageStatus, job: JobObservation | None, replacing: bool, later_job: bool) -> Cause:
+    """The stage's cause. ``replacing``: its old Job is being deleted (retry); ``later_job``: a later
+    stage's Job exists."""
+    if st.phase == "Skipped":
+        return Cause.SKIPPED
+    if st.phase == "Succeeded":
+        return Cause.SUCCEEDED
+    if st.phase == "Failed":
+        return Cause.FAILED
+    if replacing:
+        return Cause.JOB_BEING_REPLACED
+    if job is None:
+        return Cause.SUCCEEDED_BEFORE if later_job else Cause.NO_JOB
+    if job.deleting:
+        return Cause.JOB_DELETING
+    if job.complete:
+        return Cause.JOB_COMPLETE
+    if job.failed_condition:
+        return Cause.JOB_FAILED
+    return Cause.JOB_LIVE
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the planner does about one stage: its new entry, the actions, and whether the walk stops.
+
+    The walk stops at the stage where the pipeline stands (the run's current stage); it goes on past
+    stages that are done or skipped.
+    """
+
+    stage: StageStatus
+    stop: bool
+    actions: list[Action] = field(default_factory=list)
+    failure: tuple[str, str] | None = None  # (reason, message) of the run's failure
+    finished: bool = False  # the stage finished in this pass (for metrics)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What every decision in one pass reads besides the stage and its Job."""
+
+    run: RunView
+    old: RLHFRunStatus
+    now: datetime
+    ts: str
+
+
+def _suspended(st: StageStatus) -> StageStatus:
+    return st.model_copy(update={"phase": "Suspended", "reason": None, "message": None})
+
+
+def _recorded_failure(st: StageStatus, job: JobObservation | None) -> tuple[str, str]:
+    """Why a stage already recorded as failed failed, for the run's Failed condition."""
+    if job is not None and job.failed_condition:
+        return _failure_message(st.name, job)
+    if st.reason == cond.START_TIMEOUT:  # the operator failed it (and, with Kueue, deleted its Job)
+        return cond.START_TIMEOUT, st.message or f"stage {st.name} failed"
+    reason = cond.STAGE_LOST if job is None else (st.reason or cond.STAGE_FAILED)  # None: its Job is gone
+    return reason, st.message or f"stage {st.name} failed"
+
+
+def _start(st: StageStatus, p: _Pass) -> Decision:
+    """No Job for the stage: create it, unless the run is suspended or finished."""
+    spec = p.run.spec
+    if not spec.suspend and p.old.phase not in ("Failed", "Succeeded"):
+        cfg = build_config_map(p.run.ref, spec, st.name)
+        job_manifest = build_job(p.run.ref, spec, st.name)
+        name = job_manifest["metadata"]["name"]
+        actions: list[Action] = [CreateJob(cfg, job_manifest)]
+        known = next((o for o in p.old.stages if o.name == st.name and o.phase == "Pending"), None)
+        if known is None or known.job_name is None:
+            actions.append(PostEvent("Normal", "JobCreated", f"created Job {name} for stage {st.name}"))
+        return Decision(st.model_copy(update={"job_name": name}), stop=True, actions=actions)
+    if spec.suspend and st.job_name:
+        # Its Job existed and is gone: with Kueue, the run's suspend deleted it.
+        return Decision(_suspended(st), stop=True)
+    return Decision(st, stop=True)
+
+
+def _suspension_actions(suspend: bool, job: JobObservation) -> list[Action]:
+    """Make a live Job's spec.suspend match the run's; Kueue owns a queued Job's, so it is only suspended."""
+    if suspend and not job.suspended:
+        return [SetJobSuspend(job.name, True)]
+    if not suspend and job.suspended and not job.queue:
+        return [SetJobSuspend(job.name, False)]
+    return []
+
+
+def _live(st: StageStatus, job: JobObservation, p: _Pass) -> Decision:
+    """A live Job: suspend or resume it with the run, and tell queued, not started and running apart."""
+    spec = p.run.spec
+    # Kueue owns a queued Job's suspend (it would unsuspend an admitted Job the operator suspended), so
+    # the run's suspend deletes that Job, keeping it until its Pod has stopped; resuming creates it again.
+    if spec.suspend and job.queue:
+        return Decision(_suspended(st), stop=True, actions=[DeleteJob(job.name, wait_for_pods=True)])
+    actions = _suspension_actions(spec.suspend, job)
+    if not spec.suspend and job.suspended and job.queue:
+        # Not admitted yet, or preempted: not running, not failing, and not on the start clock.
+        return Decision(_queued(st, job), stop=True, actions=actions)
+    not_started = None if spec.suspend or job.suspended else job.waiting
+    if not_started is not None:
+        entry, timed_out = _pending(st, not_started, spec.runtime.start_timeout_seconds, p.now, p.ts)
+        if not timed_out:
+            return Decision(entry, stop=True, actions=actions)
+        # Suspending deletes the Pod (and frees what it holds) but keeps the Job to inspect; Kueue
+        # would unsuspend it, so a queued Job is deleted (which also frees its quota).
+        actions.append(DeleteJob(job.name) if job.queue else SetJobSuspend(job.name, True))
+        return Decision(
+            entry, stop=True, actions=actions, failure=(cond.START_TIMEOUT, entry.message or ""), finished=True
+        )
+    if spec.suspend:
+        phase = "Suspended"
+    elif job.active or (st.phase in ("Running", "Suspended") and not job.suspended):
+        phase = "Running"
+    else:
+        phase = "Pending"
+    return Decision(st.model_copy(update={"phase": phase, "reason": None, "message": None}), stop=True, actions=actions)
+
+
+def decide(cause: Cause, st: StageStatus, job: JobObservation | None, p: _Pass) -> Decision:
+    """What to do about a stage, given its cause and the run's spec."""
+    if cause in (Cause.SKIPPED, Cause.SUCCEEDED):
+        return Decision(st, stop=False)
+    if cause is Cause.FAILED:
+        return Decision(st, stop=True, failure=_recorded_failure(st, job))
+    if cause is Cause.JOB_BEING_REPLACED:
+        return Decision(st, stop=True)  # the next pass, once it is gone, creates the new one
+    if cause is Cause.SUCCEEDED_BEFORE:
+        return Decision(
+            st.model_copy(update={"phase": "Succeeded", "completion_time": st.completion_time or p.ts}), stop=False
+        )
+    if cause is Cause.NO_JOB:
+        return _start(st, p)
+    assert job is not None, cause  # every other cause is read from the stage's Job
+    if cause is Cause.JOB_DELETING:
+        # Being deleted by the run's suspend (a queued Job): its Pod is stopping.
+        return Decision(_suspended(st) if p.run.spec.suspend and job.queue else st, stop=True)
+    if cause is Cause.JOB_COMPLETE:
+        # The stage's own word on success, when it says more than "done": whose output it reused, or
+        # that it trained again and set the old output aside (docs/stage-protocol.md).
+        said = job.result.message if job.result is not None and job.result.message != "done" else None
+        update = {"phase": "Succeeded", "completion_time": job.completion_time or p.ts, "message": said}
+        return Decision(st.model_copy(update=update), stop=False, finished=True)
+    if cause is Cause.JOB_FAILED:
+        failure = _failure_message(st.name, job)
+        update = {"phase": "Failed", "completion_time": p.ts, "message": failure[1]}
+        return Decision(st.model_copy(update=update), stop=True, failure=failure, finished=True)
+    return _live(st, job, p)
+
+
+@dataclass(frozen=True)
+class _Walk:
+    stages: list[StageStatus]
+    actions: list[Action]
+    current: str | None  # the stage the walk stopped at; None when every stage is done or skipped
+    failure: tuple[str, str] | None
+    finished: list[StageStatus]
+
+
+def _walk(stages: list[StageStatus], jobs: Mapping[str, JobObservation], replacing: frozenset[str], p: _Pass) -> _Walk:
+    """Decide each stage in pipeline order, up to the first one the pipeline stands at."""
+    stages = list(stages)
+    actions: list[Action] = []
+    finished: list[StageStatus] = []
+    for i, listed in enumerate(stages):
+        job = jobs.get(listed.name)
+        st = listed if job is None or listed.phase == "Skipped" else _with_job(listed, job, p.ts)
+        later_job = any(s.name in jobs for s in stages[i + 1 :])
+        decision = decide(detect(st, job, listed.name in replacing, later_job), st, job, p)
+        stages[i] = decision.stage
+        actions += decision.actions
+        if decision.finished:
+            finished.append(decision.stage)
+        if decision.stop:
+            return _Walk(stages, actions, st.name, decision.failure, finished)
+    return _Walk(stages, actions, None, None, finished)
+
+
 def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
-    ts = timestamp(now)
-    spec = run.spec
+    ts = format_timestamp(now)
     old = run.status or RLHFRunStatus()
     status = old.model_copy(deep=True)
     status.observed_generation = run.generation
+    stages, retry = _stages_to_walk(run, old, observed.jobs)
+    replacing = retry.deleting if retry else frozenset[str]()
+    # A Job being deleted for a retry is no longer the stage's Job: no decision may read it as one.
+    jobs = {stage: job for stage, job in observed.jobs.items() if stage not in replacing}
     actions: list[Action] = []
-    stages = _stage_list(spec, old.stages)
-    jobs = dict(observed.jobs)
-    waiting: set[str] = set()  # stages whose old Job is being deleted (retry)
-
-    # Retry: a new value of the annotation restarts a failed run from its failed stage.
-    token = run.annotations.get(RETRY_ANNOTATION)
-    if token and token != old.retry_token:
-        status.retry_token = token
-        failed = next((i for i, s in enumerate(stages) if s.phase == "Failed"), None)
-        if old.phase == "Failed" and failed is not None:
-            name = stages[failed].name
-            if name in jobs:
-                actions.append(DeleteJob(jobs.pop(name).name))
-                waiting.add(name)
-            stages[failed] = StageStatus(name=name, job_name=stages[failed].job_name)
+    if retry is not None:
+        status.retry_token = retry.token
+        actions += retry.actions
+        if retry.restarted:
             status.phase, status.completion_time = "Running", None
-            actions.append(PostEvent("Normal", "RetryRequested", f"retrying from stage {name} ({token})"))
-        else:
-            actions.append(PostEvent("Normal", "RetryIgnored", f"retry {token!r} ignored: the run has not failed"))
-    elif old.phase == "Failed" and old.stages:
-        stages = list(old.stages)  # a failed run is final until retried; spec edits change nothing
-    if old.phase == "Succeeded":
-        stages = list(old.stages)  # a succeeded run is final
 
-    if spec.storage.existing_claim is None and not observed.pvc_exists and old.phase != "Succeeded":
-        actions.append(EnsurePVC(build_pvc(run.identity, spec)))
+    if run.spec.storage.existing_claim is None and not observed.pvc_exists and old.phase != "Succeeded":
+        actions.append(EnsurePVC(build_pvc(run.ref, run.spec)))
 
-    current: str | None = None
-    failure: tuple[str, str] | None = None
-    finished: list[StageStatus] = []
-    for i, listed in enumerate(stages):
-        if listed.phase == "Skipped":
-            continue
-        job = jobs.get(listed.name)
-        st = listed if job is None else _with_job(listed, job, ts)
-        stages[i] = st
-        if st.phase == "Succeeded":
-            continue
-        current = st.name
-        if st.phase == "Failed":
-            if job is not None and job.failed_condition:
-                failure = _failure_message(st.name, job)
-            elif st.reason == cond.START_TIMEOUT:  # the operator failed it (and, with Kueue, deleted its Job)
-                failure = (cond.START_TIMEOUT, st.message or f"stage {st.name} failed")
-            else:  # its Job is gone
-                reason = cond.STAGE_LOST if job is None else (st.reason or cond.STAGE_FAILED)
-                failure = (reason, st.message or f"stage {st.name} failed")
-            break
-        if job is None or st.name in waiting:
-            if st.name not in waiting and any(s.name in jobs for s in stages[i + 1 :]):
-                # A later stage's Job exists, so this stage succeeded before (its Job since deleted).
-                stages[i] = st.model_copy(update={"phase": "Succeeded", "completion_time": st.completion_time or ts})
-                continue
-            if st.name not in waiting and not spec.suspend and old.phase not in ("Failed", "Succeeded"):
-                cfg = build_config_map(run.identity, spec, st.name)
-                job_manifest = build_job(run.identity, spec, st.name)
-                actions.append(CreateJob(cfg, job_manifest))
-                known = next((o for o in old.stages if o.name == st.name and o.phase == "Pending"), None)
-                if known is None or known.job_name is None:
-                    name = job_manifest["metadata"]["name"]
-                    actions.append(PostEvent("Normal", "JobCreated", f"created Job {name} for stage {st.name}"))
-                stages[i] = st.model_copy(update={"job_name": job_manifest["metadata"]["name"]})
-            elif st.name not in waiting and spec.suspend and st.job_name:
-                # Its Job existed and is gone: with Kueue, the run's suspend deleted it.
-                stages[i] = st.model_copy(update={"phase": "Suspended", "reason": None, "message": None})
-            break
-        if job.deleting:
-            if spec.suspend and job.queue:  # being deleted by the run's suspend: its Pod is stopping
-                stages[i] = st.model_copy(update={"phase": "Suspended", "reason": None, "message": None})
-            break
-        if job.complete:
-            # The stage's own word on success, when it says more than "done": whose output it reused, or
-            # that it trained again and set the old output aside (docs/stage-protocol.md).
-            said = job.result.message if job.result is not None and job.result.message != "done" else None
-            update = {"phase": "Succeeded", "completion_time": job.completion_time or ts, "message": said}
-            stages[i] = st.model_copy(update=update)
-            finished.append(stages[i])
-            continue
-        if job.failed_condition:
-            failure = _failure_message(st.name, job)
-            stages[i] = st.model_copy(update={"phase": "Failed", "completion_time": ts, "message": failure[1]})
-            finished.append(stages[i])
-            break
-        # The Job is live: make its suspension match the run's. Kueue owns a queued Job's suspend (it
-        # would unsuspend an admitted Job the operator suspended), so the run's suspend deletes that
-        # Job, keeping it until its Pod has stopped; resuming creates it again.
-        if spec.suspend and job.queue:
-            actions.append(DeleteJob(job.name, wait_for_pods=True))
-            stages[i] = st.model_copy(update={"phase": "Suspended", "reason": None, "message": None})
-            break
-        if spec.suspend and not job.suspended:
-            actions.append(SetJobSuspend(job.name, True))
-        elif not spec.suspend and job.suspended and not job.queue:
-            actions.append(SetJobSuspend(job.name, False))
-        if not spec.suspend and job.suspended and job.queue:
-            # Not admitted yet, or preempted: not running, not failing, and not on the start clock.
-            stages[i] = _queued(st, job)
-            break
-        not_started = None if spec.suspend or job.suspended else job.waiting
-        if not_started is not None:
-            stages[i], timed_out = _pending(st, not_started, spec.runtime.start_timeout_seconds, now, ts)
-            if timed_out:
-                failure = (cond.START_TIMEOUT, stages[i].message or "")
-                finished.append(stages[i])
-                # Suspending deletes the Pod (and frees what it holds) but keeps the Job to inspect;
-                # Kueue would unsuspend it, so a queued Job is deleted (which also frees its quota).
-                actions.append(DeleteJob(job.name) if job.queue else SetJobSuspend(job.name, True))
-            break
-        if spec.suspend:
-            phase = "Suspended"
-        elif job.active or (st.phase in ("Running", "Suspended") and not job.suspended):
-            phase = "Running"
-        else:
-            phase = "Pending"
-        stages[i] = st.model_copy(update={"phase": phase, "reason": None, "message": None})
-        break
-    else:
-        current = None
-
-    status.stages = stages
-    _summarise(run, status, current, failure, ts)
-    actions += _events(run, old, status, ts)
-    return Plan(actions=actions, status=status, finished=finished)
+    walk = _walk(stages, jobs, replacing, _Pass(run, old, now, ts))
+    status.stages = walk.stages
+    _summarise(run, status, walk.current, walk.failure, ts)
+    actions += walk.actions + _events(run, old, status, ts)
+    return Plan(actions=actions, status=status, finished=walk.finished)
 
 
 def _summarise(

@@ -7,23 +7,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from rlhf_api.run import RLHFRunStatus, StageProgress, StageStatus
+from rlhf_api.timestamps import parse_timestamp
 
 from .observe import JobObservation, Progress
 
 DEFAULT_PROGRESS_INTERVAL = 10.0  # seconds between log reads of one running stage pod
-
-
-def parse_timestamp(ts: str | None) -> datetime | None:
-    """An RFC 3339 timestamp as the API server writes it (seconds, UTC), or None."""
-    if not ts:
-        return None
-    try:
-        return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def merge_progress(st: StageStatus, job: JobObservation, now: str) -> StageProgress | None:

@@ -24,7 +24,7 @@ from rlhf_api.run import RLHFRunSpec, RLHFRunStatus
 
 from .actions import PostEvent
 from .defaults import OperatorDefaults
-from .executor import Cluster
+from .kube import Cluster
 from .metrics import Metrics
 from .observe import Progress, log_readable, observe, parse_progress_log
 from .planner import RunView, plan

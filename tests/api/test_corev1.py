@@ -11,8 +11,9 @@ import pytest
 
 from rlhf_api import RLHFRunSpec
 from rlhf_api.corev1 import Affinity, Toleration
+from rlhf_api.layout import RunRef
 from rlhf_api.validation import validate_manifest
-from rlhf_operator.children import RunIdentity, build_job
+from rlhf_operator.children import build_job
 
 from .builders import kubectl_create, minimal_run, patched
 
@@ -508,7 +509,7 @@ def test_valid_core_values_are_admitted_and_become_an_accepted_job(control_plane
 
     # The stage Job the operator builds from it carries the values unchanged, and the API server
     # (which validates a Job's Pod template like a Pod) accepts it.
-    job = build_job(RunIdentity(name="corev1-ok", namespace=namespace, uid="0000-uid"), model.spec, "sft")
+    job = build_job(RunRef(name="corev1-ok", namespace=namespace, uid="0000-uid"), model.spec, "sft")
     pod_spec = job["spec"]["template"]["spec"]
     assert pod_spec["tolerations"] == VALID_RUNTIME["tolerations"]
     assert pod_spec["affinity"] == VALID_RUNTIME["affinity"]

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
+from rlhf_api.layout import RunRef
 from rlhf_api.run import RLHFRunSpec
-from rlhf_operator.children import RunIdentity, build_job
+from rlhf_operator.children import build_job
 from rlhf_operator.dev.controlplane import ControlPlane
 
 from .tools import REPO, Helm, by_kind, kubeconform, server_side_diff, value_sets
@@ -106,7 +107,7 @@ def test_stage_pods_meet_pod_security_restricted(control_plane: ControlPlane, na
     manifest = yaml.safe_load((REPO / "examples" / example).read_text())
     spec = RLHFRunSpec.model_validate(manifest["spec"])
     control_plane.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
-    job = build_job(RunIdentity(manifest["metadata"]["name"], namespace, "0" * 8), spec, "sft")
+    job = build_job(RunRef(name=manifest["metadata"]["name"], namespace=namespace, uid="0" * 8), spec, "sft")
     template = job["spec"]["template"]
     pod = {
         "apiVersion": "v1",

@@ -1,9 +1,9 @@
-"""``rlhfctl dev`` as a user runs it: a real control plane, the operator and the dev executor.
+"""``rlhfctl dev`` as a user runs it: a real control plane, the operator and the local kubelet.
 
 The stages are the fast fake ones (``--stage-python-path``), so a whole run takes seconds. The test
 applies runs with the kubeconfig ``dev`` prints, then stops it the way a user or a service manager
 would, and checks that nothing it started (etcd, kube-apiserver, the controller manager, the
-operator, the executor, a running stage) outlives it.
+operator, the local kubelet, a running stage) outlives it.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def test_dev_runs_a_pipeline_and_stops_everything(tmp_path: Path, stop: str) -> 
 
         runs = workdir / "volume" / "runs" / "default"
 
-        # A whole (fake) pipeline: the operator creates each stage's Job, the executor runs it.
+        # A whole (fake) pipeline: the operator creates each stage's Job, the local kubelet runs it.
         kubectl("apply", "-f", "-", input=_run_manifest("quick"))
         _wait_for("run quick to succeed", lambda: status("quick").get("phase") == "Succeeded", dev)
         done = status("quick")
@@ -183,7 +183,7 @@ def test_dev_runs_a_pipeline_and_stops_everything(tmp_path: Path, stop: str) -> 
             "kube-apiserver",
             "kube-controller-manager",
             "rlhf_operator run",
-            "rlhf_operator.dev.executor",
+            "rlhf_operator.dev.local_kubelet",
             "rlhf_stages sft",
         ):
             assert component in names, f"{component} not found among {running}"
@@ -198,7 +198,7 @@ def test_dev_runs_a_pipeline_and_stops_everything(tmp_path: Path, stop: str) -> 
             raise AssertionError(f"rlhfctl dev still running 90 s after {stop}:\n{dev.output()}") from None
         assert code == 0, dev.output()
         assert _processes_of(workdir) == {}, dev.output()
-        for log in ("operator.log", "executor.log"):  # stopped, not crashed
+        for log in ("operator.log", "local-kubelet.log"):  # stopped, not crashed
             text = (workdir / "logs" / log).read_text()
             assert "Traceback" not in text and " ERROR " not in text, dev.output()
         # The stage was stopped like a pod, not killed: it had time to checkpoint.

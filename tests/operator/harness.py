@@ -1,4 +1,4 @@
-"""Helpers for the integration tests: the operator and the dev executor as real processes."""
+"""Helpers for the integration tests: the operator and the local kubelet as real processes."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _spawn(argv: list[str], log: Path) -> Process:
 
 @dataclass
 class Env:
-    """One test's world: a namespace, a local volume, an executor, and operators started on demand."""
+    """One test's world: a namespace, a local volume, a local kubelet, and operators started on demand."""
 
     plane: ControlPlane
     namespace: str
@@ -71,12 +71,12 @@ class Env:
     def kubectl(self, *args: str, **kw: Any) -> str:
         return self.plane.kubectl("-n", self.namespace, *args, **kw)
 
-    def start_executor(self, fake: bool = True) -> Process:
+    def start_kubelet(self, fake: bool = True) -> Process:
         self.volume.mkdir(parents=True, exist_ok=True)
         argv = [
             sys.executable,
             "-m",
-            "rlhf_operator.dev.executor",
+            "rlhf_operator.dev.local_kubelet",
             "--kubeconfig",
             str(self.plane.kubeconfig()),
             "--volume-dir",
@@ -90,7 +90,7 @@ class Env:
         ]
         if fake:
             argv += ["--python-path", str(FAKE_STAGES)]
-        proc = _spawn(argv, self.root / "executor.log")
+        proc = _spawn(argv, self.root / "local-kubelet.log")
         self.processes.append(proc)
         return proc
 

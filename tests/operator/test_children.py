@@ -6,9 +6,9 @@ import subprocess
 import sys
 from typing import Any
 
+from rlhf_api.layout import RunRef
 from rlhf_api.run import RLHFRunSpec
 from rlhf_operator.children import (
-    RunIdentity,
     build_config_map,
     build_job,
     build_pvc,
@@ -20,7 +20,7 @@ from tests.pythonpath import python_env
 
 from .harness import tiny_run
 
-RUN = RunIdentity("tiny", "ns", "uid-1")
+RUN = RunRef(name="tiny", namespace="ns", uid="uid-1")
 
 
 def spec(**changes: object) -> RLHFRunSpec:

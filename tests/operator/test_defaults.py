@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from rlhf_api import RLHFRun
+from rlhf_api.layout import RunRef
 from rlhf_api.runtime import DEFAULT_STAGE_IMAGE
-from rlhf_operator.children import RunIdentity, build_job, build_pvc
+from rlhf_operator.children import build_job, build_pvc
 from rlhf_operator.defaults import OperatorDefaults
 from tests.api.builders import REPO, load_example, minimal_run, patched
 
@@ -19,7 +20,7 @@ ENV = {
     "RLHF_DEFAULT_STAGE_CPU": "8",
     "RLHF_DEFAULT_STAGE_MEMORY": "64Gi",
 }
-RUN = RunIdentity(name="run", namespace="ml", uid="u-1")
+RUN = RunRef(name="run", namespace="ml", uid="u-1")
 
 
 def spec_of(doc: dict[str, Any]) -> Any:

@@ -1,4 +1,4 @@
-"""The dev executor's kubelet stand-in (dev/process.py): container paths map to local volumes, host paths do not."""
+"""The local kubelet's kubelet stand-in (dev/process.py): container paths map to local volumes, host paths do not."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """spec.runtime.maxInterruptions end to end: a stage suspended and resumed more often than allowed fails
 the run with ConfigError and a message naming the field and the fix (issue 12, item 4).
 
-The real API server, operator, dev executor and stage entrypoint; the stage's training is fake
+The real API server, operator, local kubelet and stage entrypoint; the stage's training is fake
 (tests/stages/fake_stage.py, slow enough to be stopped). The run's own suspend stops the Pod with
 SIGTERM as an eviction or a preemption does (the stage cannot tell them apart), so it counts.
 """
@@ -33,7 +33,7 @@ def _suspend(env: Env, value: bool) -> None:
 def test_suspended_more_than_max_interruptions_fails_the_run(env: Env, real_entrypoint: None) -> None:  # noqa: F811
     env.volume.mkdir(parents=True, exist_ok=True)
     (env.volume / "fake-stage.json").write_text(json.dumps({"sft": {"steps": 400, "stepSeconds": 0.2}}))
-    env.start_executor()
+    env.start_kubelet()
     env.start_operator()
     manifest = tiny_run()
     manifest["spec"]["runtime"]["maxInterruptions"] = 1

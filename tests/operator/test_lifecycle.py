@@ -1,6 +1,6 @@
-"""The operator against the real API server, with the dev executor and fast fake stages.
+"""The operator against the real API server, with the local kubelet and fast fake stages.
 
-Each test owns a namespace, a local volume, an executor and its operator(s), all real processes.
+Each test owns a namespace, a local volume, a local kubelet and its operator(s), all real processes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.controlplane
 
 
 def test_pipeline_succeeds_and_reapply_changes_nothing(env: Env) -> None:
-    env.start_executor()
+    env.start_kubelet()
     _, port = env.start_operator()
     manifest = tiny_run()
     env.apply(manifest)
@@ -64,7 +64,7 @@ def test_pipeline_succeeds_and_reapply_changes_nothing(env: Env) -> None:
 
 def test_failing_stage_exhausts_retries_then_retry_resumes(env: Env) -> None:
     env.fake_behaviour({"reward": {"fail": "retryable"}})
-    env.start_executor()
+    env.start_kubelet()
     env.start_operator()
     env.apply(tiny_run())  # runtime.backoffLimit: 1 -> two attempts
     run = env.wait_phase("tiny", "Failed", timeout=90)
@@ -91,7 +91,7 @@ def test_failing_stage_exhausts_retries_then_retry_resumes(env: Env) -> None:
 
 def test_config_error_fails_fast(env: Env) -> None:
     env.fake_behaviour({"sft": {"fail": "config"}})
-    env.start_executor()
+    env.start_kubelet()
     env.start_operator()
     env.apply(tiny_run(runtime={"backoffLimit": 3}))
     run = env.wait_phase("tiny", "Failed", timeout=60)
@@ -107,7 +107,7 @@ def _ppo_step(env: Env) -> int:
 
 def test_suspend_and_resume_mid_stage(env: Env) -> None:
     env.fake_behaviour({"ppo": {"steps": 40, "stepSeconds": 0.25}})
-    env.start_executor()
+    env.start_kubelet()
     env.start_operator()
     env.apply(tiny_run())
     env.wait_for("ppo progress", lambda: _ppo_step(env) >= 3, timeout=90)
@@ -136,13 +136,13 @@ def test_suspend_and_resume_mid_stage(env: Env) -> None:
 
 def test_deletion_mid_run_cleans_up(env: Env) -> None:
     env.fake_behaviour({"ppo": {"steps": 100, "stepSeconds": 0.2}})
-    env.start_executor()
+    env.start_kubelet()
     env.start_operator()
     env.apply(tiny_run())
     env.wait_for("ppo progress", lambda: _ppo_step(env) >= 2, timeout=90)
     assert env.get("pvc", "tiny-workspace") is not None and env.get("configmap", "tiny-ppo") is not None
     env.kubectl("delete", "rlhfrun", "tiny", "--wait=true", "--timeout=30s")
-    # The garbage collector deletes what the run owns; the executor then stops the process.
+    # The garbage collector deletes what the run owns; the local kubelet then stops the process.
     env.wait_for(
         "children to be collected",
         lambda: not any(env.items(kind, "rlhf-operator.io/run=tiny") for kind in ("jobs", "configmaps", "pvc", "pods")),

@@ -15,11 +15,10 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from rlhf_api.layout import PROGRESS_LOG_MARKER, progress_log_line
+from rlhf_api.names import CONTROLLER_UID_LABEL, PROGRESS_ANNOTATION
 from rlhf_api.run import RLHFRunStatus, StageStatus
-from rlhf_operator.executor import Cluster
+from rlhf_operator.kube import Cluster
 from rlhf_operator.observe import (
-    CONTROLLER_UID_LABEL,
-    PROGRESS_ANNOTATION,
     Progress,
     log_readable,
     observe_job,
@@ -74,7 +73,7 @@ def test_no_marker_line_is_no_progress(log: str | None) -> None:
 
 
 def test_one_parse_function_for_both_transports() -> None:
-    """The dev executor's annotation holds the progress file; the log line holds the same JSON."""
+    """The local kubelet's annotation holds the progress file; the log line holds the same JSON."""
     body = {"stage": "ppo", "step": 7, "totalSteps": 20, "metrics": {"reward_mean": 0.25, "note": "x"}}
     assert parse_progress(json.dumps(body, indent=2)) == parse_progress_log(progress_log_line(body))
     assert parse_progress_log(progress_log_line(body)) == Progress(7, 20, {"reward_mean": 0.25})
@@ -104,7 +103,7 @@ def pod(name: str = "tiny-ppo-abcde", phase: str = "Running", node: str | None =
 
 def test_only_a_running_stage_container_on_a_node_has_a_log_to_read() -> None:
     assert log_readable(pod())
-    assert not log_readable(pod(node=None))  # not scheduled (or the dev executor: no kubelet)
+    assert not log_readable(pod(node=None))  # not scheduled (or the local kubelet: no real node)
     assert not log_readable(pod(phase="Pending", waiting={"reason": "ContainerCreating"}))
     assert not log_readable(pod(waiting={"reason": "CrashLoopBackOff"}))
     assert not log_readable(pod(phase="Succeeded", terminated={"exitCode": 0}))
@@ -345,7 +344,7 @@ def test_a_pass_whose_log_read_fails_keeps_the_progress_and_succeeds() -> None:
 
 def test_no_poll_without_a_readable_pod_nor_for_a_finished_run() -> None:
     cluster = running_world(line(1))
-    cluster.pods[0]["spec"] = {}  # not on a node (the dev executor's pods): events carry progress
+    cluster.pods[0]["spec"] = {}  # not on a node (the local kubelet's pods): events carry progress
     assert reconciler(cluster, Clock()).reconcile("ns", "tiny") is None
     assert cluster.log_reads == 0
     gone = running_world(line(1))

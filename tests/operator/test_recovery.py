@@ -21,7 +21,7 @@ def _uids(env: Env) -> dict[str, str]:
 
 def test_operator_killed_mid_stage_standby_takes_over(env: Env) -> None:
     env.fake_behaviour({"ppo": {"steps": 30, "stepSeconds": 0.2}})
-    env.start_executor()
+    env.start_kubelet()
     leader, leader_port = env.start_operator("op-a", lease_duration=3)
     env.wait_for("op-a to lead", lambda: http_get(leader_port, "/readyz")[0] == 200, timeout=60)
     _standby, standby_port = env.start_operator("op-b", lease_duration=3)
@@ -49,7 +49,7 @@ def test_operator_killed_mid_stage_standby_takes_over(env: Env) -> None:
 
 def test_operator_restarted_with_same_identity_adopts_jobs(env: Env) -> None:
     env.fake_behaviour({"reward": {"steps": 20, "stepSeconds": 0.2}})
-    env.start_executor()
+    env.start_kubelet()
     first, _ = env.start_operator("op-a", lease_duration=15)
     env.apply(tiny_run())
     env.wait_for("reward to run", lambda: env.stage(env.run("tiny"), "reward").get("phase") == "Running", timeout=90)

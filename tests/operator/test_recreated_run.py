@@ -1,6 +1,6 @@
 """A run deleted and created again with the same name on an existing claim (issue 12, item 5).
 
-The real API server, operator, dev executor and stage entrypoint; only the stages' training is fake
+The real API server, operator, local kubelet and stage entrypoint; only the stages' training is fake
 (tests/stages/fake_stage.py, registered in every stage process by a ``sitecustomize`` module). The
 second run (a new uid) reuses each output and says whose it is in its status; the third, with PPO's
 KL setting edited, trains PPO and merge again and says where the old outputs went.
@@ -25,7 +25,7 @@ CLAIM = "shared-models"
 
 @pytest.fixture
 def real_entrypoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The executor's stage processes run the real rlhf_stages entrypoint with fake_stage's run()."""
+    """The local kubelet's stage processes run the real rlhf_stages entrypoint with fake_stage's run()."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
@@ -52,7 +52,7 @@ def _recreate(env: Env, kl: float) -> None:
 
 
 def test_recreated_run_reuses_identical_outputs_and_retrains_changed_ones(env: Env, real_entrypoint: None) -> None:
-    env.start_executor()
+    env.start_kubelet()
     env.start_operator()
     env.apply(_manifest(0.3))
     first_uid, first = _messages(env)

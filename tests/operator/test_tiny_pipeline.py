@@ -34,7 +34,7 @@ def shortened(manifest: dict) -> dict:
 
 
 def test_tiny_example_runs_to_succeeded(env: Env, assets: None) -> None:
-    env.start_executor(fake=False)
+    env.start_kubelet(fake=False)
     env.start_operator()
     env.apply(shortened(tiny_run()))
     run = env.wait_phase("tiny", "Succeeded", timeout=1500)
@@ -54,7 +54,7 @@ def test_corrupt_model_exhausts_retries(env: Env, assets: None) -> None:
     for weights in base.glob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
     (base / "config.json").write_text(json.dumps({"model_type": "llama"}) + "garbage")
-    env.start_executor(fake=False)
+    env.start_kubelet(fake=False)
     env.start_operator()
     env.apply(tiny_run())  # runtime.backoffLimit: 1
     run = env.wait_phase("tiny", "Failed", timeout=600)

@@ -1,7 +1,7 @@
 """End to end as the operator's own identity with nothing but the chart's RBAC: the operator process
 runs with the exact arguments and environment the chart's Deployment gives it, as
 system:serviceaccount:rlhf-system:rlhf-operator (the control plane's operator token), and takes the
-tiny pipeline (fast fake stages, run by the dev executor as Job controller and kubelet) to Succeeded.
+tiny pipeline (fast fake stages, run by the local kubelet as Job controller and kubelet) to Succeeded.
 Then the GitOps contract: re-applying the unchanged manifest server-side changes nothing and
 restarts nothing."""
 
@@ -94,7 +94,7 @@ def ssa(env: Env, manifest: dict[str, Any]) -> str:
 
 
 def test_tiny_pipeline_as_the_operator_identity_with_only_the_chart_rbac(installed: Installed, world: Env) -> None:
-    world.start_executor()
+    world.start_kubelet()
     operator, _ = start_operator_as_the_chart_does(installed, world)
     manifest = tiny_run()
     ssa(world, manifest)
@@ -197,7 +197,7 @@ def test_namespace_scoped_operator_is_ready_only_once_its_watches_are_open(
         assert watching_after - ready_after < 3, "/readyz said ready long before the watches opened"
         assert watching_after < 15, f"the watches took {watching_after:.1f}s to open: a backoff before them?"
 
-        env.start_executor()
+        env.start_kubelet()
         env.apply(tiny_run())
         run = env.wait_phase("tiny", "Succeeded", timeout=120)
         assert [s["phase"] for s in run["status"]["stages"]] == ["Succeeded"] * 4

@@ -7,7 +7,7 @@ Its "training" is ``FAKE_STEPS`` (default 4) steps, each leaving a complete
 ``checkpoint-<step>`` under ``ctx.checkpoints_dir``; it resumes from the newest one, and stops on
 SIGTERM as a real stage does (checkpoint, exit 143). ``<volume>/fake-stage.json`` may set
 ``{"<stage>": {"steps": N, "stepSeconds": S}}`` for stage processes whose environment a test cannot
-set (the dev executor's). Environment:
+set (the local kubelet's). Environment:
 
 * ``FAKE_STOP_AT=N``: behave as if SIGTERM came at step N: save, raise StageInterrupted (exit 143);
 * ``FAKE_CRASH=1``: raise an ordinary error (exit 1, what the Job counts against backoffLimit);

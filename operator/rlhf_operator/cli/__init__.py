@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "render": ("render", "print the Kubernetes objects the operator would create for each stage"),
     "run-local": ("local", "run the stages in order as local processes, the volume a local directory"),
     "quickstart": ("quickstart", "build tiny assets, run the tiny pipeline on the CPU and write a report"),
-    "dev": ("dev", "start a local control plane, the operator and the dev executor"),
+    "dev": ("dev", "start a local control plane, the operator and the local kubelet"),
     "status": ("cluster", "show a run's stages as a table"),
     "logs": ("cluster", "print the logs of a run's stage"),
 }

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from rlhf_api.run import GROUP, PLURAL, VERSION, RLHFRunStatus
+from rlhf_api.names import GROUP, LEGACY_JOB_NAME_LABEL, PLURAL, VERSION
+from rlhf_api.run import RLHFRunStatus
+from rlhf_api.timestamps import parse_timestamp
 from rlhf_operator import children
 
 
@@ -19,10 +21,10 @@ def _clients(kubeconfig: str | None, context: str | None) -> Any:
 
 
 def _seconds_between(start: str | None, end: str | None) -> str:
-    if not start:
+    begin = parse_timestamp(start)
+    if begin is None:
         return "-"
-    begin = datetime.fromisoformat(start.replace("Z", "+00:00"))
-    finish = datetime.fromisoformat(end.replace("Z", "+00:00")) if end else datetime.now(begin.tzinfo)
+    finish = parse_timestamp(end) or datetime.now(UTC)
     seconds = int((finish - begin).total_seconds())
     return (
         f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -83,7 +85,7 @@ def run(args: Any) -> int:
 
 def _logs(client: Any, args: Any) -> int:
     job = children.job_name(args.name, args.stage)
-    pods = client.CoreV1Api().list_namespaced_pod(args.namespace, label_selector=f"job-name={job}").items
+    pods = client.CoreV1Api().list_namespaced_pod(args.namespace, label_selector=f"{LEGACY_JOB_NAME_LABEL}={job}").items
     if not pods:
         print(f"no pods of Job {args.namespace}/{job} (stage not started, or its Job was cleaned up)", file=sys.stderr)
         return 1

@@ -1,10 +1,10 @@
 """``rlhfctl dev``: a whole local stack so ``kubectl apply -f examples/tiny.yaml`` works on a laptop.
 
 Starts the real control plane (etcd, kube-apiserver, the garbage collector; built from source and
-cached on first use), installs the CRD, then runs the operator and the dev Job executor (which
+cached on first use), installs the CRD, then runs the operator and the local kubelet (which
 runs stage Jobs as local processes, the volume a local directory). Ctrl-C (or SIGTERM) stops
 everything, running stages included, and exits 0; exit 1 means a component died on its own.
-Development only: the executor is a stand-in for the Job controller and kubelet.
+Development only: the local kubelet is a stand-in for the Job controller and kubelet.
 """
 
 from __future__ import annotations
@@ -82,14 +82,14 @@ def _interrupt(signum: int, frame: object) -> None:
 def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
     if _received[:1] == [signal.SIGINT]:
         # Ctrl-C in a terminal reaches the whole foreground process group: the operator and the
-        # executor are stopping already, and a second signal makes kopf log a spurious error.
+        # local kubelet are stopping already, and a second signal makes kopf log a spurious error.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(p.poll() is None for p in processes):
             time.sleep(0.1)
     for proc in processes:
         if proc.poll() is None:
             proc.terminate()
-    for proc in processes:  # the executor gives running stages GRACE_SECONDS to checkpoint
+    for proc in processes:  # the local kubelet gives running stages GRACE_SECONDS to checkpoint
         try:
             proc.wait(timeout=GRACE_SECONDS + 10)
         except subprocess.TimeoutExpired:
@@ -138,7 +138,7 @@ def run(args: Any) -> int:
         processes.append(
             _spawn(
                 args.python,
-                "rlhf_operator.dev.executor",
+                "rlhf_operator.dev.local_kubelet",
                 [
                     "--kubeconfig",
                     str(kubeconfig),
@@ -150,7 +150,7 @@ def run(args: Any) -> int:
                     str(GRACE_SECONDS),
                     *(f"--python-path={Path(path).resolve()}" for path in args.stage_python_path),
                 ],
-                logs / "executor.log",
+                logs / "local-kubelet.log",
             )
         )
         print(

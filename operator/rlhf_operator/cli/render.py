@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from rlhf_api.layout import RunRef
 from rlhf_operator import children
 
 from .validate import ManifestError, load_runs
@@ -21,7 +22,7 @@ PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
 
 
 def objects_for(manifest: Any, namespace: str) -> list[dict[str, Any]]:
-    identity = children.RunIdentity(
+    identity = RunRef(
         name=manifest.metadata.get("name", "run"),
         namespace=manifest.metadata.get("namespace", namespace),
         uid=manifest.metadata.get("uid", PLACEHOLDER_UID),

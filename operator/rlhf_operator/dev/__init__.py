@@ -1,1 +1,2 @@
-"""Development-only helpers: a local control plane and a Job executor. Never used in production."""
+"""Development-only helpers: a local control plane, and a local kubelet that runs stage Jobs as
+processes. Never used in production."""

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from rlhf_api.names import TEST_VOLUME_LABEL
+
 from . import controlplane
 from .controlplane import ControlPlane, NodeOptions, User
 from .host import (
@@ -130,7 +132,7 @@ def _local_volume(name: str, path: Path, size: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolume",
-        "metadata": {"name": name, "labels": {"rlhf-operator.io/test-volume": "true"}},
+        "metadata": {"name": name, "labels": {TEST_VOLUME_LABEL: "true"}},
         "spec": {
             "capacity": {"storage": size},
             "accessModes": ["ReadWriteOnce"],

@@ -5,7 +5,7 @@ on free loopback ports, with RBAC on and static-token users: an admin (system:ma
 the operator's own identity, which holds no rights until RBAC grants them. kube-controller-manager
 runs its garbage collector (and PVC protection) only, so owner references cascade deletions as in
 a real cluster.
-Alone it has no kubelet, scheduler or Job controller (``rlhf_operator.dev.executor`` plays those);
+Alone it has no kubelet, scheduler or Job controller (``rlhf_operator.dev.local_kubelet`` plays those);
 with ``NodeOptions`` it serves a real node instead (``rlhf_operator.dev.cluster``): every default
 controller runs, Pods get ServiceAccount tokens, and kubelets are authorized by the Node authorizer.
 """

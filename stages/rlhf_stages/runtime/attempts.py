@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 from rlhf_api import layout
+from rlhf_api.names import RETRY_ANNOTATION
+from rlhf_api.timestamps import format_timestamp as _now  # now, as an RFC 3339 timestamp
 from rlhf_stages.runtime.atomic import write_json_atomic
 from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext
 
@@ -41,10 +42,6 @@ class TooManyInterruptions(StageConfigError):
 
 def record_path(ctx: StageContext) -> Path:
     return ctx.run_dir / f"{ctx.stage}{RECORD_SUFFIX}"
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def read(ctx: StageContext) -> dict[str, Any] | None:
@@ -105,7 +102,7 @@ def begin(ctx: StageContext, config_hash: str) -> dict[str, Any]:
             f"spec.runtime.maxInterruptions ({limit}), so the stage fails instead of starting again for ever. "
             "Interrupted means stopped from outside: evicted, preempted, drained, its Pod deleted, the run "
             "suspended, or killed (e.g. out of memory). Its checkpoints are kept. Find what stops it "
-            "(kubectl get events; kubectl describe pod), then retry the run (annotation rlhf-operator.io/retry), "
+            f"(kubectl get events; kubectl describe pod), then retry the run (annotation {RETRY_ANNOTATION}), "
             "which starts the count again; raise spec.runtime.maxInterruptions if the interruptions are expected "
             f"(record: {ctx.relative(record_path(ctx))})"
         )

@@ -17,6 +17,7 @@ from typing import Any
 
 from rlhf_api import layout
 from rlhf_api.layout import StageInvocation
+from rlhf_api.timestamps import format_timestamp
 from rlhf_stages.runtime.atomic import write_json_atomic
 
 EXIT_INTERRUPTED = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process
@@ -165,7 +166,7 @@ class StageContext:
             "percent": percent,
             "etaSeconds": eta,
             "metrics": {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)},
-            "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "updatedAt": format_timestamp(),
         }
         write_json_atomic(self.progress_file, body)
         print_progress_line(body)

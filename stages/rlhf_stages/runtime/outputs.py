@@ -22,6 +22,7 @@ from typing import Any
 
 from rlhf_api import layout
 from rlhf_api.layout import StageResult
+from rlhf_api.timestamps import format_timestamp as _now  # now, as an RFC 3339 timestamp
 from rlhf_stages.runtime.atomic import fsync_dir, write_json_atomic
 from rlhf_stages.runtime.checkpoint_dir import CheckpointDir
 from rlhf_stages.runtime.context import StageContext, StageOutcome
@@ -229,10 +230,6 @@ def claim_checkpoints(ctx: StageContext, config_hash: str, attempt: int | None) 
     return notice
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def prepare_staging(ctx: StageContext) -> None:
     """A fresh, empty staging directory (a previous attempt may have left a partial one)."""
     if ctx.is_main:
@@ -267,7 +264,7 @@ def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
         "step": outcome.step,
         "totalSteps": outcome.total_steps,
         "details": details,
-        "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finishedAt": _now(),
     }
     if not ctx.is_main:
         return manifest

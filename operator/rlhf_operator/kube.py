@@ -12,20 +12,20 @@ import json
 import logging
 import secrets
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from rlhf_api.run import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from rlhf_api.names import API_VERSION, GROUP, KIND, LABEL_RUN, MANAGER, PLURAL, VERSION
+from rlhf_api.timestamps import format_timestamp
 
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .children import CONTAINER_NAME, LABEL_RUN, pvc_name
+from .children import CONTAINER_NAME, pvc_name
 
 log = logging.getLogger(__name__)
-COMPONENT = "rlhf-operator"
+COMPONENT = MANAGER  # the reporting component of the operator's events
 LOG_TAIL_LINES = 200  # of a running stage's log, read for its newest progress line
 LOG_TIMEOUT = (5.0, 10.0)  # connect, read: a node that does not answer must not hold a worker long
 
@@ -146,7 +146,7 @@ class Cluster:
 
     def post_event(self, run: dict[str, Any], event: PostEvent) -> None:
         meta = run["metadata"]
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = format_timestamp()
         body = {
             "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
             "involvedObject": {

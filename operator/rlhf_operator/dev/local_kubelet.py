@@ -1,6 +1,6 @@
 """Dev/test only: a stand-in Job controller and kubelet for the test control plane (never shipped).
 
-``python -m rlhf_operator.dev.executor --kubeconfig K --volume-dir DIR`` watches (polls) the Jobs the
+``python -m rlhf_operator.dev.local_kubelet --kubeconfig K --volume-dir DIR`` watches (polls) the Jobs the
 operator manages and, for each, creates Pods and runs their container as a local process
 (``dev/process.py``), writing Job and Pod status as the Job controller and the kubelet would:
 suspend (the pod is terminated and deleted, it does not count as failed; resume starts a new one and
@@ -11,7 +11,7 @@ Suspended. On SIGTERM or SIGINT it stops like a node going away: its running con
 SIGTERM, then SIGKILL after ``--grace-seconds``.
 
 Live progress: on a real cluster the operator reads it from the stage container's log (the stage's
-``rlhf-progress {...}`` lines, through ``get pods/log``). This executor is no kubelet, so its pods
+``rlhf-progress {...}`` lines, through ``get pods/log``). This stand-in runs no containers, so its pods
 have no logs (nor a ``nodeName``, so the operator does not try); instead it copies a running stage's
 progress file into the Pod's ``rlhf-operator.io/progress`` annotation, which the operator parses with
 the same function. That annotation is this test transport only (docs/operator.md "Live progress").
@@ -38,24 +38,26 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from rlhf_api.layout import run_dir, stage_progress_file
+from rlhf_api.names import (
+    CONTROLLER_UID_LABEL,
+    JOB_NAME_LABEL,
+    LABEL_MANAGED_BY,
+    LABEL_RUN,
+    LABEL_STAGE,
+    LEGACY_CONTROLLER_UID_LABEL,
+    LEGACY_JOB_NAME_LABEL,
+    MANAGER,
+    PROGRESS_ANNOTATION,
+)
+from rlhf_api.timestamps import format_timestamp, parse_timestamp
 
-from ..children import LABEL_MANAGED_BY, LABEL_RUN, LABEL_STAGE, MANAGER
-from ..observe import CONTROLLER_UID_LABEL, PROGRESS_ANNOTATION
 from .process import LocalProcess, launch
 
-log = logging.getLogger("rlhf-dev-executor")
+log = logging.getLogger("rlhf-local-kubelet")
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _ts(at: datetime | None = None) -> str:
-    return (at or _now()).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse(ts: str) -> datetime:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def _cond(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -63,7 +65,7 @@ def _cond(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 
 def _set_cond(status: dict[str, Any], kind: str, value: str, reason: str, message: str) -> None:
-    now = _ts()
+    now = format_timestamp()
     existing = _cond(status, kind)
     if existing is None:
         status.setdefault("conditions", []).append(
@@ -130,7 +132,7 @@ class DevJobController:
     def shutdown(self) -> None:
         """The node going away: SIGTERM every running container, SIGKILL what outlives the grace period.
 
-        Containers run in their own sessions, so without this they would outlive the executor.
+        Containers run in their own sessions, so without this they would outlive the local kubelet.
         """
         procs = [proc for proc in self.procs.values() if proc.poll() is None]
         self.procs.clear()
@@ -188,10 +190,10 @@ class DevJobController:
             return
         if (_cond(status, "Suspended") or {}).get("status") == "True":
             _set_cond(status, "Suspended", "False", "JobResumed", "Job resumed")
-            status["startTime"] = _ts()  # resuming restarts the activeDeadlineSeconds clock
-        status.setdefault("startTime", _ts())
-        deadline = spec.get("activeDeadlineSeconds")
-        if deadline and _now() > _parse(status["startTime"]) + timedelta(seconds=deadline):
+            status["startTime"] = format_timestamp()  # resuming restarts the activeDeadlineSeconds clock
+        status.setdefault("startTime", format_timestamp())
+        deadline, started = spec.get("activeDeadlineSeconds"), parse_timestamp(status["startTime"])
+        if deadline and started is not None and _now() > started + timedelta(seconds=deadline):
             if proc is not None:
                 self.procs.pop(uid)
                 proc.terminate(self.grace_seconds)
@@ -238,7 +240,7 @@ class DevJobController:
                 status, "SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of succeeded pods"
             )
             _set_cond(status, "Complete", "True", "CompletionsReached", "Reached expected number of succeeded pods")
-            status["completionTime"] = _ts()
+            status["completionTime"] = format_timestamp()
             return
         status["failed"] = int(status.get("failed") or 0) + 1
         self.last_failure[job["metadata"]["uid"]] = time.monotonic()
@@ -275,8 +277,10 @@ class DevJobController:
             pod["metadata"]["name"],
             {
                 "phase": "Running",
-                "startTime": _ts(),
-                "containerStatuses": [self._container_status(pod, {"running": {"startedAt": _ts()}}, ready=True)],
+                "startTime": format_timestamp(),
+                "containerStatuses": [
+                    self._container_status(pod, {"running": {"startedAt": format_timestamp()}}, ready=True)
+                ],
             },
         )
         log.info("started pod %s/%s", pod["metadata"]["namespace"], pod["metadata"]["name"])
@@ -285,8 +289,10 @@ class DevJobController:
     def _expire(self, job: dict[str, Any], status: dict[str, Any]) -> None:
         """ttlSecondsAfterFinished: the TTL-after-finished controller's job."""
         ttl = job["spec"].get("ttlSecondsAfterFinished")
-        done = status.get("completionTime") or (_cond(status, "Failed") or {}).get("lastTransitionTime")
-        if ttl is not None and done and _now() >= _parse(done) + timedelta(seconds=ttl):
+        done = parse_timestamp(
+            status.get("completionTime") or (_cond(status, "Failed") or {}).get("lastTransitionTime")
+        )
+        if ttl is not None and done is not None and _now() >= done + timedelta(seconds=ttl):
             self.batch.delete_namespaced_job(
                 job["metadata"]["name"], job["metadata"]["namespace"], propagation_policy="Background"
             )
@@ -311,9 +317,9 @@ class DevJobController:
         labels.update(
             {
                 CONTROLLER_UID_LABEL: meta["uid"],
-                "batch.kubernetes.io/job-name": meta["name"],
-                "controller-uid": meta["uid"],
-                "job-name": meta["name"],
+                JOB_NAME_LABEL: meta["name"],
+                LEGACY_CONTROLLER_UID_LABEL: meta["uid"],
+                LEGACY_JOB_NAME_LABEL: meta["name"],
             }
         )
         body = {
@@ -363,8 +369,8 @@ class DevJobController:
             "exitCode": code,
             "reason": reason,
             "message": proc.termination_message(),
-            "startedAt": _ts(datetime.fromtimestamp(proc.started, UTC)),
-            "finishedAt": _ts(),
+            "startedAt": format_timestamp(datetime.fromtimestamp(proc.started, UTC)),
+            "finishedAt": format_timestamp(),
         }
         self._patch_pod_status(
             proc.namespace,
@@ -402,7 +408,9 @@ class DevJobController:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlhf_operator.dev.executor", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_operator.dev.local_kubelet", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--volume-dir", required=True, type=Path, help="local directory standing in for every PVC")
     parser.add_argument("--work-dir", type=Path, help="pod directories and logs (default: <volume-dir>/../pods)")
