@@ -29,7 +29,7 @@ RESERVED_LABEL_KEYS: Final = OPERATOR_APP_LABELS
 RESERVED_KEY_DOMAINS: Final = (DOMAIN, KUEUE_DOMAIN)
 
 # Environment: the operator sets these (children._env); the stages read RLHF_* and the W&B client WANDB_*.
-RESERVED_ENV_NAMES: Final = ("HOME", "HF_HOME", "HF_TOKEN")
+RESERVED_ENV_NAMES: Final = ("HOME", "HF_HOME", "HF_TOKEN", "ACTIVELOOP_TOKEN")
 RESERVED_ENV_PREFIXES: Final = ("RLHF_", "WANDB_")
 
 # Volumes and where they are mounted.
@@ -153,7 +153,7 @@ class EnvVar(ApiModel):
     )
 
     name: EnvName
-    """Variable name. Not HOME, HF_HOME, HF_TOKEN, RLHF_* or WANDB_* (the operator sets those)."""
+    """Variable name. Not HOME, HF_HOME, HF_TOKEN, ACTIVELOOP_TOKEN, RLHF_* or WANDB_* (the operator sets those)."""
     value: Annotated[str, Field(max_length=32768)] | None = None
     """The value. Unset with no valueFrom: the empty string."""
     value_from: EnvVarSource | None = None
@@ -353,7 +353,8 @@ class PodTemplate(ApiModel):
             + ", ".join(RESERVED_ENV_NAMES)
             + " and names starting with "
             + " or ".join(RESERVED_ENV_PREFIXES)
-            + " are set by the operator (secrets.hfToken, secrets.wandbApiKey, wandb): rename the variable",
+            + " are set by the operator (secrets.hfToken, secrets.activeloopToken, secrets.wandbApiKey, wandb):"
+            + " rename the variable",
             field_path=".env",
             check=lambda t: not any(_reserved_env(e.name) for e in t.env),
         ),

@@ -51,6 +51,9 @@ class Secrets(ApiModel):
 
     hf_token: SecretKeyRef | None = None
     """Hugging Face token, exposed to stages as ``HF_TOKEN`` (gated or private hub models and datasets)."""
+    activeloop_token: SecretKeyRef | None = None
+    """Activeloop token, exposed to stages as ``ACTIVELOOP_TOKEN`` (``deeplake`` datasets at ``hub://`` URLs
+    that are not public)."""
     wandb_api_key: SecretKeyRef | None = None
     """Weights & Biases API key, exposed to stages as ``WANDB_API_KEY``."""
 

@@ -105,6 +105,8 @@ class DatasetSource(ApiModel):
     """Renames dataset columns to the names the stage expects, as ``expected: actual``; e.g.
     ``{question: instruction}`` lets a template's ``{question}`` read the ``instruction`` column."""
     max_samples: Annotated[int, Field(ge=1)] | None = None
-    """Use at most this many rows (after shuffling with the stage seed); unset reads all."""
+    """Use at most this many rows, chosen by the stage's seed before any other row is read (a hub id is
+    then streamed through a seeded shuffle buffer, an approximate shuffle: docs/methods.md, Datasets);
+    unset reads all."""
     eval_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     """Fraction of rows held out for evaluation metrics; 0 disables evaluation."""

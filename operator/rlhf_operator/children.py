@@ -172,7 +172,11 @@ def _env(run: RunRef, spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
         {"name": "RLHF_STAGE", "value": stage},
     ]
     secrets = spec.secrets
-    for var, ref in (("HF_TOKEN", secrets.hf_token), ("WANDB_API_KEY", secrets.wandb_api_key)):
+    for var, ref in (
+        ("HF_TOKEN", secrets.hf_token),
+        ("ACTIVELOOP_TOKEN", secrets.activeloop_token),
+        ("WANDB_API_KEY", secrets.wandb_api_key),
+    ):
         if ref is not None:
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     if spec.wandb is not None:

@@ -84,6 +84,7 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("negative GPUs", "spec.sft.resources", {"gpus": -1}, "gpus"),
     ("memory that is no quantity", "spec.ppo.resources", {"memory": "16 GB"}, "memory"),
     ("secret ref without key", "spec.secrets", {"hfToken": {"name": "hf"}}, "key"),
+    ("activeloop secret ref without key", "spec.secrets", {"activeloopToken": {"name": "al"}}, "key"),
     ("online W&B without a key", "spec.wandb", {"project": "p"}, "wandb"),
     ("W&B without project", "spec.wandb", {"mode": "offline"}, "project"),
     ("run name too long", "metadata.name", "r" * 41, "metadata.name"),
@@ -149,7 +150,7 @@ INVALID: list[tuple[str, str, Any, str]] = [
     # operator's own names. Each refusal names the field.
     *(
         (f"podTemplate env {name}", "spec.podTemplate", {"env": [{"name": name, "value": "x"}]}, "podTemplate.env")
-        for name in ("HOME", "HF_HOME", "HF_TOKEN", "RLHF_STAGE", "WANDB_API_KEY")
+        for name in ("HOME", "HF_HOME", "HF_TOKEN", "ACTIVELOOP_TOKEN", "RLHF_STAGE", "WANDB_API_KEY")
     ),
     (
         "a stage's podTemplate env WANDB_MODE",

@@ -42,7 +42,11 @@ def full_spec() -> RLHFRunSpec:
             "activeDeadlineSeconds": 3600,
             "ttlSecondsAfterFinished": 600,
         },
-        secrets={"hfToken": {"name": "hf", "key": "token"}, "wandbApiKey": {"name": "wb", "key": "key"}},
+        secrets={
+            "hfToken": {"name": "hf", "key": "token"},
+            "activeloopToken": {"name": "al", "key": "token"},
+            "wandbApiKey": {"name": "wb", "key": "key"},
+        },
         wandb={"project": "rlhf", "entity": "me"},
     )
     doc["spec"]["ppo"]["resources"] = {"gpus": 4, "cpu": "16", "memory": "64Gi"}
@@ -80,6 +84,11 @@ def test_job_carries_every_setting() -> None:
     assert container["command"] == ["python", "-m", "rlhf_stages", "ppo", "--config", "/etc/rlhf/invocation.yaml"]
     env = {e["name"]: e for e in container["env"]}
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    # deeplake reads its hub:// token from ACTIVELOOP_TOKEN; by reference only, never a value.
+    assert env["ACTIVELOOP_TOKEN"] == {
+        "name": "ACTIVELOOP_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "al", "key": "token"}},
+    }
     assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "wb"
     assert env["WANDB_PROJECT"]["value"] == "rlhf" and env["WANDB_ENTITY"]["value"] == "me"
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
@@ -244,6 +253,8 @@ def test_a_stage_overlay_is_merged_over_the_run_overlay() -> None:
 def test_no_overlay_adds_nothing_but_the_safe_defaults() -> None:
     meta, pod, container = pod_of(spec(), "sft")
     assert "annotations" not in meta and "envFrom" not in container
+    # No spec.secrets: no token variables at all (an empty one would make the hub clients try it).
+    assert {"HF_TOKEN", "ACTIVELOOP_TOKEN", "WANDB_API_KEY"}.isdisjoint(e["name"] for e in container["env"])
     assert "schedulerName" not in pod and "runtimeClassName" not in pod
     assert [v["name"] for v in pod["volumes"]] == ["workspace", "config", "tmp", "dshm"]
     # Memory-backed /dev/shm and the /tmp emptyDir are bounded (shm counts against the memory limit).
