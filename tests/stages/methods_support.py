@@ -189,9 +189,9 @@ class Evaluation:
     reward_mean: float
     """Mean reward-model score (prompt + completion + EOS)."""
     target_rate: float
-    """Fraction of answers meeting the target behaviour (evaluation.meets_target)."""
+    """Fraction of answers meeting the target behaviour (tiny.ground_truth.meets_target)."""
     ground_truth_mean: float
-    """Mean graded ground truth in [-1, 1] (evaluation.ground_truth_score)."""
+    """Mean graded ground truth in [-1, 1] (tiny.ground_truth.ground_truth_score)."""
     not_positive_rate: float
     """Fraction of answers failing the sentiment criterion alone (no more positive than negative words)."""
     off_topic_rate: float
@@ -234,7 +234,7 @@ def load_policy(workspace: Path, stage_dir: Path | None) -> tuple[Any, Any]:
 
 def evaluate(workspace: Path, stage_dir: Path | None) -> Evaluation:
     """Reward-model score and ground truth of samples on the held-out prompts (unseen topics)."""
-    from rlhf_stages.sampling.evaluation import evaluate_policy, load_prompts
+    from rlhf_stages.tiny.evaluate import evaluate_policy, load_prompts
 
     policy, tokenizer = load_policy(workspace, stage_dir)
     reward_model, reward_tokenizer = _reward_model(workspace)

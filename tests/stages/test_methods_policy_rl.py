@@ -81,7 +81,7 @@ def test_reward_function_scores_the_eos_and_penalises_its_absence(volume: Path) 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf_stages.methods.policy_rl import RewardModelReward
-    from rlhf_stages.sampling.evaluation import score_with_reward_model
+    from rlhf_stages.sampling.score import score_with_reward_model
 
     ensure_base(volume)
     path = run_dir(volume, "methods-base") / "reward" / "model"

@@ -66,7 +66,7 @@ def prerequisites(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def _evaluate(workspace: Path, model_dir: Path) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_stages.sampling.evaluation import evaluate_policy, load_prompts
+    from rlhf_stages.tiny.evaluate import evaluate_policy, load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
