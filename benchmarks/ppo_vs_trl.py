@@ -207,7 +207,7 @@ def evaluate(ws: Path, adapter: Path | None, samples: int) -> dict[str, float]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_stages.sampling.evaluation import evaluate_policy, load_prompts
+    from rlhf_stages.tiny.evaluate import evaluate_policy, load_prompts
 
     sft = run_dir(ws) / "sft" / "model"
     tokenizer = AutoTokenizer.from_pretrained(str(sft))

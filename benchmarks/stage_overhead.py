@@ -79,7 +79,7 @@ def main() -> int:
     volume = workdir / "volume"
     env = stage_env(workdir / "result.json")
     subprocess.run(
-        [sys.executable, "-m", "rlhf_stages.tiny.assets", "--out", str(volume / "assets")],
+        [sys.executable, "-m", "rlhf_stages.tiny", "--out", str(volume / "assets")],
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -1,9 +1,9 @@
 """The RLHFRun API, declared once. The CRD, the chart's CRD and docs/reference.md are generated from it."""
 
 from .base import ApiModel, Rule
+from .methods import METHODS, PIPELINES, STAGE_KINDS
 from .names import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from .run import (
-    PIPELINES,
     Condition,
     RLHFRun,
     RLHFRunSpec,
@@ -30,8 +30,10 @@ __all__ = [
     "API_VERSION",
     "GROUP",
     "KIND",
+    "METHODS",
     "PIPELINES",
     "PLURAL",
+    "STAGE_KINDS",
     "VERSION",
     "WORKSPACE_MOUNT_PATH",
     "ApiModel",

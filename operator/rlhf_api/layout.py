@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import Field
 
 from .base import ApiModel
+from .methods import POLICY_STAGES
 from .names import API_VERSION, ApiVersion
 
 # Mount paths are declared with the Pod's other reserved names (podtemplate) and re-exported here.
@@ -46,9 +47,6 @@ NON_RETRYABLE_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_INPUT_MISSING)
 RLAIF_PAIRS_FILE = "pairs.jsonl"
 CONSTITUTION_KEY = "constitution"
 CONSTITUTION_FILE_ENV = "RLHF_CONSTITUTION_FILE"
-
-# Stages that train an adapter (or full weights) on top of the current policy.
-POLICY_STAGES = frozenset({"sft", "ppo", "dpo", "rest", "grpo", "rloo"})
 
 
 class RunRef(ApiModel):

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 
 from .base import ApiModel, Rule
+from .methods import LABELLING_METHODS, METHODS, PAIR_TRAINED, PIPELINES, REQUIRED_SECTIONS, REWARD_CONSUMERS, pipeline
 from .names import API_VERSION, KIND, ApiVersion, Kind
 from .podtemplate import RunPodTemplate
 from .runtime import Runtime, Secrets, Storage, WandB
@@ -27,33 +28,9 @@ MAX_RUN_NAME_LENGTH = 40  # leaves room for "-<stage>" suffixes in Job names and
 
 Method = Literal["PPO", "DPO", "ReST", "RLAIF", "GRPO", "RLOO"]
 
-# The stages each method runs, in order. Stage names double as spec section names.
-PIPELINES: dict[str, tuple[str, ...]] = {
-    "PPO": ("sft", "reward", "ppo", "merge"),
-    "DPO": ("sft", "dpo", "merge"),
-    "ReST": ("sft", "reward", "rest", "merge"),
-    "RLAIF": ("sft", "rlaif", "reward", "ppo", "merge"),
-    "GRPO": ("sft", "reward", "grpo", "merge"),
-    "RLOO": ("sft", "reward", "rloo", "merge"),
-}
-# Sections a method cannot run without (merge has usable defaults; RLAIF's second half depends on
-# rlaif.then and is checked by its own rules).
-REQUIRED_SECTIONS: dict[str, tuple[str, ...]] = {
-    "PPO": ("sft", "reward", "ppo"),
-    "DPO": ("sft", "dpo"),
-    "ReST": ("sft", "reward", "rest"),
-    "RLAIF": ("sft", "rlaif"),
-    "GRPO": ("sft", "reward", "grpo"),
-    "RLOO": ("sft", "reward", "rloo"),
-}
-
-
-def _required_sections(method: str) -> tuple[str, ...]:
-    return REQUIRED_SECTIONS[method]
-
 
 def _method_sections_rule(method: str) -> Rule:
-    sections = _required_sections(method)
+    sections = REQUIRED_SECTIONS[method]
     present = " && ".join(f"has(self.{s})" for s in sections)
     return Rule(
         cel=f"self.method != '{method}' || ({present})",
@@ -64,17 +41,22 @@ def _method_sections_rule(method: str) -> Rule:
     )
 
 
+# CEL: the run's method labels its own preference pairs (RLAIF): its reward and dpo stages read them.
+_labelling_cel = " || ".join(f"self.method == '{m}'" for m in LABELLING_METHODS)
+_not_labelling_cel = " && ".join(f"self.method != '{m}'" for m in LABELLING_METHODS)
+
+
 def _trained_on_dataset_rule(section: str) -> Rule:
     """reward and dpo need a dataset when enabled, except under RLAIF (the rlaif stage's pairs)."""
     return Rule(
-        cel=f"!has(self.{section}) || self.method == 'RLAIF' "
+        cel=f"!has(self.{section}) || {_labelling_cel} "
         f"|| (has(self.{section}.enabled) && !self.{section}.enabled) || has(self.{section}.dataset)",
         message=f"an enabled {section} stage needs a dataset (or set enabled: false); "
         "only method RLAIF trains it on the pairs its rlaif stage labels",
         field_path=f".{section}.dataset",
         check=lambda s: (
             getattr(s, section) is None
-            or s.method == "RLAIF"
+            or s.method in LABELLING_METHODS
             or not getattr(s, section).enabled
             or getattr(s, section).dataset is not None
         ),
@@ -83,17 +65,14 @@ def _trained_on_dataset_rule(section: str) -> Rule:
 
 def _rlaif_supplies_pairs_rule(section: str) -> Rule:
     return Rule(
-        cel=f"self.method != 'RLAIF' || !has(self.{section}) || !has(self.{section}.dataset)",
+        cel=f"{_not_labelling_cel} || !has(self.{section}) || !has(self.{section}.dataset)",
         message=f"method RLAIF: the {section} stage trains on the pairs the rlaif stage labels; "
         f"remove {section}.dataset (human preference data belongs to method PPO or DPO)",
         field_path=f".{section}.dataset",
-        check=lambda s: s.method != "RLAIF" or getattr(s, section) is None or getattr(s, section).dataset is None,
+        check=lambda s: (
+            s.method not in LABELLING_METHODS or getattr(s, section) is None or getattr(s, section).dataset is None
+        ),
     )
-
-
-# Stages that optimise the policy against a reward model: their own ``rewardModel``, or else the
-# output of this run's reward stage.
-REWARD_CONSUMERS: tuple[str, ...] = ("ppo", "grpo", "rloo", "rest")
 
 
 def _runs_stage_cel(section: str) -> str:
@@ -171,8 +150,8 @@ class RLHFRunSpec(ApiModel):
             field_path=".wandb",
             check=lambda s: s.wandb is None or s.wandb.mode != "online" or s.secrets.wandb_api_key is not None,
         ),
-        *(_trained_on_dataset_rule(section) for section in ("reward", "dpo")),
-        *(_rlaif_supplies_pairs_rule(section) for section in ("reward", "dpo")),
+        *(_trained_on_dataset_rule(section) for section in PAIR_TRAINED),
+        *(_rlaif_supplies_pairs_rule(section) for section in PAIR_TRAINED),
         Rule(
             cel="self.method != 'RLAIF' || !has(self.rlaif) || (has(self.rlaif.then) && self.rlaif.then == 'DPO') "
             "|| (has(self.reward) && has(self.ppo))",
@@ -240,10 +219,9 @@ class RLHFRunSpec(ApiModel):
 
     def pipeline(self) -> tuple[str, ...]:
         """Stage names this run executes, in order (disabled ones included; they are skipped)."""
-        stages = PIPELINES[self.method]
-        if self.method == "RLAIF" and self.rlaif is not None and self.rlaif.then == "DPO":
-            stages = ("sft", "rlaif", "dpo", "merge")
-        return stages
+        labeller = METHODS[self.method].pairs_from
+        labelling = self.stage(labeller) if labeller is not None else None
+        return pipeline(self.method, labelling.then if labelling is not None else None)
 
     def stage(self, name: str) -> Any:
         """The configuration section of a stage by name."""

@@ -91,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             args.lease_name,
             args.identity,
             args.lease_duration,
-            on_lost=lambda: os._exit(1),  # a leader that cannot renew must stop acting now
         )
     controller = Controller(
-        Cluster(api_client, args.identity),
+        Cluster(api_client, args.identity, may_act=elector.acting if elector is not None else None),
         metrics,
         health,
         elector,

@@ -57,6 +57,7 @@ class Controller:
         self.reconciler = Reconciler(cluster, metrics, defaults=defaults, progress_interval=progress_interval)
         self.queue = WorkQueue(self._process, workers=workers)
         self._tasks: list[asyncio.Task[None]] = []
+        self._resync_task: asyncio.Task[None] | None = None
 
     async def wait_for_leadership(self) -> None:
         # The heartbeat starts first: a standby replica is alive (liveness) while it waits to lead.
@@ -65,25 +66,55 @@ class Controller:
             self.health.leading = True
             return
         self.elector.start()
-        while not self.elector.leading.is_set():
-            await asyncio.sleep(0.2)
-        self.health.leading = True
+        await self._until_leading(True)
 
     def start(self) -> None:
-        self.queue.start()
-        self._tasks.append(asyncio.create_task(self._resync(), name="resync"))
+        self._act()
         # Not ready yet: /readyz also waits for kopf's watch-streams (health.track_watch_streams), which
         # open only after this startup handler has returned.
         self.health.watching = True
+        if self.elector is not None:
+            self._tasks.append(asyncio.create_task(self._follow_leadership(), name="follow-leadership"))
 
     async def stop(self) -> None:
         self.health.watching = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.queue.stop()
+        await self._pause()
         if self.elector is not None:
             await asyncio.to_thread(self.elector.stop)
+
+    def _act(self) -> None:
+        self.queue.start()
+        self._resync_task = asyncio.create_task(self._resync(), name="resync")
+
+    async def _pause(self) -> None:
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+            await asyncio.gather(self._resync_task, return_exceptions=True)
+            self._resync_task = None
+        await self.queue.stop()
+
+    async def _until_leading(self, leading: bool) -> None:
+        assert self.elector is not None
+        while self.elector.acting() != leading:
+            await asyncio.sleep(0.2)
+        self.health.leading = leading
+
+    async def _follow_leadership(self) -> None:
+        """Lost the Lease (the API server unreachable past the renew deadline): stop acting, stay up,
+        act again once the Lease is back. The process used to exit instead, which turned every API
+        server outage longer than the Lease into a restart (and a crash loop while it lasted). kopf's
+        watches stay open meanwhile; their events only queue keys, and the resync on taking over
+        again enqueues every run that still moves."""
+        while True:
+            await self._until_leading(False)
+            log.warning("not the leader any more: stopped acting until the Lease is back")
+            await self._pause()
+            await self._until_leading(True)
+            log.info("the leader again: acting")
+            self._act()
 
     async def _process(self, key: Key) -> None:
         again = await asyncio.to_thread(self.reconciler.reconcile, *key)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import urllib3
@@ -39,15 +39,28 @@ def _body(manifest: Mapping[str, Any]) -> Any:
     return manifest
 
 
+class NotLeading(RuntimeError):
+    """A write refused because this replica may not act now (it lost the Lease during the pass)."""
+
+
 class Cluster:
     """A thin, synchronous facade over the client for one operator process (thread-safe for reads)."""
 
-    def __init__(self, api_client: client.ApiClient, identity: str = COMPONENT) -> None:
+    def __init__(
+        self, api_client: client.ApiClient, identity: str = COMPONENT, may_act: Callable[[], bool] | None = None
+    ) -> None:
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.identity = identity
+        # The leader's fence, asked before every write: a pass already running in its worker thread
+        # when the Lease is lost cannot be cancelled, so its remaining writes are refused here.
+        self.may_act = may_act or (lambda: True)
+
+    def _fence(self) -> None:
+        if not self.may_act():
+            raise NotLeading("not the leader: no writes")
 
     # --- reads -------------------------------------------------------------------------------
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -107,6 +120,7 @@ class Cluster:
 
     # --- writes ------------------------------------------------------------------------------
     def perform(self, run: dict[str, Any], action: Action) -> None:
+        self._fence()
         namespace = run["metadata"]["namespace"]
         if isinstance(action, EnsurePVC):
             self._create(lambda: self.core.create_namespaced_persistent_volume_claim(namespace, _body(action.manifest)))
@@ -174,6 +188,7 @@ class Cluster:
 
     def write_status(self, run: dict[str, Any], status: dict[str, Any]) -> None:
         """Replace the status subresource, guarded by the resourceVersion the plan was made from."""
+        self._fence()
         meta = run["metadata"]
         body = {
             "apiVersion": API_VERSION,

@@ -4,9 +4,12 @@ kopf's own peering freezes every operator when two share a priority (as replicas
 do), so it cannot give one-active-one-standby; a Lease can. The protocol is client-go's: the holder
 renews ``renewTime`` every ``duration/3``; anyone may take a Lease whose renewTime is older than its
 ``leaseDurationSeconds``; every write carries the resourceVersion it read, so of two contenders
-exactly one wins. A holder that cannot renew within the duration exits the process (``on_lost``)
-rather than risk acting beside a new leader. A restarted pod with the same identity (its name)
-takes its Lease back at once.
+exactly one wins. A holder that cannot renew within its renew deadline (two thirds of the duration,
+as client-go's 10 s of 15 s) clears ``leading`` and stays a candidate: it stops acting before anyone
+else may take the Lease, and takes it back when it can reach the API server again (at once if no
+one else took it: a holder with the same identity renews its own Lease). It does not exit: an API
+server outage longer than the Lease used to restart the operator, and crash-loop it while the outage
+lasted. A restarted pod with the same identity (its name) takes its Lease back at once.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 from kubernetes import client
@@ -37,15 +39,25 @@ class LeaseElector:
         name: str,
         identity: str,
         duration: float = 15.0,
-        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self.api = client.CoordinationV1Api(api_client)
         self.namespace, self.name, self.identity = namespace, name, identity
         self.duration = duration
-        self.on_lost = on_lost
+        # Stop acting this long after the last renewal began: before the Lease expires for others,
+        # so that the old leader has stopped before a new one can acquire, even with some clock skew.
+        self.renew_deadline = duration * 2 / 3
+        # Per request, so that a renewal against an API server that accepts but never answers
+        # returns to the loop (which then gives the leadership up) instead of hanging in it.
+        self._timeout = max(1.0, duration / 5)
         self.leading = threading.Event()
         self._stop = threading.Event()
         self._last_renew = 0.0
+
+    def acting(self) -> bool:
+        """Whether this replica may act now: it leads, and its last renewal began within the renew
+        deadline. Judged at the moment of asking, so a renewal stuck on an unreachable API server
+        cannot stretch the leadership past the deadline."""
+        return self.leading.is_set() and time.monotonic() - self._last_renew <= self.renew_deadline
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name="leader-election", daemon=True).start()
@@ -54,34 +66,35 @@ class LeaseElector:
         self._stop.set()
         if release and self.leading.is_set():
             try:  # hand over at once instead of making the next leader wait out the lease
-                lease = self.api.read_namespaced_lease(self.name, self.namespace)
+                lease = self.api.read_namespaced_lease(self.name, self.namespace, _request_timeout=self._timeout)
                 spec = lease.spec
                 if spec is not None and spec.holder_identity == self.identity:
                     spec.holder_identity = None
                     spec.renew_time = None
-                    self.api.replace_namespaced_lease(self.name, self.namespace, lease)
+                    self.api.replace_namespaced_lease(self.name, self.namespace, lease, _request_timeout=self._timeout)
             except ApiException as exc:
                 log.warning("could not release lease: %s", exc.reason)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            # Taken before the request: the renewTime written is no earlier than this, so the
+            # deadline is counted from no later than what other replicas see.
+            attempt = time.monotonic()
             try:
                 won = self._try_acquire_or_renew()
             except Exception as exc:
                 log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
                 won = False
-            now = time.monotonic()
+            if won and time.monotonic() - attempt > self.renew_deadline:
+                won = False  # a write that took this long may already be too late to count on
             if won:
-                self._last_renew = now
+                self._last_renew = attempt
                 if not self.leading.is_set():
                     log.info("became leader (%s)", self.identity)
                     self.leading.set()
-            elif self.leading.is_set() and now - self._last_renew > self.duration:
-                log.error("lost the lease %s/%s: stopping", self.namespace, self.name)
+            elif self.leading.is_set() and time.monotonic() - self._last_renew > self.renew_deadline:
+                log.error("lost the lease %s/%s: stopped acting; trying to take it back", self.namespace, self.name)
                 self.leading.clear()
-                if self.on_lost:
-                    self.on_lost()
-                return
             self._stop.wait(self.duration / 3 if self.leading.is_set() else min(2.0, self.duration / 3))
 
     def _spec(self, acquire: datetime | None, transitions: int) -> client.V1LeaseSpec:
@@ -96,7 +109,7 @@ class LeaseElector:
 
     def _try_acquire_or_renew(self) -> bool:
         try:
-            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+            lease = self.api.read_namespaced_lease(self.name, self.namespace, _request_timeout=self._timeout)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -104,7 +117,7 @@ class LeaseElector:
                 metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace), spec=self._spec(None, 0)
             )
             try:
-                self.api.create_namespaced_lease(self.namespace, body)
+                self.api.create_namespaced_lease(self.namespace, body, _request_timeout=self._timeout)
                 return True
             except ApiException as err:
                 if err.status == 409:
@@ -125,7 +138,7 @@ class LeaseElector:
             acquired = parse_timestamp(acquired)
         lease.spec = self._spec(acquired, transitions)
         try:  # carries metadata.resourceVersion: a concurrent winner makes this a Conflict
-            self.api.replace_namespaced_lease(self.name, self.namespace, lease)
+            self.api.replace_namespaced_lease(self.name, self.namespace, lease, _request_timeout=self._timeout)
         except ApiException as exc:
             if exc.status == 409:
                 return False

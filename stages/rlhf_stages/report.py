@@ -4,7 +4,7 @@
         [--timings timings.json] --out REPORT_DIR
 
 Reads the stage manifests in the run directory (metrics and per-step history) and two
-evaluations from ``rlhf_stages.sampling.evaluation`` (the SFT policy and the aligned policy on the same
+evaluations from ``rlhf_stages.tiny.evaluate`` (the SFT policy and the aligned policy on the same
 held-out prompts), and writes ``report.md``, ``report.json`` and ``*.png``.
 """
 
@@ -15,6 +15,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from rlhf_api.methods import ALIGNED_POLICY_STAGES
 
 # Curves worth plotting per stage: (history key, label). The first key a stage has is used.
 CURVES: dict[str, list[tuple[str, str]]] = {
@@ -87,7 +89,7 @@ def build_report(
         return {k: float(evaluation[k]) for k in keys if isinstance(evaluation.get(k), int | float)}
 
     reward_metrics = manifests.get("reward", {}).get("metrics", {})
-    policy_stage = next((s for s in ("ppo", "grpo", "rloo", "dpo", "rest") if s in manifests), None)
+    policy_stage = next((s for s in ALIGNED_POLICY_STAGES if s in manifests), None)
     report = {
         "stages": {
             s: {"metrics": m.get("metrics", {}), "step": m.get("step"), "seconds": timings.get(s)}

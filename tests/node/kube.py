@@ -157,7 +157,7 @@ class NodeEnv:
     def tiny_assets(self, claim: str) -> None:
         """The tiny model, tokenizer and data, written onto the claim by a Job in the stage image."""
         out = f"{WORKSPACE_MOUNT_PATH}/assets"
-        self.tool_job("tiny-assets", claim, ["python", "-m", "rlhf_stages.tiny.assets", "--out", out])
+        self.tool_job("tiny-assets", claim, ["python", "-m", "rlhf_stages.tiny", "--out", out])
 
     def operator_pods(self) -> list[dict[str, Any]]:
         out = self.cluster.kubectl(

@@ -94,7 +94,10 @@ class Env:
         self.processes.append(proc)
         return proc
 
-    def start_operator(self, identity: str = "op-a", lease_duration: float = 3.0) -> tuple[Process, int]:
+    def start_operator(
+        self, identity: str = "op-a", lease_duration: float = 3.0, kubeconfig: Path | None = None
+    ) -> tuple[Process, int]:
+        """``kubeconfig``: another way to the API server than the control plane's own (a proxy)."""
         port = free_port()
         argv = [
             sys.executable,
@@ -104,7 +107,7 @@ class Env:
             "--namespace",
             self.namespace,
             "--kubeconfig",
-            str(self.plane.kubeconfig(self.plane.operator)),
+            str(kubeconfig or self.plane.kubeconfig(self.plane.operator)),
             "--identity",
             identity,
             "--lease-name",

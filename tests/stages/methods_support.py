@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tests.build_cache import cached_build, cached_outputs, training_key
 from tests.pythonpath import PYTHON_PATH, REPO
 
 BASE_RUN = "methods-base"
@@ -132,26 +133,43 @@ def run_stage(
 
 
 def ensure_base(workspace: Path) -> Path:
-    """Assets, SFT and the reward model, once per volume (a complete stage exits at once)."""
+    """Assets, SFT and the reward model, once per volume (a complete stage exits at once); the
+    trained outputs come from the build cache when a session on this machine trained them already."""
     if not (workspace / "assets" / "base-model").is_dir():
         from rlhf_stages.tiny.assets import build_tiny_assets
 
         build_tiny_assets(workspace / "assets", seed=0)
     spec = merge_into(example_spec("base"), {"sft": SFT_FAST, "reward": REWARD_FAST})
-    for stage in ("sft", "reward"):
-        done = run_stage(workspace, stage, BASE_RUN, spec)
-        assert done.code == 0, done.output
+
+    def train() -> None:
+        for stage in ("sft", "reward"):
+            done = run_stage(workspace, stage, BASE_RUN, spec)
+            assert done.code == 0, done.output
+
+    key = training_key(workspace / "assets", {"run": BASE_RUN, "spec": spec})
+    cached_outputs("methods-base", key, run_dir(workspace, BASE_RUN), train)
+    train()  # exits at once for complete outputs of these settings (and says so), trains otherwise
     return run_dir(workspace, BASE_RUN)
 
 
 def ensure_judge(workspace: Path) -> dict[str, Any]:
-    """The tiny RLAIF judge under ``assets/judge`` (trained once per volume) and its report."""
-    report = workspace / "assets" / "judge" / "judge.json"
-    if not report.is_file():
-        from rlhf_stages.tiny.judge import build_tiny_judge
+    """The tiny RLAIF judge under ``assets/judge`` and its report.
 
-        build_tiny_judge(workspace / "assets")
-    return dict(json.loads(report.read_text()))
+    Training it is the slowest set-up of the suite (about 150 s on 2 cores) and its result depends
+    only on the assets it reads, the stage and API code and the libraries, so it is trained once per
+    machine into the build cache (tests/build_cache.py) keyed by exactly those, and copied in.
+    """
+    import shutil
+
+    judge = workspace / "assets" / "judge"
+    if not (judge / "judge.json").is_file():
+        from rlhf_stages.tiny.judge import DEFAULT_STEPS, build_tiny_judge
+
+        key = training_key(workspace / "assets", {"tiny_judge": {"steps": DEFAULT_STEPS, "seed": 0}})
+        cached = cached_build("tiny-judge", key, lambda out: build_tiny_judge(workspace / "assets", out))
+        shutil.rmtree(judge, ignore_errors=True)
+        shutil.copytree(cached, judge)
+    return dict(json.loads((judge / "judge.json").read_text()))
 
 
 def link_base(workspace: Path, run: str, stages: tuple[str, ...] = ("sft", "reward")) -> Path:
@@ -171,9 +189,9 @@ class Evaluation:
     reward_mean: float
     """Mean reward-model score (prompt + completion + EOS)."""
     target_rate: float
-    """Fraction of answers meeting the target behaviour (evaluation.meets_target)."""
+    """Fraction of answers meeting the target behaviour (tiny.ground_truth.meets_target)."""
     ground_truth_mean: float
-    """Mean graded ground truth in [-1, 1] (evaluation.ground_truth_score)."""
+    """Mean graded ground truth in [-1, 1] (tiny.ground_truth.ground_truth_score)."""
     not_positive_rate: float
     """Fraction of answers failing the sentiment criterion alone (no more positive than negative words)."""
     off_topic_rate: float
@@ -216,7 +234,7 @@ def load_policy(workspace: Path, stage_dir: Path | None) -> tuple[Any, Any]:
 
 def evaluate(workspace: Path, stage_dir: Path | None) -> Evaluation:
     """Reward-model score and ground truth of samples on the held-out prompts (unseen topics)."""
-    from rlhf_stages.sampling.evaluation import evaluate_policy, load_prompts
+    from rlhf_stages.tiny.evaluate import evaluate_policy, load_prompts
 
     policy, tokenizer = load_policy(workspace, stage_dir)
     reward_model, reward_tokenizer = _reward_model(workspace)
@@ -282,7 +300,53 @@ def run_method(
 
     ``before`` are stages of the method's own to run first in the same run (e.g. rlaif before dpo).
     """
-    run = f"{method.lower()}-{stage}-s{seed}"
+    done, extra = _train(workspace, method, stage, seed, changes, before)
+    return MethodRun(seed, done, evaluate(workspace, run_dir(workspace, _run_name(method, stage, seed)) / stage), extra)
+
+
+def run_methods(
+    workspace: Path,
+    method: str,
+    stage: str,
+    changes: dict[int, dict[str, Any]],
+    *,
+    before: tuple[str, ...] = (),
+) -> list[MethodRun]:
+    """:func:`run_method` for each seed in ``changes`` (seed -> its changes), the seeds' stage processes
+    side by side: each is one single-threaded process, so one at a time left a core of a 2-core
+    machine idle. Each seed's run is seeded and separate, so its models and numbers are the ones it
+    gives alone; only its wall time (``StageRun.seconds``) includes the sharing of the cores. The
+    evaluations follow one at a time, in this process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(changes)) as pool:
+        trained = {
+            seed: pool.submit(_train, workspace, method, stage, seed, seed_changes, before)
+            for seed, seed_changes in changes.items()
+        }
+        done = {seed: future.result() for seed, future in trained.items()}
+    return [
+        MethodRun(
+            seed, stage_run, evaluate(workspace, run_dir(workspace, _run_name(method, stage, seed)) / stage), extra
+        )
+        for seed, (stage_run, extra) in done.items()
+    ]
+
+
+def _run_name(method: str, stage: str, seed: int) -> str:
+    return f"{method.lower()}-{stage}-s{seed}"
+
+
+def _train(
+    workspace: Path,
+    method: str,
+    stage: str,
+    seed: int,
+    changes: dict[str, Any] | None,
+    before: tuple[str, ...],
+) -> tuple[StageRun, dict[str, Any]]:
+    """The stages of one seed's run (``before``, then ``stage``) on a fresh link to the base run."""
+    run = _run_name(method, stage, seed)
     link_base(workspace, run)
     spec = example_spec(method)
     fast = {"sft": SFT_FAST, **({"reward": REWARD_FAST} if "reward" in spec else {})}
@@ -294,4 +358,4 @@ def run_method(
         extra[earlier] = done
     done = run_stage(workspace, stage, run, spec)
     assert done.code == 0, done.output
-    return MethodRun(seed, done, evaluate(workspace, run_dir(workspace, run) / stage), extra)
+    return done, extra

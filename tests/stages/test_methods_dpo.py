@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from methods_support import ensure_base, methods_workspace, run_dir, run_method, sft_evaluation, summary_line
+from methods_support import (
+    ensure_base,
+    methods_workspace,
+    run_dir,
+    run_method,
+    run_methods,
+    sft_evaluation,
+    summary_line,
+)
 
 pytestmark = pytest.mark.training
 
@@ -29,10 +37,9 @@ def dpo_runs(volume: Path) -> list[Any]:
     workspace = volume
     ensure_base(workspace)
     sft = sft_evaluation(workspace)
-    runs = []
-    for seed in SEEDS:
-        runs.append(run_method(workspace, "DPO", "dpo", seed, {"dpo": {"training": {"seed": seed}}}))
-        print(summary_line("DPO", sft, runs[-1]))
+    runs = run_methods(workspace, "DPO", "dpo", {seed: {"dpo": {"training": {"seed": seed}}} for seed in SEEDS})
+    for run in runs:
+        print(summary_line("DPO", sft, run))
     return runs
 
 

@@ -17,7 +17,7 @@ from methods_support import (
     ensure_base,
     methods_workspace,
     run_dir,
-    run_method,
+    run_methods,
     sft_evaluation,
     summary_line,
 )
@@ -43,10 +43,9 @@ def runs(request: pytest.FixtureRequest, volume: Path) -> tuple[str, list[Method
     stage = method.lower()
     ensure_base(volume)
     sft = sft_evaluation(volume)
-    out = []
-    for seed in SEEDS:
-        out.append(run_method(volume, method, stage, seed, {stage: {"seed": seed}}))
-        print(summary_line(method, sft, out[-1]))
+    out = run_methods(volume, method, stage, {seed: {stage: {"seed": seed}} for seed in SEEDS})
+    for run in out:
+        print(summary_line(method, sft, run))
     return method, out
 
 
@@ -82,7 +81,7 @@ def test_reward_function_scores_the_eos_and_penalises_its_absence(volume: Path) 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf_stages.methods.policy_rl import RewardModelReward
-    from rlhf_stages.sampling.evaluation import score_with_reward_model
+    from rlhf_stages.sampling.score import score_with_reward_model
 
     ensure_base(volume)
     path = run_dir(volume, "methods-base") / "reward" / "model"

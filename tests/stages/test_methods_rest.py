@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from methods_support import ensure_base, methods_workspace, run_dir, run_method, sft_evaluation, summary_line
+from methods_support import ensure_base, methods_workspace, run_dir, run_methods, sft_evaluation, summary_line
 
 pytestmark = pytest.mark.training
 
@@ -23,10 +23,9 @@ def volume(workspace: Path) -> Path:
 def runs(volume: Path) -> list[Any]:
     ensure_base(volume)
     sft = sft_evaluation(volume)
-    out = []
-    for seed in SEEDS:
-        out.append(run_method(volume, "ReST", "rest", seed, {"rest": {"training": {"seed": seed}}}))
-        print(summary_line("ReST", sft, out[-1]))
+    out = run_methods(volume, "ReST", "rest", {seed: {"rest": {"training": {"seed": seed}}} for seed in SEEDS})
+    for run in out:
+        print(summary_line("ReST", sft, run))
     return out
 
 

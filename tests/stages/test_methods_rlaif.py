@@ -1,10 +1,10 @@
 """RLAIF learns the target behaviour from a judge, not from labels: examples/tiny-rlaif.yaml, 3 seeds.
 
-A tiny judge (rlhf_stages.tiny.judge, trained once per volume on the tiny preference pairs under
-the constitution of the example) labels pairs of the SFT policy's own answers; DPO trains on those
-labels. The policies are judged like every method (methods_support): on the held-out prompts
-(unseen topics) by the base run's independent reward model and by the ground-truth check. The
-numbers are printed (``-s``) and are the ones in docs/methods.md.
+A tiny judge (rlhf_stages.tiny.judge, trained on the tiny preference pairs under the constitution
+of the example, once per machine: tests/build_cache.py) labels pairs of the SFT policy's own
+answers; DPO trains on those labels. The policies are judged like every method (methods_support):
+on the held-out prompts (unseen topics) by the base run's independent reward model and by the
+ground-truth check. The numbers are printed (``-s``) and are the ones in docs/methods.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from methods_support import (
     merge_into,
     methods_workspace,
     run_dir,
-    run_method,
+    run_methods,
     run_stage,
     sft_evaluation,
     summary_line,
@@ -49,16 +49,15 @@ def judge_report(volume: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def rlaif_runs(volume: Path, judge_report: dict[str, Any]) -> list[Any]:
     sft = sft_evaluation(volume)
-    runs = []
-    for seed in SEEDS:
-        changes = {"rlaif": {"seed": seed}, "dpo": {"training": {"seed": seed}}}
-        runs.append(run_method(volume, "RLAIF", "dpo", seed, changes, before=("rlaif",)))
-        labelling = runs[-1].extra["rlaif"]
+    changes = {seed: {"rlaif": {"seed": seed}, "dpo": {"training": {"seed": seed}}} for seed in SEEDS}
+    runs = run_methods(volume, "RLAIF", "dpo", changes, before=("rlaif",))
+    for run in runs:
+        labelling = run.extra["rlaif"]
         print(
-            f"RLAIF labelling seed {seed}: {labelling.seconds:.0f} s, peak RSS {labelling.peak_rss_mib:.0f} MiB, "
+            f"RLAIF labelling seed {run.seed}: {labelling.seconds:.0f} s, peak RSS {labelling.peak_rss_mib:.0f} MiB, "
             f"{labelling.result['metrics']}"
         )
-        print(summary_line("RLAIF", sft, runs[-1]))
+        print(summary_line("RLAIF", sft, run))
     return runs
 
 

@@ -79,7 +79,7 @@ def test_reward_model_on_unseen_topics(workspace: Path, pipeline: dict[str, Any]
     """Cross-check with the evaluation module's scorer (prompt + answer + EOS) on held-out topics."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_stages.sampling.evaluation import score_with_reward_model
+    from rlhf_stages.sampling.score import score_with_reward_model
     from rlhf_stages.tiny.assets import read_jsonl
 
     model_dir = run_dir(workspace, RUN) / "reward" / "model"

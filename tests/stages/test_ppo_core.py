@@ -188,15 +188,19 @@ def test_only_complete_checkpoints_are_resumed(tmp_path: Path) -> None:
     model(torch.ones(1, 2)).sum().backward()
     optimizer.step()
     gens = {"budgets": torch.Generator().manual_seed(3)}
+    checkpoints = ckpt.checkpoint_dir(tmp_path)
     for step in (2, 4, 6):
-        tmp = ckpt.staging_dir(tmp_path, step)
-        tmp.mkdir()
+        tmp = checkpoints.staging(step)
+        tmp.mkdir(parents=True)
         ckpt.write_shared(tmp, model, optimizer, step, {"kl_controller": {"value": step}})
         ckpt.write_rank(tmp, 0, gens)
-        ckpt.publish(tmp_path, tmp, step)
-    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [4, 6]  # older pruned
+        checkpoints.publish(step)
+    assert [s for s, _ in checkpoints.complete()] == [4, 6]  # older pruned
     (tmp_path / "checkpoint-8").mkdir()  # a crash before state.json: incomplete
-    assert ckpt.newest_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    checkpoints.staging(10).mkdir()  # a kill mid-save: never published
+    assert checkpoints.latest() == (6, tmp_path / "checkpoint-6")
+    checkpoints.clear_incoming()
+    assert not checkpoints.staging(10).exists()
 
     expected = gens["budgets"].get_state().clone()
     fresh = torch.nn.Linear(2, 1)

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.build_cache import cached_outputs, training_key
 
 from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
 
-# The module fixture trains the tiny SFT and reward models before the first test.
+# The module fixture trains the tiny SFT and reward models before the first test (when not cached).
 pytestmark = [pytest.mark.training, pytest.mark.timeout(2400)]
 
 RUN = "ppo-learning"
@@ -45,19 +46,27 @@ MIN_TARGET_GAIN = 0.05
 
 @pytest.fixture(scope="module")
 def prerequisites(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """sft/ and reward/ outputs for RUN: copied from test_pipeline's run when complete, else trained."""
+    """sft/ and reward/ outputs for RUN, trained once per machine (tests/build_cache.py): this module
+    is about what PPO does with them; SFT and reward training are tested on their own."""
     spec = tiny_spec(sft=SFT, reward=REWARD)
     logs = tmp_path_factory.mktemp("ppo-prereq")
-    for stage in ("sft", "reward"):
-        code, out = run_stage(stage, write_invocation(workspace, stage, RUN, spec), logs / f"{stage}.json", timeout=900)
-        assert code == 0, out[-3000:]
+
+    def train() -> None:
+        for stage in ("sft", "reward"):
+            config = write_invocation(workspace, stage, RUN, spec)
+            code, out = run_stage(stage, config, logs / f"{stage}.json", timeout=900)
+            assert code == 0, out[-3000:]
+
+    key = training_key(workspace / "assets", {"run": RUN, "spec": spec})
+    cached_outputs("ppo-learning-base", key, run_dir(workspace, RUN), train)
+    train()  # exits at once for complete outputs of these settings, trains otherwise
     return {"spec": spec}
 
 
 def _evaluate(workspace: Path, model_dir: Path) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_stages.sampling.evaluation import evaluate_policy, load_prompts
+    from rlhf_stages.tiny.evaluate import evaluate_policy, load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -83,20 +92,63 @@ def _evaluate(workspace: Path, model_dir: Path) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize(("seed", "nproc"), [(s, 1) for s in SEEDS] + [(SEEDS[0], 2)])
-def test_ppo_policy_beats_sft_on_held_out_prompts(
-    workspace: Path, prerequisites: dict[str, Any], tmp_path: Path, seed: int, nproc: int
-) -> None:
+@pytest.fixture(scope="module")
+def sft_evaluation(workspace: Path, prerequisites: dict[str, Any]) -> dict[str, Any]:
+    """The SFT policy every case starts from, evaluated once: each case's sft/ is a copy of it and the
+    evaluation is seeded, so evaluating it again per case gave the same numbers four times over."""
+    return _evaluate(workspace, run_dir(workspace, RUN) / "sft" / "model")
+
+
+CASES = [(s, 1) for s in SEEDS] + [(SEEDS[0], 2)]
+
+
+def _train(workspace: Path, logs: Path, seed: int, nproc: int) -> dict[str, Any]:
+    """PPO, then merge, for one case in its own run (sft/ and reward/ copied from RUN)."""
     run = f"{RUN}-s{seed}-p{nproc}"
     shutil.rmtree(run_dir(workspace, run), ignore_errors=True)
     for stage in ("sft", "reward"):
         shutil.copytree(run_dir(workspace, RUN) / stage, run_dir(workspace, run) / stage)
     spec = tiny_spec(sft=SFT, reward=REWARD, ppo={"seed": seed})
-    ppo_config = write_invocation(workspace, "ppo", run, spec)
     extra = [] if nproc == 1 else ["--nproc", str(nproc)]
-    code, out = run_stage("ppo", ppo_config, tmp_path / "ppo.json", *extra, timeout=900)
+    trained: dict[str, Any] = {"run": run, "logs": logs}
+    trained["ppo"] = run_stage(
+        "ppo", write_invocation(workspace, "ppo", run, spec), logs / "ppo.json", *extra, timeout=900
+    )
+    if trained["ppo"][0] == 0:
+        trained["merge"] = run_stage("merge", write_invocation(workspace, "merge", run, spec), logs / "merge.json")
+    return trained
+
+
+@pytest.fixture(scope="module")
+def trained(
+    workspace: Path, prerequisites: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """Every case's PPO and merge processes, the cases side by side: each PPO process is seeded and
+    single-threaded (two for the 2-process case), so running them together gives the models each
+    gives alone while both cores work; the tests below check them one by one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(CASES)) as pool:
+        futures = {
+            case: pool.submit(_train, workspace, tmp_path_factory.mktemp(f"ppo-s{case[0]}-p{case[1]}"), *case)
+            for case in CASES
+        }
+        return {case: future.result() for case, future in futures.items()}
+
+
+@pytest.mark.parametrize(("seed", "nproc"), CASES)
+def test_ppo_policy_beats_sft_on_held_out_prompts(
+    workspace: Path,
+    trained: dict[tuple[int, int], dict[str, Any]],
+    sft_evaluation: dict[str, Any],
+    seed: int,
+    nproc: int,
+) -> None:
+    case = trained[(seed, nproc)]
+    run, logs = case["run"], case["logs"]
+    code, out = case["ppo"]
     assert code == 0, out[-4000:]
-    result = read_result(tmp_path / "ppo.json")
+    result = read_result(logs / "ppo.json")
     assert result["succeeded"] and result["artifactPath"] == f"runs/default/{run}/ppo"
     for key in (
         "reward_mean",
@@ -122,10 +174,10 @@ def test_ppo_policy_beats_sft_on_held_out_prompts(
     assert result["selectedStep"] == 40 and not (run_dir(workspace, run) / "ppo" / "final").exists()
     assert manifest["details"]["valueModelInit"] == "reward model"
 
-    code, out = run_stage("merge", write_invocation(workspace, "merge", run, spec), tmp_path / "merge.json")
+    code, out = case["merge"]
     assert code == 0, out[-3000:]
 
-    before = _evaluate(workspace, run_dir(workspace, run) / "sft" / "model")
+    before = sft_evaluation
     after = _evaluate(workspace, run_dir(workspace, run) / "merge" / "model")
     report = {"seed": seed, "nproc": nproc, "sft": before, "ppo": after, "watch": watched["evaluations"]}
     print(json.dumps(report, indent=1))

@@ -49,6 +49,9 @@ def _prepare(workspace: Path, run: str) -> None:
     rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     rm.save_pretrained(run_dir(workspace, run) / "reward" / "model")
     AutoTokenizer.from_pretrained(base).save_pretrained(run_dir(workspace, run) / "reward" / "model")
+    for stage in ("sft", "reward"):  # complete outputs, as the stages would have committed them
+        manifest = {"completed": True, "outputId": f"{run}-{stage}"}
+        (run_dir(workspace, run) / stage / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _adapter_weights(workspace: Path, run: str) -> dict[str, Any]:
@@ -83,6 +86,16 @@ def test_missing_reward_model_is_an_input_error(workspace: Path, tmp_path: Path)
     shutil.rmtree(run_dir(workspace, run) / "reward")
     code, out = run_stage("ppo", write_invocation(workspace, "ppo", run, _spec()), tmp_path / "r.json")
     assert code == 3, out[-2000:]
+
+
+def test_incomplete_sft_output_is_an_input_error(workspace: Path, tmp_path: Path) -> None:
+    """Like dpo, grpo and rest: sft/model without a committed manifest is a killed SFT, not an input."""
+    run = "ppo-sft-incomplete"
+    _prepare(workspace, run)
+    (run_dir(workspace, run) / "sft" / "manifest.json").unlink()
+    code, out = run_stage("ppo", write_invocation(workspace, "ppo", run, _spec()), tmp_path / "r.json")
+    assert code == 3, out[-2000:]
+    assert "sft/manifest.json" in read_result(tmp_path / "r.json")["message"]
 
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(
@@ -121,11 +134,13 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_
     assert not result["succeeded"] and "SIGTERM" in result["message"] and 2 <= stopped < 6
     assert (checkpoints / f"checkpoint-{stopped}" / "state.json").is_file()
     assert not (run_dir(workspace, run) / "ppo").exists()
-    (checkpoints / ".tmp-checkpoint-5").mkdir()  # what a kill mid-save leaves: ignored, removed
+    debris = checkpoints / ".incoming" / "checkpoint-5"
+    debris.mkdir(parents=True)  # what a kill mid-save leaves: ignored, removed
 
     code, out = run_stage("ppo", config, tmp_path / "c.json")
     assert code == 0, out[-3000:]
     assert f"resuming ppo from checkpoint-{stopped}" in out
+    assert not debris.exists()
     resumed = json.loads((run_dir(workspace, run) / "ppo" / "manifest.json").read_text())
     assert resumed["details"]["resumedFromStep"] == stopped and resumed["step"] == 6
     # Weights, optimizer, KL controller and every RNG were restored: the same run, bit for bit.

@@ -192,6 +192,7 @@ def test_sigterm_mid_step_saves_the_last_completed_step_and_resumes(
     assert result["exitCode"] == 143 and result["step"] == 1 and "SIGTERM" in result["message"], result
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-1"]
     assert not list(checkpoints.glob(".tmp-*")) and not list(checkpoints.glob(".incoming-*"))
+    assert not list(checkpoints.glob(".incoming/checkpoint-*"))  # every staged checkpoint was published
     assert not (run_dir(volume, run) / stage).exists()  # no output before the stage is complete
 
     code, text = run_stage(stage, config, tmp_path / "b.json")
@@ -244,6 +245,7 @@ def test_ppo_sigterm_during_the_update_finishes_the_step_then_saves_it(
     from accelerate import Accelerator
 
     from rlhf_api.stages import PPOStage
+    from rlhf_stages.methods.ppo.checkpoint import checkpoint_dir
     from rlhf_stages.methods.ppo.models import load_models
     from rlhf_stages.methods.ppo.trainer import PPOTrainer
     from rlhf_stages.runtime.interrupt import StepGuard
@@ -266,7 +268,13 @@ def test_ppo_sigterm_during_the_update_finishes_the_step_then_saves_it(
             return super().optimise(batch, data)
 
     trainer = SignalledAtTheUpdate(
-        cfg, loaded, tokenizer, prompts, accelerator=Accelerator(cpu=True), checkpoint_root=tmp_path, guard=guard
+        cfg,
+        loaded,
+        tokenizer,
+        prompts,
+        accelerator=Accelerator(cpu=True),
+        checkpoints=checkpoint_dir(tmp_path),
+        guard=guard,
     )
     with caplog.at_level(logging.WARNING, logger="rlhf_stages.methods.ppo.trainer"):
         assert trainer.train(stop.is_set) is False  # stopped early

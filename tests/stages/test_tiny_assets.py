@@ -9,17 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_stages.sampling.evaluation import (
-    Completion,
-    check_target,
-    evaluate_policy,
-    generate_completions,
-    ground_truth_score,
-    meets_target,
-    prompt_topic,
-    score_with_reward_model,
-    topics_in,
-)
+from rlhf_stages.sampling.generate import Completion, generate_completions
+from rlhf_stages.sampling.score import score_with_reward_model
 from rlhf_stages.tiny.assets import (
     DEFAULT_PROMPT_TEMPLATE,
     HELD_OUT_TOPICS,
@@ -33,6 +24,8 @@ from rlhf_stages.tiny.assets import (
     read_jsonl,
     split_prompt_template,
 )
+from rlhf_stages.tiny.evaluate import evaluate_policy
+from rlhf_stages.tiny.ground_truth import check_target, ground_truth_score, meets_target, prompt_topic, topics_in
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -77,7 +77,7 @@ def _tiny_bert(workspace: Path) -> str:
     """A DeBERTa-style encoder stand-in: tiny BERT with a WordPiece tokenizer (no EOS token)."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    from rlhf_stages.sampling.evaluation import words
+    from rlhf_stages.tiny.ground_truth import words
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", ":", "!", "human", "assistant"]
     for row in read_jsonl(workspace / "assets" / "data" / "hh_rlhf.jsonl")[:500]:

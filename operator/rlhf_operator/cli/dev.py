@@ -107,7 +107,7 @@ def run(args: Any) -> int:
     if args.tiny_assets and not (volume / "assets" / "base-model").exists():
         print("building tiny assets ...", flush=True)
         subprocess.run(
-            [args.python, "-m", "rlhf_stages.tiny.assets", "--out", str(volume / "assets")],
+            [args.python, "-m", "rlhf_stages.tiny", "--out", str(volume / "assets")],
             check=True,
             env=stage_env(logs / "assets.result.json"),
         )

@@ -47,7 +47,7 @@ def build_assets(volume: Path, python: str, log: Path) -> Path:
         print(f"  assets  reused ({assets})")
         return assets
     started = time.monotonic()
-    _python_module(python, "rlhf_stages.tiny.assets", "--out", str(assets), log=log)
+    _python_module(python, "rlhf_stages.tiny", "--out", str(assets), log=log)
     print(f"  assets  built in {time.monotonic() - started:.1f}s ({assets})")
     return assets
 
@@ -72,7 +72,7 @@ def evaluate(
     scorer = ["--reward-model", str(reward_model)] if reward_model is not None else []
     _python_module(
         python,
-        "rlhf_stages.sampling.evaluation",
+        "rlhf_stages.tiny.evaluate",
         "--policy",
         str(policy),
         *scorer,

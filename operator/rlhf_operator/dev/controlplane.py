@@ -82,6 +82,10 @@ class ControlPlane:
     admin: User
     operator: User
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # The command lines of etcd and kube-apiserver by name, and the log they write to, so that a fault
+    # test can stop one and start it again on the same ports and data (``stopped``).
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    log: Path | None = None
 
     def kubeconfig(self, user: User | None = None, path: Path | None = None) -> Path:
         """Writes a kubeconfig for ``user`` (default: admin) and returns its path."""
@@ -107,8 +111,32 @@ class ControlPlane:
         return proc.stdout if check else proc.stdout + proc.stderr
 
     def stop(self) -> None:
-        terminate(self.processes, grace=15)
+        # Top down: etcd last. kube-apiserver's graceful shutdown removes its own endpoint from etcd;
+        # with etcd stopped at the same moment it waited out the whole grace period (15 s) instead.
+        etcd = [proc for proc in self.processes if proc.args == self.commands.get("etcd")]
+        terminate([proc for proc in self.processes if proc not in etcd], grace=15)
+        terminate(etcd, grace=15)
         self.processes.clear()
+
+    @contextlib.contextmanager
+    def stopped(self, component: str, kill: bool = False) -> Iterator[None]:
+        """One component ("etcd" or "kube-apiserver") down for the body of the ``with``, then started
+        again with the same command line (same port, same etcd data dir); returns once the API server
+        answers /readyz again. ``kill``: SIGKILL instead of SIGTERM (a crash, not a shutdown)."""
+        argv = self.commands[component]
+        index = next(i for i, proc in enumerate(self.processes) if proc.args == argv)
+        proc = self.processes[index]
+        if kill:
+            proc.kill()
+            proc.wait()
+        else:
+            terminate([proc], grace=15)
+        try:
+            yield
+        finally:
+            assert self.log is not None
+            self.processes[index] = _spawn(argv, self.log)
+            _wait_ready(self.url, self.admin.token, self.ca_file, self.processes, self.log)
 
 
 def terminate(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
@@ -122,6 +150,11 @@ def terminate(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:  # the child holds its own descriptor
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_ready(url: str, token: str, ca_file: Path, procs: list[subprocess.Popen[bytes]], log: Path) -> None:
@@ -168,58 +201,59 @@ def start(workdir: Path | None = None, bin_dir: Path | None = None, node: NodeOp
     etcd_client, etcd_peer, api_port = free_port(), free_port(), free_port()
     log = workdir / "controlplane.log"
     log_file = log.open("ab")
-    etcd = subprocess.Popen(
-        [
-            str(bin_dir / "etcd"),
-            "--data-dir",
-            str(workdir / "etcd"),
-            "--listen-client-urls",
-            f"http://127.0.0.1:{etcd_client}",
-            "--advertise-client-urls",
-            f"http://127.0.0.1:{etcd_client}",
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{etcd_peer}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{etcd_peer}",
-            "--initial-cluster",
-            f"default=http://127.0.0.1:{etcd_peer}",
-            "--unsafe-no-fsync",  # test data only: trades durability for speed
-            "--log-level",
-            "warn",
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    apiserver = subprocess.Popen(
-        [
-            str(bin_dir / "kube-apiserver"),
-            "--etcd-servers",
-            f"http://127.0.0.1:{etcd_client}",
-            *_apiserver_mode_args(node),
-            "--secure-port",
-            str(api_port),
-            "--cert-dir",
-            str(certs),
-            "--token-auth-file",
-            str(tokens),
-            "--service-account-issuer",
-            "https://kubernetes.default.svc.cluster.local",
-            "--service-account-key-file",
-            str(sa_key),
-            "--service-account-signing-key-file",
-            str(sa_key),
-            "--service-cluster-ip-range",
-            SERVICE_CIDR,
-            "--v",
-            "1",
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    etcd_argv = [
+        str(bin_dir / "etcd"),
+        "--data-dir",
+        str(workdir / "etcd"),
+        "--listen-client-urls",
+        f"http://127.0.0.1:{etcd_client}",
+        "--advertise-client-urls",
+        f"http://127.0.0.1:{etcd_client}",
+        "--listen-peer-urls",
+        f"http://127.0.0.1:{etcd_peer}",
+        "--initial-advertise-peer-urls",
+        f"http://127.0.0.1:{etcd_peer}",
+        "--initial-cluster",
+        f"default=http://127.0.0.1:{etcd_peer}",
+        "--unsafe-no-fsync",  # test data only: trades durability for speed
+        "--log-level",
+        "warn",
+    ]
+    apiserver_argv = [
+        str(bin_dir / "kube-apiserver"),
+        "--etcd-servers",
+        f"http://127.0.0.1:{etcd_client}",
+        *_apiserver_mode_args(node),
+        "--secure-port",
+        str(api_port),
+        "--cert-dir",
+        str(certs),
+        "--token-auth-file",
+        str(tokens),
+        "--service-account-issuer",
+        "https://kubernetes.default.svc.cluster.local",
+        "--service-account-key-file",
+        str(sa_key),
+        "--service-account-signing-key-file",
+        str(sa_key),
+        "--service-cluster-ip-range",
+        SERVICE_CIDR,
+        "--v",
+        "1",
+    ]
+    etcd, apiserver = _spawn(etcd_argv, log), _spawn(apiserver_argv, log)
     url = f"https://127.0.0.1:{api_port}"
-    plane = ControlPlane(workdir, bin_dir, url, certs / "apiserver.crt", admin, operator, [etcd, apiserver])
+    plane = ControlPlane(
+        workdir,
+        bin_dir,
+        url,
+        certs / "apiserver.crt",
+        admin,
+        operator,
+        [etcd, apiserver],
+        {"etcd": etcd_argv, "kube-apiserver": apiserver_argv},
+        log,
+    )
     try:
         _wait_ready(url, admin.token, plane.ca_file, plane.processes, log)
         plane.processes.append(_start_controller_manager(plane, log_file, sa_key, all_controllers=node is not None))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_api import layout
+from rlhf_api.methods import pairs_from
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInputMissing
 from rlhf_stages.runtime.outputs import completed_manifest
@@ -28,6 +29,32 @@ if TYPE_CHECKING:
     from rlhf_api.sources import DatasetSource
 
 EVAL_PROMPTS_MAX = 128
+"""Held-out prompts a policy stage evaluates at its end (every method, PPO included): enough for a
+stable mean, bounded so the evaluation after SIGTERM's grace-period check stays short."""
+
+# generate() arguments the stages set themselves: from responseLength, temperature, topK and topP,
+# and what PPO's math and TRL's online trainers need (one sampled response per prompt, plain
+# tensors out, our EOS and pad ids). ``generation.extra`` may set anything else.
+RESERVED_GENERATION_KEYS = frozenset(
+    {
+        "max_new_tokens",
+        "max_length",
+        "min_length",
+        "min_new_tokens",
+        "num_return_sequences",
+        "do_sample",
+        "num_beams",
+        "temperature",
+        "top_k",
+        "top_p",
+        "return_dict_in_generate",
+        "output_scores",
+        "output_logits",
+        "eos_token_id",
+        "pad_token_id",
+        "generation_config",
+    }
+)
 
 
 def policy_location(ctx: StageContext) -> models.ModelLocation:
@@ -67,7 +94,7 @@ def pairs_source(ctx: StageContext) -> tuple[DatasetSource, str]:
     """
     from rlhf_api.sources import DatasetSource
 
-    if ctx.spec.method == "RLAIF":
+    if pairs_from(ctx.spec.method) is not None:
         path = layout.rlaif_pairs(ctx.invocation.run_dir)
         fraction = ctx.spec.rlaif.eval_fraction if ctx.spec.rlaif is not None else 0.05
         return DatasetSource(format="jsonl", path=str(path), eval_fraction=fraction), "{prompt}"
@@ -76,11 +103,24 @@ def pairs_source(ctx: StageContext) -> tuple[DatasetSource, str]:
 
 def check_pairs_input(ctx: StageContext) -> None:
     """Cheap check that the pairs are there: the rlaif stage's complete output, or the dataset."""
-    if ctx.spec.method == "RLAIF":
-        if completed_manifest(ctx.stage_output_of("rlaif")) is None:
-            raise StageInputMissing(f"{ctx.stage}: the rlaif stage's output is not complete (rlaif/manifest.json)")
+    labeller = pairs_from(ctx.spec.method)
+    if labeller is not None:
+        if completed_manifest(ctx.stage_output_of(labeller)) is None:
+            raise StageInputMissing(
+                f"{ctx.stage}: the {labeller} stage's output is not complete ({labeller}/manifest.json)"
+            )
         return
     data.check_source(ctx, ctx.config.dataset, f"{ctx.stage}.dataset")
+
+
+def check_generation_extra(ctx: StageContext) -> None:
+    """Exit 2 when ``<stage>.generation.extra`` sets what the stage sets itself."""
+    reserved = sorted(RESERVED_GENERATION_KEYS & set(ctx.config.generation.extra))
+    if reserved:
+        raise StageConfigError(
+            f"{ctx.stage}.generation.extra: {reserved} are set by the stage itself "
+            "(use responseLength, temperature, topK, topP)"
+        )
 
 
 def check_prompt_template(template: str, what: str) -> None:
@@ -119,7 +159,7 @@ def preference_pairs(ds: Dataset, template: str, what: str) -> Dataset:
 
 
 def sampling_kwargs(generation: Any) -> dict[str, Any]:
-    """Our ``Generation`` section as ``evaluation.generate_completions`` arguments."""
+    """Our ``Generation`` section as ``sampling.generate.generate_completions`` arguments."""
     return {"temperature": generation.temperature, "top_k": generation.top_k, "top_p": generation.top_p}
 
 
@@ -134,7 +174,8 @@ def evaluate_held_out(
     reward_tokenizer: Any | None = None,
 ) -> dict[str, float]:
     """``eval_*`` metrics of one sample per held-out prompt (deterministic for ``seed``)."""
-    from rlhf_stages.sampling.evaluation import generate_completions, score_with_reward_model
+    from rlhf_stages.sampling.generate import generate_completions
+    from rlhf_stages.sampling.score import score_with_reward_model
 
     unique = list(dict.fromkeys(prompt_texts))[:EVAL_PROMPTS_MAX]
     if not unique:
@@ -151,14 +192,18 @@ def evaluate_held_out(
     return metrics
 
 
-def save_policy(ctx: StageContext, model: Any, tokenizer: Any, base: models.ModelLocation, lora: bool) -> Path:
-    """``<stage>/adapter`` (LoRA, merged later by the merge stage) or ``<stage>/model`` (all weights)."""
+def save_policy(
+    ctx: StageContext, model: Any, tokenizer: Any, base: models.ModelLocation, lora: bool, under: str = ""
+) -> Path:
+    """``<stage>/adapter`` (LoRA, merged later by the merge stage) or ``<stage>/model`` (all weights);
+    ``under`` a subdirectory of the output instead (PPO's ``final/`` beside a selected checkpoint)."""
+    root = ctx.staging_dir / under if under else ctx.staging_dir
     if lora:
-        out = ctx.staging_dir / "adapter"
+        out = root / "adapter"
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
         models.record_adapter_base(out, base.label)
         return out
-    out = ctx.staging_dir / "model"
+    out = root / "model"
     models.save_standalone(model, tokenizer, out)
     return out

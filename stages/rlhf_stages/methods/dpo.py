@@ -24,7 +24,7 @@ Output: ``dpo/adapter`` (merged by the merge stage) or ``dpo/model``, with the t
 
 from __future__ import annotations
 
-from rlhf_stages.methods import common as method_common
+from rlhf_stages.methods import common
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageOutcome
 
@@ -39,51 +39,51 @@ EVAL_MAX_NEW_TOKENS = 32
 
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
-    method_common.check_pairs_input(ctx)
+    common.check_pairs_input(ctx)
     models.check_quantization(cfg.quantization, "dpo", cfg.resources.gpus)
-    method_common.check_prompt_template(cfg.prompt_template, "dpo")
-    method_common.check_policy_input(ctx)
+    common.check_prompt_template(cfg.prompt_template, "dpo")
+    common.check_policy_input(ctx)
 
 
 def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf_stages.runtime.checkpoints import StageCallback
-    from rlhf_stages.runtime.training import final_metrics, run_trainer, trainer_kwargs
+    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer
 
     cfg, t = ctx.config, ctx.config.training
-    base = method_common.policy_location(ctx)
+    base = common.policy_location(ctx)
     tokenizer = models.load_tokenizer(base)
 
-    source, template = method_common.pairs_source(ctx)
+    source, template = common.pairs_source(ctx)
     rows = data.load_rows(ctx, source, t.seed)
-    pairs = method_common.preference_pairs(rows, template, "dpo")
+    pairs = common.preference_pairs(rows, template, "dpo")
     train_ds, eval_ds = data.split_eval(pairs, source.eval_fraction, t.seed)
     if len(train_ds) == 0:
         raise StageConfigError("dpo.dataset: no usable preference pairs")
 
     model = models.load_model(base, AutoModelForCausalLM, cfg.quantization, "dpo", "float32")
     peft_config = models.lora_config(cfg.lora, "CAUSAL_LM") if cfg.lora.enabled else None
-    callback = StageCallback(ctx, keep=t.save_total_limit)
-    args = DPOConfig(
-        **trainer_kwargs(ctx, t, has_eval=eval_ds is not None),
-        beta=cfg.beta,
-        loss_type=[cfg.loss_type],
-        label_smoothing=cfg.label_smoothing,
-        max_length=t.max_length,
-        # Keep the end of long prompts: the answer must stay in the window.
-        truncation_mode="keep_end",
-        dataset_num_proc=None,
-    )
-    trainer = DPOTrainer(
+    trainer, callback = make_trainer(
+        ctx,
+        DPOTrainer,
+        DPOConfig,
+        t,
+        has_eval=eval_ds is not None,
+        config={
+            "beta": cfg.beta,
+            "loss_type": [cfg.loss_type],
+            "label_smoothing": cfg.label_smoothing,
+            "max_length": t.max_length,
+            # Keep the end of long prompts: the answer must stay in the window.
+            "truncation_mode": "keep_end",
+            "dataset_num_proc": None,
+        },
         model=model,
-        args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[callback],
     )
     train_output, resumed_from = run_trainer(ctx, trainer, callback)
     metrics = final_metrics(train_output, None, ())
@@ -91,13 +91,13 @@ def run(ctx: StageContext) -> StageOutcome:
         evaluated = trainer.evaluate()
         metrics.update({ours: float(evaluated[theirs]) for theirs, ours in EVAL_KEYS.items() if theirs in evaluated})
         metrics.update(
-            method_common.evaluate_held_out(
+            common.evaluate_held_out(
                 trainer.model, tokenizer, list(eval_ds["prompt"]), max_new_tokens=EVAL_MAX_NEW_TOKENS, seed=t.seed
             )
         )
 
     if ctx.is_main:
-        method_common.save_policy(ctx, trainer.model, tokenizer, base, cfg.lora.enabled)
+        common.save_policy(ctx, trainer.model, tokenizer, base, cfg.lora.enabled)
     return StageOutcome(
         metrics=metrics,
         step=trainer.state.global_step,

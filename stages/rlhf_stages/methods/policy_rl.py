@@ -10,7 +10,7 @@ The reward is a callable, not the model itself: given a model, TRL scores ``prom
 models are trained on answers that end with EOS (reward.py), and scoring without it was measured
 to let the policy learn endless repetition (an unfinished answer looks as good as a finished one).
 :class:`RewardModelReward` scores prompt + completion + EOS when the completion ended with EOS,
-exactly as ``evaluation.score_with_reward_model`` and PPO do, and subtracts
+exactly as ``sampling.score.score_with_reward_model`` and PPO do, and subtracts
 ``missingEosPenalty`` from answers cut off at ``responseLength.max``.
 
 SIGTERM inside a step (sampling, reference log-probs, the loss: every forward pass before the
@@ -24,26 +24,10 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf_api import TrainingSettings
-from rlhf_stages.methods import common as method_common
+from rlhf_stages.methods import common
 from rlhf_stages.runtime import data, interrupt, models
-from rlhf_stages.runtime.context import StageConfigError, StageContext, StageOutcome
+from rlhf_stages.runtime.context import StageContext, StageOutcome
 
-# generate() arguments the trainer sets itself from our fields.
-RESERVED_GENERATION_KEYS = frozenset(
-    {
-        "max_new_tokens",
-        "max_length",
-        "min_new_tokens",
-        "num_return_sequences",
-        "do_sample",
-        "temperature",
-        "top_k",
-        "top_p",
-        "eos_token_id",
-        "pad_token_id",
-        "generation_config",
-    }
-)
 # TRL's log keys -> the names our status and report use.
 LOG_KEYS = {
     "reward": "reward_mean",
@@ -66,12 +50,26 @@ class RewardModelReward:
         self.eos_ids = eos_ids
         self.penalty = missing_eos_penalty
 
+    @classmethod
+    def for_policy(
+        cls, policy: Any, tokenizer: Any, reward_model: Any, reward_tokenizer: Any, missing_eos_penalty: float | None
+    ) -> RewardModelReward:
+        """A reward whose idea of a finished answer is the policy's: TRL stops sampling at the
+        tokenizer's EOS and at the model's ``generation_config`` EOS ids, so must we."""
+        from rlhf_stages.sampling.generate import eos_ids
+
+        return cls(reward_model, reward_tokenizer, set(eos_ids(policy, tokenizer)), missing_eos_penalty)
+
+    def ended(self, completion_ids: list[list[int]]) -> list[bool]:
+        """Which completions ended with an EOS (the others were cut off at the length limit)."""
+        return [bool(ids) and ids[-1] in self.eos_ids for ids in completion_ids]
+
     def __call__(
         self, prompts: list[str], completions: list[str], completion_ids: list[list[int]], **_: Any
     ) -> list[float]:
-        from rlhf_stages.sampling.evaluation import score_with_reward_model
+        from rlhf_stages.sampling.score import score_with_reward_model
 
-        ended = [bool(ids) and ids[-1] in self.eos_ids for ids in completion_ids]
+        ended = self.ended(completion_ids)
         scores = score_with_reward_model(self.model, self.tokenizer, prompts, completions, ended_with_eos=ended)
         if self.penalty is not None:
             scores = [s if done else s - self.penalty for s, done in zip(scores, ended, strict=True)]
@@ -82,14 +80,10 @@ def validate(ctx: StageContext) -> None:
     cfg = ctx.config
     data.check_source(ctx, cfg.dataset, f"{ctx.stage}.dataset")
     models.check_quantization(cfg.quantization, ctx.stage, cfg.resources.gpus)
-    method_common.check_prompt_template(cfg.prompt_template, ctx.stage)
-    method_common.check_policy_input(ctx)
-    method_common.check_reward_input(ctx)
-    reserved = sorted(RESERVED_GENERATION_KEYS & set(cfg.generation.extra))
-    if reserved:
-        raise StageConfigError(
-            f"{ctx.stage}.generation.extra: {reserved} are set from responseLength, temperature, topK and topP"
-        )
+    common.check_prompt_template(cfg.prompt_template, ctx.stage)
+    common.check_policy_input(ctx)
+    common.check_reward_input(ctx)
+    common.check_generation_extra(ctx)
 
 
 def training_settings(cfg: Any) -> TrainingSettings:
@@ -130,13 +124,12 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
     """Train with ``trainer_class`` (GRPOTrainer or RLOOTrainer); the stage modules only pick the class."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf_stages.runtime.checkpoints import StageCallback
-    from rlhf_stages.runtime.training import run_trainer, trainer_kwargs
+    from rlhf_stages.runtime.training import make_trainer, run_trainer
 
     cfg = ctx.config
-    base = method_common.policy_location(ctx)
+    base = common.policy_location(ctx)
     tokenizer = models.load_tokenizer(base)
-    reward_at = method_common.reward_location(ctx)
+    reward_at = common.reward_location(ctx)
     reward_tokenizer = models.load_tokenizer(reward_at)
     reward_model = models.load_model(
         reward_at,
@@ -151,26 +144,25 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
         p.requires_grad_(False)
 
     rows = data.load_rows(ctx, cfg.dataset, cfg.seed)
-    prompt_ds = method_common.prompts(rows, cfg.prompt_template, ctx.stage)
+    prompt_ds = common.prompts(rows, cfg.prompt_template, ctx.stage)
     train_ds, eval_ds = data.split_eval(prompt_ds, cfg.dataset.eval_fraction, cfg.seed)
 
     model = models.load_model(base, AutoModelForCausalLM, cfg.quantization, ctx.stage, "float32")
     peft_config = models.lora_config(cfg.lora, "CAUSAL_LM") if cfg.lora.enabled else None
-    eos_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    reward = RewardModelReward(reward_model, reward_tokenizer, eos_ids, cfg.missing_eos_penalty)
+    reward = RewardModelReward.for_policy(model, tokenizer, reward_model, reward_tokenizer, cfg.missing_eos_penalty)
 
-    callback = StageCallback(ctx, keep=2)
-    args = config_class(
-        **trainer_kwargs(ctx, training_settings(cfg), has_eval=False), **shared_config(cfg, tokenizer), **extra
-    )
-    trainer = trainer_class(
+    trainer, callback = make_trainer(
+        ctx,
+        trainer_class,
+        config_class,
+        training_settings(cfg),
+        has_eval=False,
+        config={**shared_config(cfg, tokenizer), **extra},
         model=model,
         reward_funcs=reward,
-        args=args,
         train_dataset=train_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[callback],
     )
     # SIGTERM mid-step (e.g. while sampling): abandon the step and save the last completed one.
     # One process only: ranks aborting at different points would leave a collective waiting.
@@ -191,7 +183,7 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
     metrics = {ours: float(logs[theirs]) for theirs, ours in LOG_KEYS.items() if theirs in logs}
     if eval_ds is not None:
         metrics.update(
-            method_common.evaluate_held_out(
+            common.evaluate_held_out(
                 trainer.model,
                 tokenizer,
                 list(eval_ds["prompt"]),
@@ -202,7 +194,7 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
             )
         )
     if ctx.is_main:
-        method_common.save_policy(ctx, trainer.model, tokenizer, base, cfg.lora.enabled)
+        common.save_policy(ctx, trainer.model, tokenizer, base, cfg.lora.enabled)
     return StageOutcome(
         metrics=metrics,
         step=trainer.state.global_step,

@@ -34,10 +34,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlhf_stages.methods import common as method_common
+from rlhf_stages.methods import common
 from rlhf_stages.methods.rest_improve import GrowRow, improve, quantile
 from rlhf_stages.runtime import data, models
-from rlhf_stages.runtime.checkpoints import latest_checkpoint
+from rlhf_stages.runtime.atomic import write_json_atomic, write_jsonl_atomic
+from rlhf_stages.runtime.checkpoint_dir import CheckpointDir
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInterrupted, StageOutcome
 from rlhf_stages.runtime.interrupt import StepAborted, StepGuard
 
@@ -47,9 +48,9 @@ GENERATION_BATCH = 64
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
     data.check_source(ctx, cfg.dataset, "rest.dataset")
-    method_common.check_prompt_template(cfg.prompt_template, "rest")
-    method_common.check_policy_input(ctx)
-    method_common.check_reward_input(ctx)
+    common.check_prompt_template(cfg.prompt_template, "rest")
+    common.check_policy_input(ctx)
+    common.check_reward_input(ctx)
     if cfg.resources.gpus > 1:  # the Grow/Improve loop is single-process: N ranks would each run all of it
         raise StageConfigError("rest.resources.gpus: ReST runs in one process; use at most 1 GPU")
     if cfg.generation.extra:
@@ -60,7 +61,8 @@ def grow(
     ctx: StageContext, policy: Any, tokenizer: Any, scorer: tuple[Any, Any], prompts: list[str], *, step: int
 ) -> list[GrowRow]:
     """Sample ``samplesPerPrompt`` completions per prompt from the current policy and score them."""
-    from rlhf_stages.sampling.evaluation import generate_completions, score_with_reward_model
+    from rlhf_stages.sampling.generate import generate_completions
+    from rlhf_stages.sampling.score import score_with_reward_model
 
     cfg = ctx.config
     repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
@@ -71,26 +73,25 @@ def grow(
         cfg.response_length.max,
         seed=cfg.training.seed * 1000 + step,
         batch_size=GENERATION_BATCH,
-        **method_common.sampling_kwargs(cfg.generation),
+        **common.sampling_kwargs(cfg.generation),
     )
     rewards = score_with_reward_model(scorer[0], scorer[1], repeated, completions)
     return [GrowRow(c.prompt, c.text, r, c.ended_with_eos, step) for c, r in zip(completions, rewards, strict=True)]
 
 
+def checkpoints(ctx: StageContext) -> CheckpointDir:
+    """Only the newest checkpoint is kept: each holds the whole state (policy, history, Grow sets' names)."""
+    return CheckpointDir(ctx.checkpoints_dir, keep=1)
+
+
 def _save_checkpoint(ctx: StageContext, policy: Any, n: int, state: dict[str, Any]) -> str:
-    """Write the checkpoint elsewhere, then rename: a ``checkpoint-<n>`` directory is always complete."""
-    name = f"checkpoint-{n}"
-    tmp = ctx.checkpoints_dir / f".incoming-{name}"
+    """Assemble the checkpoint in ``.incoming``, then publish it: ``checkpoint-<n>`` is always complete."""
+    directory = checkpoints(ctx)
+    tmp = directory.staging(n)
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(str(tmp / "policy"))
-    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
-    target = ctx.checkpoints_dir / name
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    for old in sorted(ctx.checkpoints_dir.glob("checkpoint-*")):
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
-    return name
+    write_json_atomic(tmp / "state.json", state)
+    return directory.publish(n).name
 
 
 def _load_policy(ctx: StageContext, base: models.ModelLocation, resume: Path | None) -> Any:
@@ -114,9 +115,9 @@ def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForSequenceClassification
 
     cfg, t = ctx.config, ctx.config.training
-    base = method_common.policy_location(ctx)
+    base = common.policy_location(ctx)
     tokenizer = models.load_tokenizer(base)
-    reward_at = method_common.reward_location(ctx)
+    reward_at = common.reward_location(ctx)
     reward_tokenizer = models.load_tokenizer(reward_at)
     reward_model = models.load_model(
         reward_at,
@@ -130,11 +131,11 @@ def run(ctx: StageContext) -> StageOutcome:
 
     rows = data.load_rows(ctx, cfg.dataset, t.seed)
     train_ds, eval_ds = data.split_eval(
-        method_common.prompts(rows, cfg.prompt_template, "rest"), cfg.dataset.eval_fraction, t.seed
+        common.prompts(rows, cfg.prompt_template, "rest"), cfg.dataset.eval_fraction, t.seed
     )
     prompts = list(train_ds["prompt"])
 
-    resume = latest_checkpoint(ctx.checkpoints_dir)
+    resume = checkpoints(ctx).latest()
     state: dict[str, Any] = {"done": 0, "history": [], "grow_files": []}
     if resume is not None:
         state = json.loads((resume[1] / "state.json").read_text(encoding="utf-8"))
@@ -160,9 +161,7 @@ def run(ctx: StageContext) -> StageOutcome:
                 raise StageInterrupted(
                     state["done"], f"checkpoint-{state['done']}" if state["done"] else None
                 ) from None
-            tmp = grow_file.with_suffix(".tmp")
-            tmp.write_text("".join(r.to_json() + "\n" for r in grow_rows), encoding="utf-8")
-            tmp.rename(grow_file)
+            write_jsonl_atomic(grow_file, [r.to_json() for r in grow_rows])
         if grow_file.name not in state["grow_files"]:
             state["grow_files"].append(grow_file.name)
         rewards = [r.reward for r in grow_rows]
@@ -203,7 +202,7 @@ def run(ctx: StageContext) -> StageOutcome:
         metrics["improve_loss"] = losses[-1]
     if eval_ds is not None:
         metrics.update(
-            method_common.evaluate_held_out(
+            common.evaluate_held_out(
                 policy,
                 tokenizer,
                 list(eval_ds["prompt"]),
@@ -214,7 +213,7 @@ def run(ctx: StageContext) -> StageOutcome:
             )
         )
     if ctx.is_main:
-        method_common.save_policy(ctx, policy, tokenizer, base, cfg.lora.enabled)
+        common.save_policy(ctx, policy, tokenizer, base, cfg.lora.enabled)
         (ctx.staging_dir / "grow").mkdir()
         for name in state["grow_files"]:
             shutil.copy2(ctx.checkpoints_dir / name, ctx.staging_dir / "grow" / name)

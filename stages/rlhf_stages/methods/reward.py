@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_api import layout
-from rlhf_stages.methods import common as method_common
+from rlhf_stages.methods import common
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInputMissing, StageOutcome
 from rlhf_stages.runtime.outputs import completed_manifest
@@ -42,7 +42,7 @@ def base_location(ctx: StageContext) -> models.ModelLocation:
 
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
-    method_common.check_pairs_input(ctx)
+    common.check_pairs_input(ctx)
     models.check_quantization(cfg.quantization, "reward", cfg.resources.gpus)
     on_sft = cfg.model is None and layout.policy_base(ctx.spec, ctx.stage, ctx.invocation.run_dir) is not None
     if on_sft and completed_manifest(ctx.stage_output_of("sft")) is None:
@@ -146,14 +146,13 @@ def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf_stages.runtime.checkpoints import StageCallback
-    from rlhf_stages.runtime.training import final_metrics, run_trainer, trainer_kwargs
+    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer
 
     cfg, t = ctx.config, ctx.config.training
     base = base_location(ctx)
     tokenizer = models.load_tokenizer(base)
 
-    source, template = method_common.pairs_source(ctx)
+    source, template = common.pairs_source(ctx)
     rows = data.load_rows(ctx, source, t.seed)
     train_rows, eval_rows = data.split_eval(pair_texts(rows, template), source.eval_fraction, t.seed)
     train_ds, dropped = tokenize_pairs(train_rows, tokenizer, cfg.max_length)
@@ -177,20 +176,19 @@ def run(ctx: StageContext) -> StageOutcome:
     model.config.pad_token_id = tokenizer.pad_token_id
     peft_config = models.lora_config(cfg.lora, "SEQ_CLS") if cfg.lora.enabled else None
 
-    callback = StageCallback(ctx, keep=t.save_total_limit)
-    args = RewardConfig(
-        **trainer_kwargs(ctx, t, has_eval=eval_ds is not None and len(eval_ds) > 0),
-        max_length=cfg.max_length,
-        disable_dropout=True,
-    )
-    trainer = RewardTrainer(
+    has_eval = eval_ds is not None and len(eval_ds) > 0
+    trainer, callback = make_trainer(
+        ctx,
+        RewardTrainer,
+        RewardConfig,
+        t,
+        has_eval=has_eval,
+        config={"max_length": cfg.max_length, "disable_dropout": True},
         model=model,
-        args=args,
         train_dataset=train_ds,
-        eval_dataset=eval_ds if eval_ds is not None and len(eval_ds) else None,
+        eval_dataset=eval_ds if has_eval else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[callback],
     )
     train_output, resumed_from = run_trainer(ctx, trainer, callback)
     metrics = final_metrics(train_output, None, ())

@@ -30,16 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_api import layout
-from rlhf_stages.methods import common as method_common
-from rlhf_stages.methods import judge
+from rlhf_stages.methods import common, judge
 from rlhf_stages.runtime import data, models
+from rlhf_stages.runtime.atomic import write_json_atomic, write_jsonl_atomic
 from rlhf_stages.runtime.context import (
     StageConfigError,
     StageContext,
     StageInputMissing,
     StageInterrupted,
     StageOutcome,
-    write_json_atomic,
 )
 
 GENERATION_BATCH = 64
@@ -77,11 +76,11 @@ def judge_location(ctx: StageContext) -> models.ModelLocation:
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
     data.check_source(ctx, cfg.dataset, "rlaif.dataset")
-    method_common.check_prompt_template(cfg.prompt_template, "rlaif")
+    common.check_prompt_template(cfg.prompt_template, "rlaif")
     missing = judge.missing_template_fields(cfg.judge_template)
     if missing:
         raise StageConfigError(f"rlaif.judgeTemplate lacks {', '.join('{' + m + '}' for m in missing)}")
-    method_common.check_policy_input(ctx)
+    common.check_policy_input(ctx)
     models.check_model_dir(judge_location(ctx), "rlaif.judge")
     principles(ctx)
     if cfg.resources.gpus > 1:  # sampling and judging run in one process
@@ -94,10 +93,10 @@ def sample_pairs(ctx: StageContext, prompts: list[str]) -> tuple[list[dict[str, 
     """Sample answers from the policy and pair them; drop unfinished and identical pairs."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_stages.sampling.evaluation import generate_completions
+    from rlhf_stages.sampling.generate import generate_completions
 
     cfg = ctx.config
-    base = method_common.policy_location(ctx)
+    base = common.policy_location(ctx)
     tokenizer = models.load_tokenizer(base)
     policy = models.load_model(base, AutoModelForCausalLM, models.Quantization(), "rlaif policy", "float32").eval()
     per_prompt = 2 * cfg.pairs_per_prompt
@@ -109,7 +108,7 @@ def sample_pairs(ctx: StageContext, prompts: list[str]) -> tuple[list[dict[str, 
         cfg.response_length.max,
         seed=cfg.seed,
         batch_size=GENERATION_BATCH,
-        **method_common.sampling_kwargs(cfg.generation),
+        **common.sampling_kwargs(cfg.generation),
     )
     pairs, unfinished, identical = [], 0, 0
     for i in range(0, len(completions), 2):
@@ -154,19 +153,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.rename(path)
-
-
 def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForCausalLM
 
     cfg = ctx.config
     rules = principles(ctx)
     rows = data.load_rows(ctx, cfg.dataset, cfg.seed)
-    prompts = list(method_common.prompts(rows, cfg.prompt_template, "rlaif")["prompt"])
+    prompts = list(common.prompts(rows, cfg.prompt_template, "rlaif")["prompt"])
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
 
     samples_file = ctx.checkpoints_dir / "samples.json"
@@ -191,7 +184,7 @@ def run(ctx: StageContext) -> StageOutcome:
         if not chunk_file.exists():
             if ctx.stop_requested.is_set():
                 raise StageInterrupted(k, "samples and judged chunks" if k else "samples")
-            _write_jsonl_atomic(chunk_file, judge_chunk(judge_model, judge_tokenizer, cfg, rules, chunk))
+            write_jsonl_atomic(chunk_file, judge_chunk(judge_model, judge_tokenizer, cfg, rules, chunk))
         judged.extend(_read_jsonl(chunk_file))
         ctx.write_progress(k + 1, len(chunks), force=True)
 
@@ -208,14 +201,14 @@ def run(ctx: StageContext) -> StageOutcome:
     metrics = {"pairs_labelled": float(len(labelled)), "pairs_judged": float(len(judged))}
     metrics |= judge.summarise(verdicts) | stats
     if ctx.is_main:
-        _write_jsonl_atomic(ctx.staging_dir / layout.RLAIF_PAIRS_FILE, labelled)
-        _write_jsonl_atomic(ctx.staging_dir / "verdicts.jsonl", judged)
+        write_jsonl_atomic(ctx.staging_dir / layout.RLAIF_PAIRS_FILE, labelled)
+        write_jsonl_atomic(ctx.staging_dir / "verdicts.jsonl", judged)
     return StageOutcome(
         metrics=metrics,
         step=len(chunks),
         total_steps=len(chunks),
         inputs={
-            "policy": method_common.policy_location(ctx).label,
+            "policy": common.policy_location(ctx).label,
             "judge": judge_at.label,
             "dataset": data.source_summary(ctx, cfg.dataset),
             "prompts": len(prompts),

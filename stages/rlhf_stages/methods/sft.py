@@ -76,8 +76,7 @@ def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf_stages.runtime.checkpoints import StageCallback
-    from rlhf_stages.runtime.training import final_metrics, run_trainer, trainer_kwargs
+    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer
 
     cfg, spec, t = ctx.config, ctx.spec, ctx.config.training
     base = models.locate(ctx, spec.base_model)
@@ -91,23 +90,24 @@ def run(ctx: StageContext) -> StageOutcome:
     model = models.load_model(base, AutoModelForCausalLM, cfg.quantization, "sft", "float32")
     peft_config = models.lora_config(cfg.lora, "CAUSAL_LM") if cfg.lora.enabled else None
 
-    callback = StageCallback(ctx, keep=t.save_total_limit)
-    args = SFTConfig(
-        **trainer_kwargs(ctx, t, has_eval=eval_ds is not None),
-        max_length=t.max_length,
-        packing=t.packing,
-        completion_only_loss=cfg.completion_only_loss,
-        eos_token=tokenizer.eos_token,
-        dataset_num_proc=None,
-    )
-    trainer = SFTTrainer(
+    trainer, callback = make_trainer(
+        ctx,
+        SFTTrainer,
+        SFTConfig,
+        t,
+        has_eval=eval_ds is not None,
+        config={
+            "max_length": t.max_length,
+            "packing": t.packing,
+            "completion_only_loss": cfg.completion_only_loss,
+            "eos_token": tokenizer.eos_token,
+            "dataset_num_proc": None,
+        },
         model=model,
-        args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[callback],
     )
     train_output, resumed_from = run_trainer(ctx, trainer, callback)
     eval_metrics = trainer.evaluate() if eval_ds is not None else None

@@ -28,7 +28,8 @@ from typing import Any
 from rlhf_api import layout
 from rlhf_api.names import RETRY_ANNOTATION
 from rlhf_api.timestamps import format_timestamp as _now  # now, as an RFC 3339 timestamp
-from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext, write_json_atomic
+from rlhf_stages.runtime.atomic import write_json_atomic
+from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext
 
 RECORD_SUFFIX = ".attempts.json"
 KEEP = 50  # entries kept in the record (the counters cover all starts)

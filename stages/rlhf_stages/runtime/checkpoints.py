@@ -1,55 +1,30 @@
 """Resumable checkpoints, SIGTERM and progress for HF-Trainer-based stages.
 
-The Trainer writes each checkpoint into ``<stage>.checkpoints/.incoming/checkpoint-<step>``;
-once it is complete (``on_save`` runs after model, optimizer, scheduler, RNG and trainer state
-are written) rank 0 renames it to ``<stage>.checkpoints/checkpoint-<step>``. So a directory
-named ``checkpoint-<step>`` is always complete, and a kill mid-save leaves only ``.incoming``
-debris that the next attempt deletes.
+The Trainer writes each checkpoint into ``<stage>.checkpoints/.incoming/checkpoint-<step>`` (its
+``output_dir`` is the checkpoint directory's ``incoming``); once it is complete (``on_save`` runs
+after model, optimizer, scheduler, RNG and trainer state are written) rank 0 publishes it as
+``<stage>.checkpoints/checkpoint-<step>``: the protocol of ``checkpoint_dir``, shared with PPO and ReST.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from rlhf_stages.runtime.checkpoint_dir import CheckpointDir
 from rlhf_stages.runtime.context import StageContext
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-INCOMING = ".incoming"
 # Debug knob: sleep this long after every optimizer step, to make a tiny run slow enough to be
 # interrupted in tests. Never set in production.
 STEP_DELAY_ENV = "RLHF_DEBUG_STEP_DELAY_S"
 
 
-def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
-    return sorted(found)
-
-
-def latest_checkpoint(directory: Path) -> tuple[int, Path] | None:
-    found = complete_checkpoints(directory)
-    return found[-1] if found else None
-
-
-def incoming_dir(ctx: StageContext) -> Path:
-    """Where the Trainer writes (its ``output_dir``)."""
-    return ctx.checkpoints_dir / INCOMING
-
-
-def clear_incoming(ctx: StageContext) -> None:
-    """Drop partial checkpoints a killed attempt left behind (rank 0, before training)."""
-    if ctx.is_main:
-        shutil.rmtree(incoming_dir(ctx), ignore_errors=True)
-        incoming_dir(ctx).mkdir(parents=True, exist_ok=True)
+def trainer_checkpoints(ctx: StageContext, keep: int = 2) -> CheckpointDir:
+    """The stage's checkpoint directory as a Trainer-based stage uses it (``keep``: save_total_limit)."""
+    return CheckpointDir(ctx.checkpoints_dir, keep=keep)
 
 
 def _barrier() -> None:
@@ -77,7 +52,7 @@ class StageCallback(TrainerCallback):
 
     def __init__(self, ctx: StageContext, keep: int) -> None:
         self.ctx = ctx
-        self.keep = keep
+        self.checkpoints = trainer_checkpoints(ctx, keep)
         self.stopped_by_signal = False
         self.last_checkpoint: str | None = None
         self.latest_logs: dict[str, float] = {}
@@ -106,16 +81,9 @@ class StageCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         _barrier()  # every rank has written its RNG state into the checkpoint
-        name = f"checkpoint-{state.global_step}"
         if self.ctx.is_main:
-            source = Path(str(args.output_dir)) / name
-            target = self.ctx.checkpoints_dir / name
-            if target.exists():  # the same step saved twice (e.g. a SIGTERM right after a save)
-                shutil.rmtree(target)
-            os.rename(source, target)
-            for _, old in complete_checkpoints(self.ctx.checkpoints_dir)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.last_checkpoint = name
+            self.checkpoints.publish(state.global_step)
+        self.last_checkpoint = f"checkpoint-{state.global_step}"
         _barrier()
         return control
 

@@ -6,7 +6,6 @@ Kept free of torch and friends: the entrypoint builds a context and calls the st
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 from rlhf_api import layout
 from rlhf_api.layout import StageInvocation
 from rlhf_api.timestamps import format_timestamp
+from rlhf_stages.runtime.atomic import write_json_atomic
 
 EXIT_INTERRUPTED = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process
 
@@ -186,14 +186,3 @@ def print_progress_line(body: dict[str, Any]) -> None:
         sys.stdout.flush()
     except (OSError, ValueError):  # ValueError: stdout closed
         pass
-
-
-def write_json_atomic(path: Path, body: Any) -> None:
-    """Write JSON so that readers see the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(body, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

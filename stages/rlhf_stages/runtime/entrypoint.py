@@ -26,11 +26,11 @@ How to add a stage (PPO, DPO, GRPO, RLOO, ReST, RLAIF): a module ``rlhf_stages.<
 listed in ``STAGES`` below. ``run`` reads its section as ``ctx.config``, writes its output into
 ``ctx.staging_dir`` (when ``ctx.is_main``), raises ``StageConfigError`` (exit 2) or
 ``StageInputMissing`` (exit 3) for errors retrying cannot fix, and for Trainer-based training uses
-``training.trainer_kwargs``/``run_trainer`` with a ``checkpoints.StageCallback`` (resume,
-SIGTERM, progress). A custom loop saves complete checkpoints as
-``ctx.checkpoints_dir/checkpoint-<step>`` (write elsewhere, then rename), resumes from
-``checkpoints.latest_checkpoint(ctx.checkpoints_dir)``, checks ``ctx.stop_requested`` each step
-(save, then raise ``StageInterrupted``) and calls ``ctx.write_progress``.
+``training.make_trainer``/``run_trainer`` (a ``checkpoints.StageCallback``: resume, SIGTERM,
+progress). A custom loop (PPO, ReST) saves through ``checkpoint_dir.CheckpointDir``: it writes
+``staging(step)``, then ``publish(step)`` makes it ``checkpoint-<step>``; it resumes from ``latest()``,
+checks ``ctx.stop_requested`` each step (save, then raise ``StageInterrupted``) and calls
+``ctx.write_progress``.
 """
 
 from __future__ import annotations
@@ -50,20 +50,12 @@ from typing import Any
 
 from rlhf_api import layout
 from rlhf_api.layout import StageInvocation, StageResult
+from rlhf_api.methods import STAGE_MODULES
 from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext, StageError, StageOutcome
 
-# Stage name -> module. Modules are imported only when their stage runs.
-STAGES: dict[str, str] = {
-    "sft": "rlhf_stages.methods.sft",
-    "reward": "rlhf_stages.methods.reward",
-    "merge": "rlhf_stages.methods.merge",
-    "ppo": "rlhf_stages.methods.ppo.stage",
-    "dpo": "rlhf_stages.methods.dpo",
-    "grpo": "rlhf_stages.methods.grpo",
-    "rloo": "rlhf_stages.methods.rloo",
-    "rest": "rlhf_stages.methods.rest",
-    "rlaif": "rlhf_stages.methods.rlaif",
-}
+# Stage name -> module (the API's method table). Modules are imported only when their stage runs.
+# A copy: tests register a fake stage in place of every module.
+STAGES: dict[str, str] = dict(STAGE_MODULES)
 
 
 def log(message: str) -> None:

@@ -140,14 +140,13 @@ def save_trainer_after_abort(ctx: Any, trainer: Any, callback: Any, aborted: Ste
     ``callback`` is the stage's ``checkpoints.StageCallback``: its ``on_save`` commits the
     checkpoint (rename out of ``.incoming``) exactly as after a scheduled save.
     """
-    from rlhf_stages.runtime.checkpoints import latest_checkpoint
     from rlhf_stages.runtime.context import StageInterrupted
 
     step = int(trainer.state.global_step)
     _log(f"{aborted}; keeping step {step}")
     if step == 0:
         return StageInterrupted(0, None)
-    newest = latest_checkpoint(ctx.checkpoints_dir)
+    newest = callback.checkpoints.latest()
     if newest is None or newest[0] != step:
         started = time.monotonic()
         trainer._save_checkpoint(trainer.model, trial=None)  # what the Trainer itself calls to save

@@ -23,7 +23,9 @@ from typing import Any
 from rlhf_api import layout
 from rlhf_api.layout import StageResult
 from rlhf_api.timestamps import format_timestamp as _now  # now, as an RFC 3339 timestamp
-from rlhf_stages.runtime.context import StageContext, StageOutcome, write_json_atomic
+from rlhf_stages.runtime.atomic import fsync_dir, write_json_atomic
+from rlhf_stages.runtime.checkpoint_dir import CheckpointDir
+from rlhf_stages.runtime.context import StageContext, StageOutcome
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "deeplake", "pydantic")
 
@@ -100,8 +102,6 @@ def completed_manifest(output_dir: Path) -> dict[str, Any] | None:
 
 SUPERSEDED_DIR = "superseded"
 """``<run>/superseded/``: outputs and checkpoints of other settings, kept for people, never read again."""
-CHECKPOINT_OWNER_FILE = "config-hash.json"
-"""``<stage>.checkpoints/config-hash.json``: the config hash the checkpoints next to it were written under."""
 
 
 @dataclass
@@ -191,7 +191,7 @@ def set_aside(ctx: StageContext, path: Path, name: str) -> Path:
         n += 1
         target = root / f"{name}-{stamp}-{n}"
     os.rename(path, target)
-    _fsync_dir(ctx.run_dir)
+    fsync_dir(ctx.run_dir)
     return target
 
 
@@ -212,25 +212,20 @@ def claim_checkpoints(ctx: StageContext, config_hash: str, attempt: int | None) 
     Others (or ones of unknown origin) are moved to ``superseded/``; returns the warning, if any.
     Then records this hash in ``<stage>.checkpoints/config-hash.json`` (rank 0, before training).
     """
-    directory, owner_file = ctx.checkpoints_dir, ctx.checkpoints_dir / CHECKPOINT_OWNER_FILE
+    checkpoints = CheckpointDir(ctx.checkpoints_dir)
     notice = None
-    try:
-        owner = json.loads(owner_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        owner = None
-    held = directory.is_dir() and any(p.name != CHECKPOINT_OWNER_FILE for p in directory.iterdir())
-    written_under = owner.get("configHash") if isinstance(owner, dict) else None
-    if held and written_under != config_hash:
-        aside = set_aside(ctx, directory, f"{ctx.stage}.checkpoints")
+    owner = checkpoints.owner()
+    written_under = owner.get("configHash") if owner is not None else None
+    if checkpoints.holds_checkpoints() and written_under != config_hash:
+        aside = set_aside(ctx, checkpoints.root, f"{ctx.stage}.checkpoints")
         origin = f"config hash {written_under[:12]}" if written_under else "unknown settings"
         notice = (
-            f"not resumed: the checkpoints in {ctx.relative(directory)} were written under {origin}, not these "
-            f"settings and inputs; moved to {ctx.relative(aside)}"
+            f"not resumed: the checkpoints in {ctx.relative(checkpoints.root)} were written under {origin}, not "
+            f"these settings and inputs; moved to {ctx.relative(aside)}"
         )
     if written_under != config_hash:
-        write_json_atomic(
-            owner_file,
-            {"configHash": config_hash, "runUid": ctx.invocation.run.uid, "attempt": attempt, "since": _now()},
+        checkpoints.record_owner(
+            {"configHash": config_hash, "runUid": ctx.invocation.run.uid, "attempt": attempt, "since": _now()}
         )
     return notice
 
@@ -240,14 +235,6 @@ def prepare_staging(ctx: StageContext) -> None:
     if ctx.is_main:
         shutil.rmtree(ctx.staging_dir, ignore_errors=True)
         ctx.staging_dir.mkdir(parents=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
@@ -288,7 +275,7 @@ def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
         os.rename(ctx.output_dir, stale)
         shutil.rmtree(stale, ignore_errors=True)
     os.rename(ctx.staging_dir, ctx.output_dir)
-    _fsync_dir(ctx.output_dir.parent)
+    fsync_dir(ctx.output_dir.parent)
     return manifest
 
 

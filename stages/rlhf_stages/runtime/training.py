@@ -2,10 +2,9 @@
 
 Usage in a stage (see sft.py)::
 
-    callback = StageCallback(ctx, keep=settings.save_total_limit)
-    args = SFTConfig(**trainer_kwargs(ctx, settings, has_eval=eval_ds is not None), max_length=...)
-    trainer = SFTTrainer(..., callbacks=[callback])
-    train_out = run_trainer(ctx, trainer, callback)   # resumes; raises StageInterrupted on SIGTERM
+    trainer, callback = make_trainer(ctx, SFTTrainer, SFTConfig, settings, has_eval=..., config={"max_length": ...},
+                                     model=model, train_dataset=train_ds, ...)
+    train_out, resumed_from = run_trainer(ctx, trainer, callback)   # resumes; StageInterrupted on SIGTERM
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import os
 from typing import Any
 
 from rlhf_api import TrainingSettings
-from rlhf_stages.runtime.checkpoints import StageCallback, clear_incoming, incoming_dir, latest_checkpoint
+from rlhf_stages.runtime.checkpoints import StageCallback, trainer_checkpoints
 from rlhf_stages.runtime.context import StageContext, StageInterrupted
 
 
@@ -56,7 +55,7 @@ def trainer_kwargs(ctx: StageContext, t: TrainingSettings, *, has_eval: bool) ->
     """
     evaluate_periodically = has_eval and t.eval_steps is not None
     return {
-        "output_dir": str(incoming_dir(ctx)),
+        "output_dir": str(trainer_checkpoints(ctx).incoming),
         "learning_rate": t.learning_rate,
         "num_train_epochs": t.num_train_epochs,
         "max_steps": t.max_steps if t.max_steps is not None else -1,
@@ -90,12 +89,31 @@ def trainer_kwargs(ctx: StageContext, t: TrainingSettings, *, has_eval: bool) ->
     }
 
 
+def make_trainer(
+    ctx: StageContext,
+    trainer_class: Any,
+    config_class: Any,
+    settings: TrainingSettings,
+    *,
+    has_eval: bool,
+    config: dict[str, Any],
+    **trainer_args: Any,
+) -> tuple[Any, StageCallback]:
+    """The one recipe of every Trainer-based stage (SFT, reward, DPO, GRPO, RLOO): a TRL ``*Config``
+    from ``settings`` (:func:`trainer_kwargs`) plus the stage's own ``config`` fields, and the trainer
+    with our :class:`StageCallback` (commit, rotate, SIGTERM, progress). Train it with :func:`run_trainer`."""
+    callback = StageCallback(ctx, keep=settings.save_total_limit)
+    args = config_class(**trainer_kwargs(ctx, settings, has_eval=has_eval), **config)
+    return trainer_class(args=args, callbacks=[callback], **trainer_args), callback
+
+
 def run_trainer(ctx: StageContext, trainer: Any, callback: StageCallback) -> tuple[Any, int | None]:
     """Train, resuming from the newest complete checkpoint. Returns (TrainOutput, resumed step)."""
     if ctx.stop_requested.is_set():
         raise StageInterrupted(0, None)
-    resume = latest_checkpoint(ctx.checkpoints_dir)
-    clear_incoming(ctx)
+    resume = callback.checkpoints.latest()
+    if ctx.is_main:
+        callback.checkpoints.clear_incoming()
     if resume is not None:
         print(f"rlhf-stage: resuming {ctx.stage} from {resume[1].name}", flush=True)
     output = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)

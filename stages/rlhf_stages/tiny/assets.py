@@ -6,7 +6,7 @@ a small grammar.  Everything is deterministic for a given ``seed``.
 
 Usage::
 
-    python -m rlhf_stages.tiny.assets --out DIR [--seed N]
+    python -m rlhf_stages.tiny --out DIR [--seed N] [--judge]
 
 Layout written under ``DIR``::
 
@@ -32,7 +32,7 @@ words), uses more positive than negative words (see ``POSITIVE_WORDS`` /
 twice in a row).  Answers in the data have 7-11 words.  SFT data
 is a 50/50 mix of positive and negative answers, so an SFT policy hits the
 target only about half of the time and RL has something to improve.
-``rlhf_stages.sampling.evaluation.meets_target`` is the programmatic check.
+``rlhf_stages.tiny.ground_truth.meets_target`` is the programmatic check.
 
 Topics in ``HELD_OUT_TOPICS`` (unseen modifier/place combinations) never
 occur in a training file; they only occur in the ``*_eval`` files and
@@ -67,7 +67,6 @@ a system message as ``"{content}\\n\\n"``, a user message as
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -596,29 +595,3 @@ def build_tiny_assets(out_dir: Path, seed: int = 0) -> TinyAssets:
     tokenizer = build_tokenizer(assets.tokenizer)
     build_base_model(tokenizer, assets.base_model, seed)
     return assets
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m rlhf_stages.tiny.assets",
-        description="Build a tiny tokenizer, Llama model and synthetic RLHF datasets (offline).",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data sampling and model init")
-    parser.add_argument("--data-only", action="store_true", help="write only the jsonl files")
-    parser.add_argument(
-        "--judge", action="store_true", help="also train the tiny RLAIF judge into OUT/judge (rlhf_stages.tiny.judge)"
-    )
-    args = parser.parse_args(argv)
-    build = build_tiny_data if args.data_only else build_tiny_assets
-    assets = build(args.out, args.seed)
-    print(json.dumps({k: str(v) for k, v in vars(assets).items()}, indent=2))
-    if args.judge:
-        from rlhf_stages.tiny.judge import build_tiny_judge
-
-        print(json.dumps({"judge": build_tiny_judge(args.out, seed=args.seed)}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -152,7 +152,7 @@ def build_tiny_judge(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf_stages.tiny.judge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--assets", type=Path, required=True, help="a tiny assets directory (rlhf_stages.tiny.assets)")
+    parser.add_argument("--assets", type=Path, required=True, help="a tiny assets directory (rlhf_stages.tiny)")
     parser.add_argument("--out", type=Path, default=None, help="where to save the judge (default: ASSETS/judge)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--seed", type=int, default=0)

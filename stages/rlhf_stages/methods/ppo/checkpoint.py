@@ -1,18 +1,16 @@
-"""Resumable PPO checkpoints: written under a temporary name, renamed when complete.
+"""What a resumable PPO checkpoint holds, in the stages' one checkpoint protocol (``checkpoint_dir``).
 
 ``<run>/ppo.checkpoints/checkpoint-<step>/`` holds the trainable weights of the policy (the LoRA
 adapter, or all weights) and of the value model, the optimizer, the KL controller, the step and one
-RNG file per rank. ``state.json`` is written last, before the rename: a directory without it is
-incomplete (a crash mid-write) and is never resumed from.
+RNG file per rank. It is assembled in ``.incoming/checkpoint-<step>`` by every rank, then rank 0
+publishes it; ``state.json`` is written last, before the rename, and a directory without it is never
+resumed from.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlhf_stages.runtime.checkpoint_dir import CheckpointDir
+
 STATE_FILE = "state.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
 KEEP = 2  # the newest complete checkpoints kept; older ones are deleted after a new one is complete
 
 
@@ -60,32 +59,9 @@ def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -
         g.set_state(state["generators"][name])
 
 
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
-    found = []
-    if root.is_dir():
-        for path in root.iterdir():
-            match = _NAME.match(path.name)
-            if match and (path / STATE_FILE).is_file():
-                found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def newest_checkpoint(root: Path) -> Path | None:
-    found = complete_checkpoints(root)
-    return found[-1][1] if found else None
-
-
-def staging_dir(root: Path, step: int) -> Path:
-    """Where checkpoint ``step`` is assembled before it becomes visible."""
-    return root / f".tmp-checkpoint-{step}"
-
-
-def clear_staging(root: Path) -> None:
-    """Remove checkpoints a killed attempt left half-written (rank 0, before training)."""
-    if root.is_dir():
-        for path in root.glob(".tmp-checkpoint-*"):
-            shutil.rmtree(path, ignore_errors=True)
+def checkpoint_dir(root: Path) -> CheckpointDir:
+    """PPO's checkpoints in the stages' one protocol, with ``state.json`` as the completion marker."""
+    return CheckpointDir(root, keep=KEEP, marker=STATE_FILE)
 
 
 def write_shared(
@@ -99,18 +75,6 @@ def write_shared(
 
 def write_rank(tmp: Path, rank: int, generators: dict[str, torch.Generator]) -> None:
     torch.save(rng_state(generators), tmp / f"rng-{rank}.pt")
-
-
-def publish(root: Path, tmp: Path, step: int) -> Path:
-    """Mark ``tmp`` complete, rename it into place and prune old checkpoints (rank 0 only)."""
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, "complete": True}))
-    final = root / f"checkpoint-{step}"
-    if final.exists():  # the same step saved before a crash: the new one replaces it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for _, old in complete_checkpoints(root)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load(

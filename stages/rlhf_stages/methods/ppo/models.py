@@ -25,7 +25,7 @@ from torch import nn
 from rlhf_api import Quantization
 from rlhf_stages.methods.ppo.rollout import Rollout, last_token_scores
 from rlhf_stages.runtime import models
-from rlhf_stages.sampling.evaluation import score_with_reward_model
+from rlhf_stages.sampling.score import score_with_reward_model
 
 
 class TokenScorer(nn.Module):

@@ -31,34 +31,13 @@ import os
 import time
 from typing import Any
 
-from rlhf_api import layout
+from rlhf_stages.methods import common
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInterrupted, StageOutcome
 from rlhf_stages.runtime.outputs import completed_manifest
 
 log = logging.getLogger(__name__)
 
-# generate() arguments the rollout controls itself: PPO's math needs one sampled response per
-# prompt with the sampled length budget, and temperature/topK/topP have their own fields.
-RESERVED_GENERATION_KEYS = frozenset(
-    {
-        "max_new_tokens",
-        "max_length",
-        "min_length",
-        "num_return_sequences",
-        "do_sample",
-        "num_beams",
-        "temperature",
-        "top_k",
-        "top_p",
-        "return_dict_in_generate",
-        "output_scores",
-        "output_logits",
-        "eos_token_id",
-        "pad_token_id",
-        "generation_config",
-    }
-)
 FINAL_METRICS = (
     "reward_mean",
     "reward_std",
@@ -75,20 +54,6 @@ FINAL_METRICS = (
     "response_length",
     "eos_rate",
 )
-EVAL_PROMPTS_MAX = 256
-
-
-def policy_location(ctx: StageContext) -> models.ModelLocation:
-    base = layout.policy_base(ctx.spec, ctx.stage, ctx.invocation.run_dir)
-    if base is not None:
-        return models.local(ctx, ctx.volume_path(base))
-    return models.locate(ctx, ctx.spec.base_model)
-
-
-def reward_location(ctx: StageContext) -> models.ModelLocation:
-    if ctx.config.reward_model is not None:
-        return models.locate(ctx, ctx.config.reward_model)
-    return models.local(ctx, ctx.stage_output_of("reward") / "model")
 
 
 def reward_score_max(ctx: StageContext) -> float | None:
@@ -104,16 +69,11 @@ def validate(ctx: StageContext) -> None:
     cfg = ctx.config
     data.check_source(ctx, cfg.dataset, "ppo.dataset")
     models.check_quantization(cfg.quantization, "ppo", cfg.resources.gpus)
-    models.check_model_dir(policy_location(ctx), "ppo policy (sft/model or baseModel)")
-    models.check_model_dir(reward_location(ctx), "ppo.rewardModel (or the reward stage's output)")
-    reserved = sorted(RESERVED_GENERATION_KEYS & set(cfg.generation.extra))
-    if reserved:
-        raise StageConfigError(
-            f"ppo.generation.extra: {reserved} are set by the rollout itself "
-            "(use responseLength, temperature, topK, topP)"
-        )
-    if "{" not in cfg.prompt_template:
-        raise StageConfigError("ppo.promptTemplate must read at least one column, e.g. {prompt}")
+    common.check_generation_extra(ctx)
+    common.check_prompt_template(cfg.prompt_template, "ppo")
+    # Exit 3 when sft/ or reward/ is not complete, as for the other policy stages.
+    common.check_policy_input(ctx)
+    common.check_reward_input(ctx)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world or cfg.mini_batch_size % world:
         raise StageConfigError(
@@ -140,8 +100,8 @@ def run(ctx: StageContext) -> StageOutcome:
     import torch
     from accelerate import Accelerator
 
-    from rlhf_stages.methods.ppo import checkpoint as ppo_checkpoint
     from rlhf_stages.methods.ppo import watch as ppo_watch
+    from rlhf_stages.methods.ppo.checkpoint import checkpoint_dir
     from rlhf_stages.methods.ppo.models import load_models
     from rlhf_stages.methods.ppo.trainer import PPOTrainer
     from rlhf_stages.runtime.checkpoints import (
@@ -153,7 +113,7 @@ def run(ctx: StageContext) -> StageOutcome:
     cfg = ctx.config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    policy_loc, reward_loc = policy_location(ctx), reward_location(ctx)
+    policy_loc, reward_loc = common.policy_location(ctx), common.reward_location(ctx)
     tokenizer = models.load_tokenizer(models.locate(ctx, ctx.spec.tokenizer) if ctx.spec.tokenizer else policy_loc)
     train_prompts, eval_prompts = load_prompts(ctx, tokenizer)
 
@@ -166,17 +126,18 @@ def run(ctx: StageContext) -> StageOutcome:
         stage="ppo",
         total=cfg.total_steps,
     )
+    checkpoints = checkpoint_dir(ctx.checkpoints_dir)
     trainer = PPOTrainer(
         cfg,
         loaded,
         tokenizer,
         train_prompts,
         accelerator=accelerator,
-        checkpoint_root=ctx.checkpoints_dir,
+        checkpoints=checkpoints,
         guard=guard,
     )
     if ctx.is_main:
-        ppo_checkpoint.clear_staging(ctx.checkpoints_dir)  # debris of a kill mid-save
+        checkpoints.clear_incoming()  # debris of a kill mid-save
     accelerator.wait_for_everyone()
     resumed_from = trainer.step if trainer.resume() else None
     if resumed_from is not None and ctx.is_main:
@@ -241,8 +202,8 @@ def run(ctx: StageContext) -> StageOutcome:
     finished = trainer.train(ctx.stop_requested.is_set, on_step, evaluate if watcher.enabled else None)
     guard.close()  # the held-out evaluation below always completes
     if not finished:
-        newest = ppo_checkpoint.newest_checkpoint(ctx.checkpoints_dir)
-        raise StageInterrupted(trainer.step, newest.name if newest else None)
+        newest = checkpoints.latest()
+        raise StageInterrupted(trainer.step, newest[1].name if newest else None)
 
     last = trainer.history[-1] if trainer.history else {}
     metrics = {k: float(last[k]) for k in FINAL_METRICS if k in last}
@@ -254,12 +215,12 @@ def run(ctx: StageContext) -> StageOutcome:
         metrics["selected_step"] = float(selected)
         if selected != trainer.step:
             # The final weights stay available beside the chosen ones, which become the output.
-            save_policy(ctx, trainer.module.policy, tokenizer, policy_loc, under="final")
+            common.save_policy(ctx, trainer.module.policy, tokenizer, policy_loc, cfg.lora.enabled, under="final")
             ppo_watch.load_policy_weights(trainer, watcher.candidate_weights(selected))
         watcher.publish(ctx.staging_dir)
     if ctx.is_main:
-        metrics.update(evaluate_held_out(trainer, eval_prompts[:EVAL_PROMPTS_MAX]))  # of the output
-        save_policy(ctx, trainer.module.policy, tokenizer, policy_loc)
+        metrics.update(evaluate_held_out(trainer, eval_prompts[: common.EVAL_PROMPTS_MAX]))  # of the output
+        common.save_policy(ctx, trainer.module.policy, tokenizer, policy_loc, cfg.lora.enabled)
     accelerator.wait_for_everyone()
     return StageOutcome(
         metrics=metrics,
@@ -329,15 +290,3 @@ def evaluate_held_out(trainer: Any, prompts: list[list[int]]) -> dict[str, float
         scores.append(score)
         eos.append(batch.ended_with_eos.float())
     return {"eval_reward_mean": float(torch.cat(scores).mean()), "eval_eos_rate": float(torch.cat(eos).mean())}
-
-
-def save_policy(ctx: StageContext, policy: Any, tokenizer: Any, base: models.ModelLocation, under: str = "") -> None:
-    """``adapter/`` or ``model/`` in the output (``under`` it: e.g. ``final/`` beside a selected checkpoint)."""
-    root = ctx.staging_dir / under if under else ctx.staging_dir
-    if ctx.config.lora.enabled:
-        adapter_dir = root / "adapter"
-        policy.save_pretrained(str(adapter_dir))
-        tokenizer.save_pretrained(str(adapter_dir))
-        models.record_adapter_base(adapter_dir, base.label)
-    else:
-        models.save_standalone(policy, tokenizer, root / "model")

@@ -22,7 +22,6 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +38,9 @@ from rlhf_stages.methods.ppo.advantages import (
 from rlhf_stages.methods.ppo.losses import explained_variance, policy_loss, value_loss
 from rlhf_stages.methods.ppo.models import PolicyAndValue, PPOModels
 from rlhf_stages.methods.ppo.rollout import Rollout, generate, sample_budgets, token_logprobs, token_values
+from rlhf_stages.runtime.checkpoint_dir import CheckpointDir
 from rlhf_stages.runtime.interrupt import StepAborted, StepGuard
+from rlhf_stages.sampling.generate import eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,12 @@ class PPOTrainer:
         prompts: Sequence[Sequence[int]],
         *,
         accelerator: Any,
-        checkpoint_root: Path | None,
+        checkpoints: CheckpointDir | None,
         guard: StepGuard | None = None,
     ) -> None:
         self.stage, self.models, self.tokenizer, self.prompts = stage, models, tokenizer, list(prompts)
         self.acc = accelerator
-        self.checkpoint_root = checkpoint_root
+        self.checkpoints = checkpoints
         self.guard = guard  # aborts the sampling phase on SIGTERM (same on every rank, or on none)
         self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed from
         world = accelerator.num_processes
@@ -66,7 +67,7 @@ class PPOTrainer:
             raise ValueError(f"batchSize and miniBatchSize must be multiples of the {world} processes")
         self.local_batch = stage.batch_size // world
         self.local_mini = stage.mini_batch_size // world
-        self.eos_ids = sorted(_eos_ids(models.policy, tokenizer))
+        self.eos_ids = eos_ids(models.policy, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.kl = KLController(stage.init_kl_coef, stage.adaptive_kl, stage.kl_target, stage.kl_horizon)
 
@@ -248,9 +249,9 @@ class PPOTrainer:
 
     def save_checkpoint(self) -> None:
         """Collective: every rank calls it at the same step."""
-        if self.checkpoint_root is None:
+        if self.checkpoints is None:
             return
-        acc, tmp = self.acc, ckpt.staging_dir(self.checkpoint_root, self.step)
+        acc, tmp = self.acc, self.checkpoints.staging(self.step)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -261,16 +262,17 @@ class PPOTrainer:
         ckpt.write_rank(tmp, acc.process_index, self.generators)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ckpt.publish(self.checkpoint_root, tmp, self.step)
+            self.checkpoints.publish(self.step)
             log.info("checkpoint at step %d", self.step)
         acc.wait_for_everyone()
         self.saved_step = self.step
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint, if any; True when one was loaded."""
-        path = ckpt.newest_checkpoint(self.checkpoint_root) if self.checkpoint_root else None
-        if path is None:
+        newest = self.checkpoints.latest() if self.checkpoints is not None else None
+        if newest is None:
             return False
+        path = newest[1]
         extra = ckpt.load(path, self.acc.process_index, self.module, self.optimizer, self.generators)
         self.step = int(extra["step"])
         self.kl.load_state_dict(extra["kl_controller"])
@@ -315,15 +317,3 @@ class PPOTrainer:
             if stop and self.step < st.total_steps:
                 return False
         return True
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif isinstance(gen_eos, (list, tuple)):
-        ids.update(int(i) for i in gen_eos)
-    if not ids:
-        raise ValueError("the tokenizer has no EOS token: responses could never end")
-    return ids

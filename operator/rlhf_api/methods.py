@@ -1,0 +1,110 @@
+"""What each alignment method is: the one table the API rules, the operator, the stages and the report read.
+
+Two tables, both declarative:
+
+* :data:`STAGE_KINDS`: one entry per stage (its name is also its spec section and its output
+  directory): the module that implements it and its role in a pipeline;
+* :data:`METHODS`: one entry per ``spec.method``: its stages in order, the sections it cannot run
+  without, where its preference pairs come from and, for RLAIF, the pipeline its ``then`` picks.
+
+Everything else is derived here (``PIPELINES``, ``REQUIRED_SECTIONS``, ``POLICY_STAGES``,
+``REWARD_CONSUMERS``, the stage modules the entrypoint imports, the order the report looks for the
+aligned policy in). Adding a method means: an entry here, its stage module, and its config section
+(``stages.py`` and the field on ``RLHFRunSpec``). See docs/stage-protocol.md.
+
+Pure data: nothing here imports the stages (module paths are strings the entrypoint imports).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+Role = Literal["policy", "reward", "labels", "merge"]
+"""``policy``: trains the policy (an adapter or all weights on the current policy); ``reward``: trains
+the reward model; ``labels``: labels preference pairs for later stages; ``merge``: folds the last
+policy stage's adapter into a standalone model."""
+
+
+@dataclass(frozen=True)
+class StageKind:
+    module: str
+    """The module ``python -m rlhf_stages <stage>`` runs (``validate`` and ``run``)."""
+    role: Role
+    uses_reward_model: bool = False
+    """Optimises against a reward model: its own ``rewardModel`` or this run's reward stage output."""
+    trains_on_pairs: bool = False
+    """Trains on preference pairs: its ``dataset``, or the labelling stage's pairs (``Method.pairs_from``)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    stages: tuple[str, ...]
+    """The stages it runs, in order (a disabled stage is skipped, not removed)."""
+    required: tuple[str, ...]
+    """Sections the spec must have (merge has usable defaults)."""
+    pairs_from: str | None = None
+    """A labelling stage whose pairs the ``trains_on_pairs`` stages read instead of their own dataset."""
+    then: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Other pipelines, picked by the labelling stage's ``then`` field (RLAIF: ``then: DPO``)."""
+
+
+STAGE_KINDS: Final[dict[str, StageKind]] = {
+    "sft": StageKind("rlhf_stages.methods.sft", "policy"),
+    "rlaif": StageKind("rlhf_stages.methods.rlaif", "labels"),
+    "reward": StageKind("rlhf_stages.methods.reward", "reward", trains_on_pairs=True),
+    "ppo": StageKind("rlhf_stages.methods.ppo.stage", "policy", uses_reward_model=True),
+    "grpo": StageKind("rlhf_stages.methods.grpo", "policy", uses_reward_model=True),
+    "rloo": StageKind("rlhf_stages.methods.rloo", "policy", uses_reward_model=True),
+    "rest": StageKind("rlhf_stages.methods.rest", "policy", uses_reward_model=True),
+    "dpo": StageKind("rlhf_stages.methods.dpo", "policy", trains_on_pairs=True),
+    "merge": StageKind("rlhf_stages.methods.merge", "merge"),
+}
+
+METHODS: Final[dict[str, Method]] = {
+    "PPO": Method(("sft", "reward", "ppo", "merge"), ("sft", "reward", "ppo")),
+    "DPO": Method(("sft", "dpo", "merge"), ("sft", "dpo")),
+    "ReST": Method(("sft", "reward", "rest", "merge"), ("sft", "reward", "rest")),
+    # RLAIF's second half depends on rlaif.then and is checked by its own rules (run.py).
+    "RLAIF": Method(
+        ("sft", "rlaif", "reward", "ppo", "merge"),
+        ("sft", "rlaif"),
+        pairs_from="rlaif",
+        then={"DPO": ("sft", "rlaif", "dpo", "merge")},
+    ),
+    "GRPO": Method(("sft", "reward", "grpo", "merge"), ("sft", "reward", "grpo")),
+    "RLOO": Method(("sft", "reward", "rloo", "merge"), ("sft", "reward", "rloo")),
+}
+
+# ---------------------------------------------------------------- derived
+
+PIPELINES: Final[dict[str, tuple[str, ...]]] = {name: m.stages for name, m in METHODS.items()}
+"""The default pipeline of each method (RLAIF with ``then: PPO``)."""
+REQUIRED_SECTIONS: Final[dict[str, tuple[str, ...]]] = {name: m.required for name, m in METHODS.items()}
+STAGE_MODULES: Final[dict[str, str]] = {name: kind.module for name, kind in STAGE_KINDS.items()}
+POLICY_STAGES: Final = frozenset(name for name, kind in STAGE_KINDS.items() if kind.role == "policy")
+"""Stages that train an adapter (or full weights) on top of the current policy."""
+REWARD_CONSUMERS: Final = tuple(name for name, kind in STAGE_KINDS.items() if kind.uses_reward_model)
+PAIR_TRAINED: Final = tuple(name for name, kind in STAGE_KINDS.items() if kind.trains_on_pairs)
+LABELLING_METHODS: Final = tuple(name for name, m in METHODS.items() if m.pairs_from is not None)
+"""Methods whose preference-trained stages read a labelling stage's pairs, never a dataset of their own."""
+ALIGNED_POLICY_STAGES: Final = tuple(
+    dict.fromkeys(
+        stage
+        for m in METHODS.values()
+        for stages in (m.stages, *m.then.values())
+        for stage in [s for s in stages if s in POLICY_STAGES][1:]
+    )
+)
+"""Policy stages that start from another one (SFT), in table order: the aligned policy of a run."""
+
+
+def pipeline(method: str, then: str | None = None) -> tuple[str, ...]:
+    """The stages ``method`` runs, in order, with the labelling stage's ``then`` choice applied."""
+    entry = METHODS[method]
+    return entry.then.get(then, entry.stages) if then is not None else entry.stages
+
+
+def pairs_from(method: str) -> str | None:
+    """The labelling stage whose pairs the reward and dpo stages train on under ``method`` (None: their dataset)."""
+    return METHODS[method].pairs_from
