@@ -75,7 +75,7 @@ def ground_truth(workspace: Path, adapter: Path | None) -> dict[str, float]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_stages.sampling.evaluation import evaluate_policy, load_prompts
+    from rlhf_stages.tiny.evaluate import evaluate_policy, load_prompts
 
     sft = run_dir(workspace, f"{RUN}-warn") / "sft" / "model"
     tokenizer = AutoTokenizer.from_pretrained(sft)
