@@ -262,28 +262,18 @@ def evaluate_held_out(trainer: Any, prompts: list[list[int]]) -> dict[str, float
     """
     import torch
 
-    from rlhf_stages.methods.ppo.rollout import generate, sample_budgets
+    from rlhf_stages.methods.ppo.rollout import sample_budgets
 
     if not prompts:
         return {}
-    cfg, gen = trainer.stage, trainer.stage.generation
+    cfg = trainer.stage
     scores, eos = [], []
     for start in range(0, len(prompts), trainer.local_batch):
         chunk = prompts[start : start + trainer.local_batch]
         budgets = sample_budgets(
             trainer.generators["budgets"], len(chunk), cfg.response_length.min, cfg.response_length.max
         )
-        batch = generate(
-            trainer.module.policy,
-            chunk,
-            budgets,
-            eos_ids=trainer.eos_ids,
-            pad_id=trainer.pad_id,
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            top_p=gen.top_p,
-            extra=dict(gen.extra),
-        )
+        batch = trainer.sample(trainer.module.policy, chunk, budgets)
         score = trainer.models.reward.score(batch, trainer.tokenizer)
         if cfg.missing_eos_penalty is not None:
             score = score - cfg.missing_eos_penalty * (~batch.ended_with_eos).float()

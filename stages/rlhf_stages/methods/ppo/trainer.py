@@ -115,17 +115,7 @@ class PPOTrainer:
                     self.generators["budgets"], len(prompts), st.response_length.min, st.response_length.max
                 )
                 policy = self.module.policy
-                batch = generate(
-                    policy,
-                    prompts,
-                    budgets,
-                    eos_ids=self.eos_ids,
-                    pad_id=self.pad_id,
-                    temperature=gen.temperature,
-                    top_k=gen.top_k,
-                    top_p=gen.top_p,
-                    extra=dict(gen.extra),
-                )
+                batch = self.sample(policy, prompts, budgets)
                 logprobs, entropy = token_logprobs(policy, batch, gen.temperature, with_entropy=True)
                 with self.models.reference_context():
                     ref_logprobs, _ = token_logprobs(self.models.reference_model(), batch, gen.temperature)
@@ -158,6 +148,22 @@ class PPOTrainer:
             entropy=entropy,
         )
         return batch, data
+
+    def sample(self, policy: Any, prompts: Sequence[Sequence[int]], budgets: Sequence[int]) -> Rollout:
+        """Sample answers with the stage's generation settings: the one sampling call of PPO (the
+        rollout, the final score and the watch's evaluations must sample alike)."""
+        gen = self.stage.generation
+        return generate(
+            policy,
+            prompts,
+            budgets,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            extra=dict(gen.extra),
+        )
 
     def optimise(self, batch: Rollout, data: dict[str, torch.Tensor]) -> dict[str, float]:
         st = self.stage

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rlhf_stages.methods.ppo import checkpoint as ckpt
-from rlhf_stages.methods.ppo.rollout import generate, token_logprobs
+from rlhf_stages.methods.ppo.rollout import token_logprobs
 from rlhf_stages.sampling.watch import Answers
 
 EVAL_SEED = 20231  # fixed: evaluations differ only by the policy
@@ -38,17 +38,7 @@ def answers(trainer: Any, prompts: Sequence[Sequence[int]]) -> Answers:
     try:
         for start in range(0, len(prompts), trainer.local_batch):
             chunk = prompts[start : start + trainer.local_batch]
-            batch = generate(
-                policy,
-                chunk,
-                [st.response_length.max] * len(chunk),
-                eos_ids=trainer.eos_ids,
-                pad_id=trainer.pad_id,
-                temperature=gen.temperature,
-                top_k=gen.top_k,
-                top_p=gen.top_p,
-                extra=dict(gen.extra),
-            )
+            batch = trainer.sample(policy, chunk, [st.response_length.max] * len(chunk))
             logprobs, _ = token_logprobs(policy, batch, gen.temperature)
             with trainer.models.reference_context():
                 ref_logprobs, _ = token_logprobs(trainer.models.reference_model(), batch, gen.temperature)
