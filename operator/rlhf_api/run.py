@@ -26,6 +26,8 @@ from .stages import (
 
 MAX_RUN_NAME_LENGTH = 40  # leaves room for "-<stage>" suffixes in Job names and pod-name hashes
 
+# The keys of methods.METHODS, spelled out because mypy accepts no computed Literal; the two are
+# kept equal by tests/api/test_methods.py (a method added to the table must be added here too).
 Method = Literal["PPO", "DPO", "ReST", "RLAIF", "GRPO", "RLOO"]
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 
 from rlhf_api import RLAIFStage, RLHFRunSpec, layout, methods
+from rlhf_api.run import Method
 
 
 def test_every_stage_a_method_runs_is_a_known_stage_with_a_spec_section() -> None:
@@ -15,6 +18,11 @@ def test_every_stage_a_method_runs_is_a_known_stage_with_a_spec_section() -> Non
         assert set(method.required) <= set(method.stages), name
     for stage in methods.STAGE_KINDS:
         assert stage in RLHFRunSpec.model_fields, f"{stage} has no section on RLHFRunSpec"
+
+
+def test_the_spec_accepts_exactly_the_methods_of_the_table() -> None:
+    # spec.method's Literal is written out (mypy needs a literal); it must name the table's methods.
+    assert list(get_args(Method)) == list(methods.METHODS)
 
 
 def test_derived_sets_follow_the_roles() -> None:
