@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # Everything ruff checks and formats.
 PY_PATHS := operator stages tests images benchmarks
 
-.PHONY: help setup venv controlplane charttools demo test test-serial test-fast cluster lint fmt generate verify clean
+.PHONY: help setup venv controlplane charttools demo test test-serial test-fast cluster bench-operator lint fmt generate verify clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ test-fast: setup ## the inner loop: every test that trains no model and needs no
 
 cluster: venv controlplane ## a real single-node cluster (root; builds the images on first use); Ctrl-C stops it
 	$(PY) -m rlhf_operator.dev.cluster $(or $(WORKDIR),$(CURDIR)/.rlhf-cluster)
+
+bench-operator: venv controlplane charttools ## the operator under load (KWOK nodes); BENCH_ARGS="--sizes 100,1000"
+	$(PY) benchmarks/operator_load.py $(BENCH_ARGS)
 
 lint: venv ## ruff check and format, mypy and import-linter (module layering)
 	$(PY) -m ruff check $(PY_PATHS)

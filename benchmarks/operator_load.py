@@ -1,0 +1,856 @@
+"""Benchmark: the operator under load, on a real control plane with simulated GPU nodes (issue 14).
+
+    PYTHONPATH=operator:stages python benchmarks/operator_load.py --sizes 100,1000 --modes paced,burst
+    make bench-operator BENCH_ARGS="--sizes 100"
+
+What runs: etcd + kube-apiserver (rlhf_operator.dev.controlplane) with an audit log of the operator's
+own requests (Metadata level: verb, resource, user, time), kube-controller-manager with the real Job
+controller, kube-scheduler, KWOK (tests/kwok/build.sh) as the kubelet of one node with GPUs, and the
+operator started with the chart's arguments and RBAC (helm template; --scope namespace: the chart with
+watchNamespaces, as most installs; --scope cluster: every namespace). N RLHFRuns of the quickstart's shape
+(examples/tiny.yaml: PPO, 4 stages, each stage asking for one GPU) go through their stages; KWOK marks a
+stage's Pod Running at once and Succeeded after --stage-seconds.
+
+Modes:
+  paced  runs are created one by one so that stage transitions arrive at about --rate per second
+         (3 transitions per run: sft -> reward -> ppo -> merge).
+  burst  all runs at once, and each stage's Pods are held Running until every run has one, then released
+         together (a KWOK Stage created at that moment): N simultaneous transitions per wave.
+
+Measured (every figure from this process's own watch or from the audit log, never from the operator's
+word, except "adopted", which is its rlhf_runs gauge):
+  transition latency   a stage Job seen Complete -> the run's next stage Job seen created (p50, p99, max)
+  wave served          burst: release of a wave -> the last next-stage Job created
+  requests per run     the operator's API requests while the runs ran, / N (writes and LISTs apart)
+  idle requests/s      the operator's requests per second over --idle-seconds once every run finished
+  peak RSS             the operator's VmHWM on first start (after the runs) and after a restart
+  restart              SIGTERM, start again: seconds until its first RLHFRun watch opened (audit log), until
+                       /readyz answered 200, and until it reported all N runs (adopted); status writes it
+                       made in that window (a restart should rewrite nothing)
+
+Not a test: nothing is asserted (tests/kwok/test_operator_load.py runs it at 5 runs and checks the
+figures are produced). Numbers are whatever this machine gives: run it on a quiet machine, and say
+which (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "operator"), str(REPO / "stages"), str(REPO)]
+
+from kubernetes import client, config, watch  # noqa: E402
+from tests.chart.tools import Helm, wait_established  # noqa: E402
+from tests.pythonpath import python_env  # noqa: E402
+
+from rlhf_api.names import LABEL_RUN, LABEL_STAGE  # noqa: E402
+from rlhf_operator.dev import controlplane  # noqa: E402
+from rlhf_operator.dev.controlplane import OPERATOR_USER, ControlPlane, free_port, terminate  # noqa: E402
+
+KWOK_BUILD = REPO / "tests" / "kwok" / "build.sh"
+CRD_FILE = REPO / "crds" / "rlhfruns.rlhf-operator.io.yaml"
+RUNS_NAMESPACE = "bench"
+OPERATOR_NAMESPACE = "rlhf-system"  # with release "rlhf-operator": the identity of plane.operator
+NODE = "kwok-gpu-0"
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
+
+
+def kwok_dir() -> Path:
+    """bin/kwok and crd/stages.yaml; builds them on first use (cached outside the clone)."""
+    override = os.environ.get("RLHF_KWOK_DIR")
+    if override:
+        return Path(override)
+    out = subprocess.run(["bash", str(KWOK_BUILD)], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+# --- the simulated node and its Pods (KWOK Stages) -------------------------------------------------
+
+
+def node_manifest(gpus: int) -> dict[str, Any]:
+    capacity = {"cpu": "100k", "memory": "1000Ti", "pods": str(max(110, gpus * 2)), "nvidia.com/gpu": str(gpus)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": NODE, "annotations": {KWOK_ANNOTATION: "fake"}, "labels": {"type": "kwok"}},
+        # The status a kubelet registers with; KWOK's node Stage below then marks it Ready.
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }
+
+
+def _stage(name: str, kind: str, selector: list[dict[str, Any]], template: str, delay_ms: int = 0) -> dict[str, Any]:
+    return {
+        "apiVersion": "kwok.x-k8s.io/v1alpha1",
+        "kind": "Stage",
+        "metadata": {"name": name},
+        "spec": {
+            "resourceRef": {"apiGroup": "v1", "kind": kind},
+            "selector": {"matchExpressions": selector},
+            "delay": {"durationMilliseconds": delay_ms},
+            "next": {"statusTemplate": template},
+        },
+    }
+
+
+def node_ready_stage(kubelet_port: int) -> dict[str, Any]:
+    # The kubelet endpoint is a loopback port nothing listens on: the operator's log reads (live progress)
+    # fail at once instead of waiting out a connect timeout to an address that does not exist.
+    template = f"""
+conditions:
+- type: Ready
+  status: "True"
+  reason: KubeletReady
+  message: simulated by KWOK
+  lastHeartbeatTime: {{{{ Now | Quote }}}}
+  lastTransitionTime: {{{{ Now | Quote }}}}
+addresses:
+- type: InternalIP
+  address: 127.0.0.1
+daemonEndpoints:
+  kubeletEndpoint:
+    Port: {kubelet_port}
+phase: Running
+"""
+    ready = [
+        {"key": '.status.conditions.[] | select( .type == "Ready" ) | .status', "operator": "NotIn", "values": ["True"]}
+    ]
+    return _stage("bench-node-ready", "Node", ready, template)
+
+
+def pod_running_stage() -> dict[str, Any]:
+    template = """
+phase: Running
+hostIP: 127.0.0.1
+podIP: 10.244.0.2
+startTime: {{ Now | Quote }}
+conditions:
+{{ range list "PodScheduled" "Initialized" "ContainersReady" "Ready" }}
+- type: {{ . }}
+  status: "True"
+  lastTransitionTime: {{ Now | Quote }}
+{{ end }}
+containerStatuses:
+{{ range .spec.containers }}
+- name: {{ .name | Quote }}
+  image: {{ .image | Quote }}
+  ready: true
+  started: true
+  restartCount: 0
+  state:
+    running:
+      startedAt: {{ Now | Quote }}
+{{ end }}
+"""
+    fresh = [
+        {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"},
+        {"key": ".status.podIP", "operator": "DoesNotExist"},
+    ]
+    return _stage("bench-pod-running", "Pod", fresh, template)
+
+
+def pod_succeeded_stage(name: str, stages: list[str], delay_ms: int) -> dict[str, Any]:
+    """Running stage Pods of the given stages exit 0 after ``delay_ms``, with the StageResult a real stage
+    writes to its termination log."""
+    label = f'.metadata.labels["{LABEL_STAGE}"]'
+    # Inside `range`, `$` is the Pod; printf's %q quotes a stage name as JSON does.
+    result = (
+        f'printf "{{\\"stage\\": %q, \\"succeeded\\": true, \\"step\\": 1}}" (index $.metadata.labels "{LABEL_STAGE}")'
+    )
+    template = f"""
+phase: Succeeded
+conditions:
+- type: Ready
+  status: "False"
+  reason: PodCompleted
+  lastTransitionTime: {{{{ Now | Quote }}}}
+- type: ContainersReady
+  status: "False"
+  reason: PodCompleted
+  lastTransitionTime: {{{{ Now | Quote }}}}
+containerStatuses:
+{{{{ range .spec.containers }}}}
+- name: {{{{ .name | Quote }}}}
+  image: {{{{ .image | Quote }}}}
+  ready: false
+  started: false
+  restartCount: 0
+  state:
+    terminated:
+      exitCode: 0
+      reason: Completed
+      message: {{{{ {result} | Quote }}}}
+      startedAt: {{{{ Now | Quote }}}}
+      finishedAt: {{{{ Now | Quote }}}}
+{{{{ end }}}}
+"""
+    running = [
+        {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"},
+        {"key": ".status.phase", "operator": "In", "values": ["Running"]},
+        {"key": label, "operator": "In", "values": stages},
+    ]
+    return _stage(name, "Pod", running, template, delay_ms)
+
+
+# --- the cluster ------------------------------------------------------------------------------------
+
+AUDIT_POLICY = f"""apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  users: ["{OPERATOR_USER}"]
+- level: None
+"""
+
+
+@contextlib.contextmanager
+def audited(policy: Path, log: Path) -> Iterator[None]:
+    """kube-apiserver started inside the ``with`` also writes an audit log. controlplane.start() takes no
+    extra API server flags, so its per-mode argument list is extended for the duration."""
+    original = controlplane._apiserver_mode_args
+
+    def with_audit(node: controlplane.NodeOptions | None) -> list[str]:
+        return [
+            *original(node),
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={log}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=0",  # one file: the benchmark reads it whole
+        ]
+
+    controlplane._apiserver_mode_args = with_audit
+    try:
+        yield
+    finally:
+        controlplane._apiserver_mode_args = original
+
+
+@dataclass
+class Cluster:
+    plane: ControlPlane
+    workdir: Path
+    audit_log: Path
+    kwok: Path
+    api: client.ApiClient
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    kwok_argv: list[str] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with (self.workdir / f"{name}.log").open("ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.processes.append(proc)
+        return proc
+
+    def restart_kwok(self) -> None:
+        """KWOK plays a Stage on an object when the object changes, and reads every object when it starts:
+        a restart is how a Stage created later reaches Pods that already run, all at one moment."""
+        old = next(p for p in self.processes if p.args == self.kwok_argv and p.poll() is None)
+        terminate([old], grace=10)
+        self.processes.remove(old)
+        self.spawn("kwok", self.kwok_argv)
+
+    def apply(self, docs: list[dict[str, Any]], server_side: bool = False) -> None:
+        text = yaml.safe_dump_all(docs)
+        self.plane.kubectl("apply", *(["--server-side"] if server_side else []), "-f", "-", input=text)
+
+    def stop(self) -> None:
+        terminate(self.processes, grace=10)
+        # A throwaway plane: SIGKILL, its data goes with the workdir.
+        for proc in self.plane.processes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.plane.stop()
+
+
+def start_cluster(workdir: Path, gpus: int) -> Cluster:
+    policy, audit_log = workdir / "audit-policy.yaml", workdir / "audit.log"
+    policy.write_text(AUDIT_POLICY)
+    with audited(policy, audit_log):
+        plane = controlplane.start(workdir / "plane")
+    kwok = kwok_dir()
+    cluster = Cluster(plane, workdir, audit_log, kwok, config.new_client_from_config(str(plane.kubeconfig())))
+    try:
+        _start_components(cluster, gpus)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _start_components(cluster: Cluster, gpus: int) -> None:
+    plane, admin = cluster.plane, str(cluster.plane.kubeconfig())
+    plane.kubectl("apply", "--server-side", "-f", str(CRD_FILE), "-f", str(cluster.kwok / "crd" / "stages.yaml"))
+    wait_established(plane)
+    wait_established(plane, "stages.kwok.x-k8s.io")
+    # The Job controller (the plane's own controller-manager runs the garbage collector only). Client
+    # limits raised as KWOK's own benchmarks do: the harness must not be what throttles a burst.
+    unthrottled = ["--kube-api-qps=1000", "--kube-api-burst=2000", "--leader-elect=false", "--secure-port=0"]
+    cluster.spawn(
+        "kube-controller-manager-job",
+        [str(plane.bin_dir / "kube-controller-manager"), "--kubeconfig", admin, "--controllers=job", *unthrottled],
+    )
+    # The scheduler, without its volume plugins: the workspace PVCs stay unbound (no provisioner), and a
+    # simulated node mounts nothing.
+    scheduler_config = cluster.workdir / "scheduler.yaml"
+    off = [{"name": n} for n in ("VolumeBinding", "VolumeRestrictions", "VolumeZone", "NodeVolumeLimits")]
+    scheduler_config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubescheduler.config.k8s.io/v1",
+                "kind": "KubeSchedulerConfiguration",
+                "clientConnection": {"kubeconfig": admin, "qps": 1000, "burst": 2000},
+                "leaderElection": {"leaderElect": False},
+                "profiles": [{"schedulerName": "default-scheduler", "plugins": {"multiPoint": {"disabled": off}}}],
+            }
+        )
+    )
+    cluster.spawn(
+        "kube-scheduler", [str(plane.bin_dir / "kube-scheduler"), "--config", str(scheduler_config), "--secure-port=0"]
+    )
+    kwok_config = cluster.workdir / "kwok.yaml"
+    kwok_config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+                "kind": "KwokConfiguration",
+                "options": {
+                    "enableCRDs": ["Stage"],
+                    "manageNodesWithAnnotationSelector": f"{KWOK_ANNOTATION}=fake",
+                    # A configuration file gets no defaults: KWOK refuses a parallelism of 0.
+                    "podPlayStageParallelism": 16,
+                    "nodePlayStageParallelism": 4,
+                    "podsOnNodeSyncParallelism": 4,
+                    "nodeLeaseParallelism": 1,
+                },
+            }
+        )
+    )
+    cluster.kwok_argv = [str(cluster.kwok / "bin" / "kwok"), "--kubeconfig", admin, "--config", str(kwok_config)]
+    cluster.spawn("kwok", cluster.kwok_argv)
+    cluster.apply([node_ready_stage(free_port()), pod_running_stage()])
+    cluster.apply([node_manifest(gpus)])
+    core = client.CoreV1Api(cluster.api)
+    wait_until("the KWOK node is Ready", lambda: _node_ready(core), 60)
+    # The API server taints a new Node not-ready; node-lifecycle (not running here) would lift it.
+    plane.kubectl("taint", "nodes", NODE, "node.kubernetes.io/not-ready:NoSchedule-")
+
+
+def _node_ready(core: client.CoreV1Api) -> bool:
+    node = core.read_node(NODE)
+    return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+
+
+def wait_until(what: str, check: Any, timeout: float, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# --- the operator, as the chart starts it -----------------------------------------------------------
+
+
+@dataclass
+class Operator:
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, cluster: Cluster, name: str) -> None:
+        self.proc = cluster.spawn(name, self.argv, self.env)
+
+    def peak_rss_mib(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+        except OSError:
+            return 0, ""
+
+    def runs_known(self) -> int:
+        """The runs the operator reports (its rlhf_runs gauge, every phase)."""
+        status, text = self.http("/metrics")
+        if status != 200:
+            return 0
+        return int(sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("rlhf_runs{")))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def install_operator(cluster: Cluster, scope: str) -> Operator:
+    """The chart's RBAC and the operator's command line and environment from its Deployment."""
+    values: dict[str, Any] = {"watchNamespaces": [RUNS_NAMESPACE] if scope == "namespace" else []}
+    (cluster.workdir / "helm").mkdir(exist_ok=True)
+    docs = Helm(cluster.workdir / "helm").template(values, "rlhf-operator", OPERATOR_NAMESPACE)
+    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    cluster.apply([d for d in docs if d["kind"] in rbac_kinds])
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    port = free_port()
+    # The image's ENTRYPOINT (python -m rlhf_operator) and the chart's args; outside a Pod only the way to
+    # the API server (a kubeconfig for the operator's identity instead of in-cluster config) and the
+    # probe address differ.
+    args = [a for a in container["args"] if not a.startswith("--health-port")]
+    argv = [sys.executable, "-m", "rlhf_operator", *args, f"--health-port={port}", "--health-host=127.0.0.1"]
+    argv += ["--kubeconfig", str(cluster.plane.kubeconfig(cluster.plane.operator))]
+    env = python_env(POD_NAME="rlhf-operator-7d9f8-abcde", POD_NAMESPACE=OPERATOR_NAMESPACE)
+    env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
+    return Operator(argv, env, port)
+
+
+# --- the runs and what the benchmark sees of them ---------------------------------------------------
+
+
+def run_manifest(name: str) -> dict[str, Any]:
+    """examples/tiny.yaml's run (PPO: sft, reward, ppo, merge), renamed, each stage on one GPU."""
+    manifest = copy.deepcopy(yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text()))
+    manifest["metadata"] = {"name": name, "namespace": RUNS_NAMESPACE}
+    for stage in ("sft", "reward", "ppo", "merge"):
+        manifest["spec"][stage]["resources"]["gpus"] = 1
+    return manifest
+
+
+class Tracker:
+    """This process's own watch of the stage Jobs and Pods: when each Job was first seen created and
+    first seen Complete, and which Pods are Running (the burst mode's release condition)."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.lock = threading.Lock()
+        self.job_added: dict[str, float] = {}
+        self.job_complete: dict[str, float] = {}
+        self.job_run: dict[str, tuple[str, str]] = {}  # job -> (run, stage)
+        self.pods_running: dict[str, set[str]] = {}  # stage -> pod names
+        self.stopping = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._loop, args=(self._jobs,), daemon=True),
+            threading.Thread(target=self._loop, args=(self._pods,), daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _loop(self, body: Any) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(Exception):  # a watch that expired or broke: list and watch again
+                body()
+
+    def _jobs(self) -> None:
+        batch = client.BatchV1Api(self.api)
+        for event in watch.Watch().stream(batch.list_namespaced_job, RUNS_NAMESPACE, timeout_seconds=60):
+            now, job = time.time(), event["object"]
+            name, labels = job.metadata.name, job.metadata.labels or {}
+            with self.lock:
+                self.job_added.setdefault(name, now)
+                self.job_run[name] = (labels.get(LABEL_RUN, ""), labels.get(LABEL_STAGE, ""))
+                conditions = (job.status.conditions if job.status else None) or []
+                if any(c.type == "Complete" and c.status == "True" for c in conditions):
+                    self.job_complete.setdefault(name, now)
+            if self.stopping.is_set():
+                return
+
+    def _pods(self) -> None:
+        core = client.CoreV1Api(self.api)
+        for event in watch.Watch().stream(core.list_namespaced_pod, RUNS_NAMESPACE, timeout_seconds=60):
+            pod = event["object"]
+            stage = (pod.metadata.labels or {}).get(LABEL_STAGE, "")
+            with self.lock:
+                running = self.pods_running.setdefault(stage, set())
+                if event["type"] != "DELETED" and pod.status and pod.status.phase == "Running":
+                    running.add(pod.metadata.name)
+                else:
+                    running.discard(pod.metadata.name)
+            if self.stopping.is_set():
+                return
+
+    def running(self, stage: str) -> int:
+        with self.lock:
+            return len(self.pods_running.get(stage, ()))
+
+    def transitions(self) -> list[tuple[str, str, float, float]]:
+        """(run, next stage, previous Job seen Complete, next Job seen created) for every transition."""
+        with self.lock:
+            by_run: dict[str, list[str]] = {}
+            for job, (run, _) in self.job_run.items():
+                by_run.setdefault(run, []).append(job)
+            out = []
+            for run, jobs in by_run.items():
+                jobs.sort(key=lambda j: self.job_added[j])
+                for previous, following in itertools.pairwise(jobs):
+                    if previous in self.job_complete:
+                        out.append(
+                            (run, self.job_run[following][1], self.job_complete[previous], self.job_added[following])
+                        )
+            return out
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def runs_succeeded(api: client.ApiClient) -> int:
+    custom = client.CustomObjectsApi(api)
+    runs = custom.list_namespaced_custom_object("rlhf-operator.io", "v1alpha1", RUNS_NAMESPACE, "rlhfruns")
+    return sum(1 for r in runs["items"] if (r.get("status") or {}).get("phase") == "Succeeded")
+
+
+def create_runs(cluster: Cluster, names: list[str], interval: float) -> None:
+    """All at once (one kubectl create), or one every ``interval`` seconds."""
+    if interval <= 0:
+        docs = [run_manifest(n) for n in names]
+        for start in range(0, len(docs), 500):  # kubectl reads a multi-document file in one go
+            cluster.plane.kubectl("create", "-f", "-", input=yaml.safe_dump_all(docs[start : start + 500]))
+        return
+    custom = client.CustomObjectsApi(cluster.api)
+    begin = time.monotonic()
+    for i, name in enumerate(names):
+        delay = begin + i * interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        custom.create_namespaced_custom_object(
+            "rlhf-operator.io", "v1alpha1", RUNS_NAMESPACE, "rlhfruns", run_manifest(name)
+        )
+
+
+def create_unrelated(cluster: Cluster, count: int) -> None:
+    """``count`` objects the operator must not care about, half Pods and half Jobs, in 10 other namespaces:
+    Pods bound to a node no kubelet serves (they stay Pending), Jobs suspended (no Pods)."""
+    namespaces = [f"other-{i}" for i in range(10)]
+    cluster.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in namespaces])
+    container = {"name": "main", "image": "registry.example/app:1", "resources": {"requests": {"cpu": "10m"}}}
+    docs: list[dict[str, Any]] = []
+    for i in range(count):
+        meta = {"name": f"unrelated-{i}", "namespace": namespaces[i % 10], "labels": {"app": "unrelated"}}
+        if i % 2:
+            spec = {"nodeName": "elsewhere", "containers": [container]}
+            docs.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})
+        else:
+            template = {"spec": {"restartPolicy": "Never", "containers": [container]}}
+            docs.append(
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "metadata": meta,
+                    "spec": {"suspend": True, "template": template},
+                }
+            )
+    for start in range(0, len(docs), 1000):
+        cluster.plane.kubectl("create", "-f", "-", input=yaml.safe_dump_all(docs[start : start + 1000]))
+
+
+# --- the audit log ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    at: float
+    verb: str
+    resource: str  # "jobs", "rlhfruns/status", ...
+
+
+def operator_requests(audit_log: Path) -> list[Request]:
+    """Every request of the operator's identity: non-watch ones when answered, watches when opened."""
+    out = []
+    with audit_log.open() as lines:
+        for line in lines:
+            event = json.loads(line)
+            if event.get("user", {}).get("username") != OPERATOR_USER:
+                continue
+            watching = event["verb"] == "watch"
+            if event["stage"] != ("ResponseStarted" if watching else "ResponseComplete"):
+                continue
+            ref = event.get("objectRef") or {}
+            resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+            stamp = datetime.datetime.fromisoformat(event["stageTimestamp"].replace("Z", "+00:00"))
+            out.append(Request(stamp.timestamp(), event["verb"], resource))
+    return out
+
+
+def between(requests: list[Request], start: float, end: float) -> list[Request]:
+    return [r for r in requests if start <= r.at < end]
+
+
+# --- one case ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    size: int
+    mode: str
+    scope: str
+    unrelated: int
+    transitions: int = 0
+    latency_p50_s: float = 0.0
+    latency_p99_s: float = 0.0
+    latency_max_s: float = 0.0
+    wave_served_s: list[float] = field(default_factory=list)
+    all_runs_s: float = 0.0
+    requests_per_run: float = 0.0
+    writes_per_stage: float = 0.0
+    lists_per_stage: float = 0.0
+    events_per_stage: float = 0.0
+    requests_by_kind: dict[str, int] = field(default_factory=dict)  # "verb resource" while the runs ran
+    idle_requests_per_s: float = 0.0
+    first_start_ready_s: float | None = None
+    peak_rss_first_mib: float = 0.0
+    peak_rss_restart_mib: float = 0.0
+    restart_watch_open_s: float | None = None
+    restart_ready_s: float | None = None
+    restart_adopted_s: float | None = None
+    restart_status_writes: int = 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> Result:
+    result = Result(size, mode, args.scope, args.unrelated)
+    cluster = start_cluster(workdir, gpus=max(8, size * 2))
+    operator: Operator | None = None
+    tracker: Tracker | None = None
+    try:
+        cluster.apply(
+            [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}
+                for n in (RUNS_NAMESPACE, OPERATOR_NAMESPACE)
+            ]
+        )
+        if args.unrelated:
+            log(f"creating {args.unrelated} unrelated Pods and Jobs")
+            create_unrelated(cluster, args.unrelated)
+        operator = install_operator(cluster, args.scope)
+        tracker = Tracker(cluster.api)
+        started = time.time()
+        operator.start(cluster, "operator")
+        with contextlib.suppress(TimeoutError):
+            wait_until("the operator's /readyz", lambda: operator.http("/readyz")[0] == 200, 120, 0.2)
+            result.first_start_ready_s = round(time.time() - started, 1)
+        names = [f"run-{i:05d}" for i in range(size)]
+        stage_ms = int(args.stage_seconds * 1000)
+        stages = ["sft", "reward", "ppo", "merge"]
+        t0 = time.time()
+        if mode == "paced":
+            cluster.apply([pod_succeeded_stage("bench-pod-succeeded", stages, stage_ms)])
+            create_runs(cluster, names, interval=3.0 / args.rate)
+        else:
+            create_runs(cluster, names, interval=0)
+            for stage in stages:  # hold each wave until every run's Pod runs, then release it at once
+                wait_until(
+                    f"{size} running {stage} Pods", lambda s=stage: tracker.running(s) >= size, args.timeout, 0.2
+                )
+                cluster.apply([pod_succeeded_stage(f"bench-release-{stage}", [stage], 0)])
+                cluster.restart_kwok()
+                if stage != stages[-1]:
+                    following = stages[stages.index(stage) + 1]
+                    wait_until(
+                        f"{size} {following} Jobs", lambda f=following: _jobs_of(tracker, f) >= size, args.timeout, 0.2
+                    )
+                    result.wave_served_s.append(round(_wave_served(tracker, stage, following), 2))
+        wait_until(f"{size} runs Succeeded", lambda: runs_succeeded(cluster.api) >= size, args.timeout, 1.0)
+        done = time.time()
+        result.all_runs_s = round(done - t0, 1)
+        log(f"{size} runs ({mode}) finished in {result.all_runs_s} s; idle for {args.idle_seconds} s")
+        time.sleep(args.idle_seconds)
+        result.peak_rss_first_mib = round(operator.peak_rss_mib(), 1)
+
+        latencies = [created - completed for _, _, completed, created in tracker.transitions()]
+        result.transitions = len(latencies)
+        if latencies:
+            result.latency_p50_s = round(percentile(latencies, 0.5), 2)
+            result.latency_p99_s = round(percentile(latencies, 0.99), 2)
+            result.latency_max_s = round(max(latencies), 2)
+        requests = operator_requests(cluster.audit_log)
+        active = between(requests, t0, done)
+        verbs = Counter(r.verb for r in active)
+        result.requests_by_kind = dict(Counter(f"{r.verb} {r.resource}" for r in active).most_common())
+        result.events_per_stage = round(
+            sum(1 for r in active if r.verb == "create" and r.resource == "events") / (4 * size), 2
+        )
+        result.requests_per_run = round(len(active) / size, 1)
+        result.writes_per_stage = round(sum(verbs[v] for v in WRITE_VERBS) / (4 * size), 2)
+        result.lists_per_stage = round(verbs["list"] / (4 * size), 2)
+        result.idle_requests_per_s = round(
+            len(between(requests, done, done + args.idle_seconds)) / args.idle_seconds, 2
+        )
+
+        # Restart: a graceful stop (it hands its Lease over), then a new process on the same cluster.
+        operator.stop()
+        restarted = time.time()
+        operator.start(cluster, "operator-restarted")
+        ready = wait_until(
+            "the restarted operator's /readyz", lambda: operator.http("/readyz")[0] == 200, args.timeout, 0.2
+        )
+        result.restart_ready_s = round(time.time() - restarted, 1) if ready else None
+        with contextlib.suppress(TimeoutError):
+            wait_until(
+                "the restarted operator to report every run", lambda: operator.runs_known() >= size, args.timeout, 0.2
+            )
+            result.restart_adopted_s = round(time.time() - restarted, 1)
+        time.sleep(args.restart_settle)
+        result.peak_rss_restart_mib = round(operator.peak_rss_mib(), 1)
+        after = between(operator_requests(cluster.audit_log), restarted, time.time())
+        watches = [r.at for r in after if r.verb == "watch" and r.resource == "rlhfruns"]
+        result.restart_watch_open_s = round(min(watches) - restarted, 1) if watches else None
+        result.restart_status_writes = sum(
+            1 for r in after if r.resource == "rlhfruns/status" and r.verb in WRITE_VERBS
+        )
+        return result
+    finally:
+        if tracker is not None:
+            tracker.stop()
+        if operator is not None:
+            operator.stop()
+        cluster.stop()
+
+
+def _wave_served(tracker: Tracker, stage: str, following: str) -> float:
+    """A burst wave: the first of its Jobs seen Complete -> the last next-stage Job seen created."""
+    with tracker.lock:
+        first = min(t for j, t in tracker.job_complete.items() if tracker.job_run[j][1] == stage)
+        last = max(t for j, t in tracker.job_added.items() if tracker.job_run[j][1] == following)
+    return last - first
+
+
+def _jobs_of(tracker: Tracker, stage: str) -> int:
+    with tracker.lock:
+        return sum(1 for _, s in tracker.job_run.values() if s == stage)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+ROWS: list[tuple[str, Any]] = [
+    ("transitions measured", lambda r: r.transitions),
+    ("transition latency p50 / p99 / max", lambda r: f"{r.latency_p50_s} / {r.latency_p99_s} / {r.latency_max_s} s"),
+    (
+        "burst: wave served (first Complete -> last next Job)",
+        lambda r: ", ".join(f"{w} s" for w in r.wave_served_s) or "-",
+    ),
+    ("all runs done after", lambda r: f"{r.all_runs_s} s"),
+    ("API requests per run", lambda r: r.requests_per_run),
+    (
+        "writes (of them Events) / LISTs per stage",
+        lambda r: f"{r.writes_per_stage} ({r.events_per_stage}) / {r.lists_per_stage}",
+    ),
+    ("requests/s once every run finished", lambda r: r.idle_requests_per_s),
+    (
+        "peak RSS, first start / after a restart",
+        lambda r: f"{r.peak_rss_first_mib:.0f} / {r.peak_rss_restart_mib:.0f} MiB",
+    ),
+    ("first start: /readyz after", lambda r: _seconds(r.first_start_ready_s)),
+    (
+        "restart: RLHFRun watch open / /readyz / all runs adopted",
+        lambda r: " / ".join(_seconds(v) for v in (r.restart_watch_open_s, r.restart_ready_s, r.restart_adopted_s)),
+    ),
+    ("restart: status writes", lambda r: r.restart_status_writes),
+]
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value} s"
+
+
+def table(results: list[Result]) -> str:
+    head = [f"{r.size:,} runs, {r.mode}" + (f", +{r.unrelated:,} other" if r.unrelated else "") for r in results]
+    lines = ["| | " + " | ".join(head) + " |", "|---" * (len(results) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(str(get(r)) for r in results) + " |" for name, get in ROWS]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="100", help="comma-separated run counts (default 100)")
+    parser.add_argument("--modes", default="paced,burst", help="paced, burst or both (default both)")
+    parser.add_argument(
+        "--scope",
+        choices=("namespace", "cluster"),
+        default="namespace",
+        help="the chart's RBAC and --namespace for the runs' namespace only, or every namespace",
+    )
+    parser.add_argument("--rate", type=float, default=10.0, help="paced: stage transitions per second (default 10)")
+    parser.add_argument("--stage-seconds", type=float, default=1.0, help="paced: a stage Pod's run time (default 1)")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=60.0, help="window for idle requests/s (default 60: two resyncs)"
+    )
+    parser.add_argument(
+        "--restart-settle",
+        type=float,
+        default=10.0,
+        help="seconds after adoption before reading the restarted operator's peak RSS",
+    )
+    parser.add_argument("--unrelated", type=int, default=0, help="Pods and Jobs in 10 other namespaces, created first")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="limit for each wait (default 1800 s)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep logs and the audit log here (default: a temporary directory, removed)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    results = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        for mode in args.modes.split(","):
+            root = args.workdir or Path(tempfile.mkdtemp(prefix="rlhf-operator-load-"))
+            workdir = root / f"{size}-{mode}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            log(f"{size} runs, {mode}, {args.scope} scope (logs: {workdir})")
+            try:
+                results.append(run_case(args, size, mode, workdir))
+            finally:
+                if args.workdir is None:
+                    shutil.rmtree(root, ignore_errors=True)
+            if args.json:
+                args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+            print(table(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
