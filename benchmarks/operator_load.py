@@ -478,31 +478,35 @@ class Tracker:
             with contextlib.suppress(Exception):  # a watch that expired or broke: list and watch again
                 body()
 
+    # Plain JSON (deserialize=False): the client's model classes cost milliseconds per object, which at
+    # thousands of events would make this watch lag behind what it times. A stream the server ends is
+    # listed and watched again by _loop; setdefault keeps the first sighting.
     def _jobs(self) -> None:
         batch = client.BatchV1Api(self.api)
-        for event in watch.Watch().stream(batch.list_namespaced_job, RUNS_NAMESPACE, timeout_seconds=60):
+        for event in watch.Watch().stream(batch.list_namespaced_job, RUNS_NAMESPACE, deserialize=False):
             now, job = time.time(), event["object"]
-            name, labels = job.metadata.name, job.metadata.labels or {}
+            name, labels = job["metadata"]["name"], job["metadata"].get("labels") or {}
             with self.lock:
                 self.job_added.setdefault(name, now)
                 self.job_run[name] = (labels.get(LABEL_RUN, ""), labels.get(LABEL_STAGE, ""))
-                conditions = (job.status.conditions if job.status else None) or []
-                if any(c.type == "Complete" and c.status == "True" for c in conditions):
+                conditions = (job.get("status") or {}).get("conditions") or []
+                if any(c["type"] == "Complete" and c["status"] == "True" for c in conditions):
                     self.job_complete.setdefault(name, now)
             if self.stopping.is_set():
                 return
 
     def _pods(self) -> None:
         core = client.CoreV1Api(self.api)
-        for event in watch.Watch().stream(core.list_namespaced_pod, RUNS_NAMESPACE, timeout_seconds=60):
+        for event in watch.Watch().stream(core.list_namespaced_pod, RUNS_NAMESPACE, deserialize=False):
             pod = event["object"]
-            stage = (pod.metadata.labels or {}).get(LABEL_STAGE, "")
+            name, stage = pod["metadata"]["name"], (pod["metadata"].get("labels") or {}).get(LABEL_STAGE, "")
+            phase = (pod.get("status") or {}).get("phase")
             with self.lock:
                 running = self.pods_running.setdefault(stage, set())
-                if event["type"] != "DELETED" and pod.status and pod.status.phase == "Running":
-                    running.add(pod.metadata.name)
+                if event["type"] != "DELETED" and phase == "Running":
+                    running.add(name)
                 else:
-                    running.discard(pod.metadata.name)
+                    running.discard(name)
             if self.stopping.is_set():
                 return
 
@@ -663,12 +667,14 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
             log(f"creating {args.unrelated} unrelated Pods and Jobs")
             create_unrelated(cluster, args.unrelated)
         operator = install_operator(cluster, args.scope)
+        log("cluster up; starting the operator")
         tracker = Tracker(cluster.api)
         started = time.time()
         operator.start(cluster, "operator")
         with contextlib.suppress(TimeoutError):
             wait_until("the operator's /readyz", lambda: operator.http("/readyz")[0] == 200, 120, 0.2)
             result.first_start_ready_s = round(time.time() - started, 1)
+        log(f"operator ready after {result.first_start_ready_s} s; creating {size} runs")
         names = [f"run-{i:05d}" for i in range(size)]
         stage_ms = int(args.stage_seconds * 1000)
         stages = ["sft", "reward", "ppo", "merge"]
@@ -718,6 +724,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         )
 
         # Restart: a graceful stop (it hands its Lease over), then a new process on the same cluster.
+        log("restarting the operator")
         operator.stop()
         restarted = time.time()
         operator.start(cluster, "operator-restarted")
@@ -735,6 +742,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         after = between(operator_requests(cluster.audit_log), restarted, time.time())
         watches = [r.at for r in after if r.verb == "watch" and r.resource == "rlhfruns"]
         result.restart_watch_open_s = round(min(watches) - restarted, 1) if watches else None
+        log("restart measured; stopping")
         result.restart_status_writes = sum(
             1 for r in after if r.resource == "rlhfruns/status" and r.verb in WRITE_VERBS
         )
