@@ -25,8 +25,9 @@ word, except "adopted", which is its rlhf_runs gauge):
   idle requests/s      the operator's requests per second over --idle-seconds once every run finished
   peak RSS             the operator's VmHWM on first start (after the runs) and after a restart
   restart              SIGTERM, start again: seconds until its first RLHFRun watch opened (audit log), until
-                       /readyz answered 200, and until it reported all N runs (adopted); status writes it
-                       made in that window (a restart should rewrite nothing)
+                       /readyz answered 200, and until its rlhf_runs gauge counted all N runs ("never":
+                       not within 60 s; an operator that leaves finished runs alone need not count them);
+                       status writes it made in that window (a restart should rewrite nothing)
 
 Not a test: nothing is asserted (tests/kwok/test_operator_load.py runs it at 5 runs and checks the
 figures are produced). Numbers are whatever this machine gives: run it on a quiet machine, and say
@@ -733,9 +734,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         )
         result.restart_ready_s = round(time.time() - restarted, 1) if ready else None
         with contextlib.suppress(TimeoutError):
-            wait_until(
-                "the restarted operator to report every run", lambda: operator.runs_known() >= size, args.timeout, 0.2
-            )
+            wait_until("the restarted operator to report every run", lambda: operator.runs_known() >= size, 60, 0.2)
             result.restart_adopted_s = round(time.time() - restarted, 1)
         time.sleep(args.restart_settle)
         result.peak_rss_restart_mib = round(operator.peak_rss_mib(), 1)
@@ -794,7 +793,7 @@ ROWS: list[tuple[str, Any]] = [
     ),
     ("first start: /readyz after", lambda r: _seconds(r.first_start_ready_s)),
     (
-        "restart: RLHFRun watch open / /readyz / all runs adopted",
+        "restart: RLHFRun watch open / /readyz / all runs in its rlhf_runs gauge",
         lambda r: " / ".join(_seconds(v) for v in (r.restart_watch_open_s, r.restart_ready_s, r.restart_adopted_s)),
     ),
     ("restart: status writes", lambda r: r.restart_status_writes),
