@@ -26,6 +26,7 @@ def test_benchmark_reports_every_figure_for_a_tiny_burst(tmp_path: Path) -> None
     # its watches open (issue 14), a cost the benchmark measures but this check need not pay.
     argv = [sys.executable, str(REPO / "benchmarks" / "operator_load.py"), "--sizes", str(RUNS), "--modes", "burst"]
     argv += ["--scope", "cluster", "--idle-seconds", "2", "--restart-settle", "0", "--timeout", "120"]
+    argv += ["--gauge-timeout", "10"]
     argv += ["--workdir", str(tmp_path / "work"), "--json", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, env=python_env(), timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
