@@ -241,7 +241,10 @@ def publish_record(ctx: StageContext, files: list[PublishedFile]) -> dict[str, A
 class Uploaded:
     uri: str
     uploaded: list[str]
+    """Files sent (a hub commit: every file; the hub itself skips content it already holds)."""
     skipped: list[str]
+    """Files already in place with the same size and sha256 (S3 only)."""
+    summary: str = ""
 
 
 Progress = Callable[[int], None]
@@ -326,6 +329,7 @@ def upload_s3(ctx: StageContext, files: list[PublishedFile], record: bytes, prog
         raise
     except Exception as exc:  # connection refused, DNS, TLS: name the endpoint, not the keys
         raise StageError(f"spec.publish.s3.endpoint: cannot reach {target.endpoint}: {type(exc).__name__}") from None
+    done.summary = f"{done.uri}: {len(done.uploaded)} uploaded, {len(done.skipped)} already there"
     return done
 
 
@@ -355,7 +359,9 @@ def upload_hub(ctx: StageContext, files: list[PublishedFile], record: bytes, api
         revision=target.revision,
     )
     endpoint = str(getattr(client, "endpoint", None) or "https://huggingface.co").rstrip("/")
-    return Uploaded(f"{endpoint}/{target.repo_id}/tree/{target.revision}", [hub_path(f.key) for f in files], [])
+    uri = f"{endpoint}/{target.repo_id}/tree/{target.revision}"
+    committed = [hub_path(f.key) for f in files]
+    return Uploaded(uri, committed, [], f"{uri}: {len(committed)} files committed")
 
 
 # ------------------------------------------------------------------ run
@@ -388,7 +394,6 @@ def run(ctx: StageContext) -> StageOutcome:
         offset += len(files)
     published = [r.uri for r in results.values()]
     uploaded = sum(len(r.uploaded) for r in results.values())
-    skipped = sum(len(r.skipped) for r in results.values())
     size = sum(f.size for f in files)
     return StageOutcome(
         metrics={"files": float(len(files)), "bytes": float(size), "uploaded": float(uploaded)},
@@ -402,7 +407,6 @@ def run(ctx: StageContext) -> StageOutcome:
             },
             "operatorVersion": operator_version,
         },
-        message=f"published {len(files)} files ({size} bytes) to {', '.join(published)}: "
-        f"{uploaded} uploaded, {skipped} already there",
+        message=f"published {len(files)} files ({size} bytes): " + "; ".join(r.summary for r in results.values()),
         published=published,
     )
