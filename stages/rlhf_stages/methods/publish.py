@@ -193,7 +193,7 @@ def model_card(ctx: StageContext, operator_version: str | None) -> str:
             row = [stage, source, d.format, d.subset, d.split, revision, d.max_samples]
             lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
     else:
-        lines.append("No dataset sections (the preference pairs came from the run's own labelling stage).")
+        lines.append("No enabled stage names a dataset of its own.")
     lines += ["", "## Method and settings", ""]
     for stage in stages:
         section = spec.stage(stage).to_wire()
