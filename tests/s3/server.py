@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "build.sh"
@@ -31,7 +32,8 @@ class S3Server:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
-    def client(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
+    def client(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> Any:
+        """A minio client of this server (the publish stage's S3 client), for tests to look at the bucket."""
         from minio import Minio
 
         return Minio(self.endpoint.removeprefix("http://"), access_key=access_key, secret_key=secret_key, secure=False)
