@@ -250,7 +250,7 @@ def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
         "stage": ctx.stage,
         "run": ctx.invocation.run.to_wire(),
         "completed": True,
-        "outputId": uuid.uuid4().hex,
+        "outputId": outcome.output_id or uuid.uuid4().hex,
         "configHash": hash_of(inputs),
         "config": inputs,
         "writtenBy": {
@@ -288,6 +288,9 @@ def result_json(result: StageResult) -> str:
     limit = layout.TERMINATION_MESSAGE_LIMIT
     while len(text.encode()) > limit and body.get("metrics"):
         body["metrics"].pop(sorted(body["metrics"])[-1])
+        text = json.dumps(body, sort_keys=True)
+    while len(text.encode()) > limit and body.get("inputs"):  # all of them stay in <run>/inputs/inputs.json
+        body["inputs"].pop()
         text = json.dumps(body, sort_keys=True)
     if len(text.encode()) > limit and body.get("message"):
         overflow = len(text.encode()) - limit
