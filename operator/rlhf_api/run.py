@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import ConfigDict, Field
 
@@ -152,15 +153,23 @@ def _mounts_name_volumes_rule(section: str | None) -> Rule:
     )
 
 
-def _sources_in(model: ApiModel, prefix: str) -> list[tuple[str, ModelSource | DatasetSource]]:
+@cache
+def _source_fields(section: type[ApiModel]) -> tuple[tuple[str, str], ...]:
+    """(attribute, spec name) of the fields of a stage section that hold a model or dataset source,
+    found once per class from the annotations: ``pipeline()`` asks on every planning pass."""
+    return tuple(
+        (name, info.alias or name)
+        for name, info in section.model_fields.items()
+        if any(t in (ModelSource, DatasetSource) for t in (info.annotation, *get_args(info.annotation)))
+    )
+
+
+def _sources_in(section: ApiModel, prefix: str) -> list[tuple[str, ModelSource | DatasetSource]]:
     out: list[tuple[str, ModelSource | DatasetSource]] = []
-    for name, info in type(model).model_fields.items():
-        value = getattr(model, name, None)  # None: a section built without validation (model_construct)
-        where = f"{prefix}.{info.alias or name}"
-        if isinstance(value, ModelSource | DatasetSource):
-            out.append((where, value))
-        elif isinstance(value, ApiModel):
-            out += _sources_in(value, where)
+    for name, alias in _source_fields(type(section)):
+        value = getattr(section, name, None)  # None: a section built without validation (model_construct)
+        if value is not None:
+            out.append((f"{prefix}.{alias}", value))
     return out
 
 
