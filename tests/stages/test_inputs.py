@@ -334,3 +334,17 @@ def test_staged_hub_and_deeplake_datasets_are_read_from_the_cache(
     assert len(rows) == 10 and "response" in rows.column_names
     reward = _ctx(volume, "reward", "data", spec)
     assert data.load_rows(reward, reward.config.dataset, seed=0)["chosen"] == [r["chosen"] for r in prefs]
+
+
+def test_the_result_carries_inputs_only_when_there_are_some_and_fits_the_termination_log() -> None:
+    from rlhf_api.layout import StageResult
+    from rlhf_stages.runtime.outputs import result_json
+
+    assert "inputs" not in json.loads(result_json(StageResult(stage="sft", succeeded=True)))  # older readers
+    many = [
+        {"field": f"f{i}", "source": "org/" + "x" * 200, "revision": COMMIT, "requested": "main", "cache": "hit"}
+        for i in range(32)
+    ]
+    text = result_json(StageResult.model_validate({"stage": "inputs", "succeeded": True, "inputs": many}))
+    kept = json.loads(text)["inputs"]
+    assert len(text.encode()) <= 4096 and 0 < len(kept) < 32 and kept[0]["field"] == "f0"

@@ -282,8 +282,9 @@ def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
 def result_json(result: StageResult) -> str:
     """The result as JSON of at most 4 KiB: metrics, then the message, are cut to fit."""
     body = result.model_dump(mode="json", by_alias=True, exclude_none=True)
-    if not body.get("findings"):  # absent unless an alarm was raised: readers older than the field still parse it
-        body.pop("findings", None)
+    for key in ("findings", "inputs"):  # absent when empty (no alarm; not the inputs stage): older readers parse it
+        if not body.get(key):
+            body.pop(key, None)
     text = json.dumps(body, sort_keys=True)
     limit = layout.TERMINATION_MESSAGE_LIMIT
     while len(text.encode()) > limit and body.get("metrics"):
