@@ -1,8 +1,8 @@
 """The inputs stage and the input cache: staged once, a hit the second time, nothing stale reused.
 
 No network: hub calls go to ``FakeHub`` (a FAKE: it resolves revisions from a dict and "downloads"
-by copying the tiny model), except in the test that checks the real client is called as the spec says
-(huggingface_hub's functions replaced by recorders). No training: the tiny model is only copied.
+by copying the tiny model), except in the test of the real client, which talks to a FAKE hub server on
+localhost (``_fake_hub_server``). No training: the tiny model is only copied.
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shutil
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import pytest
 
@@ -20,7 +23,7 @@ from conftest import read_result, tiny_spec, write_invocation
 from rlhf_api.layout import StageInvocation
 from rlhf_stages.methods import inputs
 from rlhf_stages.runtime import input_cache, models
-from rlhf_stages.runtime.context import StageContext
+from rlhf_stages.runtime.context import StageContext, StageInputMissing
 from rlhf_stages.runtime.entrypoint import main
 from rlhf_stages.runtime.input_cache import ENTRY_FILE, INCOMING, InputCache, fingerprint
 
@@ -233,37 +236,81 @@ def test_a_missing_volume_input_exits_3_before_any_download(
     assert "nope.jsonl" in read_result(in_process)["message"] and hub.downloads == []
 
 
-def test_the_hub_client_is_called_as_the_spec_says(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """huggingface_hub's repo_info and snapshot_download replaced by recorders: the call, not the hub."""
-    import huggingface_hub
+def _fake_hub_server(repos: dict[str, Path], commit: str) -> tuple[ThreadingHTTPServer, list[tuple[str, str, str]]]:
+    """A FAKE Hugging Face hub on localhost: the four endpoints huggingface_hub's repo_info and
+    snapshot_download use (revision info, tree listing, HEAD and GET of a file), serving local
+    directories as repositories at one commit. Records (method, path, Authorization) of each request."""
+    seen: list[tuple[str, str, str]] = []
 
-    calls: list[tuple[str, Any, dict[str, Any]]] = []
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
 
-    class Api:
-        def __init__(self, token: str | None = None) -> None:
-            calls.append(("HfApi", None, {"token": token}))
+        def _reply(self, body: bytes, headers: dict[str, str], code: int = 200) -> None:
+            self.send_response(code)
+            for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
-        def repo_info(self, repo_id: str, **kw: Any) -> Any:
-            calls.append(("repo_info", repo_id, kw))
-            return type("Info", (), {"sha": COMMIT})()
+        def do_GET(self) -> None:
+            path = unquote(urlparse(self.path).path)
+            seen.append((self.command, path, self.headers.get("Authorization", "")))
+            parts = path.strip("/").split("/")
+            if parts[0] == "api" and len(parts) >= 6 and "/".join(parts[2:4]) in repos:
+                root = repos["/".join(parts[2:4])]
+                files = sorted(p for p in root.rglob("*") if p.is_file())
+                names = [str(p.relative_to(root)) for p in files]
+                if parts[4] == "revision":
+                    body: Any = {
+                        "id": "/".join(parts[2:4]),
+                        "sha": commit,
+                        "siblings": [{"rfilename": n} for n in names],
+                    }
+                else:  # tree
+                    body = [
+                        {"type": "file", "path": n, "size": p.stat().st_size, "oid": n}
+                        for n, p in zip(names, files, strict=True)
+                    ]
+                return self._reply(json.dumps(body).encode(), {"Content-Type": "application/json"})
+            parts = parts[1:] if parts[0] == "datasets" else parts
+            repo = "/".join(parts[:2])
+            if repo in repos and len(parts) > 4 and parts[2:4] == ["resolve", commit]:
+                data = (repos[repo] / "/".join(parts[4:])).read_bytes()
+                return self._reply(data, {"X-Repo-Commit": commit, "ETag": f'"{hash(data)}"'})
+            return self._reply(b'{"error": "not found"}', {"X-Error-Code": "RepoNotFound"}, 404)
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(("snapshot", repo, kw)))
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    hub = inputs.HuggingFaceHub()
-    assert hub.resolve("dataset", "org/data", "main") == COMMIT
-    hub.download("model", "org/m", COMMIT, str(tmp_path))
-    assert calls[0] == ("HfApi", None, {"token": "hf_test_token"})
-    assert calls[1] == ("repo_info", "org/data", {"repo_type": "dataset", "revision": "main"})
-    name, repo, kw = calls[2]
-    assert (name, repo, kw["revision"], kw["repo_type"], kw["local_dir"]) == (
-        "snapshot",
-        "org/m",
-        COMMIT,
-        "model",
-        str(tmp_path),
-    )
-    assert kw["token"] == "hf_test_token" and "*.onnx" in kw["ignore_patterns"]
+        do_HEAD = do_GET  # noqa: N815 - the name http.server dispatches HEAD to
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+def test_the_real_hub_client_stages_a_model_from_a_fake_hub(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub itself, against _fake_hub_server: the branch resolves to the commit, the files
+    arrive whole at that commit, the token Secret is sent, and an unknown repository exits 3."""
+    model = workspace / "assets" / "base-model"
+    server, seen = _fake_hub_server({"org/tiny": model}, COMMIT)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+        hub = inputs.HuggingFaceHub()
+        assert hub.resolve("model", "org/tiny", "main") == COMMIT
+        entry = InputCache(tmp_path / "cache").ensure(
+            "models", "org/tiny", COMMIT, lambda into: hub.download("model", "org/tiny", COMMIT, str(into))
+        )
+        assert _files(entry.path) == _files(model) and not (entry.path / ".cache").exists()
+        assert ("GET", "/api/models/org/tiny/revision/main", "Bearer hf_test_token") in seen
+        downloads = [p for m, p, _ in seen if m == "GET" and "/resolve/" in p]
+        assert downloads and all(f"/resolve/{COMMIT}/" in p for p in downloads)
+        with pytest.raises(StageInputMissing, match=r"org/absent: not found or not accessible \(check the id\)"):
+            hub.resolve("model", "org/absent", "main")
+    finally:
+        server.shutdown()
 
 
 def test_sources_cover_every_model_and_dataset_of_enabled_stages() -> None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from pathlib import Path
 from typing import Any, Protocol
 
 from rlhf_api import DatasetSource, ModelSource, layout
@@ -57,13 +59,18 @@ class HuggingFaceHub:
 
     def __init__(self) -> None:
         self.token = os.environ.get("HF_TOKEN") or None  # never logged
+        # A hub mirror (HF_ENDPOINT, e.g. through spec.podTemplate.env); passed on explicitly because
+        # huggingface_hub builds download URLs from the endpoint it saw when first imported.
+        self.endpoint = os.environ.get("HF_ENDPOINT") or None
 
     def resolve(self, repo_type: str, repo_id: str, revision: str) -> str:
         from huggingface_hub import HfApi
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
         try:
-            info = HfApi(token=self.token).repo_info(repo_id, repo_type=repo_type, revision=revision)
+            info = HfApi(endpoint=self.endpoint, token=self.token).repo_info(
+                repo_id, repo_type=repo_type, revision=revision
+            )
         except RevisionNotFoundError as exc:
             raise StageInputMissing(f"{repo_type} {repo_id} has no revision {revision!r}") from exc
         except (GatedRepoError, RepositoryNotFoundError) as exc:
@@ -82,8 +89,11 @@ class HuggingFaceHub:
             revision=commit,
             local_dir=into,
             token=self.token,
+            endpoint=self.endpoint,
             ignore_patterns=SKIPPED_MODEL_FILES if repo_type == "model" else None,
         )
+        # huggingface_hub's download bookkeeping (locks, metadata): of no use once the entry is complete.
+        shutil.rmtree(Path(into) / ".cache", ignore_errors=True)
 
 
 HUB: Hub | None = None
