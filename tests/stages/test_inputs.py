@@ -94,7 +94,9 @@ def test_a_failed_fetch_leaves_no_entry(tmp_path: Path) -> None:
     assert not any((tmp_path / "cache" / INCOMING).iterdir())
 
 
-def _stager(root: str, model: str, log: str) -> None:
+def _stager(root: str, model: str, log: str, start: Any) -> None:
+    start.wait()  # all four ask for the entry at once
+
     def fetch(into: Path) -> None:
         with open(log, "a") as f:
             f.write("fetch\n")
@@ -106,10 +108,9 @@ def _stager(root: str, model: str, log: str) -> None:
 def test_concurrent_stagers_of_one_key_fetch_once_and_leave_one_whole_copy(workspace: Path, tmp_path: Path) -> None:
     model = workspace / "assets" / "base-model"
     root, log = tmp_path / "cache", tmp_path / "fetches.log"
-    procs = [
-        multiprocessing.get_context("fork").Process(target=_stager, args=(str(root), str(model), str(log)))
-        for _ in range(4)
-    ]
+    fork = multiprocessing.get_context("fork")
+    start = fork.Barrier(4)
+    procs = [fork.Process(target=_stager, args=(str(root), str(model), str(log), start)) for _ in range(4)]
     for p in procs:
         p.start()
     for p in procs:
