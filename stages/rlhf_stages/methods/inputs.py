@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rlhf_api import DatasetSource, ModelSource, layout
-from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInputMissing, StageOutcome
+from rlhf_stages.runtime.context import StageContext, StageInputMissing, StageOutcome
 from rlhf_stages.runtime.data import check_source
 from rlhf_stages.runtime.input_cache import InputCache, cache_root, fingerprint, source_key, write_staged
 
@@ -155,8 +155,6 @@ def run(ctx: StageContext) -> StageOutcome:
         if identity not in done:
             done[identity] = _stage_one(ctx, cache, hub, field, source)
         staged.append({**done[identity], "key": source_key(field, source), "field": field})
-    if not staged:
-        raise StageConfigError("spec: the run names no model or dataset")  # unreachable: baseModel is required
     if ctx.is_main:
         write_staged(ctx.staging_dir / layout.INPUTS_FILE, staged)
     hits = sum(1 for s in staged if s.get("cache") == "hit")
