@@ -199,6 +199,10 @@ def test_inputs_stage_stages_once_records_revisions_and_later_stages_read_the_co
     assert Path(located.id).is_dir() and (Path(located.id) / "config.json").is_file()
     assert located.label == "org/tiny" and located.revision is None
     assert Path(located.id).is_relative_to(volume.parent / "shared-cache")
+    # The same run name with the stage disabled reads the hub as asked, not the record left behind.
+    off = {**_hub_spec(), "inputs": {"enabled": False}}
+    ctx_off = _ctx(volume, "sft", "first", off)
+    assert models.locate(ctx_off, ctx_off.spec.base_model).id == "org/tiny"
 
     # Another run wanting the same commit: a cache hit, nothing downloaded.
     assert _run_inputs(volume, "second", _hub_spec()) == 0

@@ -184,7 +184,7 @@ def stream_sample(
 def _from_huggingface(ctx: StageContext, source: DatasetSource, seed: int) -> Dataset:
     from datasets import DatasetDict, load_dataset, load_from_disk
 
-    staged = input_cache.staged_copy(ctx.workspace, ctx.run_dir, source)
+    staged = input_cache.staged_copy(ctx, source)
     if staged is not None:  # the inputs stage's copy of the hub repository: its data files
         return load_dataset(str(staged), source.subset, split=source.split)
     if source.name is not None:
@@ -208,7 +208,7 @@ def load_rows(ctx: StageContext, source: DatasetSource, seed: int) -> Dataset:
 
     if source.format == "deeplake":
         # Sampled while reading: only the chosen rows leave deeplake.
-        staged = input_cache.staged_copy(ctx.workspace, ctx.run_dir, source)
+        staged = input_cache.staged_copy(ctx, source)
         location = str(staged) if staged is not None else source.name or str(ctx.volume_path(source.path or ""))
         ds = _from_deeplake(location, source.max_samples, seed)
     else:

@@ -39,6 +39,7 @@ from rlhf_api import layout
 from rlhf_api.runtime import WORKSPACE_INPUT_CACHE
 from rlhf_api.timestamps import format_timestamp
 from rlhf_stages.runtime.atomic import fsync_dir, write_json_atomic
+from rlhf_stages.runtime.context import StageContext
 
 ENTRY_FILE = ".rlhf-entry.json"
 LAST_USED_FILE = ".rlhf-last-used"
@@ -162,8 +163,8 @@ def source_key(field: str, source: Any) -> str:
     return f"{field}:{json.dumps(identity, sort_keys=True)}"
 
 
-def read_staged(workspace: Path, run_dir: Path) -> dict[str, Any] | None:
-    """The inputs stage's record for this run (None: it did not run, or was disabled)."""
+def read_staged(run_dir: Path) -> dict[str, Any] | None:
+    """The inputs stage's record for this run (None: it has not run)."""
     try:
         body: dict[str, Any] = json.loads((run_dir / layout.INPUTS_STAGE / layout.INPUTS_FILE).read_text("utf-8"))
         return body
@@ -171,17 +172,20 @@ def read_staged(workspace: Path, run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def staged_copy(workspace: Path, run_dir: Path, source: Any) -> Path | None:
-    """Where the inputs stage put ``source`` (a hub id or deeplake URL), or None when it did not."""
-    if getattr(source, "name", None) is None:
+def staged_copy(ctx: StageContext, source: Any) -> Path | None:
+    """Where the inputs stage put ``source`` (a hub id or deeplake URL), or None when it did not.
+
+    Only while the run has an inputs stage: a record left by an earlier run of the same name is not
+    read by a run that disabled the stage (it reads the hubs, as it asked)."""
+    if getattr(source, "name", None) is None or not ctx.spec.stages_inputs():
         return None
-    record = read_staged(workspace, run_dir)
+    record = read_staged(ctx.run_dir)
     if record is None:
         return None
     identity = source_key("", source)[1:]
     for item in record.get("inputs", []):
         if item.get("key", "").split(":", 1)[-1] == identity and item.get("cachePath"):
-            return cache_root(workspace) / item["cachePath"]
+            return cache_root(ctx.workspace) / item["cachePath"]
     return None
 
 

@@ -49,7 +49,7 @@ class ModelLocation:
 
 def locate(ctx: StageContext, source: ModelSource) -> ModelLocation:
     """A model source as ``from_pretrained`` reads it: the inputs stage's copy of a hub id when it made one."""
-    staged = input_cache.staged_copy(ctx.workspace, ctx.run_dir, source)
+    staged = input_cache.staged_copy(ctx, source)
     if staged is not None:
         return ModelLocation(str(staged), source.name or "", None, source.trust_remote_code)
     if source.path is not None:
