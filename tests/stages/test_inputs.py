@@ -198,6 +198,12 @@ def test_inputs_stage_stages_once_records_revisions_and_later_stages_read_the_co
     located = models.locate(StageContext.create(invocation), invocation.spec.base_model)
     assert Path(located.id).is_dir() and (Path(located.id) / "config.json").is_file()
     assert located.label == "org/tiny" and located.revision is None
+    from transformers import AutoModelForCausalLM  # as the training stages load it: from the copy
+
+    from rlhf_api import Quantization
+
+    assert models.load_tokenizer(located).pad_token is not None
+    assert models.load_model(located, AutoModelForCausalLM, Quantization(), "baseModel", "float32").num_parameters() > 0
     assert Path(located.id).is_relative_to(volume.parent / "shared-cache")
     # The same run name with the stage disabled reads the hub as asked, not the record left behind.
     off = {**_hub_spec(), "inputs": {"enabled": False}}
