@@ -100,3 +100,33 @@ def test_resolved_revisions_reach_the_status_and_rlhfctl_status() -> None:
     text = render_status("tiny", {"spec": {}, "status": status.to_wire()})
     assert f"input baseModel: org/tiny@{COMMIT} (asked main) [miss]" in text
     assert "input sft.dataset: assets/data/sft.jsonl@mtime:abc [local]" in text
+
+
+def test_every_source_field_of_a_section_is_seen() -> None:
+    """pipeline() looks for sources in each section's own fields only (rlhf_api.run._source_fields): a
+    model or dataset nested deeper would be missed, so none may be."""
+    from typing import get_args
+
+    from rlhf_api.base import ApiModel
+    from rlhf_api.methods import STAGE_KINDS
+    from rlhf_api.run import _source_fields
+    from rlhf_api.sources import DatasetSource, ModelSource
+
+    def nested_sources(model: type[ApiModel], depth: int, seen: set[type]) -> list[str]:
+        found = []
+        for name, info in model.model_fields.items():
+            for t in (info.annotation, *get_args(info.annotation)):
+                if t in (ModelSource, DatasetSource) and depth > 0:
+                    found.append(f"{model.__name__}.{name}")
+                elif isinstance(t, type) and issubclass(t, ApiModel) and t not in seen:
+                    found += nested_sources(t, depth + 1, seen | {t})
+        return found
+
+    fields = RLHFRunSpec.model_fields
+    sections = [
+        get_args(fields[s].annotation)[0] if get_args(fields[s].annotation) else fields[s].annotation
+        for s in STAGE_KINDS
+    ]
+    for section in sections:
+        assert nested_sources(section, 0, {section}) == [], section
+    assert ("reward_model", "rewardModel") in _source_fields(sections[list(STAGE_KINDS).index("ppo")])
