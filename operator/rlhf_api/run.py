@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import ConfigDict, Field
 
 from .base import ApiModel, Rule
 from .methods import (
     FINAL_STAGES,
+    INPUT_STAGES,
     LABELLING_METHODS,
     METHODS,
     PAIR_TRAINED,
@@ -21,10 +23,11 @@ from .names import API_VERSION, KIND, ApiVersion, Kind
 from .podtemplate import RunPodTemplate
 from .publish import PublishStage
 from .runtime import Runtime, Secrets, Storage, WandB
-from .sources import ModelSource
+from .sources import DatasetSource, ModelSource
 from .stages import (
     DPOStage,
     GRPOStage,
+    InputsStage,
     MergeStage,
     PPOStage,
     ReSTStage,
@@ -117,7 +120,7 @@ def _reward_source_rule(section: str) -> Rule:
 
 # Every stage section (a stage may run in several methods' pipelines).
 STAGE_SECTIONS: tuple[str, ...] = tuple(
-    dict.fromkeys([*(s for stages in PIPELINES.values() for s in stages), *FINAL_STAGES])
+    dict.fromkeys([*INPUT_STAGES, *(s for stages in PIPELINES.values() for s in stages), *FINAL_STAGES])
 )
 
 _PUBLISH_RULES = (
@@ -186,6 +189,26 @@ def _mounts_name_volumes_rule(section: str | None) -> Rule:
     )
 
 
+@cache
+def _source_fields(section: type[ApiModel]) -> tuple[tuple[str, str], ...]:
+    """(attribute, spec name) of the fields of a stage section that hold a model or dataset source,
+    found once per class from the annotations: ``pipeline()`` asks on every planning pass."""
+    return tuple(
+        (name, info.alias or name)
+        for name, info in section.model_fields.items()
+        if any(t in (ModelSource, DatasetSource) for t in (info.annotation, *get_args(info.annotation)))
+    )
+
+
+def _sources_in(section: ApiModel, prefix: str) -> list[tuple[str, ModelSource | DatasetSource]]:
+    out: list[tuple[str, ModelSource | DatasetSource]] = []
+    for name, alias in _source_fields(type(section)):
+        value = getattr(section, name, None)  # None: a section built without validation (model_construct)
+        if value is not None:
+            out.append((f"{prefix}.{alias}", value))
+    return out
+
+
 class RLHFRunSpec(ApiModel):
     """What to train and where. Stages run in the order the method defines, one Job each."""
 
@@ -233,6 +256,10 @@ class RLHFRunSpec(ApiModel):
     """The pretrained model to align."""
     tokenizer: ModelSource | None = None
     """Tokenizer, when it is not saved with the base model."""
+    inputs: InputsStage = Field(default_factory=InputsStage)
+    """Input staging, the first stage of every method when the run reads a hub id or deeplake URL:
+    fetches them at a pinned commit into the input cache, once; the later stages run with the hubs
+    offline (docs/inputs.md)."""
     sft: SFTStage | None = None
     """Supervised fine-tuning stage."""
     reward: RewardStage | None = None
@@ -270,11 +297,34 @@ class RLHFRunSpec(ApiModel):
     """Pause the run: the active stage's Job is suspended; unsuspending resumes it from its checkpoint."""
 
     def pipeline(self) -> tuple[str, ...]:
-        """Stage names this run executes, in order (disabled ones included; they are skipped)."""
+        """Stage names this run executes, in order (disabled ones included; they are skipped).
+
+        The inputs stage comes first when it is enabled and the run reads a hub id or a deeplake URL
+        (docs/inputs.md: a run whose inputs are all on the volume has nothing to fetch)."""
+        stages = self._method_pipeline()
+        return (*INPUT_STAGES, *stages) if self.stages_inputs() else stages
+
+    def _method_pipeline(self) -> tuple[str, ...]:
         labeller = METHODS[self.method].pairs_from
         labelling = self.stage(labeller) if labeller is not None else None
         stages = pipeline(self.method, labelling.then if labelling is not None else None)
         return (*stages, *(s for s in FINAL_STAGES if self.stage(s) is not None))
+
+    def input_sources(self) -> list[tuple[str, ModelSource | DatasetSource]]:
+        """Every model and dataset the run reads, with the spec field that names it: ``baseModel``,
+        ``tokenizer`` and those of every enabled stage (e.g. ``sft.dataset``, ``reward.model``)."""
+        found: list[tuple[str, ModelSource | DatasetSource]] = [("baseModel", self.base_model)]
+        if self.tokenizer is not None:
+            found.append(("tokenizer", self.tokenizer))
+        for name in self._method_pipeline():
+            section = self.stage(name)
+            if section is not None and section.enabled:
+                found += _sources_in(section, name)
+        return found
+
+    def stages_inputs(self) -> bool:
+        """Whether the inputs stage runs: enabled, and some input comes from a hub or deeplake."""
+        return self.inputs.enabled and any(source.name is not None for _, source in self.input_sources())
 
     def stage(self, name: str) -> Any:
         """The configuration section of a stage by name."""
@@ -320,6 +370,22 @@ class StageProgress(ApiModel):
     """Estimated seconds left."""
 
 
+class ResolvedInput(ApiModel):
+    """Where one input of the run came from, as the inputs stage resolved it."""
+
+    field: Annotated[str, Field(max_length=64)]
+    """The spec field that names it, e.g. ``baseModel`` or ``sft.dataset``."""
+    source: Annotated[str, Field(max_length=512)]
+    """The hub id, deeplake URL or volume path."""
+    revision: Annotated[str, Field(max_length=128)] | None = None
+    """The commit it was read at (hub), the dataset version (deeplake) or a fingerprint of its files
+    (``mtime:`` + hash of names, sizes and modification times: a volume path)."""
+    requested: Annotated[str, Field(max_length=128)] | None = None
+    """The revision the spec asked for (a branch, tag or commit), when it named one."""
+    cache: Literal["hit", "miss", "local"] | None = None
+    """hit: found in the input cache; miss: fetched now; local: read from the volume in place."""
+
+
 class StageStatus(ApiModel):
     """What is known about one stage."""
 
@@ -352,6 +418,8 @@ class StageStatus(ApiModel):
     """Which evaluated checkpoint became the stage's output, and why."""
     published: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=4)
     """Where the stage uploaded its result (the publish stage: ``s3://...`` and hub URLs)."""
+    inputs: list[ResolvedInput] = Field(default_factory=list, max_length=32)
+    """The inputs stage only: each model and dataset of the run and the revision it was read at."""
 
 
 class RLHFRunStatus(ApiModel):

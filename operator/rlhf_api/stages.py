@@ -376,6 +376,19 @@ class RLAIFStage(StageBase):
     """Random seed of the sampling."""
 
 
+class InputsStage(StageBase):
+    """Stages the base model, tokenizer, reward models and datasets the run names onto the volume, once.
+
+    Hub models and datasets are fetched at a commit (a branch or tag is resolved to its commit, which
+    the run's status records) into the input cache, and deeplake URLs are copied there at their
+    current version; files on the volume stay where they are and are fingerprinted. The stages after
+    it run with the hubs offline and read the staged copies. Disabled: every stage reads its inputs
+    from the hubs itself, as before (docs/inputs.md)."""
+
+    resources: Resources = Field(default_factory=lambda: Resources(gpus=0, cpu="2", memory="4Gi"))
+    """Fetching needs no GPU; memory for the download buffers only."""
+
+
 class MergeStage(StageBase):
     """Folds the LoRA adapter into the base weights: a standalone model and tokenizer."""
 

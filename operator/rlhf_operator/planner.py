@@ -108,6 +108,8 @@ def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
         if job.result.artifact_path:
             update["artifact_path"] = job.result.artifact_path
         update["findings"] = list(job.result.findings)
+        if job.result.inputs:  # the inputs stage: where each input came from (ResolvedInput)
+            update["inputs"] = list(job.result.inputs)
         update["selection"] = (
             f"step {job.result.selected_step}: {job.result.selection}" if job.result.selection else None
         )

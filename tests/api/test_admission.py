@@ -410,7 +410,7 @@ def test_rlaif_spec_without_reward_dataset_is_admitted(control_plane, namespace)
     control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
     model, errors = validate_manifest(doc)
     assert errors == [] and model is not None
-    assert model.spec.pipeline() == ("sft", "rlaif", "reward", "ppo", "merge")
+    assert model.spec.pipeline() == ("inputs", "sft", "rlaif", "reward", "ppo", "merge")
 
 
 @pytest.mark.parametrize("spec", list(REWARD_SOURCES.values()), ids=list(REWARD_SOURCES))

@@ -2,7 +2,8 @@
 
 Rules the stages rely on:
 
-* A model is a hub id or a directory on the volume (:func:`locate`); stages never trust the
+* A model is a hub id or a directory on the volume (:func:`locate`); a hub id the inputs stage
+  staged is read from its copy in the input cache (the hub is offline then); stages never trust the
   absolute base path a PEFT adapter records (it was another container's), they resolve the
   base from the run's lineage and pass it explicitly (:func:`merge_adapter`).
 * Quantization needs CUDA. Without it a stage fails with a clear configuration error, unless
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_api import LoRA, ModelSource, Quantization
+from rlhf_stages.runtime import input_cache
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInputMissing
 
 ALLOW_CPU_QUANTIZATION_ENV = "RLHF_ALLOW_CPU_QUANTIZATION"
@@ -46,6 +48,10 @@ class ModelLocation:
 
 
 def locate(ctx: StageContext, source: ModelSource) -> ModelLocation:
+    """A model source as ``from_pretrained`` reads it: the inputs stage's copy of a hub id when it made one."""
+    staged = input_cache.staged_copy(ctx, source)
+    if staged is not None:
+        return ModelLocation(str(staged), source.name or "", None, source.trust_remote_code)
     if source.path is not None:
         return ModelLocation(str(ctx.volume_path(source.path)), source.path, None, source.trust_remote_code)
     return ModelLocation(source.name or "", source.name or "", source.revision, source.trust_remote_code)
