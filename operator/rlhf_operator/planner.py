@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from rlhf_api.layout import RunRef, last_policy_stage, run_dir, stage_output
+from rlhf_api.methods import INPUT_STAGES
 from rlhf_api.names import RETRY_ANNOTATION
 from rlhf_api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
 from rlhf_api.timestamps import format_timestamp, parse_timestamp
@@ -72,6 +73,22 @@ class Plan:
     actions: list[Action]
     status: RLHFRunStatus
     finished: list[StageStatus] = field(default_factory=list)  # stages that finished in this pass (metrics)
+
+
+def keep_started_pipeline(spec: RLHFRunSpec, status: RLHFRunStatus | None) -> RLHFRunSpec:
+    """The spec as this run is planned: a run that started without the inputs stage keeps going without it.
+
+    Why: the inputs stage came after some runs had started. Put first in their pipeline, it would give
+    every later stage a new earlier output (their config hashes cover it), so the stage in progress
+    would set its checkpoint aside and train again from step 0: an operator upgrade must not cost a
+    run its training. A run whose status lists stages but not the inputs stage was planned without it
+    (an older operator, or every input on the volume), and its stages go on downloading for themselves.
+    """
+    if status is None or not status.stages or not spec.inputs.enabled:
+        return spec
+    if any(s.name in INPUT_STAGES for s in status.stages):
+        return spec
+    return spec.model_copy(update={"inputs": spec.inputs.model_copy(update={"enabled": False})})
 
 
 def _enabled(spec: RLHFRunSpec, stage: str) -> bool:

@@ -27,7 +27,7 @@ from .defaults import OperatorDefaults
 from .kube import Cluster
 from .metrics import Metrics
 from .observe import Progress, log_readable, observe, parse_progress_log
-from .planner import RunView, plan
+from .planner import RunView, keep_started_pipeline, plan
 from .progress import DEFAULT_PROGRESS_INTERVAL, LogReads, poll_after
 
 log = logging.getLogger(__name__)
@@ -110,13 +110,14 @@ class Reconciler:
             # here was stored before a stricter CRD. It is logged and counted, never acted upon.
             log.exception("%s/%s: the stored spec is invalid", meta.get("namespace"), meta.get("name"))
             raise
-        status = body.get("status")
+        wire_status = body.get("status")
+        status = RLHFRunStatus.model_validate(wire_status, strict=False) if wire_status else None
         return RunView(
             name=meta["name"],
             namespace=meta["namespace"],
             uid=meta["uid"],
             generation=int(meta.get("generation") or 1),
-            spec=self.defaults.apply(spec),
-            status=RLHFRunStatus.model_validate(status, strict=False) if status else None,
+            spec=keep_started_pipeline(self.defaults.apply(spec), status),
+            status=status,
             annotations=dict(meta.get("annotations") or {}),
         )

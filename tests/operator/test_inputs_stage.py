@@ -7,12 +7,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rlhf_api.layout import RunRef, StageResult
-from rlhf_api.run import RLHFRunSpec
+from rlhf_api.run import RLHFRunSpec, RLHFRunStatus
 from rlhf_operator.children import build_job
 from rlhf_operator.cli.cluster import render_status
 from rlhf_operator.defaults import OperatorDefaults
 from rlhf_operator.observe import JobObservation, Observed
-from rlhf_operator.planner import RunView, plan
+from rlhf_operator.planner import RunView, keep_started_pipeline, plan
 
 from .harness import tiny_run
 
@@ -130,3 +130,21 @@ def test_every_source_field_of_a_section_is_seen() -> None:
     for section in sections:
         assert nested_sources(section, 0, {section}) == [], section
     assert ("reward_model", "rewardModel") in _source_fields(sections[list(STAGE_KINDS).index("ppo")])
+
+
+def test_a_run_that_started_without_the_inputs_stage_keeps_going_without_it() -> None:
+    """An operator upgrade must not put the inputs stage in front of a run already training: that
+    would make the stage in progress train again from step 0 (planner.keep_started_pipeline)."""
+    before_upgrade = RLHFRunStatus.model_validate(
+        {"phase": "Running", "stages": [{"name": "sft", "phase": "Succeeded"}, {"name": "reward", "phase": "Running"}]}
+    )
+    spec = keep_started_pipeline(hub_spec(), before_upgrade)
+    assert spec.pipeline() == ("sft", "reward", "ppo", "merge")
+    assert "HF_HUB_OFFLINE" not in env_of(build_job(RUN, spec, "reward"))  # it downloads for itself, as before
+    view = RunView("tiny", "ns", "uid-1", 1, spec, before_upgrade, {})
+    status = plan(view, Observed({"sft": done("sft")}, True), NOW).status
+    assert [s.name for s in status.stages] == ["sft", "reward", "ppo", "merge"]
+    # A new run, and a run planned with the stage, keep it.
+    assert keep_started_pipeline(hub_spec(), None).pipeline()[0] == "inputs"
+    with_inputs = RLHFRunStatus.model_validate({"phase": "Running", "stages": [{"name": "inputs", "phase": "Running"}]})
+    assert keep_started_pipeline(hub_spec(), with_inputs).pipeline()[0] == "inputs"
