@@ -1,6 +1,7 @@
 """kopf handlers: thin. They turn watch events into queued run keys and start the machinery.
 
-No handler decides anything: RLHFRun, Job and Pod events all just enqueue the run they concern,
+No handler decides anything: RLHFRun, Job, Pod and PVC events all just enqueue the run they concern
+(the watch caches have taken the event's object in before: cache.py),
 and a periodic resync enqueues every run (level-triggered: a missed event delays a pass by one
 resync interval, it never loses one). Only event-watching handlers are used, so kopf writes nothing
 onto runs (no finalizers, no annotations): re-applying a manifest is a true no-op, and deleting a
@@ -22,7 +23,12 @@ from .controller import Controller
 log = logging.getLogger(__name__)
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
 # Every resource the operator watches, for readiness: one kopf watch-stream each per watched namespace.
-RESOURCES = ((GROUP, VERSION, PLURAL), ("batch", "v1", "jobs"), ("", "v1", "pods"))
+RESOURCES = (
+    (GROUP, VERSION, PLURAL),
+    ("batch", "v1", "jobs"),
+    ("", "v1", "pods"),
+    ("", "v1", "persistentvolumeclaims"),  # the workspaces: the cache knows whether each exists
+)
 
 
 def _runtime(memo: Any) -> Controller:
@@ -82,5 +88,11 @@ async def job_event(namespace: str | None, labels: Mapping[str, str], memo: kopf
 
 @kopf.on.event(*RESOURCES[2], labels=MANAGED)
 async def pod_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    if namespace is not None and LABEL_RUN in labels:
+        _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
+
+
+@kopf.on.event(*RESOURCES[3], labels=MANAGED)
+async def pvc_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
     if namespace is not None and LABEL_RUN in labels:
         _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
