@@ -224,6 +224,8 @@ def start_operator(
             "own_requests_total": metric(after, "rlhf_api_requests_total"),  # absent before this change
             "own_requests_in_30s_steady": metric(after, "rlhf_api_requests_total")
             - metric(before, "rlhf_api_requests_total"),
+            "own_requests_other_than_log_reads": metric(after, "rlhf_api_requests_total")
+            - metric(after, 'rlhf_api_requests_total{request="GET pods/log"}'),
         }
     finally:
         proc.terminate()
