@@ -231,6 +231,8 @@ class GRPOStage(PolicyOptimisationBase):
     """Prompts per step."""
     beta: Annotated[float, Field(ge=0.0, le=100.0)] = 0.04
     """KL coefficient to the reference model."""
+    watch: Watch = Field(default_factory=Watch)
+    """Held-out evaluation during training, reward-hacking detectors and checkpoint selection (docs/watch.md)."""
 
 
 class RLOOStage(GRPOStage):

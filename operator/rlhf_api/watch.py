@@ -1,7 +1,8 @@
 """Watching policy optimisation for reward hacking: periodic held-out evaluation, detectors, selection.
 
-Declared once here; the PPO stage reads it as ``spec.ppo.watch`` (rlhf_stages/sampling/watch.py does the
-work) and docs/watch.md explains every threshold and what the detectors cannot see.
+Declared once here; the PPO, GRPO and RLOO stages read it as ``spec.<stage>.watch``
+(rlhf_stages/sampling/watch.py does the work) and docs/watch.md explains every threshold and what the
+detectors cannot see.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Watch(ApiModel):
     """... the share of repeated tokens within answers risen by more than this over the first evaluation's."""
     kl_limit: Annotated[float, Field(gt=0.0)] | None = None
     """klBeyondLimit: the mean per-answer KL to the reference (nats) above which the policy has left the
-    reference too far. Unset: 3 x klTarget."""
+    reference too far. Unset: 3 x klTarget for PPO; off for GRPO and RLOO (no KL target to scale)."""
     out_of_range_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     """scoreOutOfRange: fires when at least this share of answers score above the highest score the
     reward model gave any answer of its own training data (recorded by this run's reward stage; off

@@ -13,8 +13,9 @@ ground truth, so the stage watches for the known shapes of that failure itself (
   weights of the selected candidate, and whether an alarm ended training. It survives a restart:
   both live in the checkpoint directory and records newer than the resumed step are dropped.
 
-The loop-specific part (how a policy answers and is scored) is a callable the stage passes in; PPO's
-is ``methods.ppo.watch``.
+How the policy answers is the loop's: PPO samples through its own rollout (``methods.ppo.watch``);
+the Trainer-based stages (GRPO, RLOO) through :func:`sample_answers`, with ``methods.watching``
+hooking the watcher into the HF Trainer. Both sample with :data:`EVAL_SEED`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ LOG_FILE = "evaluations.jsonl"
 CANDIDATE_FILE = "watch-candidate.pt"
 KL_TARGET_FACTOR = 3.0  # kl_limit default: this many times the adaptive controller's target
 MAX_FINDINGS = 4  # what a StageResult carries (the log keeps every one)
+EVAL_SEED = 20231  # every evaluation samples with this seed: two evaluations differ only by the policy
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,91 @@ def summarize(answers: Answers, score_max: float | None, samples_kept: int) -> d
         for p, t, s in list(zip(answers.prompts, answers.texts, scores, strict=True))[:samples_kept]
     ]
     return record
+
+
+# ------------------------------------------------------------------ answers of a Hugging Face policy
+
+
+def response_logprobs(
+    model: Any, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], temperature: float, batch_size: int = 8
+) -> list[float]:
+    """Sum over each response's tokens of log p(token | everything before it), at ``temperature``
+    (as sampled), for (prompt ids, response ids) pairs. Right-padded batches: positions stay 0..n-1."""
+    import torch
+
+    from rlhf_stages.sampling.generate import device_of
+
+    device = device_of(model)
+    sums: list[float] = []
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(sequences), batch_size):
+                chunk = sequences[start : start + batch_size]
+                full = [list(p) + list(r) for p, r in chunk]
+                width = max(len(f) for f in full)
+                ids = torch.zeros(len(full), width, dtype=torch.long)
+                mask = torch.zeros(len(full), width, dtype=torch.long)
+                for i, f in enumerate(full):
+                    ids[i, : len(f)] = torch.tensor(f)
+                    mask[i, : len(f)] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+                logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
+                picked = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+                for i, (p, r) in enumerate(chunk):
+                    sums.append(float(picked[i, len(p) - 1 : len(p) - 1 + len(r)].sum()) if r else 0.0)
+    finally:
+        model.train(was_training)
+    return sums
+
+
+def sample_answers(
+    policy: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    reference: Callable[[], AbstractContextManager[Any]],
+    reward_model: Any,
+    reward_tokenizer: Any,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> Answers:
+    """One evaluation of a Hugging Face policy (GRPO, RLOO): one answer per prompt sampled with
+    :data:`EVAL_SEED` and the full budget, the raw reward-model score (no EOS penalty, as PPO's), and
+    the KL to the reference. ``reference()`` is a context yielding the reference model (the policy
+    with its adapter disabled, or a frozen copy), or None where there is none: the KL is then NaN
+    and ``klBeyondLimit`` cannot fire. The global RNG is left as it was (sampling forks it)."""
+    from rlhf_stages.sampling.generate import generate_completions
+    from rlhf_stages.sampling.score import score_with_reward_model
+
+    done = generate_completions(
+        policy,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        EVAL_SEED,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        batch_size=8,
+    )
+    scores = score_with_reward_model(reward_model, reward_tokenizer, prompts, done)
+    # The ids the policy saw (generate_completions encodes prompts without special tokens) and sampled.
+    pairs = [(list(tokenizer(c.prompt, add_special_tokens=False)["input_ids"]), list(c.token_ids)) for c in done]
+    logprobs = response_logprobs(policy, pairs, temperature)
+    with reference() as ref:
+        ref_logprobs = response_logprobs(ref, pairs, temperature) if ref is not None else [math.nan] * len(pairs)
+    return Answers(
+        tokens=[c.token_ids[: len(c.token_ids) - c.ended_with_eos] for c in done],
+        ended_with_eos=[c.ended_with_eos for c in done],
+        scores=scores,
+        kl=[lp - rp for lp, rp in zip(logprobs, ref_logprobs, strict=True)],
+        texts=[c.text for c in done],
+        prompts=list(prompts),
+    )
 
 
 # ------------------------------------------------------------------ detectors

@@ -34,7 +34,6 @@ from typing import Any
 from rlhf_stages.methods import common
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInterrupted, StageOutcome
-from rlhf_stages.runtime.outputs import completed_manifest
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +53,6 @@ FINAL_METRICS = (
     "response_length",
     "eos_rate",
 )
-
-
-def reward_score_max(ctx: StageContext) -> float | None:
-    """The highest score this run's reward stage gave an answer of its own data (None: unknown)."""
-    if ctx.config.reward_model is not None:
-        return None
-    manifest = completed_manifest(ctx.stage_output_of("reward")) or {}
-    value = (manifest.get("details", {}).get("scoreRange") or {}).get("max")
-    return float(value) if value is not None else None
 
 
 def validate(ctx: StageContext) -> None:
@@ -100,6 +90,7 @@ def run(ctx: StageContext) -> StageOutcome:
     import torch
     from accelerate import Accelerator
 
+    from rlhf_stages.methods import watching
     from rlhf_stages.methods.ppo import watch as ppo_watch
     from rlhf_stages.methods.ppo.checkpoint import checkpoint_dir
     from rlhf_stages.methods.ppo.models import load_models
@@ -108,7 +99,6 @@ def run(ctx: StageContext) -> StageOutcome:
         STEP_DELAY_ENV,  # imports transformers: not at module level (validate stays light)
     )
     from rlhf_stages.runtime.interrupt import StepGuard
-    from rlhf_stages.sampling.watch import MAX_FINDINGS, Watcher
 
     cfg = ctx.config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -145,15 +135,8 @@ def run(ctx: StageContext) -> StageOutcome:
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     ctx.write_progress(trainer.step, cfg.total_steps, force=True)
 
-    watcher = Watcher(
-        cfg.watch,
-        ctx.checkpoints_dir,
-        kl_target=cfg.kl_target,
-        score_max=reward_score_max(ctx),
-        total_steps=cfg.total_steps,
-    )
-    # Held-out prompts when the dataset holds some out, else the first training prompts (said in the log).
-    watch_prompts = (eval_prompts or train_prompts)[: cfg.watch.eval_prompts]
+    watcher = watching.make_watcher(ctx, cfg.kl_target)
+    watch_prompts = watching.watch_prompts(eval_prompts, train_prompts, cfg.watch.eval_prompts)
 
     def evaluate(step: int) -> bool:
         """Rank 0 evaluates when due; True ends training (an alarm under action: stop)."""
@@ -162,17 +145,7 @@ def run(ctx: StageContext) -> StageOutcome:
         record = watcher.record(
             step, ppo_watch.answers(trainer, watch_prompts), lambda: ppo_watch.policy_weights(trainer)
         )
-        log.info(
-            "ppo evaluation at step %d: score %.3f (sd %.3f) kl %.3f length %.1f eos %.2f distinct-2 %.3f%s",
-            step,
-            record["score_mean"],
-            record["score_std"],
-            record["kl_mean"],
-            record["length_mean"],
-            record["eos_rate"],
-            record["distinct_2"],
-            "".join(f"; ALARM {f}" for f in record["findings"]),
-        )
+        watching.log_record("ppo", record)
         return watcher.should_stop() and step < cfg.total_steps
 
     if ctx.is_main and watcher.enabled:
@@ -207,18 +180,19 @@ def run(ctx: StageContext) -> StageOutcome:
 
     last = trainer.history[-1] if trainer.history else {}
     metrics = {k: float(last[k]) for k in FINAL_METRICS if k in last}
-    selected, selection, watched = trainer.step, None, None
-    if ctx.is_main and watcher.enabled:
-        selected, selection = watcher.selection(trainer.step)
-        watched = watcher.summary(trainer.step)
-        metrics["watch_alarms"] = float(len(watcher.findings()))
-        metrics["selected_step"] = float(selected)
-        if selected != trainer.step:
-            # The final weights stay available beside the chosen ones, which become the output.
-            common.save_policy(ctx, trainer.module.policy, tokenizer, policy_loc, cfg.lora.enabled, under="final")
-            ppo_watch.load_policy_weights(trainer, watcher.candidate_weights(selected))
-        watcher.publish(ctx.staging_dir)
+    concluded = watching.Concluded()
     if ctx.is_main:
+        # The final weights stay available beside the chosen ones, which become the output.
+        concluded = watching.conclude(
+            ctx,
+            watcher,
+            trainer.step,
+            save_final=lambda: common.save_policy(
+                ctx, trainer.module.policy, tokenizer, policy_loc, cfg.lora.enabled, under="final"
+            ),
+            load_weights=lambda state: ppo_watch.load_policy_weights(trainer, state),
+        )
+        metrics.update(concluded.metrics)
         metrics.update(evaluate_held_out(trainer, eval_prompts[: common.EVAL_PROMPTS_MAX]))  # of the output
         common.save_policy(ctx, trainer.module.policy, tokenizer, policy_loc, cfg.lora.enabled)
     accelerator.wait_for_everyone()
@@ -240,16 +214,16 @@ def run(ctx: StageContext) -> StageOutcome:
             "rewardScoring": "token ids" if loaded.reward.per_token else "text (reward model's tokenizer)",
             "processes": accelerator.num_processes,
             "history": trainer.history[-200:],
-            "watch": watched,
+            "watch": concluded.summary,
         },
-        findings=watcher.findings()[:MAX_FINDINGS] if watched else [],
-        selected_step=selected if watched else None,
-        selection=selection,
+        findings=concluded.findings,
+        selected_step=concluded.selected_step,
+        selection=concluded.selection,
         message=f"PPO done: reward_mean={metrics.get('reward_mean', float('nan')):.4f} "
         f"kl={metrics.get('kl', float('nan')):.3f}"
         + (
-            f"; output = step {selected} of {trainer.step} ({selection})"
-            if watched and selected != trainer.step
+            f"; output = step {concluded.selected_step} of {trainer.step} ({concluded.selection})"
+            if concluded.summary and concluded.selected_step != trainer.step
             else ""
         ),
     )
