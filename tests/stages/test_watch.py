@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -304,3 +305,108 @@ def test_sample_answers_of_a_policy(tiny_lm: tuple[Any, Any, Any]) -> None:
     batched = response_logprobs(policy, pairs, 1.0, batch_size=3)
     alone = [response_logprobs(policy, [pair], 1.0)[0] for pair in pairs]
     assert batched == pytest.approx(alone, abs=1e-4) and all(v < 0 for v in alone)
+
+
+# ------------------------------------------------------------------ rollback (PPO)
+
+
+def test_rollback_restores_the_candidate_at_most_max_rollbacks_times(tmp_path: Path) -> None:
+    watch = Watch(eval_every=5, action="rollback", max_rollbacks=2)
+    w = Watcher(watch, tmp_path, kl_target=6.0, score_max=None, total_steps=40)
+    w.record(0, HEALTHY, lambda: {"w": torch.zeros(1)})
+    w.record(5, FakeAnswers.of(-0.5, 11), lambda: {"w": torch.ones(1)})
+    assert w.decision() == "continue"
+    w.record(10, HACKED, lambda: {"w": torch.full((1,), 10.0)})
+    assert w.decision() == "rollback" and w.should_stop()  # a Trainer stage, which cannot roll back, stops
+    step, state = w.load_candidate()
+    assert step == 5 and torch.equal(state["w"], torch.ones(1))
+    w.note_rollback(step, {"klCoef": 0.4})
+    assert not w.alarmed and w.decision() == "continue"  # answered: training goes on
+    w.record(15, FakeAnswers.of(0.0, 10), lambda: {"w": torch.full((1,), 15.0)})
+    assert w.candidate_step == 15  # healthy after the rollback: the new candidate
+    w.record(20, HACKED, lambda: {})
+    assert w.decision() == "rollback" and w.load_candidate()[0] == 15
+    w.note_rollback(15, {"klCoef": 0.8})
+    w.record(25, HACKED, lambda: {})
+    assert w.decision() == "stop"  # no rollbacks left
+    step, why = w.selection(25)
+    assert step == 15 and "alarm at step 25" in why and "rolled back 2x, last at step 20 to step 15" in why
+    summary = w.summary(25)
+    assert [r["restoredStep"] for r in summary["rollbacks"]] == [5, 15] and summary["stoppedByAlarm"]
+    assert len(summary["findings"]) == 3  # every alarm stays visible (status, condition)
+    logged = [json.loads(line) for line in w.log_path.read_text().splitlines()]
+    assert [r["step"] for r in logged if "rollback" in r] == [10, 20]
+
+    # A restart from a checkpoint between the two rollbacks forgets the second one.
+    again = Watcher(watch, tmp_path, kl_target=6.0, score_max=None, total_steps=40)
+    again.resume(15)
+    assert [r["step"] for r in again.rollbacks()] == [10] and again.candidate_step == 15
+
+
+def test_rollback_selection_never_picks_a_rolled_back_policy(tmp_path: Path) -> None:
+    history = [record(0), alarmed(10, score_mean=5.0), record(20, score_mean=0.5)]
+    history[1]["rollback"] = {"restoredStep": 0, "number": 1}
+    assert select(history, "bestReward", 30)[0] == 20  # the alarmed step 10 scored higher but was thrown away
+    assert select(history, "lastBeforeAlarm", 30)[0] == 30  # no standing alarm: the final policy
+    w = Watcher(Watch(eval_every=5, action="rollback", select="last"), tmp_path, kl_target=None, score_max=None,
+                total_steps=9)  # fmt: skip
+    w.record(0, HEALTHY, lambda: {"w": torch.zeros(1)})
+    assert w.candidate_step == 0  # select last keeps no candidate, but a rollback needs one
+
+
+def test_kl_controller_strengthens_and_remembers_it() -> None:
+    from rlhf_stages.methods.ppo.advantages import KLController
+
+    kl = KLController(0.2, True, 6.0, 10000)
+    kl.strengthen(2.0)
+    assert kl.value == pytest.approx(0.4) and kl.effective_target == pytest.approx(3.0)
+    kl.update(3.0, 64)  # at the new target: the coefficient stays
+    assert kl.value == pytest.approx(0.4)
+    restored = KLController(0.2, True, 6.0, 10000)
+    restored.load_state_dict(kl.state_dict())
+    assert restored.effective_target == pytest.approx(3.0) and restored.value == pytest.approx(0.4)
+    restored.load_state_dict({"value": 0.3})  # a checkpoint from before rollbacks existed
+    assert restored.effective_target == 6.0
+    fixed = KLController(0.2, False, 6.0, 10000)
+    fixed.strengthen(3.0)
+    assert fixed.value == pytest.approx(0.6) and fixed.effective_target == 6.0
+
+
+def test_ppo_loop_rolls_back_on_every_rank_and_trains_on(tmp_path: Path) -> None:
+    """PPOTrainer.train's handling of the verdicts, on a stand-in for the trainer (no models)."""
+    from types import SimpleNamespace
+
+    from rlhf_stages.methods.ppo.trainer import CONTINUE, END, ROLLBACK, PPOTrainer
+
+    trained: list[int] = []
+
+    def train_step() -> dict[str, float]:
+        fake.step += 1
+        trained.append(fake.step)
+        return {}
+
+    fake = SimpleNamespace(
+        stage=SimpleNamespace(total_steps=8, save_freq=100), step=0, train_step=train_step, saved_step=None
+    )
+    verdicts = {3: ROLLBACK, 5: ROLLBACK, 6: END}
+    rolled: list[int] = []
+    done = PPOTrainer.train(
+        fake,  # type: ignore[arg-type]
+        lambda: False,
+        None,
+        lambda step: verdicts.get(step, CONTINUE),
+        lambda: rolled.append(fake.step),
+    )
+    assert done is True and trained == [1, 2, 3, 4, 5, 6] and rolled == [3, 5]
+
+
+def test_rollback_is_refused_where_it_is_not_implemented() -> None:
+    from pydantic import ValidationError
+
+    from rlhf_api.stages import GRPOStage, PPOStage, RLOOStage
+
+    for stage in (GRPOStage, RLOOStage):
+        with pytest.raises(ValidationError, match="rollback is implemented for ppo only"):
+            stage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
+    ppo = PPOStage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
+    assert ppo.watch.max_rollbacks == 2 and ppo.watch.rollback_kl_factor == 2.0

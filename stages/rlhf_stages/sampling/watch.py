@@ -258,14 +258,17 @@ def detect(history: Sequence[dict[str, Any]], watch: Watch, limit: float | None)
 
 
 def first_alarm(history: Sequence[dict[str, Any]]) -> int | None:
-    """Step of the first evaluation with a finding, if any."""
-    return next((int(r["step"]) for r in history if r.get("findings")), None)
+    """Step of the first evaluation with a finding that no rollback answered, if any."""
+    return next((int(r["step"]) for r in history if r.get("findings") and not r.get("rollback")), None)
 
 
 def select(history: Sequence[dict[str, Any]], criterion: str, final_step: int) -> tuple[int, str]:
-    """(step whose weights become the output, why) among the evaluations of ``history``."""
+    """(step whose weights become the output, why) among the evaluations of ``history``.
+
+    Only evaluations without findings are eligible (after a rollback, the alarm that caused it
+    stays in the history but its policy was thrown away)."""
     alarm = first_alarm(history)
-    before = [r for r in history if alarm is None or int(r["step"]) < alarm]
+    before = [r for r in history if not r.get("findings") and (alarm is None or int(r["step"]) < alarm)]
     if criterion == "last":
         return final_step, "select: last (the final policy)"
     if criterion == "bestReward" and before:
@@ -319,7 +322,36 @@ class Watcher:
 
     @property
     def alarmed(self) -> bool:
+        """An alarm stands (one a rollback answered does not)."""
         return first_alarm(self.history) is not None
+
+    def rollbacks(self) -> list[dict[str, Any]]:
+        return [dict(r["rollback"], step=r["step"]) for r in self.history if r.get("rollback")]
+
+    def decision(self) -> str:
+        """What the newest state asks of the loop: ``continue``, ``stop`` or ``rollback`` (action
+        rollback, while rollbacks are left and a healthy candidate is kept; then ``stop``)."""
+        if not self.alarmed or self.watch.action == "warn":
+            return "continue"
+        if self.watch.action == "rollback":
+            can = len(self.rollbacks()) < self.watch.max_rollbacks and self.candidate_step is not None
+            return "rollback" if can else "stop"
+        return "stop"
+
+    def load_candidate(self) -> tuple[int, dict[str, Any]]:
+        """(step, weights) of the kept candidate, as any process reads it from the shared volume."""
+        import torch
+
+        saved = torch.load(self.directory / CANDIDATE_FILE, map_location="cpu")
+        return int(saved["step"]), dict(saved["state"])
+
+    def note_rollback(self, restored: int, kl: dict[str, Any]) -> dict[str, Any]:
+        """Record on the newest evaluation (the alarm) that it was answered by restoring step
+        ``restored`` with the KL settings ``kl``; its findings stay, and count for status."""
+        note = {"restoredStep": restored, "number": len(self.rollbacks()) + 1, **kl}
+        self.history[-1]["rollback"] = note
+        self._rewrite()
+        return note
 
     def findings(self) -> list[str]:
         return [f for r in self.history for f in r.get("findings", [])]
@@ -364,14 +396,22 @@ class Watcher:
 
     def _is_candidate(self, record: dict[str, Any]) -> bool:
         if self.watch.select == "bestReward":
-            return all(record["score_mean"] >= r["score_mean"] for r in self.history if r is not record)
-        return self.watch.select == "lastBeforeAlarm"
+            healthy = [r for r in self.history if r is not record and not r.get("findings")]
+            return all(record["score_mean"] >= r["score_mean"] for r in healthy)
+        # A rollback restores the candidate, so one is kept under action rollback whatever the selection.
+        return self.watch.select == "lastBeforeAlarm" or self.watch.action == "rollback"
 
     def should_stop(self) -> bool:
-        return self.alarmed and self.watch.action == "stop"
+        """Training ends here (a Trainer stage, which cannot roll back, also stops on ``rollback``)."""
+        return self.decision() != "continue"
 
     def selection(self, final_step: int) -> tuple[int, str]:
-        return select(self.history, self.watch.select, final_step)
+        step, why = select(self.history, self.watch.select, final_step)
+        done = self.rollbacks()
+        if done:  # status shows this line: the rollbacks belong in it
+            last = done[-1]
+            why += f"; rolled back {len(done)}x, last at step {last['step']} to step {last['restoredStep']}"
+        return step, why
 
     def candidate_weights(self, step: int) -> dict[str, Any]:
         import torch
@@ -396,7 +436,8 @@ class Watcher:
             "klLimit": self.limit,
             "scoreMax": self.score_max,
             "findings": self.findings(),
-            "stoppedByAlarm": self.should_stop() and final_step < self.total_steps,
+            "stoppedByAlarm": self.decision() == "stop" and final_step < self.total_steps,
+            "rollbacks": self.rollbacks(),
             "selectedStep": step,
             "selection": why,
             "evaluations": [{k: r[k] for k in table_keys if k in r} for r in self.history],

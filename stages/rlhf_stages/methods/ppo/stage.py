@@ -94,7 +94,7 @@ def run(ctx: StageContext) -> StageOutcome:
     from rlhf_stages.methods.ppo import watch as ppo_watch
     from rlhf_stages.methods.ppo.checkpoint import checkpoint_dir
     from rlhf_stages.methods.ppo.models import load_models
-    from rlhf_stages.methods.ppo.trainer import PPOTrainer
+    from rlhf_stages.methods.ppo.trainer import CONTINUE, END, ROLLBACK, PPOTrainer
     from rlhf_stages.runtime.checkpoints import (
         STEP_DELAY_ENV,  # imports transformers: not at module level (validate stays light)
     )
@@ -138,15 +138,35 @@ def run(ctx: StageContext) -> StageOutcome:
     watcher = watching.make_watcher(ctx, cfg.kl_target)
     watch_prompts = watching.watch_prompts(eval_prompts, train_prompts, cfg.watch.eval_prompts)
 
-    def evaluate(step: int) -> bool:
-        """Rank 0 evaluates when due; True ends training (an alarm under action: stop)."""
+    def evaluate(step: int) -> int:
+        """Rank 0 evaluates when due, then says what the alarm (if any) asks of the loop."""
         if not ctx.is_main or not watcher.due(step):
-            return False
+            return CONTINUE
         record = watcher.record(
             step, ppo_watch.answers(trainer, watch_prompts), lambda: ppo_watch.policy_weights(trainer)
         )
         watching.log_record("ppo", record)
-        return watcher.should_stop() and step < cfg.total_steps
+        verdict = watcher.decision()
+        if verdict == "rollback":
+            return ROLLBACK
+        return END if verdict == "stop" and step < cfg.total_steps else CONTINUE
+
+    def rollback() -> None:
+        """Every rank: the kept candidate's policy (rank 0 wrote it to the shared volume before the
+        verdict was shared) and a stronger KL penalty; rank 0 records it on the alarm's evaluation."""
+        restored, state = watcher.load_candidate()
+        trainer.restore_policy(state, cfg.watch.rollback_kl_factor)
+        if ctx.is_main:
+            note = watcher.note_rollback(
+                restored, {"klCoef": trainer.kl.value, "klTarget": trainer.kl.effective_target}
+            )
+            log.warning(
+                "ppo watch: rollback %d at step %d to step %d's policy, %s",
+                note["number"],
+                trainer.step,
+                restored,
+                {k: note[k] for k in ("klCoef", "klTarget")},
+            )
 
     if ctx.is_main and watcher.enabled:
         watcher.resume(trainer.step)
@@ -172,7 +192,7 @@ def run(ctx: StageContext) -> StageOutcome:
         if delay:
             time.sleep(delay)
 
-    finished = trainer.train(ctx.stop_requested.is_set, on_step, evaluate if watcher.enabled else None)
+    finished = trainer.train(ctx.stop_requested.is_set, on_step, evaluate if watcher.enabled else None, rollback)
     guard.close()  # the held-out evaluation below always completes
     if not finished:
         newest = checkpoints.latest()
