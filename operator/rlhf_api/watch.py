@@ -12,12 +12,14 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from .base import ApiModel
+from .sources import DatasetSource
 
 # Names of the detectors, as findings and docs spell them.
 REWARD_WITH_COLLAPSE = "rewardRiseWithCollapse"
 KL_BEYOND_LIMIT = "klBeyondLimit"
 SCORE_OUT_OF_RANGE = "scoreOutOfRange"
-DETECTORS = (REWARD_WITH_COLLAPSE, KL_BEYOND_LIMIT, SCORE_OUT_OF_RANGE)
+PREFERENCE_FALLING = "preferenceAccuracyFalling"
+DETECTORS = (REWARD_WITH_COLLAPSE, KL_BEYOND_LIMIT, SCORE_OUT_OF_RANGE, PREFERENCE_FALLING)
 
 WatchAction = Literal["warn", "stop", "rollback"]
 CheckpointSelection = Literal["lastBeforeAlarm", "last", "bestReward"]
@@ -68,3 +70,12 @@ class Watch(ApiModel):
     """scoreOutOfRange: fires when at least this share of answers score above the highest score the
     reward model gave any answer of its own training data (recorded by this run's reward stage; off
     with an external rewardModel)."""
+    preference_set: DatasetSource | None = None
+    """Held-out preference pairs (columns prompt, chosen, rejected; the prompt rendered with the
+    stage's promptTemplate; at most 128 rows, fewer with maxSamples; evalFraction is not applied):
+    each evaluation records the policy's own preference accuracy on them, the share of pairs whose
+    chosen answer it gives a higher mean per-token log-probability than the rejected one. Unset:
+    not measured, preferenceAccuracyFalling off."""
+    accuracy_drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    """preferenceAccuracyFalling: fires when the preference accuracy fell this much below the first
+    evaluation's."""

@@ -410,3 +410,38 @@ def test_rollback_is_refused_where_it_is_not_implemented() -> None:
             stage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
     ppo = PPOStage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
     assert ppo.watch.max_rollbacks == 2 and ppo.watch.rollback_kl_factor == 2.0
+
+
+# ------------------------------------------------------------------ held-out preference accuracy
+
+
+def test_preference_accuracy_falling() -> None:
+    from rlhf_api.watch import PREFERENCE_FALLING
+
+    history = [record(0, preference_accuracy=0.8), record(10, preference_accuracy=0.65)]
+    assert kinds(history) == [PREFERENCE_FALLING]
+    (finding,) = detect(history, Watch(), None)
+    assert "0.80 -> 0.65" in finding.evidence
+    assert kinds(history, Watch(accuracy_drop=0.2)) == []
+    assert kinds([record(0, preference_accuracy=0.8), record(10, preference_accuracy=0.75)]) == []
+    assert kinds([record(0), record(10, preference_accuracy=0.1)]) == []  # no baseline: off
+
+
+def test_preference_accuracy_of_a_policy(tiny_lm: tuple[Any, Any, Any]) -> None:
+    from rlhf_stages.sampling.watch import preference_accuracy, response_logprobs
+
+    tok, policy, _ = tiny_lm
+    prompt = "Question: how is the old lake?\n\nAnswer:"
+    a, b = " the old lake is lovely.", " the old lake is lovely and"
+    eos = [tok.eos_token_id]
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    ra, rb = (tok(x, add_special_tokens=False)["input_ids"] + eos for x in (a, b))
+    la, lb = response_logprobs(policy, [(p, ra), (p, rb)], 1.0)
+    a_wins = la / len(ra) > lb / len(rb)
+    # The policy's own per-token preference, in either orientation of the pair.
+    assert preference_accuracy(policy, tok, [(prompt, a, b)]) == float(a_wins)
+    assert preference_accuracy(policy, tok, [(prompt, b, a)]) == float(not a_wins)
+    assert preference_accuracy(policy, tok, [(prompt, a, b), (prompt, b, a)]) == 0.5
+    assert summarize(Answers([[1]], [True], [0.0], [0.0], ["x"], ["p"], preference_accuracy=0.75), None, 0)[
+        "preference_accuracy"
+    ] == pytest.approx(0.75)

@@ -86,6 +86,7 @@ def validate(ctx: StageContext) -> None:
     common.check_policy_input(ctx)
     common.check_reward_input(ctx)
     common.check_generation_extra(ctx)
+    common.check_preference_set(ctx)
 
 
 def training_settings(cfg: Any) -> TrainingSettings:
@@ -273,7 +274,7 @@ def watch_callback(
     """The watch's hook into TRL's trainer: the policy answers ``prompts`` with the stage's sampling
     settings; the reference is the policy with its LoRA adapter disabled, else TRL's frozen copy
     (none when ``beta`` is 0 and all weights train: the KL is then not measured)."""
-    from rlhf_stages.methods.watching import WatchCallback
+    from rlhf_stages.methods.watching import WatchCallback, preference_pairs, with_preferences
     from rlhf_stages.sampling.watch import sample_answers
 
     cfg = ctx.config
@@ -292,8 +293,10 @@ def watch_callback(
         else:
             yield None
 
+    pairs = preference_pairs(ctx)
+
     def evaluate() -> Any:
-        return sample_answers(
+        answers = sample_answers(
             policy(),
             tokenizer,
             prompts,
@@ -305,5 +308,6 @@ def watch_callback(
             top_k=cfg.generation.top_k,
             top_p=cfg.generation.top_p,
         )
+        return with_preferences(answers, policy(), tokenizer, pairs)
 
     return WatchCallback(ctx, watcher, evaluate, lambda: models.trainable_state(policy()))

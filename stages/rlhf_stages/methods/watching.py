@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from transformers import TrainerCallback
 
+from rlhf_stages.methods import common
+from rlhf_stages.runtime import data
 from rlhf_stages.runtime.checkpoints import any_rank
 from rlhf_stages.runtime.context import StageContext
 from rlhf_stages.runtime.outputs import completed_manifest
-from rlhf_stages.sampling.watch import MAX_FINDINGS, Answers, Watcher
+from rlhf_stages.sampling.watch import MAX_FINDINGS, Answers, Watcher, preference_accuracy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +54,26 @@ def make_watcher(ctx: StageContext, kl_target: float | None) -> Watcher:
 def watch_prompts(held_out: Sequence[T], train: Sequence[T], count: int) -> list[T]:
     """The held-out prompts when the dataset holds some out, else the first training prompts."""
     return list(held_out or train)[:count]
+
+
+def preference_pairs(ctx: StageContext) -> list[tuple[str, str, str]]:
+    """(prompt rendered with promptTemplate, chosen, rejected) of ``watch.preferenceSet``; none when unset."""
+    cfg = ctx.config
+    source = cfg.watch.preference_set
+    if source is None or cfg.watch.eval_every == 0:
+        return []
+    rows = data.load_rows(ctx, source, cfg.seed)
+    what = f"{ctx.stage}.watch.preferenceSet"
+    data.check_columns(rows, ["chosen", "rejected", *data.template_fields(cfg.prompt_template)], what)
+    picked = rows.select(range(min(len(rows), common.EVAL_PROMPTS_MAX)))
+    return [(data.render(cfg.prompt_template, row), row["chosen"], row["rejected"]) for row in picked]
+
+
+def with_preferences(answers: Answers, policy: Any, tokenizer: Any, pairs: Sequence[tuple[str, str, str]]) -> Answers:
+    """``answers`` plus the policy's preference accuracy on ``pairs`` (unchanged when there are none)."""
+    if not pairs:
+        return answers
+    return replace(answers, preference_accuracy=preference_accuracy(policy, tokenizer, pairs))
 
 
 def log_record(stage: str, record: dict[str, Any]) -> None:

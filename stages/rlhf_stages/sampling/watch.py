@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_api.watch import KL_BEYOND_LIMIT, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
+from rlhf_api.watch import KL_BEYOND_LIMIT, PREFERENCE_FALLING, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
 
 LOG_FILE = "evaluations.jsonl"
 CANDIDATE_FILE = "watch-candidate.pt"
@@ -51,6 +51,8 @@ class Answers:
     """Per-answer KL to the reference: sum over its tokens of log p_policy - log p_reference."""
     texts: Sequence[str]
     prompts: Sequence[str]
+    preference_accuracy: float | None = None
+    """The policy's preference accuracy on the held-out pairs (``preference_accuracy``); None: no set."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ def summarize(answers: Answers, score_max: float | None, samples_kept: int) -> d
         "distinct_2": distinct_n(answers.tokens, 2),
         "repetition": _mean([repetition(t) for t in answers.tokens]),
     }
+    if answers.preference_accuracy is not None:
+        record["preference_accuracy"] = answers.preference_accuracy
     if score_max is not None:
         record["above_score_range"] = _mean([float(s > score_max) for s in scores])
     record["samples"] = [
@@ -156,6 +160,22 @@ def response_logprobs(
     finally:
         model.train(was_training)
     return sums
+
+
+def preference_accuracy(policy: Any, tokenizer: Any, pairs: Sequence[tuple[str, str, str]]) -> float:
+    """Share of (prompt, chosen, rejected) pairs whose chosen answer (+ EOS) the policy gives a higher
+    mean per-token log-probability than the rejected one: its own preference, no reference needed
+    (per token, so that a shorter answer is not preferred for being short)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    seqs: list[tuple[list[int], list[int]]] = []
+    for prompt, chosen, rejected in pairs:
+        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        for answer in (chosen, rejected):
+            seqs.append((ids, list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + eos))
+    sums = response_logprobs(policy, seqs, 1.0)
+    means = [total / max(1, len(r)) for total, (_, r) in zip(sums, seqs, strict=True)]
+    wins = [means[i] > means[i + 1] for i in range(0, len(means), 2)]
+    return sum(wins) / len(wins) if wins else math.nan
 
 
 def sample_answers(
@@ -242,6 +262,11 @@ def detect(history: Sequence[dict[str, Any]], watch: Watch, limit: float | None)
             found.append(Finding(REWARD_WITH_COLLAPSE, step, evidence))
     if limit is not None and now["kl_mean"] > limit:
         found.append(Finding(KL_BEYOND_LIMIT, step, f"KL to the reference {now['kl_mean']:.2f} > limit {limit:.2f}"))
+    acc, base_acc = now.get("preference_accuracy"), base.get("preference_accuracy")
+    if acc is not None and base_acc is not None and acc < base_acc - watch.accuracy_drop:
+        found.append(
+            Finding(PREFERENCE_FALLING, step, f"preference accuracy on the held-out pairs {base_acc:.2f} -> {acc:.2f}")
+        )
     above = now.get("above_score_range")
     if above is not None and above >= watch.out_of_range_fraction:
         found.append(
@@ -429,7 +454,16 @@ class Watcher:
     def summary(self, final_step: int) -> dict[str, Any]:
         """What the manifest keeps (details.watch): the settings, the findings, the choice, the table."""
         step, why = self.selection(final_step)
-        table_keys = ("step", "score_mean", "score_std", "kl_mean", "length_mean", "eos_rate", "distinct_2")
+        table_keys = (
+            "step",
+            "score_mean",
+            "score_std",
+            "kl_mean",
+            "length_mean",
+            "eos_rate",
+            "distinct_2",
+            "preference_accuracy",
+        )
         return {
             "evalEvery": self.watch.eval_every,
             "action": self.watch.action,

@@ -64,6 +64,7 @@ def validate(ctx: StageContext) -> None:
     # Exit 3 when sft/ or reward/ is not complete, as for the other policy stages.
     common.check_policy_input(ctx)
     common.check_reward_input(ctx)
+    common.check_preference_set(ctx)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world or cfg.mini_batch_size % world:
         raise StageConfigError(
@@ -137,14 +138,16 @@ def run(ctx: StageContext) -> StageOutcome:
 
     watcher = watching.make_watcher(ctx, cfg.kl_target)
     watch_prompts = watching.watch_prompts(eval_prompts, train_prompts, cfg.watch.eval_prompts)
+    pairs = watching.preference_pairs(ctx)
 
     def evaluate(step: int) -> int:
         """Rank 0 evaluates when due, then says what the alarm (if any) asks of the loop."""
         if not ctx.is_main or not watcher.due(step):
             return CONTINUE
-        record = watcher.record(
-            step, ppo_watch.answers(trainer, watch_prompts), lambda: ppo_watch.policy_weights(trainer)
+        answers = watching.with_preferences(
+            ppo_watch.answers(trainer, watch_prompts), trainer.module.policy, tokenizer, pairs
         )
+        record = watcher.record(step, answers, lambda: ppo_watch.policy_weights(trainer))
         watching.log_record("ppo", record)
         verdict = watcher.decision()
         if verdict == "rollback":
