@@ -107,6 +107,8 @@ class StageResult(ApiModel):
     """The training step whose weights are the output, when the stage chose among evaluated checkpoints."""
     selection: Annotated[str, Field(max_length=300)] | None = None
     """Why that checkpoint (the criterion and what it saw)."""
+    published: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=4)
+    """Where the result was uploaded (the publish stage): ``s3://bucket/prefix/model``, hub URLs."""
 
 
 def run_dir(namespace: str, name: str) -> PurePosixPath:

@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-Role = Literal["policy", "reward", "labels", "merge"]
+Role = Literal["policy", "reward", "labels", "merge", "publish"]
 """``policy``: trains the policy (an adapter or all weights on the current policy); ``reward``: trains
 the reward model; ``labels``: labels preference pairs for later stages; ``merge``: folds the last
-policy stage's adapter into a standalone model."""
+policy stage's adapter into a standalone model; ``publish``: uploads the result (in no method's
+table: it runs after merge when the spec has a ``publish`` section, see ``FINAL_STAGES``)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,11 @@ STAGE_KINDS: Final[dict[str, StageKind]] = {
     "rest": StageKind("rlhf_stages.methods.rest", "policy", uses_reward_model=True),
     "dpo": StageKind("rlhf_stages.methods.dpo", "policy", trains_on_pairs=True),
     "merge": StageKind("rlhf_stages.methods.merge", "merge"),
+    "publish": StageKind("rlhf_stages.methods.publish", "publish"),
 }
+
+FINAL_STAGES: Final = ("publish",)
+"""Stages any method runs after its last one, when the spec has their section (``RLHFRunSpec.pipeline``)."""
 
 METHODS: Final[dict[str, Method]] = {
     "PPO": Method(("sft", "reward", "ppo", "merge"), ("sft", "reward", "ppo")),

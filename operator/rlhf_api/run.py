@@ -7,9 +7,19 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 
 from .base import ApiModel, Rule
-from .methods import LABELLING_METHODS, METHODS, PAIR_TRAINED, PIPELINES, REQUIRED_SECTIONS, REWARD_CONSUMERS, pipeline
+from .methods import (
+    FINAL_STAGES,
+    LABELLING_METHODS,
+    METHODS,
+    PAIR_TRAINED,
+    PIPELINES,
+    REQUIRED_SECTIONS,
+    REWARD_CONSUMERS,
+    pipeline,
+)
 from .names import API_VERSION, KIND, ApiVersion, Kind
 from .podtemplate import RunPodTemplate
+from .publish import PublishStage
 from .runtime import Runtime, Secrets, Storage, WandB
 from .sources import ModelSource
 from .stages import (
@@ -106,7 +116,43 @@ def _reward_source_rule(section: str) -> Rule:
 
 
 # Every stage section (a stage may run in several methods' pipelines).
-STAGE_SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s for stages in PIPELINES.values() for s in stages))
+STAGE_SECTIONS: tuple[str, ...] = tuple(
+    dict.fromkeys([*(s for stages in PIPELINES.values() for s in stages), *FINAL_STAGES])
+)
+
+_PUBLISH_RULES = (
+    Rule(
+        cel="!has(self.publish) || !has(self.merge) || !has(self.merge.enabled) || self.merge.enabled",
+        message="publish uploads the merged model: enable the merge stage (or remove publish)",
+        field_path=".publish",
+        check=lambda s: s.publish is None or s.merge.enabled,
+    ),
+    Rule(
+        cel="!has(self.publish) || !has(self.publish.rewardModel) || !self.publish.rewardModel "
+        f"|| ({_runs_stage_cel('reward')} && has(self.reward) && (!has(self.reward.enabled) || self.reward.enabled))",
+        message="publish.rewardModel: this run trains no reward model (its method has no reward stage, "
+        "or the stage is disabled): set rewardModel: false",
+        field_path=".publish.rewardModel",
+        check=lambda s: (
+            s.publish is None
+            or not s.publish.reward_model
+            or ("reward" in s.pipeline() and s.reward is not None and s.reward.enabled)
+        ),
+    ),
+    Rule(
+        cel="!has(self.publish) || !has(self.publish.hub) || has(self.publish.hub.token) "
+        "|| (has(self.secrets) && has(self.secrets.hfToken))",
+        message="publish.hub needs a token with write access: set publish.hub.token or secrets.hfToken "
+        "(a Secret reference)",
+        field_path=".publish.hub.token",
+        check=lambda s: (
+            s.publish is None
+            or s.publish.hub is None
+            or s.publish.hub.token is not None
+            or s.secrets.hf_token is not None
+        ),
+    ),
+)
 
 
 def _mounts_name_volumes_rule(section: str | None) -> Rule:
@@ -177,6 +223,7 @@ class RLHFRunSpec(ApiModel):
         *(_reward_source_rule(section) for section in REWARD_CONSUMERS),
         _mounts_name_volumes_rule(None),
         *(_mounts_name_volumes_rule(section) for section in STAGE_SECTIONS),
+        *_PUBLISH_RULES,
     )
 
     method: Method = "PPO"
@@ -204,6 +251,9 @@ class RLHFRunSpec(ApiModel):
     """RLOO stage (method RLOO)."""
     merge: MergeStage = Field(default_factory=MergeStage)
     """LoRA merge stage; produces the standalone output model."""
+    publish: PublishStage | None = None
+    """Upload the merged model (and the reward model, if asked) with a model card, after merge
+    (docs/publishing.md). Unset: the model stays on the shared volume."""
     runtime: Runtime = Field(default_factory=Runtime)
     """Image, scheduling and Job policy for every stage."""
     pod_template: RunPodTemplate = Field(default_factory=RunPodTemplate)
@@ -223,7 +273,8 @@ class RLHFRunSpec(ApiModel):
         """Stage names this run executes, in order (disabled ones included; they are skipped)."""
         labeller = METHODS[self.method].pairs_from
         labelling = self.stage(labeller) if labeller is not None else None
-        return pipeline(self.method, labelling.then if labelling is not None else None)
+        stages = pipeline(self.method, labelling.then if labelling is not None else None)
+        return (*stages, *(s for s in FINAL_STAGES if self.stage(s) is not None))
 
     def stage(self, name: str) -> Any:
         """The configuration section of a stage by name."""
@@ -299,6 +350,8 @@ class StageStatus(ApiModel):
     """Reward-hacking alarms the stage raised (docs/watch.md); also the RewardHackingSuspected condition."""
     selection: Annotated[str, Field(max_length=400)] | None = None
     """Which evaluated checkpoint became the stage's output, and why."""
+    published: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=4)
+    """Where the stage uploaded its result (the publish stage: ``s3://...`` and hub URLs)."""
 
 
 class RLHFRunStatus(ApiModel):
@@ -324,6 +377,8 @@ class RLHFRunStatus(ApiModel):
     """Running, Suspended, Succeeded, Failed."""
     output_model: str | None = None
     """The final standalone model on the shared volume, once the run succeeded."""
+    published: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=4)
+    """Where the publish stage uploaded the result (``s3://bucket/prefix/model``, a hub URL), once it did."""
     start_time: str | None = None
     """When the first stage started."""
     completion_time: str | None = None

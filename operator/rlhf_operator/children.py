@@ -47,8 +47,10 @@ from rlhf_api.podtemplate import (
     RunPodTemplate,
     merged,
 )
+from rlhf_api.publish import HUB_TOKEN_ENV, OPERATOR_VERSION_ENV, S3_ACCESS_KEY_ID_ENV, S3_SECRET_ACCESS_KEY_ENV
 from rlhf_api.run import RLHFRunSpec
 from rlhf_api.runtime import WORKSPACE_MOUNT_PATH
+from rlhf_operator import __version__
 
 CONTAINER_NAME = "stage"
 DEFAULT_PVC_SIZE = "100Gi"
@@ -178,7 +180,9 @@ def _env(run: RunRef, spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
         ("WANDB_API_KEY", secrets.wandb_api_key),
     ):
         if ref is not None:
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+            env.append(_secret_env(var, ref.name, ref.key))
+    if stage == "publish":
+        env += _publish_env(spec)
     if spec.wandb is not None:
         env += [
             {"name": "WANDB_PROJECT", "value": spec.wandb.project},
@@ -191,6 +195,28 @@ def _env(run: RunRef, spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
             env.append({"name": "WANDB_ENTITY", "value": spec.wandb.entity})
     else:
         env.append({"name": "WANDB_MODE", "value": "disabled"})
+    return env
+
+
+def _secret_env(var: str, name: str, key: str) -> dict[str, Any]:
+    return {"name": var, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+
+
+def _publish_env(spec: RLHFRunSpec) -> list[dict[str, Any]]:
+    """The publish stage's credentials, by reference to the Secrets spec.publish names (only that
+    stage's Pod gets them), and the operator's version for the model card."""
+    publish = spec.publish
+    env: list[dict[str, Any]] = [{"name": OPERATOR_VERSION_ENV, "value": __version__}]
+    if publish is None:
+        return env
+    if publish.s3 is not None:
+        creds = publish.s3.credentials
+        env.append(_secret_env(S3_ACCESS_KEY_ID_ENV, creds.secret_name, creds.access_key_id_key))
+        env.append(_secret_env(S3_SECRET_ACCESS_KEY_ENV, creds.secret_name, creds.secret_access_key_key))
+    if publish.hub is not None:
+        token = publish.hub.token or spec.secrets.hf_token
+        if token is not None:  # admission refuses a hub target without one
+            env.append(_secret_env(HUB_TOKEN_ENV, token.name, token.key))
     return env
 
 

@@ -111,6 +111,7 @@ def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
         update["selection"] = (
             f"step {job.result.selected_step}: {job.result.selection}" if job.result.selection else None
         )
+        update["published"] = list(job.result.published)
     update["metrics"] = metrics
     return st.model_copy(update=update)
 
@@ -455,6 +456,7 @@ def _summarise(
         merge = next((s for s in stages if s.name == "merge" and s.phase == "Succeeded"), None)
         last = merge or (done[-1] if done else None)
         status.output_model = str(stage_output(base, last.name) / "model") if last else None
+        status.published = next((list(s.published) for s in stages if s.published), [])
 
     c = status.conditions
     what = f"stage {current}" if current else "the pipeline"
@@ -474,6 +476,8 @@ def _summarise(
         c = cond.set_condition(c, cond.SUSPENDED, "False", cond.NOT_SUSPENDED, "", gen, ts)
     if phase == "Succeeded":
         msg = f"all stages succeeded; output model {status.output_model}"
+        if status.published:
+            msg += f", published to {', '.join(status.published)}"
         c = cond.set_condition(c, cond.SUCCEEDED, "True", cond.PIPELINE_COMPLETED, msg, gen, ts)
     else:
         c = cond.set_condition(

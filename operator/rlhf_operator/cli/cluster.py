@@ -41,6 +41,7 @@ def render_status(name: str, obj: dict[str, Any]) -> str:
     ]
     if status.output_model:
         lines.append(f"output model: {status.output_model}")
+    lines += [f"published: {uri}" for uri in status.published]
     header = f"{'STAGE':<8} {'PHASE':<10} {'TRIES':>5} {'TIME':>8} {'PROGRESS':>9}  METRICS"
     lines += ["", header]
     for st in status.stages:

@@ -74,6 +74,8 @@ class StageOutcome:
     """The evaluated checkpoint whose weights are the output, when the stage chose one."""
     selection: str | None = None
     """Why that checkpoint."""
+    published: list[str] = field(default_factory=list)
+    """Where the result was uploaded (the publish stage's URIs); kept in the manifest as ``details.published``."""
 
 
 @dataclass

@@ -131,6 +131,7 @@ def _result(
         findings=[f[:300] for f in outcome.findings[:4]] if outcome else [],
         selected_step=outcome.selected_step if outcome else None,
         selection=outcome.selection if outcome else None,
+        published=outcome.published[:4] if outcome else [],
     )
 
 
@@ -252,6 +253,7 @@ def _attempt(ctx: StageContext, nproc: int | None, config: Path) -> int:
             findings=list(watched.get("findings", [])),
             selected_step=watched.get("selectedStep"),
             selection=watched.get("selection"),
+            published=list(done.get("details", {}).get("published") or []),  # a reused upload still says where
         )
         if ctx.is_main:
             _write_result(_result(ctx, stage, 0, message, outcome=previous))

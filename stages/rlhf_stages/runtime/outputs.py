@@ -244,6 +244,8 @@ def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
     details = dict(outcome.details)
     if attempt.get("notices"):
         details["notices"] = attempt["notices"]
+    if outcome.published:  # read back when the output is reused (entrypoint)
+        details["published"] = outcome.published
     manifest = {
         "apiVersion": ctx.invocation.api_version,
         "kind": "StageManifest",
@@ -282,8 +284,9 @@ def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
 def result_json(result: StageResult) -> str:
     """The result as JSON of at most 4 KiB: metrics, then the message, are cut to fit."""
     body = result.model_dump(mode="json", by_alias=True, exclude_none=True)
-    if not body.get("findings"):  # absent unless an alarm was raised: readers older than the field still parse it
-        body.pop("findings", None)
+    for optional in ("findings", "published"):  # absent unless set: readers older than the field still parse it
+        if not body.get(optional):
+            body.pop(optional, None)
     text = json.dumps(body, sort_keys=True)
     limit = layout.TERMINATION_MESSAGE_LIMIT
     while len(text.encode()) > limit and body.get("metrics"):
