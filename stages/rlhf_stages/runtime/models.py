@@ -202,3 +202,24 @@ def save_standalone(model: Any, tokenizer: Any, out_dir: Path, dtype: str | None
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+
+
+def trainable_state(module: Any) -> dict[str, Any]:
+    """The parameters that train (a LoRA adapter, or all weights), not the frozen base weights, on the CPU.
+
+    One owner for "the weights a stage changes": PPO's checkpoints and the watch's kept candidate.
+    """
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: Any, state: dict[str, Any]) -> None:
+    """Put back what :func:`trainable_state` took; every trainable parameter must be in ``state``."""
+    import torch
+
+    params = dict(module.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks trained parameters, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
