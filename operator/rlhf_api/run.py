@@ -190,22 +190,33 @@ def _mounts_name_volumes_rule(section: str | None) -> Rule:
 
 
 @cache
-def _source_fields(section: type[ApiModel]) -> tuple[tuple[str, str], ...]:
-    """(attribute, spec name) of the fields of a stage section that hold a model or dataset source,
-    found once per class from the annotations: ``pipeline()`` asks on every planning pass."""
-    return tuple(
-        (name, info.alias or name)
-        for name, info in section.model_fields.items()
-        if any(t in (ModelSource, DatasetSource) for t in (info.annotation, *get_args(info.annotation)))
-    )
+def _source_fields(section: type[ApiModel]) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """(attribute path, spec path) of every field under a stage section that holds a model or dataset
+    source, nested ones included (``watch.preferenceSet``), found once per class from the annotations:
+    ``pipeline()`` asks on every planning pass."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    for name, info in section.model_fields.items():
+        alias = info.alias or name
+        types = (info.annotation, *get_args(info.annotation))
+        if any(t in (ModelSource, DatasetSource) for t in types):
+            found.append(((name,), alias))
+            continue
+        for t in types:
+            if isinstance(t, type) and issubclass(t, ApiModel):
+                found += [((name, *path), f"{alias}.{spec}") for path, spec in _source_fields(t)]
+    return tuple(found)
 
 
 def _sources_in(section: ApiModel, prefix: str) -> list[tuple[str, ModelSource | DatasetSource]]:
     out: list[tuple[str, ModelSource | DatasetSource]] = []
-    for name, alias in _source_fields(type(section)):
-        value = getattr(section, name, None)  # None: a section built without validation (model_construct)
+    for path, spec_path in _source_fields(type(section)):
+        value: Any = section
+        for attr in path:  # None on the way: an unset optional part (or a section built without validation)
+            value = getattr(value, attr, None)
+            if value is None:
+                break
         if value is not None:
-            out.append((f"{prefix}.{alias}", value))
+            out.append((f"{prefix}.{spec_path}", value))
     return out
 
 

@@ -103,8 +103,8 @@ def test_resolved_revisions_reach_the_status_and_rlhfctl_status() -> None:
 
 
 def test_every_source_field_of_a_section_is_seen() -> None:
-    """pipeline() looks for sources in each section's own fields only (rlhf_api.run._source_fields): a
-    model or dataset nested deeper would be missed, so none may be."""
+    """pipeline() and the inputs stage find every model and dataset a section names, however deep
+    (rlhf_api.run._source_fields): one missed would be read from the hub with the hubs offline."""
     from typing import get_args
 
     from rlhf_api.base import ApiModel
@@ -112,24 +112,31 @@ def test_every_source_field_of_a_section_is_seen() -> None:
     from rlhf_api.run import _source_fields
     from rlhf_api.sources import DatasetSource, ModelSource
 
-    def nested_sources(model: type[ApiModel], depth: int, seen: set[type]) -> list[str]:
-        found = []
+    def all_sources(model: type[ApiModel], seen: frozenset[type]) -> set[tuple[str, ...]]:
+        found = set()
         for name, info in model.model_fields.items():
             for t in (info.annotation, *get_args(info.annotation)):
-                if t in (ModelSource, DatasetSource) and depth > 0:
-                    found.append(f"{model.__name__}.{name}")
+                if t in (ModelSource, DatasetSource):
+                    found.add((name,))
                 elif isinstance(t, type) and issubclass(t, ApiModel) and t not in seen:
-                    found += nested_sources(t, depth + 1, seen | {t})
+                    found |= {(name, *path) for path in all_sources(t, seen | {t})}
         return found
 
     fields = RLHFRunSpec.model_fields
-    sections = [
-        get_args(fields[s].annotation)[0] if get_args(fields[s].annotation) else fields[s].annotation
+    sections = {
+        s: get_args(fields[s].annotation)[0] if get_args(fields[s].annotation) else fields[s].annotation
         for s in STAGE_KINDS
-    ]
-    for section in sections:
-        assert nested_sources(section, 0, {section}) == [], section
-    assert ("reward_model", "rewardModel") in _source_fields(sections[list(STAGE_KINDS).index("ppo")])
+    }
+    for section in sections.values():
+        assert {path for path, _ in _source_fields(section)} == all_sources(section, frozenset({section})), section
+    assert (("reward_model",), "rewardModel") in _source_fields(sections["ppo"])
+    assert (("watch", "preference_set"), "watch.preferenceSet") in _source_fields(sections["ppo"])
+    # ... and a hub preference set is staged like any other input.
+    run = tiny_run()
+    run["spec"]["ppo"]["watch"] = {"preferenceSet": {"name": "org/prefs"}}
+    spec = RLHFRunSpec.model_validate(run["spec"], strict=False)
+    assert ("ppo.watch.preferenceSet", spec.ppo.watch.preference_set) in spec.input_sources()
+    assert spec.pipeline()[0] == "inputs"
 
 
 def test_a_run_that_started_without_the_inputs_stage_keeps_going_without_it() -> None:
