@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # Everything ruff checks and formats.
 PY_PATHS := operator stages tests images benchmarks
 
-.PHONY: help setup venv controlplane charttools demo test test-serial test-fast cluster bench-operator lint fmt generate verify clean
+.PHONY: help setup venv controlplane charttools s3server demo test test-serial test-fast cluster bench-operator lint fmt generate verify clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -37,7 +37,10 @@ controlplane: ## build etcd, kube-apiserver and kubectl from their Go modules (c
 charttools: ## build helm and kubeconform from their Go modules (cached)
 	bash tests/tools/build.sh >/dev/null
 
-setup: venv controlplane charttools ## everything the demo and the tests need
+s3server: ## build SeaweedFS, the S3 server the publish stage's tests upload to, from its Go module (cached)
+	bash tests/s3/build.sh >/dev/null
+
+setup: venv controlplane charttools s3server ## everything the demo and the tests need
 
 demo: venv ## run a complete tiny RLHF pipeline locally on the CPU and write a report
 	$(PY) -m rlhf_operator.cli quickstart --workdir $(or $(WORKDIR),$(CURDIR)/.quickstart)

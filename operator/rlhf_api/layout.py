@@ -19,7 +19,7 @@ from .names import API_VERSION, ApiVersion
 
 # Mount paths are declared with the Pod's other reserved names (podtemplate) and re-exported here.
 from .podtemplate import CONFIG_MOUNT_PATH, CONSTITUTION_MOUNT_PATH, TERMINATION_LOG_PATH  # noqa: F401
-from .run import RLHFRunSpec
+from .run import ResolvedInput, RLHFRunSpec
 
 INVOCATION_KIND: Final = "StageInvocation"
 CONFIG_FILE_NAME = "invocation.yaml"
@@ -82,6 +82,19 @@ class StageInvocation(ApiModel):
         return run_dir(self.run.namespace, self.run.name)
 
 
+# The inputs stage: what it resolved (``inputs.json`` in its output: field, source, revision and the
+# staged copy's place in the input cache), read by every later stage; the cache's root is given to
+# the stages in RLHF_INPUT_CACHE (the mount path of storage.inputCache, or a directory on the workspace).
+INPUTS_STAGE: Final = "inputs"
+INPUTS_FILE: Final = "inputs.json"
+INPUT_CACHE_ENV: Final = "RLHF_INPUT_CACHE"
+
+
+def staged_inputs(run: PurePosixPath) -> PurePosixPath:
+    """The inputs stage's record of what it staged, relative to the volume."""
+    return stage_output(run, INPUTS_STAGE) / INPUTS_FILE
+
+
 class StageResult(ApiModel):
     """What a stage reports when it exits: written as JSON to its termination log (at most 4 KiB)."""
 
@@ -107,6 +120,10 @@ class StageResult(ApiModel):
     """The training step whose weights are the output, when the stage chose among evaluated checkpoints."""
     selection: Annotated[str, Field(max_length=300)] | None = None
     """Why that checkpoint (the criterion and what it saw)."""
+    published: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=4)
+    """Where the result was uploaded (the publish stage): ``s3://bucket/prefix/model``, hub URLs."""
+    inputs: list[ResolvedInput] = Field(default_factory=list, max_length=32)
+    """The inputs stage: the revision each input was read at (the run's status shows them)."""
 
 
 def run_dir(namespace: str, name: str) -> PurePosixPath:

@@ -20,10 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-Role = Literal["policy", "reward", "labels", "merge"]
-"""``policy``: trains the policy (an adapter or all weights on the current policy); ``reward``: trains
+Role = Literal["inputs", "policy", "reward", "labels", "merge", "publish"]
+"""``inputs``: stages the base model, tokenizer and datasets onto the volume before any other stage
+(first in every method's pipeline when the run reads a remote input, so the entries leave it out);
+``policy``: trains the policy (an adapter or all weights on the current policy); ``reward``: trains
 the reward model; ``labels``: labels preference pairs for later stages; ``merge``: folds the last
-policy stage's adapter into a standalone model."""
+policy stage's adapter into a standalone model; ``publish``: uploads the result (in no method's
+table: it runs after merge when the spec has a ``publish`` section, see ``FINAL_STAGES``)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Method:
 
 
 STAGE_KINDS: Final[dict[str, StageKind]] = {
+    "inputs": StageKind("rlhf_stages.methods.inputs", "inputs"),
     "sft": StageKind("rlhf_stages.methods.sft", "policy"),
     "rlaif": StageKind("rlhf_stages.methods.rlaif", "labels"),
     "reward": StageKind("rlhf_stages.methods.reward", "reward", trains_on_pairs=True),
@@ -59,7 +63,11 @@ STAGE_KINDS: Final[dict[str, StageKind]] = {
     "rest": StageKind("rlhf_stages.methods.rest", "policy", uses_reward_model=True),
     "dpo": StageKind("rlhf_stages.methods.dpo", "policy", trains_on_pairs=True),
     "merge": StageKind("rlhf_stages.methods.merge", "merge"),
+    "publish": StageKind("rlhf_stages.methods.publish", "publish"),
 }
+
+FINAL_STAGES: Final = ("publish",)
+"""Stages any method runs after its last one, when the spec has their section (``RLHFRunSpec.pipeline``)."""
 
 METHODS: Final[dict[str, Method]] = {
     "PPO": Method(("sft", "reward", "ppo", "merge"), ("sft", "reward", "ppo")),
@@ -77,6 +85,10 @@ METHODS: Final[dict[str, Method]] = {
 }
 
 # ---------------------------------------------------------------- derived
+
+INPUT_STAGES: Final = tuple(name for name, kind in STAGE_KINDS.items() if kind.role == "inputs")
+"""Stages a pipeline starts with, whatever the method, when the run reads a remote input
+(``RLHFRunSpec.pipeline``); the methods' entries and ``PIPELINES`` leave them out."""
 
 PIPELINES: Final[dict[str, tuple[str, ...]]] = {name: m.stages for name, m in METHODS.items()}
 """The default pipeline of each method (RLAIF with ``then: PPO``)."""

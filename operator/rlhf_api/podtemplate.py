@@ -18,7 +18,7 @@ from pydantic import Field
 
 from .base import ApiModel, Rule
 from .names import DOMAIN, KUEUE_DOMAIN, OPERATOR_APP_LABELS
-from .runtime import WORKSPACE_MOUNT_PATH, DNSName, Quantity
+from .runtime import INPUT_CACHE_MOUNT_PATH, WORKSPACE_MOUNT_PATH, DNSName, Quantity
 
 # --- what the operator owns in a stage's Pod ---------------------------------------------------------
 
@@ -29,7 +29,14 @@ RESERVED_LABEL_KEYS: Final = OPERATOR_APP_LABELS
 RESERVED_KEY_DOMAINS: Final = (DOMAIN, KUEUE_DOMAIN)
 
 # Environment: the operator sets these (children._env); the stages read RLHF_* and the W&B client WANDB_*.
-RESERVED_ENV_NAMES: Final = ("HOME", "HF_HOME", "HF_TOKEN", "ACTIVELOOP_TOKEN")
+RESERVED_ENV_NAMES: Final = (
+    "HOME",
+    "HF_HOME",
+    "HF_TOKEN",
+    "ACTIVELOOP_TOKEN",
+    "HF_HUB_OFFLINE",  # after the inputs stage (children._input_env)
+    "HF_DATASETS_OFFLINE",
+)
 RESERVED_ENV_PREFIXES: Final = ("RLHF_", "WANDB_")
 
 # Volumes and where they are mounted.
@@ -38,7 +45,15 @@ VOLUME_CONFIG: Final = "config"
 VOLUME_TMP: Final = "tmp"
 VOLUME_SHM: Final = "dshm"
 VOLUME_CONSTITUTION: Final = "constitution"
-RESERVED_VOLUME_NAMES: Final = (VOLUME_WORKSPACE, VOLUME_CONFIG, VOLUME_TMP, VOLUME_SHM, VOLUME_CONSTITUTION)
+VOLUME_INPUT_CACHE: Final = "input-cache"
+RESERVED_VOLUME_NAMES: Final = (
+    VOLUME_WORKSPACE,
+    VOLUME_CONFIG,
+    VOLUME_TMP,
+    VOLUME_SHM,
+    VOLUME_CONSTITUTION,
+    VOLUME_INPUT_CACHE,
+)
 CONFIG_MOUNT_PATH: Final = "/etc/rlhf"
 CONSTITUTION_MOUNT_PATH: Final = "/etc/rlhf-constitution"
 TMP_MOUNT_PATH: Final = "/tmp"
@@ -46,6 +61,7 @@ SHM_MOUNT_PATH: Final = "/dev/shm"
 TERMINATION_LOG_PATH: Final = "/dev/termination-log"
 RESERVED_MOUNT_PATHS: Final = (
     WORKSPACE_MOUNT_PATH,
+    INPUT_CACHE_MOUNT_PATH,
     CONFIG_MOUNT_PATH,
     CONSTITUTION_MOUNT_PATH,
     TMP_MOUNT_PATH,

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import ConfigDict, Field
 
 from .base import ApiModel, Rule
-from .methods import LABELLING_METHODS, METHODS, PAIR_TRAINED, PIPELINES, REQUIRED_SECTIONS, REWARD_CONSUMERS, pipeline
+from .methods import (
+    FINAL_STAGES,
+    INPUT_STAGES,
+    LABELLING_METHODS,
+    METHODS,
+    PAIR_TRAINED,
+    PIPELINES,
+    REQUIRED_SECTIONS,
+    REWARD_CONSUMERS,
+    pipeline,
+)
 from .names import API_VERSION, KIND, ApiVersion, Kind
 from .podtemplate import RunPodTemplate
+from .publish import PublishStage
 from .runtime import Runtime, Secrets, Storage, WandB
-from .sources import ModelSource
+from .sources import DatasetSource, ModelSource
 from .stages import (
     DPOStage,
     GRPOStage,
+    InputsStage,
     MergeStage,
     PPOStage,
     ReSTStage,
@@ -106,7 +119,43 @@ def _reward_source_rule(section: str) -> Rule:
 
 
 # Every stage section (a stage may run in several methods' pipelines).
-STAGE_SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s for stages in PIPELINES.values() for s in stages))
+STAGE_SECTIONS: tuple[str, ...] = tuple(
+    dict.fromkeys([*INPUT_STAGES, *(s for stages in PIPELINES.values() for s in stages), *FINAL_STAGES])
+)
+
+_PUBLISH_RULES = (
+    Rule(
+        cel="!has(self.publish) || !has(self.merge) || !has(self.merge.enabled) || self.merge.enabled",
+        message="publish uploads the merged model: enable the merge stage (or remove publish)",
+        field_path=".publish",
+        check=lambda s: s.publish is None or s.merge.enabled,
+    ),
+    Rule(
+        cel="!has(self.publish) || !has(self.publish.rewardModel) || !self.publish.rewardModel "
+        f"|| ({_runs_stage_cel('reward')} && has(self.reward) && (!has(self.reward.enabled) || self.reward.enabled))",
+        message="publish.rewardModel: this run trains no reward model (its method has no reward stage, "
+        "or the stage is disabled): set rewardModel: false",
+        field_path=".publish.rewardModel",
+        check=lambda s: (
+            s.publish is None
+            or not s.publish.reward_model
+            or ("reward" in s.pipeline() and s.reward is not None and s.reward.enabled)
+        ),
+    ),
+    Rule(
+        cel="!has(self.publish) || !has(self.publish.hub) || has(self.publish.hub.token) "
+        "|| (has(self.secrets) && has(self.secrets.hfToken))",
+        message="publish.hub needs a token with write access: set publish.hub.token or secrets.hfToken "
+        "(a Secret reference)",
+        field_path=".publish.hub.token",
+        check=lambda s: (
+            s.publish is None
+            or s.publish.hub is None
+            or s.publish.hub.token is not None
+            or s.secrets.hf_token is not None
+        ),
+    ),
+)
 
 
 def _mounts_name_volumes_rule(section: str | None) -> Rule:
@@ -138,6 +187,37 @@ def _mounts_name_volumes_rule(section: str | None) -> Rule:
         field_path=f".{where}.volumeMounts",
         check=check,
     )
+
+
+@cache
+def _source_fields(section: type[ApiModel]) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """(attribute path, spec path) of every field under a stage section that holds a model or dataset
+    source, nested ones included (``watch.preferenceSet``), found once per class from the annotations:
+    ``pipeline()`` asks on every planning pass."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    for name, info in section.model_fields.items():
+        alias = info.alias or name
+        types = (info.annotation, *get_args(info.annotation))
+        if any(t in (ModelSource, DatasetSource) for t in types):
+            found.append(((name,), alias))
+            continue
+        for t in types:
+            if isinstance(t, type) and issubclass(t, ApiModel):
+                found += [((name, *path), f"{alias}.{spec}") for path, spec in _source_fields(t)]
+    return tuple(found)
+
+
+def _sources_in(section: ApiModel, prefix: str) -> list[tuple[str, ModelSource | DatasetSource]]:
+    out: list[tuple[str, ModelSource | DatasetSource]] = []
+    for path, spec_path in _source_fields(type(section)):
+        value: Any = section
+        for attr in path:  # None on the way: an unset optional part (or a section built without validation)
+            value = getattr(value, attr, None)
+            if value is None:
+                break
+        if value is not None:
+            out.append((f"{prefix}.{spec_path}", value))
+    return out
 
 
 class RLHFRunSpec(ApiModel):
@@ -177,6 +257,7 @@ class RLHFRunSpec(ApiModel):
         *(_reward_source_rule(section) for section in REWARD_CONSUMERS),
         _mounts_name_volumes_rule(None),
         *(_mounts_name_volumes_rule(section) for section in STAGE_SECTIONS),
+        *_PUBLISH_RULES,
     )
 
     method: Method = "PPO"
@@ -186,6 +267,10 @@ class RLHFRunSpec(ApiModel):
     """The pretrained model to align."""
     tokenizer: ModelSource | None = None
     """Tokenizer, when it is not saved with the base model."""
+    inputs: InputsStage = Field(default_factory=InputsStage)
+    """Input staging, the first stage of every method when the run reads a hub id or deeplake URL:
+    fetches them at a pinned commit into the input cache, once; the later stages run with the hubs
+    offline (docs/inputs.md)."""
     sft: SFTStage | None = None
     """Supervised fine-tuning stage."""
     reward: RewardStage | None = None
@@ -204,6 +289,9 @@ class RLHFRunSpec(ApiModel):
     """RLOO stage (method RLOO)."""
     merge: MergeStage = Field(default_factory=MergeStage)
     """LoRA merge stage; produces the standalone output model."""
+    publish: PublishStage | None = None
+    """Upload the merged model (and the reward model, if asked) with a model card, after merge
+    (docs/publishing.md). Unset: the model stays on the shared volume."""
     runtime: Runtime = Field(default_factory=Runtime)
     """Image, scheduling and Job policy for every stage."""
     pod_template: RunPodTemplate = Field(default_factory=RunPodTemplate)
@@ -220,10 +308,34 @@ class RLHFRunSpec(ApiModel):
     """Pause the run: the active stage's Job is suspended; unsuspending resumes it from its checkpoint."""
 
     def pipeline(self) -> tuple[str, ...]:
-        """Stage names this run executes, in order (disabled ones included; they are skipped)."""
+        """Stage names this run executes, in order (disabled ones included; they are skipped).
+
+        The inputs stage comes first when it is enabled and the run reads a hub id or a deeplake URL
+        (docs/inputs.md: a run whose inputs are all on the volume has nothing to fetch)."""
+        stages = self._method_pipeline()
+        return (*INPUT_STAGES, *stages) if self.stages_inputs() else stages
+
+    def _method_pipeline(self) -> tuple[str, ...]:
         labeller = METHODS[self.method].pairs_from
         labelling = self.stage(labeller) if labeller is not None else None
-        return pipeline(self.method, labelling.then if labelling is not None else None)
+        stages = pipeline(self.method, labelling.then if labelling is not None else None)
+        return (*stages, *(s for s in FINAL_STAGES if self.stage(s) is not None))
+
+    def input_sources(self) -> list[tuple[str, ModelSource | DatasetSource]]:
+        """Every model and dataset the run reads, with the spec field that names it: ``baseModel``,
+        ``tokenizer`` and those of every enabled stage (e.g. ``sft.dataset``, ``reward.model``)."""
+        found: list[tuple[str, ModelSource | DatasetSource]] = [("baseModel", self.base_model)]
+        if self.tokenizer is not None:
+            found.append(("tokenizer", self.tokenizer))
+        for name in self._method_pipeline():
+            section = self.stage(name)
+            if section is not None and section.enabled:
+                found += _sources_in(section, name)
+        return found
+
+    def stages_inputs(self) -> bool:
+        """Whether the inputs stage runs: enabled, and some input comes from a hub or deeplake."""
+        return self.inputs.enabled and any(source.name is not None for _, source in self.input_sources())
 
     def stage(self, name: str) -> Any:
         """The configuration section of a stage by name."""
@@ -269,6 +381,22 @@ class StageProgress(ApiModel):
     """Estimated seconds left."""
 
 
+class ResolvedInput(ApiModel):
+    """Where one input of the run came from, as the inputs stage resolved it."""
+
+    field: Annotated[str, Field(max_length=64)]
+    """The spec field that names it, e.g. ``baseModel`` or ``sft.dataset``."""
+    source: Annotated[str, Field(max_length=512)]
+    """The hub id, deeplake URL or volume path."""
+    revision: Annotated[str, Field(max_length=128)] | None = None
+    """The commit it was read at (hub), the dataset version (deeplake) or a fingerprint of its files
+    (``mtime:`` + hash of names, sizes and modification times: a volume path)."""
+    requested: Annotated[str, Field(max_length=128)] | None = None
+    """The revision the spec asked for (a branch, tag or commit), when it named one."""
+    cache: Literal["hit", "miss", "local"] | None = None
+    """hit: found in the input cache; miss: fetched now; local: read from the volume in place."""
+
+
 class StageStatus(ApiModel):
     """What is known about one stage."""
 
@@ -299,6 +427,10 @@ class StageStatus(ApiModel):
     """Reward-hacking alarms the stage raised (docs/watch.md); also the RewardHackingSuspected condition."""
     selection: Annotated[str, Field(max_length=400)] | None = None
     """Which evaluated checkpoint became the stage's output, and why."""
+    published: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=4)
+    """Where the stage uploaded its result (the publish stage: ``s3://...`` and hub URLs)."""
+    inputs: list[ResolvedInput] = Field(default_factory=list, max_length=32)
+    """The inputs stage only: each model and dataset of the run and the revision it was read at."""
 
 
 class RLHFRunStatus(ApiModel):
@@ -324,6 +456,8 @@ class RLHFRunStatus(ApiModel):
     """Running, Suspended, Succeeded, Failed."""
     output_model: str | None = None
     """The final standalone model on the shared volume, once the run succeeded."""
+    published: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=4)
+    """Where the publish stage uploaded the result (``s3://bucket/prefix/model``, a hub URL), once it did."""
     start_time: str | None = None
     """When the first stage started."""
     completion_time: str | None = None

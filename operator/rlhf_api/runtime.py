@@ -11,6 +11,10 @@ from .corev1 import Affinity, ImageReference, LabelMap, Toleration
 
 DEFAULT_STAGE_IMAGE = "ghcr.io/rlhf-operator/rlhf-stages:0.1.0"
 WORKSPACE_MOUNT_PATH = "/workspace"
+INPUT_CACHE_MOUNT_PATH = "/input-cache"
+"""Where ``storage.inputCache`` is mounted (read-write in the inputs stage, read-only in the others)."""
+WORKSPACE_INPUT_CACHE = ".cache/inputs"
+"""The input cache on the workspace volume (relative to it) when no shared cache volume is named."""
 
 Quantity = Annotated[
     str,
@@ -76,6 +80,14 @@ def _read_write_once() -> list[AccessMode]:
     return ["ReadWriteOnce"]
 
 
+class InputCache(ApiModel):
+    """A volume that several runs share for the models and datasets the inputs stage fetches."""
+
+    claim_name: DNSName
+    """An existing PersistentVolumeClaim in the run's namespace, ReadWriteMany when runs may share it
+    at the same time. Sizing and cleanup: docs/inputs.md."""
+
+
 class Storage(ApiModel):
     """The shared volume, mounted at /workspace in every stage; checkpoints pass through it."""
 
@@ -99,6 +111,9 @@ class Storage(ApiModel):
     """Access modes of the PVC the operator creates. Stages run one at a time, so RWO suffices."""
     keep_on_delete: bool = False
     """Keep an operator-created PVC (and the models on it) when the run is deleted."""
+    input_cache: InputCache | None = None
+    """The shared input cache (hub models and datasets, keyed by id and commit). Unset: the operator's
+    default (the chart's ``stageDefaults.inputCacheClaim``), else ``.cache/inputs`` on the workspace volume."""
 
 
 class Runtime(ApiModel):

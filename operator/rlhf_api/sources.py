@@ -99,6 +99,9 @@ class DatasetSource(ApiModel):
     """File or directory on the shared volume."""
     subset: Annotated[str, Field(max_length=128)] | None = None
     """Dataset configuration name (huggingface only)."""
+    revision: Annotated[str, Field(max_length=128)] | None = None
+    """Hub revision (branch, tag or commit) of a huggingface dataset named by hub id; unset: main. The
+    inputs stage resolves it to a commit and records it in the run's status. Ignored for paths."""
     split: Annotated[str, Field(min_length=1, max_length=128)] = "train"
     """Split to read."""
     columns: dict[str, Annotated[str, Field(max_length=128)]] = Field(default_factory=dict, max_length=16)

@@ -220,10 +220,19 @@ class PPOStage(PolicyOptimisationBase):
     """Held-out evaluation during training, reward-hacking detectors and checkpoint selection (docs/watch.md)."""
 
 
+def _no_rollback() -> Rule:
+    return Rule(
+        cel="!has(self.watch) || !has(self.watch.action) || self.watch.action != 'rollback'",
+        message="watch.action rollback is implemented for ppo only: use stop (the default) or warn",
+        field_path=".watch.action",
+        check=lambda s: s.watch.action != "rollback",
+    )
+
+
 class GRPOStage(PolicyOptimisationBase):
     """Group relative policy optimisation (TRL GRPOTrainer) with this run's reward model."""
 
-    rules = (_enabled_needs_dataset(), _quantization_needs_lora())
+    rules = (_enabled_needs_dataset(), _quantization_needs_lora(), _no_rollback())
 
     num_generations: Annotated[int, Field(ge=2, le=256)] = 4
     """Completions sampled per prompt; advantages are relative within the group."""
@@ -231,12 +240,14 @@ class GRPOStage(PolicyOptimisationBase):
     """Prompts per step."""
     beta: Annotated[float, Field(ge=0.0, le=100.0)] = 0.04
     """KL coefficient to the reference model."""
+    watch: Watch = Field(default_factory=Watch)
+    """Held-out evaluation during training, reward-hacking detectors and checkpoint selection (docs/watch.md)."""
 
 
 class RLOOStage(GRPOStage):
     """REINFORCE leave-one-out (TRL RLOOTrainer) with this run's reward model."""
 
-    rules = (_enabled_needs_dataset(), _quantization_needs_lora())
+    rules = (_enabled_needs_dataset(), _quantization_needs_lora(), _no_rollback())
 
 
 class DPOStage(TrainedStage):
@@ -374,6 +385,19 @@ class RLAIFStage(StageBase):
     """Lengths of sampled answers."""
     seed: Annotated[int, Field(ge=0)] = 42
     """Random seed of the sampling."""
+
+
+class InputsStage(StageBase):
+    """Stages the base model, tokenizer, reward models and datasets the run names onto the volume, once.
+
+    Hub models and datasets are fetched at a commit (a branch or tag is resolved to its commit, which
+    the run's status records) into the input cache, and deeplake URLs are copied there at their
+    current version; files on the volume stay where they are and are fingerprinted. The stages after
+    it run with the hubs offline and read the staged copies. Disabled: every stage reads its inputs
+    from the hubs itself, as before (docs/inputs.md)."""
+
+    resources: Resources = Field(default_factory=lambda: Resources(gpus=0, cpu="2", memory="4Gi"))
+    """Fetching needs no GPU; memory for the download buffers only."""
 
 
 class MergeStage(StageBase):

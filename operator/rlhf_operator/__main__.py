@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds between reads of a running stage's log for live progress (0: never read logs)",
     )
+    run.add_argument(
+        "--api-qps",
+        type=float,
+        default=50.0,
+        help="client-side rate limit: the operator's API requests per second, sustained",
+    )
+    run.add_argument("--api-burst", type=int, default=100, help="client-side rate limit: requests at once")
     run.add_argument("--verbose", action="store_true")
     return parser
 
@@ -69,24 +76,40 @@ def main(argv: list[str] | None = None) -> int:
     import kopf
 
     from . import handlers  # registers the handlers
+    from .cache import WatchCache, tap_watch_streams
     from .controller import Controller
     from .defaults import OperatorDefaults
-    from .health import Health, serve, track_watch_streams
-    from .kube import Cluster
+    from .health import Health, serve
+    from .kube import Cluster, limit_client
     from .leader import LeaseElector
     from .metrics import Metrics
 
-    api_client = _api_client(args.kubeconfig)
-    metrics, health = Metrics(), Health()
-    # Ready once kopf streams every watched resource in every watched namespace (one cluster-wide).
+    # Two clients: the Lease's renewals must never wait behind the reconcilers' rate limit.
+    metrics, health, cache = Metrics(), Health(), WatchCache()
+    api_client = limit_client(
+        _api_client(args.kubeconfig),
+        args.api_qps,
+        args.api_burst,
+        count=lambda request: metrics.api_requests.labels(request).inc(),
+    )
+    lease_client = _api_client(args.kubeconfig)
+    # Ready once kopf streams every watched resource in every watched namespace (one cluster-wide)
+    # and the caches hold each stream's listing.
     streams = len(handlers.RESOURCES) * (len(set(args.namespaces)) if args.namespaces else 1)
-    track_watch_streams(health, streams)
+    health.streams_expected = streams
+    controller: Controller | None = None
+
+    def changed(key: tuple[str, str]) -> None:  # found by a re-listing; the controller exists by then
+        if controller is not None:
+            controller.queue.add(key)
+
+    tap_watch_streams(cache, streams, health.streams.add, changed)
     server = serve(health, metrics, args.health_host, args.health_port)
     logging.getLogger(__name__).info("probes and metrics on port %d", server.server_port)
     elector = None
     if not args.no_leader_election:
         elector = LeaseElector(
-            api_client,
+            lease_client,
             args.lease_namespace,
             args.lease_name,
             args.identity,
@@ -94,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     controller = Controller(
         Cluster(api_client, args.identity, may_act=elector.acting if elector is not None else None),
+        cache,
         metrics,
         health,
         elector,

@@ -16,6 +16,8 @@ from rlhf_api.base import ApiModel
 from rlhf_api.layout import (
     CONFIG_FILE_NAME,
     CONSTITUTION_KEY,
+    INPUT_CACHE_ENV,
+    INPUTS_STAGE,
     NON_RETRYABLE_EXIT_CODES,
     RunRef,
     StageInvocation,
@@ -41,14 +43,17 @@ from rlhf_api.podtemplate import (
     TMP_MOUNT_PATH,
     VOLUME_CONFIG,
     VOLUME_CONSTITUTION,
+    VOLUME_INPUT_CACHE,
     VOLUME_SHM,
     VOLUME_TMP,
     VOLUME_WORKSPACE,
     RunPodTemplate,
     merged,
 )
+from rlhf_api.publish import HUB_TOKEN_ENV, OPERATOR_VERSION_ENV, S3_ACCESS_KEY_ID_ENV, S3_SECRET_ACCESS_KEY_ENV
 from rlhf_api.run import RLHFRunSpec
-from rlhf_api.runtime import WORKSPACE_MOUNT_PATH
+from rlhf_api.runtime import INPUT_CACHE_MOUNT_PATH, WORKSPACE_INPUT_CACHE, WORKSPACE_MOUNT_PATH
+from rlhf_operator import __version__
 
 CONTAINER_NAME = "stage"
 DEFAULT_PVC_SIZE = "100Gi"
@@ -171,6 +176,7 @@ def _env(run: RunRef, spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
         {"name": "RLHF_RUN", "value": run.name},
         {"name": "RLHF_STAGE", "value": stage},
     ]
+    env += _input_env(spec, stage)
     secrets = spec.secrets
     for var, ref in (
         ("HF_TOKEN", secrets.hf_token),
@@ -178,7 +184,9 @@ def _env(run: RunRef, spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
         ("WANDB_API_KEY", secrets.wandb_api_key),
     ):
         if ref is not None:
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+            env.append(_secret_env(var, ref.name, ref.key))
+    if stage == "publish":
+        env += _publish_env(spec)
     if spec.wandb is not None:
         env += [
             {"name": "WANDB_PROJECT", "value": spec.wandb.project},
@@ -192,6 +200,53 @@ def _env(run: RunRef, spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
     else:
         env.append({"name": "WANDB_MODE", "value": "disabled"})
     return env
+
+
+def _secret_env(var: str, name: str, key: str) -> dict[str, Any]:
+    return {"name": var, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+
+
+def _publish_env(spec: RLHFRunSpec) -> list[dict[str, Any]]:
+    """The publish stage's credentials, by reference to the Secrets spec.publish names (only that
+    stage's Pod gets them), and the operator's version for the model card."""
+    publish = spec.publish
+    env: list[dict[str, Any]] = [{"name": OPERATOR_VERSION_ENV, "value": __version__}]
+    if publish is None:
+        return env
+    if publish.s3 is not None:
+        creds = publish.s3.credentials
+        env.append(_secret_env(S3_ACCESS_KEY_ID_ENV, creds.secret_name, creds.access_key_id_key))
+        env.append(_secret_env(S3_SECRET_ACCESS_KEY_ENV, creds.secret_name, creds.secret_access_key_key))
+    if publish.hub is not None:
+        token = publish.hub.token or spec.secrets.hf_token
+        if token is not None:  # admission refuses a hub target without one
+            env.append(_secret_env(HUB_TOKEN_ENV, token.name, token.key))
+    return env
+
+
+def _stages_inputs(spec: RLHFRunSpec) -> bool:
+    section = spec.stage(INPUTS_STAGE)
+    return INPUTS_STAGE in spec.pipeline() and section is not None and section.enabled
+
+
+def _input_env(spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
+    """Where the input cache is; and, after an enabled inputs stage, the hubs offline: every stage
+    then reads the copies it staged, and a source it did not stage fails loudly instead of downloading."""
+    root = INPUT_CACHE_MOUNT_PATH if spec.storage.input_cache else f"{WORKSPACE_MOUNT_PATH}/{WORKSPACE_INPUT_CACHE}"
+    env = [{"name": INPUT_CACHE_ENV, "value": root}]
+    if stage != INPUTS_STAGE and _stages_inputs(spec):
+        env += [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "HF_DATASETS_OFFLINE", "value": "1"}]
+    return env
+
+
+def _input_cache_volume(spec: RLHFRunSpec, stage: str, container: dict[str, Any]) -> list[dict[str, Any]]:
+    """storage.inputCache: written by the inputs stage only, read-only everywhere else."""
+    cache = spec.storage.input_cache
+    if cache is None:
+        return []
+    mount = {"name": VOLUME_INPUT_CACHE, "mountPath": INPUT_CACHE_MOUNT_PATH, "readOnly": stage != INPUTS_STAGE}
+    container["volumeMounts"].append(mount)
+    return [{"name": VOLUME_INPUT_CACHE, "persistentVolumeClaim": {"claimName": cache.claim_name}}]
 
 
 def _resources(spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
@@ -287,7 +342,7 @@ def build_job(run: RunRef, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
     if overlay.env_from:
         container["envFrom"] = [_wire(e) for e in overlay.env_from]
     container["resources"] = _resources(spec, stage)
-    extra_volumes = _constitution_volume(spec, stage, container)
+    extra_volumes = _constitution_volume(spec, stage, container) + _input_cache_volume(spec, stage, container)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are the Job's (backoffLimit), so each one is a new, counted pod
         # Kubernetes' 30 s default kills a stage while it still writes the checkpoint it started on SIGTERM.

@@ -9,6 +9,7 @@ import asyncio
 import logging
 from typing import Any
 
+from .cache import WatchCache
 from .defaults import OperatorDefaults
 from .health import Health
 from .kube import Cluster
@@ -39,6 +40,7 @@ class Controller:
     def __init__(
         self,
         cluster: Cluster,
+        cache: WatchCache,
         metrics: Metrics,
         health: Health,
         elector: LeaseElector | None,
@@ -49,12 +51,13 @@ class Controller:
         progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
     ) -> None:
         self.cluster = cluster
+        self.cache = cache
         self.metrics = metrics
         self.health = health
         self.elector = elector
         self.namespaces = namespaces or []
         self.resync_seconds = resync_seconds
-        self.reconciler = Reconciler(cluster, metrics, defaults=defaults, progress_interval=progress_interval)
+        self.reconciler = Reconciler(cluster, cache, metrics, defaults=defaults, progress_interval=progress_interval)
         self.queue = WorkQueue(self._process, workers=workers)
         self._tasks: list[asyncio.Task[None]] = []
         self._resync_task: asyncio.Task[None] | None = None
@@ -70,7 +73,7 @@ class Controller:
 
     def start(self) -> None:
         self._act()
-        # Not ready yet: /readyz also waits for kopf's watch-streams (health.track_watch_streams), which
+        # Not ready yet: /readyz also waits for kopf's watch-streams (cache.tap_watch_streams), which
         # open only after this startup handler has returned.
         self.health.watching = True
         if self.elector is not None:
@@ -86,7 +89,6 @@ class Controller:
             await asyncio.to_thread(self.elector.stop)
 
     def _act(self) -> None:
-        self.queue.start()
         self._resync_task = asyncio.create_task(self._resync(), name="resync")
 
     async def _pause(self) -> None:
@@ -122,18 +124,21 @@ class Controller:
             self.queue.add(key, again)
 
     async def _resync(self) -> None:
-        """Level-triggered safety net: every run is reconciled at least once per interval."""
+        """Start the workers once every watch cache has listed, then, every interval, enqueue every
+        run that still moves (level-triggered: a missed event delays a pass, never loses one).
+
+        Why wait: a pass before the Jobs' cache is filled would see a running run without its Jobs.
+        The first round is also what adopts the runs found at start (the listing's items are not
+        handed to kopf's handlers: cache.py). It reads the cache: no request."""
+        await self.cache.synced.wait()
+        log.info("watch caches filled (%d objects): reconciling", len(self.cache))
+        self.queue.start()
         while True:
-            try:
-                scopes: list[str | None] = list(self.namespaces) or [None]  # None: all namespaces
-                runs = [run for ns in scopes for run in await asyncio.to_thread(self.cluster.list_runs, ns)]
-                for run in runs:
-                    if settled(run):
-                        continue
-                    meta = run["metadata"]
-                    self.queue.add((meta["namespace"], meta["name"]))
-            except Exception as exc:
-                log.warning("resync failed: %s", exc)
+            for run in self.cache.runs():
+                if settled(run):
+                    continue
+                meta = run["metadata"]
+                self.queue.add((meta["namespace"], meta["name"]))
             await asyncio.sleep(self.resync_seconds)
 
     async def _heartbeat(self) -> None:

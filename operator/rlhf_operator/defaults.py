@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf_api.run import RLHFRunSpec
-from rlhf_api.runtime import DEFAULT_STAGE_IMAGE
+from rlhf_api.runtime import DEFAULT_STAGE_IMAGE, InputCache
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class OperatorDefaults:
     """CPU of a stage pod whose resources set neither CPU nor memory."""
     stage_memory: str | None = None
     """Memory of a stage pod whose resources set neither CPU nor memory."""
+    input_cache_claim: str | None = None
+    """The PVC runs share as their input cache (``storage.inputCache``), when a run names none."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorDefaults:
@@ -39,6 +41,7 @@ class OperatorDefaults:
             storage_class=get("RLHF_DEFAULT_STORAGE_CLASS"),
             stage_cpu=get("RLHF_DEFAULT_STAGE_CPU"),
             stage_memory=get("RLHF_DEFAULT_STAGE_MEMORY"),
+            input_cache_claim=get("RLHF_DEFAULT_INPUT_CACHE_CLAIM"),
         )
 
     def apply(self, spec: RLHFRunSpec) -> RLHFRunSpec:
@@ -48,7 +51,11 @@ class OperatorDefaults:
             update["runtime"] = spec.runtime.model_copy(update={"image": self.stage_image})
         storage = spec.storage
         if self.storage_class and storage.existing_claim is None and storage.storage_class_name is None:
-            update["storage"] = storage.model_copy(update={"storage_class_name": self.storage_class})
+            storage = storage.model_copy(update={"storage_class_name": self.storage_class})
+        if self.input_cache_claim and storage.input_cache is None:
+            storage = storage.model_copy(update={"input_cache": InputCache(claim_name=self.input_cache_claim)})
+        if storage is not spec.storage:
+            update["storage"] = storage
         for name in spec.pipeline():
             section = spec.stage(name)
             if section is None:

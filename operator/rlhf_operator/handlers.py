@@ -1,6 +1,7 @@
 """kopf handlers: thin. They turn watch events into queued run keys and start the machinery.
 
-No handler decides anything: RLHFRun, Job and Pod events all just enqueue the run they concern,
+No handler decides anything: RLHFRun, Job, Pod and PVC events all just enqueue the run they concern
+(the watch caches have taken the event's object in before: cache.py),
 and a periodic resync enqueues every run (level-triggered: a missed event delays a pass by one
 resync interval, it never loses one). Only event-watching handlers are used, so kopf writes nothing
 onto runs (no finalizers, no annotations): re-applying a manifest is a true no-op, and deleting a
@@ -21,8 +22,14 @@ from .controller import Controller
 
 log = logging.getLogger(__name__)
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
+LIST_PAGE = 100  # objects per page of a watch's initial LIST
 # Every resource the operator watches, for readiness: one kopf watch-stream each per watched namespace.
-RESOURCES = ((GROUP, VERSION, PLURAL), ("batch", "v1", "jobs"), ("", "v1", "pods"))
+RESOURCES = (
+    (GROUP, VERSION, PLURAL),
+    ("batch", "v1", "jobs"),
+    ("", "v1", "pods"),
+    ("", "v1", "persistentvolumeclaims"),  # the workspaces: the cache knows whether each exists
+)
 
 
 def _runtime(memo: Any) -> Controller:
@@ -35,6 +42,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.enabled = False  # the operator posts its own, meaningful events
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
+    # The initial LIST in pages: kopf's default fetches every object of a kind in one response, and
+    # parsing 3,000 full Pods at once was most of a start's memory peak at 1,000 runs (cache.py keeps
+    # trimmed copies; each page is dropped once applied).
+    settings.watching.chunk_size = LIST_PAGE
     # With explicit namespaces kopf still LISTs and WATCHes all Namespaces (to match patterns) and
     # all CRDs (to follow new versions). The chart's namespace-scoped Role grants neither: each 403
     # was retried through every error backoff (~19 s) before kopf fell back to the plain names and
@@ -82,5 +93,11 @@ async def job_event(namespace: str | None, labels: Mapping[str, str], memo: kopf
 
 @kopf.on.event(*RESOURCES[2], labels=MANAGED)
 async def pod_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    if namespace is not None and LABEL_RUN in labels:
+        _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
+
+
+@kopf.on.event(*RESOURCES[3], labels=MANAGED)
+async def pvc_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
     if namespace is not None and LABEL_RUN in labels:
         _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))

@@ -2,8 +2,10 @@
 
 ``/healthz``: the event loop ticked recently (a wedged loop fails it and the kubelet restarts us).
 ``/readyz``: this replica leads and kopf has opened its watch-streams for every watched resource in
-every watched namespace (a standby replica is live but not ready; a starting leader is not ready
-until the streams it acts on exist, or a rollout would retire the old replica while nothing watches).
+every watched namespace, and the watch caches hold each stream's initial listing (reported by
+:func:`.cache.tap_watch_streams`; a standby replica is live but not ready; a starting leader is not
+ready until the streams it acts on exist, or a rollout would retire the old replica while nothing
+watches).
 ``/metrics``: Prometheus exposition.
 """
 
@@ -11,9 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -40,32 +40,6 @@ class Health:
     @property
     def ready(self) -> bool:
         return self.live and self.leading and self.watching and len(self.streams) >= self.streams_expected
-
-
-def track_watch_streams(health: Health, expected: int) -> None:
-    """Count a kopf watch-stream as open once its initial LIST has succeeded, and wait for ``expected``.
-
-    kopf has no public hook for "the watches are open": its startup handlers return (where the
-    controller starts) before its namespace and resource observers have even decided what to watch,
-    and a refused LIST is retried through every error backoff. Each (resource, namespace) stream runs
-    ``continuous_watch``: LIST, then a ``Bookmark.LISTED`` marker, then the WATCH from the list's
-    resourceVersion. So the marker passing through is the moment that stream is served. kopf looks the
-    function up on its module at every (re)connect, which is what makes this wrapper take effect; it is
-    kopf's internal API (read in kopf 1.45): if it moves, tests/rbac/test_e2e.py fails loudly.
-    """
-    from kopf._cogs.clients import watching
-
-    original = watching.continuous_watch
-    health.streams_expected = expected
-
-    async def listed_then_watching(**kwargs: Any) -> AsyncIterator[Any]:
-        async for event in original(**kwargs):
-            if event is watching.Bookmark.LISTED:
-                # Never removed on a reconnect (410 Gone re-lists): readiness must not flap each time.
-                health.streams.add(f"{kwargs['resource']} in {kwargs['namespace'] or 'all namespaces'}")
-            yield event
-
-    watching.continuous_watch = listed_then_watching
 
 
 def serve(health: Health, metrics: Metrics, host: str, port: int) -> ThreadingHTTPServer:

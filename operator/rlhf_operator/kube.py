@@ -1,4 +1,4 @@
-"""The operator's hands: reads a run's world from the API server and performs the planner's actions.
+"""The operator's hands: performs the planner's actions on the API server (reads come from cache.py).
 
 Everything goes through the official Kubernetes client with wire-form dicts (``_preload_content``
 off), so the planner and builders never see client model classes. Creation is idempotent
@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,16 +21,87 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from rlhf_api.names import API_VERSION, GROUP, KIND, LABEL_RUN, MANAGER, PLURAL, VERSION
+from rlhf_api.names import API_VERSION, GROUP, KIND, MANAGER, PLURAL, VERSION
 from rlhf_api.timestamps import format_timestamp
 
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .children import CONTAINER_NAME, pvc_name
+from .children import CONTAINER_NAME
 
 log = logging.getLogger(__name__)
 COMPONENT = MANAGER  # the reporting component of the operator's events
 LOG_TAIL_LINES = 200  # of a running stage's log, read for its newest progress line
 LOG_TIMEOUT = (5.0, 10.0)  # connect, read: a node that does not answer must not hold a worker long
+REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read: every other call (the client's default is to wait for ever)
+DEFAULT_QPS, DEFAULT_BURST = 50.0, 100
+
+
+class TokenBucket:
+    """client-go's client-side rate limit: ``burst`` requests at once, then ``qps`` per second.
+
+    Why: the operator must not be the client that floods its API server (a resync, a restart
+    adopting 1,000 runs, a burst of transitions). A caller over the limit waits its turn; nothing is
+    refused. Thread-safe: the reconcile workers call from their own threads.
+    """
+
+    def __init__(self, qps: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if qps <= 0 or burst < 1:
+            raise ValueError("qps must be > 0 and burst >= 1")
+        self.qps, self.burst, self._clock = qps, burst, clock
+        self._tokens = float(burst)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        """Take a token; returns how long to wait before using it (0: at once)."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.qps)
+            self._at = now
+            self._tokens -= 1  # may go negative: the debt is what later callers wait for
+            return 0.0 if self._tokens >= 0 else -self._tokens / self.qps
+
+    def wait(self) -> None:
+        delay = self.reserve()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def request_name(method: str, url: str) -> str:
+    """``PUT rlhfruns/status``, ``POST jobs``, ``GET pods/log``: what a request did, for counting."""
+    parts = urllib.parse.urlsplit(url).path.strip("/").split("/")
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        parts = parts[parts.index("namespaces") + 2 :]  # resource [name [subresource]]
+    else:
+        parts = parts[-1:]
+    resource = parts[0] + (f"/{parts[2]}" if len(parts) > 2 else "")
+    return f"{method.upper()} {resource}"
+
+
+def limit_client(
+    api_client: client.ApiClient,
+    qps: float = DEFAULT_QPS,
+    burst: int = DEFAULT_BURST,
+    count: Callable[[str], None] | None = None,
+) -> client.ApiClient:
+    """Every request of ``api_client`` goes through a token bucket and has a timeout (and is counted
+    by :func:`request_name` when ``count`` is given).
+
+    Wrapped at the REST layer, the one place all generated API methods pass, so no call can forget
+    either (a call that names its own ``_request_timeout``, like the log read's, keeps it).
+    """
+    bucket = TokenBucket(qps, burst)
+    rest = api_client.rest_client
+    request = rest.request
+
+    def limited(method: str, url: str, **kwargs: Any) -> Any:  # the client passes all else by keyword
+        if count is not None:
+            count(request_name(method, url))
+        bucket.wait()
+        kwargs["_request_timeout"] = kwargs.get("_request_timeout") or REQUEST_TIMEOUT
+        return request(method, url, **kwargs)
+
+    rest.request = limited  # type: ignore[method-assign,assignment]
+    return api_client
 
 
 def _json(resp: Any) -> dict[str, Any]:
@@ -62,41 +136,7 @@ class Cluster:
         if not self.may_act():
             raise NotLeading("not the leader: no writes")
 
-    # --- reads -------------------------------------------------------------------------------
-    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return _json(
-                self.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
-                )
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def list_runs(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        if namespace:
-            resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _preload_content=False)
-        else:
-            resp = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, _preload_content=False)
-        return list(_json(resp).get("items") or [])
-
-    def children(self, namespace: str, run: str, want_pvc: bool) -> tuple[list[dict], list[dict], bool]:
-        """The run's Jobs, their Pods, and whether its workspace PVC exists."""
-        selector = f"{LABEL_RUN}={run}"
-        jobs = _json(self.batch.list_namespaced_job(namespace, label_selector=selector, _preload_content=False))
-        pods = _json(self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False))
-        pvc = True
-        if want_pvc:
-            try:
-                self.core.read_namespaced_persistent_volume_claim(pvc_name(run), namespace, _preload_content=False)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                pvc = False
-        return list(jobs.get("items") or []), list(pods.get("items") or []), pvc
-
+    # --- reads (the watch caches hold the rest: cache.py) ------------------------------------
     def pod_log_tail(self, namespace: str, pod: str, lines: int = LOG_TAIL_LINES) -> str | None:
         """The last lines of a pod's stage container log (``get pods/log``), or None when it cannot
         be read: no right (403), pod gone (404), container not started (400), node unreachable
@@ -119,14 +159,18 @@ class Cluster:
         return None
 
     # --- writes ------------------------------------------------------------------------------
-    def perform(self, run: dict[str, Any], action: Action) -> None:
+    def perform(self, run: dict[str, Any], action: Action) -> dict[str, Any] | None:
+        """Carry out one action; returns the Job a CreateJob created (None when it already existed)."""
         self._fence()
         namespace = run["metadata"]["namespace"]
         if isinstance(action, EnsurePVC):
             self._create(lambda: self.core.create_namespaced_persistent_volume_claim(namespace, _body(action.manifest)))
         elif isinstance(action, CreateJob):
             self._apply_config_map(namespace, action.config_map)
-            self._create(lambda: self.batch.create_namespaced_job(namespace, _body(action.job)))
+            created = self._create(
+                lambda: self.batch.create_namespaced_job(namespace, _body(action.job), _preload_content=False)
+            )
+            return _json(created) if created is not None else None
         elif isinstance(action, SetJobSuspend):
             self.batch.patch_namespaced_job(action.name, namespace, {"spec": {"suspend": action.suspend}})
         elif isinstance(action, DeleteJob):
@@ -140,13 +184,15 @@ class Cluster:
             self.post_event(run, action)
         else:  # pragma: no cover - the Action union is closed
             raise TypeError(action)
+        return None
 
-    def _create(self, call: Any) -> None:
+    def _create(self, call: Any) -> Any:
         try:
-            call()
+            return call()
         except ApiException as exc:
             if exc.status != 409:  # AlreadyExists: made by an earlier pass (or a previous operator)
                 raise
+        return None
 
     def _apply_config_map(self, namespace: str, manifest: dict[str, Any]) -> None:
         """Create or replace: the ConfigMap snapshots the spec as the stage's Job is (re)created."""
@@ -186,8 +232,9 @@ class Cluster:
         except ApiException as exc:  # events are best effort: never fail a reconcile over one
             log.warning("could not post event %s on %s: %s", event.reason, meta["name"], exc.reason)
 
-    def write_status(self, run: dict[str, Any], status: dict[str, Any]) -> None:
-        """Replace the status subresource, guarded by the resourceVersion the plan was made from."""
+    def write_status(self, run: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        """Replace the status subresource, guarded by the resourceVersion the plan was made from;
+        returns the run as written."""
         self._fence()
         meta = run["metadata"]
         body = {
@@ -201,6 +248,8 @@ class Cluster:
             "spec": run.get("spec") or {},
             "status": status,
         }
-        self.custom.replace_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body
+        return _json(
+            self.custom.replace_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body, _preload_content=False
+            )
         )

@@ -41,6 +41,12 @@ class Metrics:
         self.reconcile_seconds = Histogram(
             "rlhf_reconcile_duration_seconds", "Duration of one reconcile pass", registry=self.registry
         )
+        self.api_requests = Counter(
+            "rlhf_api_requests_total",
+            "The operator's own API requests (not kopf's watches, not the Lease), by method and resource",
+            ["request"],
+            registry=self.registry,
+        )
         self._phases: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         for phase in PHASES:

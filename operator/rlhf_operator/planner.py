@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from rlhf_api.layout import RunRef, last_policy_stage, run_dir, stage_output
+from rlhf_api.methods import INPUT_STAGES
 from rlhf_api.names import RETRY_ANNOTATION
 from rlhf_api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
 from rlhf_api.timestamps import format_timestamp, parse_timestamp
@@ -74,6 +75,22 @@ class Plan:
     finished: list[StageStatus] = field(default_factory=list)  # stages that finished in this pass (metrics)
 
 
+def keep_started_pipeline(spec: RLHFRunSpec, status: RLHFRunStatus | None) -> RLHFRunSpec:
+    """The spec as this run is planned: a run that started without the inputs stage keeps going without it.
+
+    Why: the inputs stage came after some runs had started. Put first in their pipeline, it would give
+    every later stage a new earlier output (their config hashes cover it), so the stage in progress
+    would set its checkpoint aside and train again from step 0: an operator upgrade must not cost a
+    run its training. A run whose status lists stages but not the inputs stage was planned without it
+    (an older operator, or every input on the volume), and its stages go on downloading for themselves.
+    """
+    if status is None or not status.stages or not spec.inputs.enabled:
+        return spec
+    if any(s.name in INPUT_STAGES for s in status.stages):
+        return spec
+    return spec.model_copy(update={"inputs": spec.inputs.model_copy(update={"enabled": False})})
+
+
 def _enabled(spec: RLHFRunSpec, stage: str) -> bool:
     section = spec.stage(stage)
     return section is not None and bool(section.enabled)
@@ -108,9 +125,12 @@ def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
         if job.result.artifact_path:
             update["artifact_path"] = job.result.artifact_path
         update["findings"] = list(job.result.findings)
+        if job.result.inputs:  # the inputs stage: where each input came from (ResolvedInput)
+            update["inputs"] = list(job.result.inputs)
         update["selection"] = (
             f"step {job.result.selected_step}: {job.result.selection}" if job.result.selection else None
         )
+        update["published"] = list(job.result.published)
     update["metrics"] = metrics
     return st.model_copy(update=update)
 
@@ -455,6 +475,7 @@ def _summarise(
         merge = next((s for s in stages if s.name == "merge" and s.phase == "Succeeded"), None)
         last = merge or (done[-1] if done else None)
         status.output_model = str(stage_output(base, last.name) / "model") if last else None
+        status.published = next((list(s.published) for s in stages if s.published), [])
 
     c = status.conditions
     what = f"stage {current}" if current else "the pipeline"
@@ -474,6 +495,8 @@ def _summarise(
         c = cond.set_condition(c, cond.SUSPENDED, "False", cond.NOT_SUSPENDED, "", gen, ts)
     if phase == "Succeeded":
         msg = f"all stages succeeded; output model {status.output_model}"
+        if status.published:
+            msg += f", published to {', '.join(status.published)}"
         c = cond.set_condition(c, cond.SUCCEEDED, "True", cond.PIPELINE_COMPLETED, msg, gen, ts)
     else:
         c = cond.set_condition(

@@ -35,6 +35,9 @@ GRPO_SPEC: dict[str, Any] = {
     "grpo": {"dataset": {"name": "a/prompts"}},
 }
 
+# A valid S3 target for spec.publish.
+PUBLISH_S3: dict[str, Any] = {"bucket": "models", "credentials": {"secretName": "s3-keys"}}
+
 # (case id, dotted path to change, new value, the field the error must name)
 INVALID: list[tuple[str, str, Any, str]] = [
     ("unknown method", "spec.method", "A2C", "method"),
@@ -88,6 +91,30 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("online W&B without a key", "spec.wandb", {"project": "p"}, "wandb"),
     ("W&B without project", "spec.wandb", {"mode": "offline"}, "project"),
     ("run name too long", "metadata.name", "r" * 41, "metadata.name"),
+    ("publish without a target", "spec.publish", {}, "publish"),
+    ("publish to the hub without a token", "spec.publish", {"hub": {"repoId": "acme/tiny"}}, "publish.hub.token"),
+    ("publish to S3 without credentials", "spec.publish", {"s3": {"bucket": "models"}}, "credentials"),
+    ("publish bucket S3 does not allow", "spec.publish", {"s3": {**PUBLISH_S3, "bucket": "My_Models"}}, "bucket"),
+    ("publish prefix with ..", "spec.publish", {"s3": {**PUBLISH_S3, "prefix": "a/../b"}}, "prefix"),
+    ("publish endpoint without scheme", "spec.publish", {"s3": {**PUBLISH_S3, "endpoint": "s3.local"}}, "endpoint"),
+    (
+        "publish a reward model DPO does not train",
+        "spec",
+        {
+            "method": "DPO",
+            "baseModel": {"name": "facebook/opt-350m"},
+            "sft": {"dataset": {"name": "a/b"}},
+            "dpo": {"dataset": {"name": "a/pairs"}},
+            "publish": {"s3": PUBLISH_S3, "rewardModel": True},
+        },
+        "publish.rewardModel",
+    ),
+    (
+        "publish with merge disabled",
+        "spec",
+        {**minimal_run()["spec"], "merge": {"enabled": False}, "publish": {"s3": PUBLISH_S3}},
+        "publish",
+    ),
     ("suspend is not a boolean", "spec.suspend", "yes", "suspend"),
     (
         "DPO exo_pair without label smoothing",
@@ -333,6 +360,15 @@ REWARD_SOURCES: dict[str, dict[str, Any]] = {
         "reward": {"enabled": False},
         "ppo": {"enabled": False},
     },
+    "PPO published to S3 and the hub, reward model too": {
+        **minimal_run()["spec"],
+        "secrets": {"hfToken": {"name": "hf", "key": "token"}},
+        "publish": {
+            "s3": {**PUBLISH_S3, "prefix": "a/b", "endpoint": "http://s3.local:8333"},
+            "hub": {"repoId": "a/b"},
+            "rewardModel": True,
+        },
+    },
     "DPO, which has no reward model": {
         "method": "DPO",
         "baseModel": {"name": "facebook/opt-350m"},
@@ -374,7 +410,7 @@ def test_rlaif_spec_without_reward_dataset_is_admitted(control_plane, namespace)
     control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
     model, errors = validate_manifest(doc)
     assert errors == [] and model is not None
-    assert model.spec.pipeline() == ("sft", "rlaif", "reward", "ppo", "merge")
+    assert model.spec.pipeline() == ("inputs", "sft", "rlaif", "reward", "ppo", "merge")
 
 
 @pytest.mark.parametrize("spec", list(REWARD_SOURCES.values()), ids=list(REWARD_SOURCES))

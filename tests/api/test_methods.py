@@ -6,7 +6,7 @@ from typing import get_args
 
 import pytest
 
-from rlhf_api import RLAIFStage, RLHFRunSpec, layout, methods
+from rlhf_api import ModelSource, RLAIFStage, RLHFRunSpec, layout, methods
 from rlhf_api.run import Method
 
 
@@ -47,7 +47,9 @@ def test_rlaif_then_picks_the_pipeline(rlaif: dict[str, str] | None, expected: t
     assert methods.pipeline("RLAIF", None if rlaif is None else rlaif["then"]) == expected
     # The spec's own pipeline() reads the labelling stage's then (the sections' other rules are not the point).
     section = None if rlaif is None else RLAIFStage.model_construct(**rlaif)
-    assert RLHFRunSpec.model_construct(method="RLAIF", rlaif=section).pipeline() == expected
+    # A base model on the volume: no remote input, so no inputs stage before the method's own.
+    local = ModelSource(path="models/base")
+    assert RLHFRunSpec.model_construct(method="RLAIF", rlaif=section, base_model=local).pipeline() == expected
 
 
 def test_other_methods_ignore_then() -> None:

@@ -55,7 +55,7 @@ def test_minimal_example_is_short():
 
 def test_defaults_fill_a_minimal_spec():
     run = RLHFRun.model_validate(minimal_run())
-    assert run.spec.pipeline() == ("sft", "reward", "ppo", "merge")
+    assert run.spec.pipeline() == ("inputs", "sft", "reward", "ppo", "merge")  # hub ids: inputs first
     assert run.spec.ppo is not None and run.spec.ppo.adaptive_kl is True
     assert run.spec.sft is not None and run.spec.sft.lora.enabled is True
     assert run.spec.merge.enabled is True
@@ -103,7 +103,8 @@ def test_methods_choose_their_pipeline(method, extra, pipeline):
     doc["spec"] = {k: v for k, v in doc["spec"].items() if v is not None}
     model, errors = validate_manifest(doc)
     assert errors == []
-    assert model is not None and model.spec.pipeline() == pipeline
+    # minimal_run names hub ids: the inputs stage stages them first (docs/inputs.md)
+    assert model is not None and model.spec.pipeline() == ("inputs", *pipeline)
 
 
 def test_errors_name_every_bad_field_at_once():

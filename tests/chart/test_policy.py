@@ -355,3 +355,60 @@ def test_listed_runtime_classes_schedulers_and_secret_references(
     moved = copy.deepcopy(suspended)
     moved["spec"]["merge"] = {"podTemplate": {"runtimeClassName": "kata"}}
     _refused(_submit(plane, policy_ns, moved, "replace"), "runtimeClassName kata")
+
+
+# --- publishing: a Secret sent where the run says -----------------------------------------------
+
+
+def _grant(plane: ControlPlane, namespace: str, user: str, name: str, rules: list[dict[str, Any]]) -> None:
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name}, "rules": rules}
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }
+    plane.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump_all([role, binding]))
+
+
+def test_publish_needs_an_author_who_may_read_the_secret_it_sends(
+    plane: ControlPlane, helm: Helm, policy_ns: str
+) -> None:
+    """The publish stage sends its credentials to the endpoint the run names, which could be the
+    author's own server: a run author who may not read a Secret must not be able to publish with it."""
+    _install(plane, helm, policy_ns, {})
+    _grant(
+        plane,
+        policy_ns,
+        "alice",
+        "run-author",
+        [{"apiGroups": ["rlhf-operator.io"], "resources": ["rlhfruns"], "verbs": ["create", "get", "update"]}],
+    )
+    run = _run("pub")
+    run["spec"]["publish"] = {
+        "s3": {"endpoint": "http://alice.example:9000", "bucket": "models", "credentials": {"secretName": "team-s3"}}
+    }
+    as_alice = ("--as=alice", "create", "--dry-run=server")
+    _refused(
+        _submit(plane, policy_ns, run, *as_alice), "spec.publish names Secret team-s3", "ask for get on this Secret"
+    )
+    hub = _run("pub-hub")
+    hub["spec"]["secrets"] = {"hfToken": {"name": "org-token", "key": "token"}}
+    hub["spec"]["publish"] = {"hub": {"repoId": "alice/tiny"}}
+    _refused(_submit(plane, policy_ns, hub, *as_alice), "spec.publish names Secret org-token")
+    # The cluster admin who wrote the test may read every Secret: admitted as it was.
+    _admitted(_submit(plane, policy_ns, run))
+    # Granted get on that one Secret (and no other), alice may publish with it, and only with it.
+    _grant(
+        plane,
+        policy_ns,
+        "alice",
+        "read-team-s3",
+        [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["team-s3"], "verbs": ["get"]}],
+    )
+    deadline = time.monotonic() + 30  # RBAC reaches the authorizer through an informer
+    while _submit(plane, policy_ns, run, *as_alice).returncode != 0:
+        assert time.monotonic() < deadline, _submit(plane, policy_ns, run, *as_alice).stderr
+        time.sleep(0.5)
+    _refused(_submit(plane, policy_ns, hub, *as_alice), "spec.publish names Secret org-token")

@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,15 @@ def release(cluster: node_cluster.Cluster, tmp_path_factory: pytest.TempPathFact
     )  # fmt: skip
     deployment = json.loads(cluster.kubectl("-n", RELEASE_NAMESPACE, "get", "deploy", "-o", "json"))["items"][0]
     return str(deployment["metadata"]["name"])
+
+
+@pytest.fixture(scope="package")
+def tiny_assets(cluster: node_cluster.Cluster, release: str) -> Path:
+    """The tiny assets, built once for the tier by a Job in the stage image (NodeEnv.tiny_assets) in a
+    namespace of their own; tests take a copy with ``env.workspace(name, assets=tiny_assets)``."""
+    node_env = NodeEnv(cluster, "n-tiny-assets", RELEASE_NAMESPACE, release)
+    cluster.kubectl("create", "namespace", node_env.namespace)
+    return node_env.tiny_assets(node_env.workspace("assets"))
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,19 @@ def tiny_run(name: str, claim: str, **spec: Any) -> dict[str, Any]:
     run["spec"]["storage"] = {"existingClaim": claim}
     for key, value in spec.items():
         run["spec"][key] = value
+    return run
+
+
+def sft_only_run(name: str, claim: str, steps: int, **runtime: Any) -> dict[str, Any]:
+    """tiny.yaml with its SFT stage only, ``steps`` long with a checkpoint every 20 steps: for the tests
+    that stop a stage mid-way (suspend, preemption) and see it resume from its checkpoint, without
+    the three stages after it, which they would only wait for."""
+    run = tiny_run(name, claim)
+    spec = run["spec"]
+    for stage in ("reward", "ppo", "merge"):
+        spec[stage]["enabled"] = False
+    spec["sft"]["training"].update(maxSteps=steps, saveSteps=20)
+    spec["runtime"] = {"backoffLimit": 1, **runtime}
     return run
 
 
@@ -87,17 +101,48 @@ class NodeEnv:
     def wait_phase(self, name: str, phase: str, timeout: float) -> dict[str, Any]:
         return self.wait_run(name, lambda r: r.get("status", {}).get("phase") == phase, f"phase {phase}", timeout)
 
-    def workspace(self, name: str, size: str = "5Gi") -> str:
-        """A ReadWriteOnce claim on the node's local volumes."""
-        self.apply(
-            {
+    def workspace(self, name: str, size: str = "5Gi", assets: Path | None = None) -> str:
+        """A ReadWriteOnce claim on the node's local volumes; with ``assets`` (the ``tiny_assets``
+        fixture's folder), one that already holds a copy of them under ``assets/``."""
+        spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
+        if assets is not None:
+            spec["volumeName"] = self._volume_with(assets, claim=name)
+        self.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec})
+        if assets is not None:
+            # A Pod scheduled before the PV controller binds the claim is parked as unschedulable
+            # ("unbound immediate PersistentVolumeClaims") and may wait minutes for its next try.
+            def bound() -> bool:
+                return ((self.get("pvc", name) or {}).get("status") or {}).get("phase") == "Bound"
+
+            self.wait_for(f"claim {name} bound", bound, 60, interval=0.5)
+        return name
+
+    def _volume_with(self, assets: Path, claim: str) -> str:
+        """Reserves a free local volume for ``claim`` and copies ``assets`` onto it from the host.
+
+        Why not a Job per test: building the assets in the stage image costs a Pod start and the
+        imports of the training stack, in each of seven tests; the node tests that take
+        a copy are about what happens to a stage, and test_pipeline still builds them as a user
+        does. The volume is reserved (claimRef) before the copy, so no other claim can bind it."""
+        free = [
+            pv
+            for pv in json.loads(self.cluster.kubectl("get", "pv", "-o", "json"))["items"]
+            if pv["status"].get("phase") == "Available" and not pv["spec"].get("claimRef")
+        ]
+        assert free, "no free local volume on the node (Cluster.add_volumes)"
+        volume = min(free, key=lambda pv: str(pv["metadata"]["name"]))
+        ref = {
+            "claimRef": {
                 "apiVersion": "v1",
                 "kind": "PersistentVolumeClaim",
-                "metadata": {"name": name},
-                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
+                "namespace": self.namespace,
+                "name": claim,
             }
-        )
-        return name
+        }
+        self.cluster.kubectl("patch", "pv", volume["metadata"]["name"], "--type=merge", "-p", json.dumps({"spec": ref}))
+        # -a keeps the stage user's ownership the Job gave the files (the Pods' fsGroup).
+        subprocess.run(["cp", "-a", str(assets), volume["spec"]["local"]["path"]], check=True)
+        return str(volume["metadata"]["name"])
 
     def tool_job(self, name: str, claim: str, command: list[str], timeout: float = 300) -> dict[str, Any]:
         """Runs ``command`` in the stage image against the workspace claim, as a Job; waits for it."""
@@ -154,10 +199,15 @@ class NodeEnv:
         assert succeeded, f"Job {name} failed:\n{self.kubectl('logs', f'job/{name}', check=False)}"
         return job
 
-    def tiny_assets(self, claim: str) -> None:
-        """The tiny model, tokenizer and data, written onto the claim by a Job in the stage image."""
+    def tiny_assets(self, claim: str) -> Path:
+        """The tiny model, tokenizer and data, written onto the claim by a Job in the stage image, as
+        a user does; returns where they lie on this host (the claim's local volume)."""
         out = f"{WORKSPACE_MOUNT_PATH}/assets"
         self.tool_job("tiny-assets", claim, ["python", "-m", "rlhf_stages.tiny", "--out", out])
+        pvc = self.get("pvc", claim)
+        assert pvc is not None and pvc["spec"].get("volumeName"), pvc
+        pv = json.loads(self.cluster.kubectl("get", "pv", pvc["spec"]["volumeName"], "-o", "json"))
+        return Path(pv["spec"]["local"]["path"]) / "assets"
 
     def operator_pods(self) -> list[dict[str, Any]]:
         out = self.cluster.kubectl(

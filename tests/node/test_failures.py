@@ -4,6 +4,8 @@ Job's podFailurePolicy must not retry, with one process and with two in the Pod.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from .kube import NodeEnv, tiny_run
@@ -45,9 +47,8 @@ def test_missing_secret_shows_pending_with_the_config_error(env: NodeEnv) -> Non
 
 @pytest.mark.training
 @pytest.mark.parametrize("gpus", [0, 2], ids=["1-process", "2-processes"])
-def test_config_error_fails_at_once_without_retry(env: NodeEnv, gpus: int) -> None:
-    claim = env.workspace("ws")
-    env.tiny_assets(claim)
+def test_config_error_fails_at_once_without_retry(env: NodeEnv, tiny_assets: Path, gpus: int) -> None:
+    claim = env.workspace("ws", assets=tiny_assets)
     run = tiny_run("badcolumns", claim)
     sft = run["spec"]["sft"]
     sft["dataset"]["columns"] = {"prompt": "no_such_column"}

@@ -3,8 +3,10 @@ stage Jobs, suspend and resume of a queued and of a running run do not fight Kue
 restarted over and over), and Kueue's preemption by a higher-priority workload stops the stage, which
 resumes from its checkpoint once re-admitted.
 
-The runs train SFT only (the other stages disabled), 400 steps with a checkpoint every 20: long enough
-to be suspended and preempted mid-stage, short enough to keep the tier's added time small."""
+The runs train SFT only (the other stages disabled), 300 steps with a checkpoint every 20: long enough
+to be suspended and preempted mid-stage (at step 40 or later; 260 steps are ~26 s on an idle 2-core node,
+more beside the rest of the suite, while a suspend or a preemption takes effect within ~10 s), short
+enough to keep the tier's added time small: every step after the last disruption is only waited for."""
 
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.kueue.manager import Kueue
 
-from .kube import NodeEnv, tiny_run
+from .kube import NodeEnv, sft_only_run
 
 pytestmark = [pytest.mark.node, pytest.mark.training, pytest.mark.timeout(1500)]
 
@@ -29,14 +32,9 @@ STAGE_MEMORY = "4Gi"  # tiny.yaml's SFT request: the ClusterQueue holds exactly 
 HIGH = "rlhf-test-high"
 
 
-def sft_run(name: str, claim: str, steps: int = 400) -> dict[str, Any]:
-    run = tiny_run(name, claim)
-    spec = run["spec"]
-    for stage in ("reward", "ppo", "merge"):
-        spec[stage]["enabled"] = False
-    spec["sft"]["training"].update(maxSteps=steps, saveSteps=20)
-    assert spec["sft"]["resources"]["memory"] == STAGE_MEMORY
-    spec["runtime"] = {"backoffLimit": 1, "queueName": QUEUE}
+def sft_run(name: str, claim: str, steps: int = 300) -> dict[str, Any]:
+    run = sft_only_run(name, claim, steps, queueName=QUEUE)
+    assert run["spec"]["sft"]["resources"]["memory"] == STAGE_MEMORY
     return run
 
 
@@ -129,9 +127,10 @@ def last_log(env: NodeEnv, run: str) -> str:
     return env.kubectl("logs", newest["metadata"]["name"])
 
 
-def test_queued_admitted_running_and_suspend_resume_queued_and_running(env: NodeEnv, cluster_queue: str) -> None:
-    claim = env.workspace("ws")
-    env.tiny_assets(claim)
+def test_queued_admitted_running_and_suspend_resume_queued_and_running(
+    env: NodeEnv, cluster_queue: str, tiny_assets: Path
+) -> None:
+    claim = env.workspace("ws", assets=tiny_assets)
     env.apply(sft_run("q", claim))
 
     # No LocalQueue yet: Kueue cannot admit the Job. The stage is Pending (Queued), nothing runs.
@@ -175,9 +174,10 @@ def test_queued_admitted_running_and_suspend_resume_queued_and_running(env: Node
     assert stage(done)["phase"] == "Succeeded"
 
 
-def test_preemption_by_a_higher_priority_workload_resumes_from_the_checkpoint(env: NodeEnv, cluster_queue: str) -> None:
-    claim = env.workspace("ws")
-    env.tiny_assets(claim)
+def test_preemption_by_a_higher_priority_workload_resumes_from_the_checkpoint(
+    env: NodeEnv, cluster_queue: str, tiny_assets: Path
+) -> None:
+    claim = env.workspace("ws", assets=tiny_assets)
     local_queue(env, cluster_queue)
     env.apply(sft_run("low", claim))
     env.wait_run("low", step_at_least(40), "SFT past the checkpoint at step 40", 300)

@@ -113,6 +113,10 @@ def _wait_live(env: Env, port: int) -> None:
     env.wait_for("the operator to be live", lambda: http_get(port, "/healthz")[0] == 200, timeout=60, every=0.1)
 
 
+def _finished(env: Env, names: list[str]) -> int:
+    return sum((env.run(n).get("status") or {}).get("phase") == "Succeeded" for n in names)
+
+
 def test_operator_sigkilled_at_20_seeded_points(env: Env) -> None:
     """20 SIGKILLs at seeded random moments while 3 four-stage runs are in flight (a finished run is
     replaced by a new one until the last kill), each followed at once by a restart with the same
@@ -126,8 +130,7 @@ def test_operator_sigkilled_at_20_seeded_points(env: Env) -> None:
     names: list[str] = []
 
     def top_up() -> None:
-        done = {n for n in names if (env.run(n).get("status") or {}).get("phase") == "Succeeded"}
-        while len(names) - len(done) < 3:
+        while len(names) - _finished(env, names) < 3:
             names.append(f"k{len(names)}")
             env.apply(tiny_run(names[-1]))
 
@@ -135,8 +138,13 @@ def test_operator_sigkilled_at_20_seeded_points(env: Env) -> None:
     with JobWatch(env) as jobs:
         top_up()
         for kill in range(20):
+            finished = _finished(env, names)
             operator, port = env.start_operator("op-a", lease_duration=15)
             _wait_live(env, port)
+            if kill % 5 == 4:
+                # Every fifth life lasts until a run finishes in it: wall-clock kill points alone, on a
+                # loaded machine, all fell before any stage ended (only start-up was tested).
+                env.wait_for("a run to finish", lambda before=finished: _finished(env, names) > before, timeout=120)
             time.sleep(rng.uniform(0.0, 2.0))
             assert operator.alive(), f"the operator died by itself before kill {kill}:\n{operator.text()[-3000:]}"
             operator.kill()

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.controlplane
 
 def test_pipeline_succeeds_and_reapply_changes_nothing(env: Env) -> None:
     env.start_kubelet()
-    _, port = env.start_operator()
+    operator, port = env.start_operator()
     manifest = tiny_run()
     env.apply(manifest)
     run = env.wait_phase("tiny", "Succeeded", timeout=90)
@@ -60,6 +60,39 @@ def test_pipeline_succeeds_and_reapply_changes_nothing(env: Env) -> None:
     assert "rlhf_reconcile_errors_total" in text and "rlhf_reconcile_total" in text
     assert http_get(port, "/healthz")[0] == 200
     assert http_get(port, "/readyz")[0] == 200
+
+    # Passes read the watch caches: the operator's own requests are writes (and log reads) only,
+    # never a GET or LIST of a run, a Job, a Pod or a PVC, however many passes ran.
+    requests = api_requests(text)
+    assert {r for r in requests if r.startswith("GET") and r != "GET pods/log"} == set(), requests
+    assert "GET rlhfruns" not in requests and "GET jobs" not in requests
+    # Per stage transition: its ConfigMap, its Job and one status write (events on top); the
+    # status is written again only when what it reports changes (the Pod scheduled, started,
+    # progress, finished: at most 6 per stage here), and never from a stale cached version (a
+    # Conflict): a pass that follows our own write reads what the write returned.
+    assert requests["POST jobs"] == 4 and requests["POST configmaps"] == 4, requests
+    assert "PATCH configmaps" not in requests, requests  # no Job created twice
+    assert requests["PUT rlhfruns/status"] <= 6 * 4 + 1, requests
+    assert 'rlhf_reconcile_errors_total{error="Conflict"}' not in text
+
+    # A restart adopts the finished run from its caches: no request at all, so no status rewrite.
+    operator.stop()
+    _, port = env.start_operator()
+    env.wait_for("the restarted operator to be ready", lambda: http_get(port, "/readyz")[0] == 200, timeout=30)
+    time.sleep(5)  # two resync periods
+    assert env.run("tiny")["metadata"]["resourceVersion"] == version
+    assert api_requests(http_get(port, "/metrics")[1]) == {}
+
+
+def api_requests(exposition: str) -> dict[str, float]:
+    """rlhf_api_requests_total by request ("PUT rlhfruns/status"), from the /metrics text."""
+    prefix = 'rlhf_api_requests_total{request="'
+    out = {}
+    for row in exposition.splitlines():
+        if row.startswith(prefix):
+            name, _, value = row[len(prefix) :].partition('"} ')
+            out[name] = float(value)
+    return out
 
 
 def test_failing_stage_exhausts_retries_then_retry_resumes(env: Env) -> None:

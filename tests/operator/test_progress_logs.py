@@ -263,7 +263,8 @@ def test_delayed_adds_keep_one_timer_per_key_the_earliest() -> None:
 
 # --- one reconcile pass, against a fake cluster ---------------------------------------------------
 class FakeCluster:
-    """The reads a pass makes, from dicts; the writes recorded. Only the log read is counted."""
+    """The reads a pass makes (the watch cache's part), from dicts; the writes recorded. Only the log
+    read is counted."""
 
     def __init__(self, run: dict[str, Any], jobs: list[dict], pods: list[dict], log: str | None) -> None:
         self.run, self.jobs, self.pods, self.log = run, jobs, pods, log
@@ -282,8 +283,15 @@ class FakeCluster:
     def perform(self, run: dict[str, Any], action: Any) -> None:
         pass
 
-    def write_status(self, run: dict[str, Any], new: dict[str, Any]) -> None:
+    def write_status(self, run: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         self.run = {**run, "status": new}
+        return self.run
+
+    def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None:
+        pass  # write_status already holds it
+
+    def created(self, plural: str, body: dict[str, Any]) -> None:
+        pass
 
 
 def running_world(log: str | None) -> FakeCluster:
@@ -311,7 +319,7 @@ def reconciler(cluster: FakeCluster, clock: Clock) -> Any:
     from rlhf_operator.metrics import Metrics
     from rlhf_operator.reconcile import Reconciler
 
-    rec = Reconciler(cluster, Metrics(), progress_interval=10.0)  # type: ignore[arg-type]
+    rec = Reconciler(cluster, cluster, Metrics(), progress_interval=10.0)  # type: ignore[arg-type]
     rec.log_reads = LogReads(10.0, clock)
     return rec
 

@@ -23,7 +23,7 @@ NEEDED = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},  # live progress: the stage prints it on stdout
     ("", "configmaps"): {"create", "patch"},
-    ("", "persistentvolumeclaims"): {"get", "create"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create"},  # watched: the workspace cache
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }

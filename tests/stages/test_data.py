@@ -197,7 +197,7 @@ def test_hub_ids_with_max_samples_are_streamed(volume: Path, monkeypatch: pytest
     monkeypatch.setattr(data, "stream_sample", fake_stream)
     source = _source(name="org/big", split="train", maxSamples=5, columns={"prompt": "question"})
     rows = data.load_rows(_ctx(volume), source, seed=9)
-    assert calls == [("org/big", None, "train", 5, 9)] and rows["prompt"] == streamed["question"]
+    assert calls == [("org/big", None, "train", 5, 9, None)] and rows["prompt"] == streamed["question"]
 
 
 def test_column_mapping_sampling_and_split(volume: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +158,290 @@ def test_warn_trains_on_and_last_keeps_no_candidate(tmp_path: Path) -> None:
     w.record(5, FakeAnswers.of(2.0, 4), lambda: {})
     assert w.alarmed and not w.should_stop() and w.candidate_step is None
     assert w.selection(10) == (10, "select: last (the final policy)")
+
+
+# ------------------------------------------------------------------ the Trainer hook (GRPO, RLOO)
+
+
+def hook(tmp_path: Path, watch: Watch, scripted: dict[int, Answers], total: int = 10) -> Any:
+    """A WatchCallback whose policy answers as ``scripted`` says for each evaluated step."""
+    from types import SimpleNamespace
+
+    from rlhf_stages.methods.watching import WatchCallback
+
+    ctx = SimpleNamespace(is_main=True, stage="grpo", staging_dir=tmp_path / "out")
+    watcher = Watcher(watch, tmp_path / "ckpt", kl_target=None, score_max=None, total_steps=total)
+    at = {"step": 0}
+    cb = WatchCallback(ctx, watcher, lambda: scripted[at["step"]], lambda: {"w": torch.full((2,), float(at["step"]))})
+    return cb, at
+
+
+def drive(cb: Any, at: dict[str, int], start: int, total: int) -> int:
+    """What the HF Trainer does: on_train_begin at the (resumed) step, on_step_end after each step,
+    leaving the loop when a callback sets should_training_stop. Returns the last step trained."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    control = TrainerControl()
+    at["step"] = start
+    cb.on_train_begin(None, SimpleNamespace(global_step=start), control)
+    step = start
+    while step < total and not control.should_training_stop:
+        step += 1
+        at["step"] = step
+        cb.on_step_end(None, SimpleNamespace(global_step=step), control)
+    return step
+
+
+HEALTHY, HACKED = FakeAnswers.of(-1.0, 11), FakeAnswers.of(2.0, 4)
+
+
+def test_trainer_hook_evaluates_on_schedule_and_stops_at_the_alarm(tmp_path: Path) -> None:
+    cb, at = hook(tmp_path, Watch(eval_every=3), {0: HEALTHY, 3: HEALTHY, 6: HACKED})
+    assert drive(cb, at, 0, 10) == 6 and cb.stopped_by_alarm
+    assert [r["step"] for r in cb.watcher.history] == [0, 3, 6]
+    assert cb.watcher.candidate_step == 3  # the last healthy evaluation's weights are kept
+
+    from types import SimpleNamespace
+
+    from rlhf_stages.methods.watching import conclude
+
+    loaded: list[dict[str, Any]] = []
+    saved: list[str] = []
+    ctx = SimpleNamespace(staging_dir=tmp_path / "out")
+    ctx.staging_dir.mkdir()
+    done = conclude(ctx, cb.watcher, 6, save_final=lambda: saved.append("final"), load_weights=loaded.append)
+    assert done.selected_step == 3 and "alarm at step 6" in (done.selection or "")
+    assert saved == ["final"] and torch.equal(loaded[0]["w"], torch.full((2,), 3.0))
+    assert done.findings[0].startswith("rewardRiseWithCollapse at step 6") and done.metrics["selected_step"] == 3
+    assert (ctx.staging_dir / "evaluations.jsonl").read_text() == cb.watcher.log_path.read_text()
+
+
+def test_trainer_hook_warn_trains_on_and_no_alarm_keeps_the_final_policy(tmp_path: Path) -> None:
+    answers = {0: HEALTHY, 4: HACKED, 8: HACKED, 10: HACKED}
+    cb, at = hook(tmp_path / "warn", Watch(eval_every=4, action="warn"), answers)
+    assert drive(cb, at, 0, 10) == 10 and not cb.stopped_by_alarm
+    assert [r["step"] for r in cb.watcher.history] == [0, 4, 8, 10] and cb.watcher.selection(10)[0] == 0
+
+    quiet, at = hook(tmp_path / "quiet", Watch(eval_every=4), dict.fromkeys((0, 4, 8, 10), HEALTHY))
+    assert drive(quiet, at, 0, 10) == 10
+    saved: list[str] = []
+    from types import SimpleNamespace
+
+    from rlhf_stages.methods.watching import conclude
+
+    ctx = SimpleNamespace(staging_dir=tmp_path / "quiet-out")
+    ctx.staging_dir.mkdir()
+    done = conclude(ctx, quiet.watcher, 10, save_final=lambda: saved.append("x"), load_weights=lambda s: None)
+    assert done.selected_step == 10 and saved == [] and done.findings == []
+
+
+def test_trainer_hook_resumes_and_honours_an_alarm_it_had_already_raised(tmp_path: Path) -> None:
+    cb, at = hook(tmp_path, Watch(eval_every=3), {0: HEALTHY, 3: HEALTHY, 6: HACKED})
+    drive(cb, at, 0, 10)
+    # Restarted from checkpoint-3: the step-6 record goes, steps 4.. are trained and evaluated again.
+    again, at = hook(tmp_path, Watch(eval_every=3), {6: HEALTHY, 9: HEALTHY, 10: HEALTHY})
+    assert drive(again, at, 3, 10) == 10 and [r["step"] for r in again.watcher.history] == [0, 3, 6, 9, 10]
+    # Restarted from a checkpoint at the alarm itself (SIGTERM in the same step): it stops at once.
+    cb, at = hook(tmp_path / "b", Watch(eval_every=3), {0: HEALTHY, 3: HEALTHY, 6: HACKED})
+    drive(cb, at, 0, 10)
+    again, at = hook(tmp_path / "b", Watch(eval_every=3), {})
+    assert drive(again, at, 6, 10) == 6 and again.stopped_by_alarm
+
+
+# ------------------------------------------------------------------ answers of a Hugging Face policy
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_stages.tiny.assets import build_tiny_assets
+
+    assets = build_tiny_assets(tmp_path_factory.mktemp("watch-lm"), seed=0)
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(assets.base_model))
+    policy = AutoModelForCausalLM.from_pretrained(str(assets.base_model))
+    rm = AutoModelForSequenceClassification.from_pretrained(str(assets.base_model), num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    return tok, policy, rm
+
+
+def test_sample_answers_of_a_policy(tiny_lm: tuple[Any, Any, Any]) -> None:
+    import copy
+    from contextlib import contextmanager
+
+    from rlhf_stages.sampling.watch import response_logprobs, sample_answers
+
+    tok, policy, rm = tiny_lm
+    prompts = ["Question: how is the old lake?\n\nAnswer:", "Question: hi\n\nAnswer:", "Question: tell\n\nAnswer:"]
+    other = copy.deepcopy(policy)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(0.5)  # a different reference: the KL must see it
+
+    def ask(reference: Any) -> Answers:
+        @contextmanager
+        def ref() -> Any:
+            yield reference
+
+        return sample_answers(
+            policy, tok, prompts, reference=ref, reward_model=rm, reward_tokenizer=tok,
+            max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0,
+        )  # fmt: skip
+
+    rng = torch.get_rng_state()
+    same, shifted, unmeasured = ask(policy), ask(other), ask(None)
+    assert torch.equal(rng, torch.get_rng_state())  # training's RNG is untouched
+    assert same.tokens == shifted.tokens == unmeasured.tokens  # one seed: only the policy changes answers
+    assert all(abs(k) < 1e-4 for k in same.kl) and all(k != 0 for k in shifted.kl)
+    assert all(math.isnan(k) for k in unmeasured.kl)  # no reference: NaN, klBeyondLimit cannot fire
+    assert all(len(t) <= 12 - e for t, e in zip(same.tokens, same.ended_with_eos, strict=True))
+    assert all(tok.eos_token_id not in t for t in same.tokens)
+    # Right-padded batches give each sequence's own log-probability (as one alone).
+    pairs = [
+        (tok(p, add_special_tokens=False)["input_ids"], list(t)) for p, t in zip(prompts, same.tokens, strict=True)
+    ]
+    batched = response_logprobs(policy, pairs, 1.0, batch_size=3)
+    alone = [response_logprobs(policy, [pair], 1.0)[0] for pair in pairs]
+    assert batched == pytest.approx(alone, abs=1e-4) and all(v < 0 for v in alone)
+
+
+# ------------------------------------------------------------------ rollback (PPO)
+
+
+def test_rollback_restores_the_candidate_at_most_max_rollbacks_times(tmp_path: Path) -> None:
+    watch = Watch(eval_every=5, action="rollback", max_rollbacks=2)
+    w = Watcher(watch, tmp_path, kl_target=6.0, score_max=None, total_steps=40)
+    w.record(0, HEALTHY, lambda: {"w": torch.zeros(1)})
+    w.record(5, FakeAnswers.of(-0.5, 11), lambda: {"w": torch.ones(1)})
+    assert w.decision() == "continue"
+    w.record(10, HACKED, lambda: {"w": torch.full((1,), 10.0)})
+    assert w.decision() == "rollback" and w.should_stop()  # a Trainer stage, which cannot roll back, stops
+    step, state = w.load_candidate()
+    assert step == 5 and torch.equal(state["w"], torch.ones(1))
+    w.note_rollback(step, {"klCoef": 0.4})
+    assert not w.alarmed and w.decision() == "continue"  # answered: training goes on
+    w.record(15, FakeAnswers.of(0.0, 10), lambda: {"w": torch.full((1,), 15.0)})
+    assert w.candidate_step == 15  # healthy after the rollback: the new candidate
+    w.record(20, HACKED, lambda: {})
+    assert w.decision() == "rollback" and w.load_candidate()[0] == 15
+    w.note_rollback(15, {"klCoef": 0.8})
+    w.record(25, HACKED, lambda: {})
+    assert w.decision() == "stop"  # no rollbacks left
+    step, why = w.selection(25)
+    assert step == 15 and "alarm at step 25" in why and "rolled back 2x, last at step 20 to step 15" in why
+    summary = w.summary(25)
+    assert [r["restoredStep"] for r in summary["rollbacks"]] == [5, 15] and summary["stoppedByAlarm"]
+    assert len(summary["findings"]) == 3  # every alarm stays visible (status, condition)
+    logged = [json.loads(line) for line in w.log_path.read_text().splitlines()]
+    assert [r["step"] for r in logged if "rollback" in r] == [10, 20]
+
+    # A restart from a checkpoint between the two rollbacks forgets the second one.
+    again = Watcher(watch, tmp_path, kl_target=6.0, score_max=None, total_steps=40)
+    again.resume(15)
+    assert [r["step"] for r in again.rollbacks()] == [10] and again.candidate_step == 15
+
+
+def test_rollback_selection_never_picks_a_rolled_back_policy(tmp_path: Path) -> None:
+    history = [record(0), alarmed(10, score_mean=5.0), record(20, score_mean=0.5)]
+    history[1]["rollback"] = {"restoredStep": 0, "number": 1}
+    assert select(history, "bestReward", 30)[0] == 20  # the alarmed step 10 scored higher but was thrown away
+    assert select(history, "lastBeforeAlarm", 30)[0] == 30  # no standing alarm: the final policy
+    w = Watcher(Watch(eval_every=5, action="rollback", select="last"), tmp_path, kl_target=None, score_max=None,
+                total_steps=9)  # fmt: skip
+    w.record(0, HEALTHY, lambda: {"w": torch.zeros(1)})
+    assert w.candidate_step == 0  # select last keeps no candidate, but a rollback needs one
+
+
+def test_kl_controller_strengthens_and_remembers_it() -> None:
+    from rlhf_stages.methods.ppo.advantages import KLController
+
+    kl = KLController(0.2, True, 6.0, 10000)
+    kl.strengthen(2.0)
+    assert kl.value == pytest.approx(0.4) and kl.effective_target == pytest.approx(3.0)
+    kl.update(3.0, 64)  # at the new target: the coefficient stays
+    assert kl.value == pytest.approx(0.4)
+    restored = KLController(0.2, True, 6.0, 10000)
+    restored.load_state_dict(kl.state_dict())
+    assert restored.effective_target == pytest.approx(3.0) and restored.value == pytest.approx(0.4)
+    restored.load_state_dict({"value": 0.3})  # a checkpoint from before rollbacks existed
+    assert restored.effective_target == 6.0
+    fixed = KLController(0.2, False, 6.0, 10000)
+    fixed.strengthen(3.0)
+    assert fixed.value == pytest.approx(0.6) and fixed.effective_target == 6.0
+
+
+def test_ppo_loop_rolls_back_on_every_rank_and_trains_on(tmp_path: Path) -> None:
+    """PPOTrainer.train's handling of the verdicts, on a stand-in for the trainer (no models)."""
+    from types import SimpleNamespace
+
+    from rlhf_stages.methods.ppo.trainer import CONTINUE, END, ROLLBACK, PPOTrainer
+
+    trained: list[int] = []
+
+    def train_step() -> dict[str, float]:
+        fake.step += 1
+        trained.append(fake.step)
+        return {}
+
+    fake = SimpleNamespace(
+        stage=SimpleNamespace(total_steps=8, save_freq=100), step=0, train_step=train_step, saved_step=None
+    )
+    verdicts = {3: ROLLBACK, 5: ROLLBACK, 6: END}
+    rolled: list[int] = []
+    done = PPOTrainer.train(
+        fake,  # type: ignore[arg-type]
+        lambda: False,
+        None,
+        lambda step: verdicts.get(step, CONTINUE),
+        lambda: rolled.append(fake.step),
+    )
+    assert done is True and trained == [1, 2, 3, 4, 5, 6] and rolled == [3, 5]
+
+
+def test_rollback_is_refused_where_it_is_not_implemented() -> None:
+    from pydantic import ValidationError
+
+    from rlhf_api.stages import GRPOStage, PPOStage, RLOOStage
+
+    for stage in (GRPOStage, RLOOStage):
+        with pytest.raises(ValidationError, match="rollback is implemented for ppo only"):
+            stage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
+    ppo = PPOStage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
+    assert ppo.watch.max_rollbacks == 2 and ppo.watch.rollback_kl_factor == 2.0
+
+
+# ------------------------------------------------------------------ held-out preference accuracy
+
+
+def test_preference_accuracy_falling() -> None:
+    from rlhf_api.watch import PREFERENCE_FALLING
+
+    history = [record(0, preference_accuracy=0.8), record(10, preference_accuracy=0.65)]
+    assert kinds(history) == [PREFERENCE_FALLING]
+    (finding,) = detect(history, Watch(), None)
+    assert "0.80 -> 0.65" in finding.evidence
+    assert kinds(history, Watch(accuracy_drop=0.2)) == []
+    assert kinds([record(0, preference_accuracy=0.8), record(10, preference_accuracy=0.75)]) == []
+    assert kinds([record(0), record(10, preference_accuracy=0.1)]) == []  # no baseline: off
+
+
+def test_preference_accuracy_of_a_policy(tiny_lm: tuple[Any, Any, Any]) -> None:
+    from rlhf_stages.sampling.watch import preference_accuracy, response_logprobs
+
+    tok, policy, _ = tiny_lm
+    prompt = "Question: how is the old lake?\n\nAnswer:"
+    a, b = " the old lake is lovely.", " the old lake is lovely and"
+    eos = [tok.eos_token_id]
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    ra, rb = (tok(x, add_special_tokens=False)["input_ids"] + eos for x in (a, b))
+    la, lb = response_logprobs(policy, [(p, ra), (p, rb)], 1.0)
+    a_wins = la / len(ra) > lb / len(rb)
+    # The policy's own per-token preference, in either orientation of the pair.
+    assert preference_accuracy(policy, tok, [(prompt, a, b)]) == float(a_wins)
+    assert preference_accuracy(policy, tok, [(prompt, b, a)]) == float(not a_wins)
+    assert preference_accuracy(policy, tok, [(prompt, a, b), (prompt, b, a)]) == 0.5
+    assert summarize(Answers([[1]], [True], [0.0], [0.0], ["x"], ["p"], preference_accuracy=0.75), None, 0)[
+        "preference_accuracy"
+    ] == pytest.approx(0.75)

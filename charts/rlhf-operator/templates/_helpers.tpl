@@ -120,9 +120,10 @@ name, which needs no right of the operator's.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [create, patch]
+# Watched: the operator's cache knows whether each run's workspace exists; created when missing.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get, create]
+  verbs: [get, list, watch, create]
 - apiGroups: ["", events.k8s.io]
   resources: [events]
   verbs: [create, patch]

@@ -41,6 +41,7 @@ def render_status(name: str, obj: dict[str, Any]) -> str:
     ]
     if status.output_model:
         lines.append(f"output model: {status.output_model}")
+    lines += [f"published: {uri}" for uri in status.published]
     header = f"{'STAGE':<8} {'PHASE':<10} {'TRIES':>5} {'TIME':>8} {'PROGRESS':>9}  METRICS"
     lines += ["", header]
     for st in status.stages:
@@ -55,6 +56,11 @@ def render_status(name: str, obj: dict[str, Any]) -> str:
         lines += [f"{'':<8} ALARM {finding}" for finding in st.findings]  # reward hacking (docs/watch.md)
         if st.selection:
             lines.append(f"{'':<8} output: {st.selection}")
+        for used in st.inputs:  # the inputs stage: what each input was read at
+            at = f"@{used.revision}" if used.revision else ""
+            asked = f" (asked {used.requested})" if used.requested and used.requested != used.revision else ""
+            cache = f" [{used.cache}]" if used.cache else ""
+            lines.append(f"{'':<8} input {used.field}: {used.source}{at}{asked}{cache}")
     if status.conditions:
         lines += ["", "CONDITIONS"]
         lines += [f"  {c.type}={c.status} {c.reason}: {c.message}" for c in status.conditions]

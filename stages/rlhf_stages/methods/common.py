@@ -86,6 +86,13 @@ def check_reward_input(ctx: StageContext) -> None:
     models.check_model_dir(reward_location(ctx), f"{ctx.stage}.rewardModel (or the reward stage's output)")
 
 
+def check_preference_set(ctx: StageContext) -> None:
+    """A watched stage's held-out preference set (``watch.preferenceSet``) must be there (exit 3)."""
+    source = ctx.config.watch.preference_set
+    if source is not None:
+        data.check_source(ctx, source, f"{ctx.stage}.watch.preferenceSet")
+
+
 def pairs_source(ctx: StageContext) -> tuple[DatasetSource, str]:
     """The preference pairs a reward or dpo stage trains on, and the template of their prompts.
 

@@ -12,6 +12,10 @@ prompts from ``grpo.dataset`` rendered with ``promptTemplate`` (``evalFraction``
 Output: ``grpo/adapter`` (merged by the merge stage) or ``grpo/model``. Metrics: the last logged
 ``reward_mean``, ``reward_std``, ``kl``, ``entropy``, ``response_length``, ``truncated_rate`` and, on
 the held-out prompts, ``eval_reward_mean``, ``eval_eos_rate``, ``eval_length_tokens``.
+
+Watch (``grpo.watch``, as PPO's; docs/watch.md): held-out evaluations in ``grpo/evaluations.jsonl``,
+the reward-hacking detectors, stop on an alarm, and the selected evaluation's weights as the output
+(the final ones then in ``grpo/final/``); ``policy_rl.watch_callback`` hooks it into the trainer.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ one process only the latter applies.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rlhf_api import TrainingSettings
@@ -84,6 +86,7 @@ def validate(ctx: StageContext) -> None:
     common.check_policy_input(ctx)
     common.check_reward_input(ctx)
     common.check_generation_extra(ctx)
+    common.check_preference_set(ctx)
 
 
 def training_settings(cfg: Any) -> TrainingSettings:
@@ -124,6 +127,7 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
     """Train with ``trainer_class`` (GRPOTrainer or RLOOTrainer); the stage modules only pick the class."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from rlhf_stages.methods import watching
     from rlhf_stages.runtime.training import make_trainer, run_trainer
 
     cfg = ctx.config
@@ -164,6 +168,23 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    watcher = watching.make_watcher(ctx, None)  # no KL target: klBeyondLimit only with watch.klLimit
+    if watcher.enabled:
+        trainer.add_callback(
+            watch_callback(
+                ctx,
+                trainer,
+                watcher,
+                tokenizer,
+                reward_model,
+                reward_tokenizer,
+                watching.watch_prompts(
+                    list(eval_ds["prompt"]) if eval_ds is not None else [],
+                    list(train_ds["prompt"]),
+                    cfg.watch.eval_prompts,
+                ),
+            )
+        )
     # SIGTERM mid-step (e.g. while sampling): abandon the step and save the last completed one.
     # One process only: ranks aborting at different points would leave a collective waiting.
     guard = None
@@ -181,6 +202,20 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
 
     logs = callback.latest_logs
     metrics = {ours: float(logs[theirs]) for theirs, ours in LOG_KEYS.items() if theirs in logs}
+    step = trainer.state.global_step
+    concluded = watching.Concluded()
+    if ctx.is_main:
+        # Before the held-out numbers and the save below: they are the chosen policy's.
+        concluded = watching.conclude(
+            ctx,
+            watcher,
+            step,
+            save_final=lambda: common.save_policy(ctx, trainer.model, tokenizer, base, cfg.lora.enabled, under="final"),
+            load_weights=lambda state: models.load_trainable_state(
+                trainer.accelerator.unwrap_model(trainer.model), state
+            ),
+        )
+        metrics.update(concluded.metrics)
     if eval_ds is not None:
         metrics.update(
             common.evaluate_held_out(
@@ -212,7 +247,67 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
             "numGenerations": cfg.num_generations,
             "rewardScoredWithEos": True,
             "logHistory": callback.history[-50:],
+            "watch": concluded.summary,
         },
+        findings=concluded.findings,
+        selected_step=concluded.selected_step,
+        selection=concluded.selection,
         message=f"{ctx.stage.upper()} done: reward_mean={metrics.get('reward_mean', float('nan')):.3f}, "
-        f"eval_reward_mean={metrics.get('eval_reward_mean', float('nan')):.3f}",
+        f"eval_reward_mean={metrics.get('eval_reward_mean', float('nan')):.3f}"
+        + (
+            f"; output = step {concluded.selected_step} of {step} ({concluded.selection})"
+            if concluded.summary and concluded.selected_step != step
+            else ""
+        ),
     )
+
+
+def watch_callback(
+    ctx: StageContext,
+    trainer: Any,
+    watcher: Any,
+    tokenizer: Any,
+    reward_model: Any,
+    reward_tokenizer: Any,
+    prompts: list[str],
+) -> Any:
+    """The watch's hook into TRL's trainer: the policy answers ``prompts`` with the stage's sampling
+    settings; the reference is the policy with its LoRA adapter disabled, else TRL's frozen copy
+    (none when ``beta`` is 0 and all weights train: the KL is then not measured)."""
+    from rlhf_stages.methods.watching import WatchCallback, preference_pairs, with_preferences
+    from rlhf_stages.sampling.watch import sample_answers
+
+    cfg = ctx.config
+
+    def policy() -> Any:
+        return trainer.accelerator.unwrap_model(trainer.model)
+
+    @contextmanager
+    def reference() -> Iterator[Any]:
+        model = policy()
+        if getattr(trainer, "ref_model", None) is not None:
+            yield trainer.accelerator.unwrap_model(trainer.ref_model)
+        elif hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                yield model
+        else:
+            yield None
+
+    pairs = preference_pairs(ctx)
+
+    def evaluate() -> Any:
+        answers = sample_answers(
+            policy(),
+            tokenizer,
+            prompts,
+            reference=reference,
+            reward_model=reward_model,
+            reward_tokenizer=reward_tokenizer,
+            max_new_tokens=cfg.response_length.max,
+            temperature=cfg.generation.temperature,
+            top_k=cfg.generation.top_k,
+            top_p=cfg.generation.top_p,
+        )
+        return with_preferences(answers, policy(), tokenizer, pairs)
+
+    return WatchCallback(ctx, watcher, evaluate, lambda: models.trainable_state(policy()))

@@ -7,7 +7,7 @@ the LoRA adapter disabled, or a frozen copy when all weights are trained). Rewar
 (``policy_rl``): prompt + completion + EOS scored by the reward model, ``missingEosPenalty`` for
 answers cut off at ``responseLength.max``.
 
-Inputs, output and metrics as for GRPO (``rloo/adapter`` or ``rloo/model``).
+Inputs, output, metrics and the watch (``rloo.watch``) as for GRPO (``rloo/adapter`` or ``rloo/model``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
     """True when the flag is set on any rank, so every rank stops at the same step."""
     import torch
     import torch.distributed as dist
@@ -65,7 +65,7 @@ class StageCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         if self._delay:
             time.sleep(self._delay)
-        if _any_rank(self.ctx.stop_requested.is_set()):
+        if any_rank(self.ctx.stop_requested.is_set()):
             # Save now, then leave the training loop; run_trainer turns this into exit 143.
             self.stopped_by_signal = True
             control.should_save = True

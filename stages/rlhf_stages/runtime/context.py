@@ -74,6 +74,13 @@ class StageOutcome:
     """The evaluated checkpoint whose weights are the output, when the stage chose one."""
     selection: str | None = None
     """Why that checkpoint."""
+    published: list[str] = field(default_factory=list)
+    """Where the result was uploaded (the publish stage's URIs); kept in the manifest as ``details.published``."""
+    resolved: list[dict[str, Any]] = field(default_factory=list)
+    """The inputs stage: each input's field, source and revision (``layout.StageResult.inputs``)."""
+    output_id: str | None = None
+    """The manifest's ``outputId``; None: a new random one. A stage whose output is a pure function of
+    what it read (inputs) sets it, so that running it again does not make later stages' outputs stale."""
 
 
 @dataclass

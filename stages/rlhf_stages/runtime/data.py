@@ -8,6 +8,10 @@ Sources (``DatasetSource.format``):
   ``ACTIVELOOP_TOKEN``) or a volume directory;
 * ``jsonl`` / ``parquet``: a file on the volume.
 
+A hub id or deeplake URL that the inputs stage staged is read from its copy in the input cache
+instead (``input_cache.staged_copy``): then the whole dataset is on the volume and ``maxSamples``
+selects rows from it like from any file.
+
 No source is loaded whole into memory. ``maxSamples`` picks its rows by seed
 (:func:`sample_indices`) before anything is read wherever the row count is known: Arrow datasets
 (files on the volume, saved datasets) are memory-mapped and only the chosen rows selected; deeplake
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_api import DatasetSource
+from rlhf_stages.runtime import input_cache
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInputMissing
 
 if TYPE_CHECKING:
@@ -160,7 +165,9 @@ def _write_arrow(path: Path, batches: Iterator[dict[str, list[Any]]]) -> None:
         partial.unlink(missing_ok=True)
 
 
-def stream_sample(location: str, subset: str | None, split: str, max_samples: int, seed: int) -> Dataset:
+def stream_sample(
+    location: str, subset: str | None, split: str, max_samples: int, seed: int, revision: str | None = None
+) -> Dataset:
     """``max_samples`` rows of a streamed dataset (a hub id), shuffled by ``seed`` through a buffer of
     :data:`SHUFFLE_BUFFER` rows; only what the stream reads (those rows and the buffer's) is downloaded.
 
@@ -169,7 +176,7 @@ def stream_sample(location: str, subset: str | None, split: str, max_samples: in
     the same hub revision give the same rows."""
     from datasets import Dataset, load_dataset
 
-    stream = load_dataset(location, subset, split=split, streaming=True, token=_hf_token())
+    stream = load_dataset(location, subset, split=split, streaming=True, token=_hf_token(), revision=revision)
     taken = stream.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER).take(max_samples)
     return Dataset.from_list(list(taken), features=taken.features)
 
@@ -177,10 +184,13 @@ def stream_sample(location: str, subset: str | None, split: str, max_samples: in
 def _from_huggingface(ctx: StageContext, source: DatasetSource, seed: int) -> Dataset:
     from datasets import DatasetDict, load_dataset, load_from_disk
 
+    staged = input_cache.staged_copy(ctx, source)
+    if staged is not None:  # the inputs stage's copy of the hub repository: its data files
+        return load_dataset(str(staged), source.subset, split=source.split)
     if source.name is not None:
         if source.max_samples is not None:
-            return stream_sample(source.name, source.subset, source.split, source.max_samples, seed)
-        return load_dataset(source.name, source.subset, split=source.split, token=_hf_token())
+            return stream_sample(source.name, source.subset, source.split, source.max_samples, seed, source.revision)
+        return load_dataset(source.name, source.subset, split=source.split, token=_hf_token(), revision=source.revision)
     path = ctx.volume_path(source.path or "")
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         loaded = load_from_disk(str(path))
@@ -198,7 +208,9 @@ def load_rows(ctx: StageContext, source: DatasetSource, seed: int) -> Dataset:
 
     if source.format == "deeplake":
         # Sampled while reading: only the chosen rows leave deeplake.
-        ds = _from_deeplake(source.name or str(ctx.volume_path(source.path or "")), source.max_samples, seed)
+        staged = input_cache.staged_copy(ctx, source)
+        location = str(staged) if staged is not None else source.name or str(ctx.volume_path(source.path or ""))
+        ds = _from_deeplake(location, source.max_samples, seed)
     else:
         if source.format in ("jsonl", "parquet"):
             builder = "json" if source.format == "jsonl" else "parquet"

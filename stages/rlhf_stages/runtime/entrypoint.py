@@ -51,6 +51,7 @@ from typing import Any
 from rlhf_api import layout
 from rlhf_api.layout import StageInvocation, StageResult
 from rlhf_api.methods import STAGE_MODULES
+from rlhf_api.run import ResolvedInput
 from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext, StageError, StageOutcome
 
 # Stage name -> module (the API's method table). Modules are imported only when their stage runs.
@@ -131,6 +132,8 @@ def _result(
         findings=[f[:300] for f in outcome.findings[:4]] if outcome else [],
         selected_step=outcome.selected_step if outcome else None,
         selection=outcome.selection if outcome else None,
+        published=outcome.published[:4] if outcome else [],
+        inputs=[ResolvedInput.model_validate(r) for r in outcome.resolved] if outcome else [],
     )
 
 
@@ -239,7 +242,10 @@ def _attempt(ctx: StageContext, nproc: int | None, config: Path) -> int:
 
     stage = ctx.stage
     inputs = outputs.config_inputs(ctx)
-    existing = outputs.existing_output(ctx, inputs)
+    module = stage_module(stage)
+    # A stage that resolves its inputs again on every start (the inputs stage: a branch may have moved)
+    # neither reuses nor sets aside an earlier output; its commit replaces it.
+    existing = None if getattr(module, "RESOLVES_EVERY_START", False) else outputs.existing_output(ctx, inputs)
     if existing is not None and existing.reusable:
         message = outputs.reuse_message(ctx, existing.manifest)
         log(f"{stage}: {message}")
@@ -252,13 +258,13 @@ def _attempt(ctx: StageContext, nproc: int | None, config: Path) -> int:
             findings=list(watched.get("findings", [])),
             selected_step=watched.get("selectedStep"),
             selection=watched.get("selection"),
+            published=list(done.get("details", {}).get("published") or []),  # a reused upload still says where
         )
         if ctx.is_main:
             _write_result(_result(ctx, stage, 0, message, outcome=previous))
         return layout.EXIT_OK
     top = not _launched_child()
     ctx.attempt = attempts.begin(ctx, outputs.hash_of(inputs)) if top else attempts.latest(ctx)
-    module = stage_module(stage)
     if hasattr(module, "validate"):
         module.validate(ctx)
     if top:  # the valid configuration trains: stale output and checkpoints go aside, said so

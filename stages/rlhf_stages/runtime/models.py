@@ -2,7 +2,8 @@
 
 Rules the stages rely on:
 
-* A model is a hub id or a directory on the volume (:func:`locate`); stages never trust the
+* A model is a hub id or a directory on the volume (:func:`locate`); a hub id the inputs stage
+  staged is read from its copy in the input cache (the hub is offline then); stages never trust the
   absolute base path a PEFT adapter records (it was another container's), they resolve the
   base from the run's lineage and pass it explicitly (:func:`merge_adapter`).
 * Quantization needs CUDA. Without it a stage fails with a clear configuration error, unless
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_api import LoRA, ModelSource, Quantization
+from rlhf_stages.runtime import input_cache
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInputMissing
 
 ALLOW_CPU_QUANTIZATION_ENV = "RLHF_ALLOW_CPU_QUANTIZATION"
@@ -46,6 +48,10 @@ class ModelLocation:
 
 
 def locate(ctx: StageContext, source: ModelSource) -> ModelLocation:
+    """A model source as ``from_pretrained`` reads it: the inputs stage's copy of a hub id when it made one."""
+    staged = input_cache.staged_copy(ctx, source)
+    if staged is not None:
+        return ModelLocation(str(staged), source.name or "", None, source.trust_remote_code)
     if source.path is not None:
         return ModelLocation(str(ctx.volume_path(source.path)), source.path, None, source.trust_remote_code)
     return ModelLocation(source.name or "", source.name or "", source.revision, source.trust_remote_code)
@@ -196,3 +202,24 @@ def save_standalone(model: Any, tokenizer: Any, out_dir: Path, dtype: str | None
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+
+
+def trainable_state(module: Any) -> dict[str, Any]:
+    """The parameters that train (a LoRA adapter, or all weights), not the frozen base weights, on the CPU.
+
+    One owner for "the weights a stage changes": PPO's checkpoints and the watch's kept candidate.
+    """
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: Any, state: dict[str, Any]) -> None:
+    """Put back what :func:`trainable_state` took; every trainable parameter must be in ``state``."""
+    import torch
+
+    params = dict(module.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks trained parameters, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)

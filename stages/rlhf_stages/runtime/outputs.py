@@ -244,13 +244,15 @@ def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
     details = dict(outcome.details)
     if attempt.get("notices"):
         details["notices"] = attempt["notices"]
+    if outcome.published:  # read back when the output is reused (entrypoint)
+        details["published"] = outcome.published
     manifest = {
         "apiVersion": ctx.invocation.api_version,
         "kind": "StageManifest",
         "stage": ctx.stage,
         "run": ctx.invocation.run.to_wire(),
         "completed": True,
-        "outputId": uuid.uuid4().hex,
+        "outputId": outcome.output_id or uuid.uuid4().hex,
         "configHash": hash_of(inputs),
         "config": inputs,
         "writtenBy": {
@@ -282,12 +284,17 @@ def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
 def result_json(result: StageResult) -> str:
     """The result as JSON of at most 4 KiB: metrics, then the message, are cut to fit."""
     body = result.model_dump(mode="json", by_alias=True, exclude_none=True)
-    if not body.get("findings"):  # absent unless an alarm was raised: readers older than the field still parse it
-        body.pop("findings", None)
+    # Absent when empty (no alarm; not the publish or inputs stage): readers older than the field still parse it.
+    for key in ("findings", "published", "inputs"):
+        if not body.get(key):
+            body.pop(key, None)
     text = json.dumps(body, sort_keys=True)
     limit = layout.TERMINATION_MESSAGE_LIMIT
     while len(text.encode()) > limit and body.get("metrics"):
         body["metrics"].pop(sorted(body["metrics"])[-1])
+        text = json.dumps(body, sort_keys=True)
+    while len(text.encode()) > limit and body.get("inputs"):  # all of them stay in <run>/inputs/inputs.json
+        body["inputs"].pop()
         text = json.dumps(body, sort_keys=True)
     if len(text.encode()) > limit and body.get("message"):
         overflow = len(text.encode()) - limit

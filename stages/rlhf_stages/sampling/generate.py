@@ -21,6 +21,7 @@ class Completion:
     text: str  # decoded answer, EOS excluded (starts with the separator space)
     ended_with_eos: bool
     num_tokens: int  # generated tokens, EOS included
+    token_ids: tuple[int, ...] = ()  # the generated ids, EOS included (the watch measures them)
 
 
 def device_of(model: Any) -> torch.device:
@@ -107,6 +108,7 @@ def generate_completions(
                             text=tokenizer.decode(answer, skip_special_tokens=True),
                             ended_with_eos=cut is not None,
                             num_tokens=len(answer) + (cut is not None),
+                            token_ids=tuple(ids if cut is None else ids[: cut + 1]),
                         )
                     )
     finally:

@@ -13,8 +13,9 @@ ground truth, so the stage watches for the known shapes of that failure itself (
   weights of the selected candidate, and whether an alarm ended training. It survives a restart:
   both live in the checkpoint directory and records newer than the resumed step are dropped.
 
-The loop-specific part (how a policy answers and is scored) is a callable the stage passes in; PPO's
-is ``methods.ppo.watch``.
+How the policy answers is the loop's: PPO samples through its own rollout (``methods.ppo.watch``);
+the Trainer-based stages (GRPO, RLOO) through :func:`sample_answers`, with ``methods.watching``
+hooking the watcher into the HF Trainer. Both sample with :data:`EVAL_SEED`.
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_api.watch import KL_BEYOND_LIMIT, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
+from rlhf_api.watch import KL_BEYOND_LIMIT, PREFERENCE_FALLING, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
 
 LOG_FILE = "evaluations.jsonl"
 CANDIDATE_FILE = "watch-candidate.pt"
 KL_TARGET_FACTOR = 3.0  # kl_limit default: this many times the adaptive controller's target
 MAX_FINDINGS = 4  # what a StageResult carries (the log keeps every one)
+EVAL_SEED = 20231  # every evaluation samples with this seed: two evaluations differ only by the policy
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Answers:
     """Per-answer KL to the reference: sum over its tokens of log p_policy - log p_reference."""
     texts: Sequence[str]
     prompts: Sequence[str]
+    preference_accuracy: float | None = None
+    """The policy's preference accuracy on the held-out pairs (``preference_accuracy``); None: no set."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ def summarize(answers: Answers, score_max: float | None, samples_kept: int) -> d
         "distinct_2": distinct_n(answers.tokens, 2),
         "repetition": _mean([repetition(t) for t in answers.tokens]),
     }
+    if answers.preference_accuracy is not None:
+        record["preference_accuracy"] = answers.preference_accuracy
     if score_max is not None:
         record["above_score_range"] = _mean([float(s > score_max) for s in scores])
     record["samples"] = [
@@ -116,6 +123,107 @@ def summarize(answers: Answers, score_max: float | None, samples_kept: int) -> d
         for p, t, s in list(zip(answers.prompts, answers.texts, scores, strict=True))[:samples_kept]
     ]
     return record
+
+
+# ------------------------------------------------------------------ answers of a Hugging Face policy
+
+
+def response_logprobs(
+    model: Any, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], temperature: float, batch_size: int = 8
+) -> list[float]:
+    """Sum over each response's tokens of log p(token | everything before it), at ``temperature``
+    (as sampled), for (prompt ids, response ids) pairs. Right-padded batches: positions stay 0..n-1."""
+    import torch
+
+    from rlhf_stages.sampling.generate import device_of
+
+    device = device_of(model)
+    sums: list[float] = []
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(sequences), batch_size):
+                chunk = sequences[start : start + batch_size]
+                full = [list(p) + list(r) for p, r in chunk]
+                width = max(len(f) for f in full)
+                ids = torch.zeros(len(full), width, dtype=torch.long)
+                mask = torch.zeros(len(full), width, dtype=torch.long)
+                for i, f in enumerate(full):
+                    ids[i, : len(f)] = torch.tensor(f)
+                    mask[i, : len(f)] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+                logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
+                picked = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+                for i, (p, r) in enumerate(chunk):
+                    sums.append(float(picked[i, len(p) - 1 : len(p) - 1 + len(r)].sum()) if r else 0.0)
+    finally:
+        model.train(was_training)
+    return sums
+
+
+def preference_accuracy(policy: Any, tokenizer: Any, pairs: Sequence[tuple[str, str, str]]) -> float:
+    """Share of (prompt, chosen, rejected) pairs whose chosen answer (+ EOS) the policy gives a higher
+    mean per-token log-probability than the rejected one: its own preference, no reference needed
+    (per token, so that a shorter answer is not preferred for being short)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    seqs: list[tuple[list[int], list[int]]] = []
+    for prompt, chosen, rejected in pairs:
+        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        for answer in (chosen, rejected):
+            seqs.append((ids, list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + eos))
+    sums = response_logprobs(policy, seqs, 1.0)
+    means = [total / max(1, len(r)) for total, (_, r) in zip(sums, seqs, strict=True)]
+    wins = [means[i] > means[i + 1] for i in range(0, len(means), 2)]
+    return sum(wins) / len(wins) if wins else math.nan
+
+
+def sample_answers(
+    policy: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    reference: Callable[[], AbstractContextManager[Any]],
+    reward_model: Any,
+    reward_tokenizer: Any,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> Answers:
+    """One evaluation of a Hugging Face policy (GRPO, RLOO): one answer per prompt sampled with
+    :data:`EVAL_SEED` and the full budget, the raw reward-model score (no EOS penalty, as PPO's), and
+    the KL to the reference. ``reference()`` is a context yielding the reference model (the policy
+    with its adapter disabled, or a frozen copy), or None where there is none: the KL is then NaN
+    and ``klBeyondLimit`` cannot fire. The global RNG is left as it was (sampling forks it)."""
+    from rlhf_stages.sampling.generate import generate_completions
+    from rlhf_stages.sampling.score import score_with_reward_model
+
+    done = generate_completions(
+        policy,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        EVAL_SEED,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        batch_size=8,
+    )
+    scores = score_with_reward_model(reward_model, reward_tokenizer, prompts, done)
+    # The ids the policy saw (generate_completions encodes prompts without special tokens) and sampled.
+    pairs = [(list(tokenizer(c.prompt, add_special_tokens=False)["input_ids"]), list(c.token_ids)) for c in done]
+    logprobs = response_logprobs(policy, pairs, temperature)
+    with reference() as ref:
+        ref_logprobs = response_logprobs(ref, pairs, temperature) if ref is not None else [math.nan] * len(pairs)
+    return Answers(
+        tokens=[c.token_ids[: len(c.token_ids) - c.ended_with_eos] for c in done],
+        ended_with_eos=[c.ended_with_eos for c in done],
+        scores=scores,
+        kl=[lp - rp for lp, rp in zip(logprobs, ref_logprobs, strict=True)],
+        texts=[c.text for c in done],
+        prompts=list(prompts),
+    )
 
 
 # ------------------------------------------------------------------ detectors
@@ -154,6 +262,11 @@ def detect(history: Sequence[dict[str, Any]], watch: Watch, limit: float | None)
             found.append(Finding(REWARD_WITH_COLLAPSE, step, evidence))
     if limit is not None and now["kl_mean"] > limit:
         found.append(Finding(KL_BEYOND_LIMIT, step, f"KL to the reference {now['kl_mean']:.2f} > limit {limit:.2f}"))
+    acc, base_acc = now.get("preference_accuracy"), base.get("preference_accuracy")
+    if acc is not None and base_acc is not None and acc < base_acc - watch.accuracy_drop:
+        found.append(
+            Finding(PREFERENCE_FALLING, step, f"preference accuracy on the held-out pairs {base_acc:.2f} -> {acc:.2f}")
+        )
     above = now.get("above_score_range")
     if above is not None and above >= watch.out_of_range_fraction:
         found.append(
@@ -170,14 +283,17 @@ def detect(history: Sequence[dict[str, Any]], watch: Watch, limit: float | None)
 
 
 def first_alarm(history: Sequence[dict[str, Any]]) -> int | None:
-    """Step of the first evaluation with a finding, if any."""
-    return next((int(r["step"]) for r in history if r.get("findings")), None)
+    """Step of the first evaluation with a finding that no rollback answered, if any."""
+    return next((int(r["step"]) for r in history if r.get("findings") and not r.get("rollback")), None)
 
 
 def select(history: Sequence[dict[str, Any]], criterion: str, final_step: int) -> tuple[int, str]:
-    """(step whose weights become the output, why) among the evaluations of ``history``."""
+    """(step whose weights become the output, why) among the evaluations of ``history``.
+
+    Only evaluations without findings are eligible (after a rollback, the alarm that caused it
+    stays in the history but its policy was thrown away)."""
     alarm = first_alarm(history)
-    before = [r for r in history if alarm is None or int(r["step"]) < alarm]
+    before = [r for r in history if not r.get("findings") and (alarm is None or int(r["step"]) < alarm)]
     if criterion == "last":
         return final_step, "select: last (the final policy)"
     if criterion == "bestReward" and before:
@@ -231,7 +347,36 @@ class Watcher:
 
     @property
     def alarmed(self) -> bool:
+        """An alarm stands (one a rollback answered does not)."""
         return first_alarm(self.history) is not None
+
+    def rollbacks(self) -> list[dict[str, Any]]:
+        return [dict(r["rollback"], step=r["step"]) for r in self.history if r.get("rollback")]
+
+    def decision(self) -> str:
+        """What the newest state asks of the loop: ``continue``, ``stop`` or ``rollback`` (action
+        rollback, while rollbacks are left and a healthy candidate is kept; then ``stop``)."""
+        if not self.alarmed or self.watch.action == "warn":
+            return "continue"
+        if self.watch.action == "rollback":
+            can = len(self.rollbacks()) < self.watch.max_rollbacks and self.candidate_step is not None
+            return "rollback" if can else "stop"
+        return "stop"
+
+    def load_candidate(self) -> tuple[int, dict[str, Any]]:
+        """(step, weights) of the kept candidate, as any process reads it from the shared volume."""
+        import torch
+
+        saved = torch.load(self.directory / CANDIDATE_FILE, map_location="cpu")
+        return int(saved["step"]), dict(saved["state"])
+
+    def note_rollback(self, restored: int, kl: dict[str, Any]) -> dict[str, Any]:
+        """Record on the newest evaluation (the alarm) that it was answered by restoring step
+        ``restored`` with the KL settings ``kl``; its findings stay, and count for status."""
+        note = {"restoredStep": restored, "number": len(self.rollbacks()) + 1, **kl}
+        self.history[-1]["rollback"] = note
+        self._rewrite()
+        return note
 
     def findings(self) -> list[str]:
         return [f for r in self.history for f in r.get("findings", [])]
@@ -276,14 +421,22 @@ class Watcher:
 
     def _is_candidate(self, record: dict[str, Any]) -> bool:
         if self.watch.select == "bestReward":
-            return all(record["score_mean"] >= r["score_mean"] for r in self.history if r is not record)
-        return self.watch.select == "lastBeforeAlarm"
+            healthy = [r for r in self.history if r is not record and not r.get("findings")]
+            return all(record["score_mean"] >= r["score_mean"] for r in healthy)
+        # A rollback restores the candidate, so one is kept under action rollback whatever the selection.
+        return self.watch.select == "lastBeforeAlarm" or self.watch.action == "rollback"
 
     def should_stop(self) -> bool:
-        return self.alarmed and self.watch.action == "stop"
+        """Training ends here (a Trainer stage, which cannot roll back, also stops on ``rollback``)."""
+        return self.decision() != "continue"
 
     def selection(self, final_step: int) -> tuple[int, str]:
-        return select(self.history, self.watch.select, final_step)
+        step, why = select(self.history, self.watch.select, final_step)
+        done = self.rollbacks()
+        if done:  # status shows this line: the rollbacks belong in it
+            last = done[-1]
+            why += f"; rolled back {len(done)}x, last at step {last['step']} to step {last['restoredStep']}"
+        return step, why
 
     def candidate_weights(self, step: int) -> dict[str, Any]:
         import torch
@@ -301,14 +454,24 @@ class Watcher:
     def summary(self, final_step: int) -> dict[str, Any]:
         """What the manifest keeps (details.watch): the settings, the findings, the choice, the table."""
         step, why = self.selection(final_step)
-        table_keys = ("step", "score_mean", "score_std", "kl_mean", "length_mean", "eos_rate", "distinct_2")
+        table_keys = (
+            "step",
+            "score_mean",
+            "score_std",
+            "kl_mean",
+            "length_mean",
+            "eos_rate",
+            "distinct_2",
+            "preference_accuracy",
+        )
         return {
             "evalEvery": self.watch.eval_every,
             "action": self.watch.action,
             "klLimit": self.limit,
             "scoreMax": self.score_max,
             "findings": self.findings(),
-            "stoppedByAlarm": self.should_stop() and final_step < self.total_steps,
+            "stoppedByAlarm": self.decision() == "stop" and final_step < self.total_steps,
+            "rollbacks": self.rollbacks(),
             "selectedStep": step,
             "selection": why,
             "evaluations": [{k: r[k] for k in table_keys if k in r} for r in self.history],

@@ -68,19 +68,33 @@ class KLController:
     adaptive: bool
     target: float
     horizon: int
+    target_scale: float = 1.0
+    """What the watch's rollbacks made of ``target`` (each divides it by its factor)."""
+
+    @property
+    def effective_target(self) -> float:
+        return self.target * self.target_scale
 
     def update(self, observed_kl: float, num_rollouts: int) -> None:
         if not self.adaptive:
             return
-        error = min(max(observed_kl / self.target - 1.0, -0.2), 0.2)
+        error = min(max(observed_kl / self.effective_target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * num_rollouts / self.horizon
+
+    def strengthen(self, factor: float) -> None:
+        """A rollback's stronger KL penalty: the coefficient times ``factor`` and, adaptive, the
+        target divided by it (else the controller would walk the coefficient back to the old KL)."""
+        self.value *= factor
+        if self.adaptive:
+            self.target_scale /= factor
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Only the coefficient is state: target and horizon come from the (possibly edited) spec.
+        # The coefficient and the rollbacks' scale are state: target and horizon come from the spec.
         self.value = float(state["value"])
+        self.target_scale = float(state.get("target_scale", 1.0))  # absent: written before rollbacks existed
 
 
 def shaped_rewards(

@@ -19,24 +19,10 @@ import torch
 from torch import nn
 
 from rlhf_stages.runtime.checkpoint_dir import CheckpointDir
+from rlhf_stages.runtime.models import load_trainable_state, trainable_state
 
 STATE_FILE = "state.json"
 KEEP = 2  # the newest complete checkpoints kept; older ones are deleted after a new one is complete
-
-
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (the adapter and value model), not the frozen base weights."""
-    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(module.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    if missing:
-        raise ValueError(f"checkpoint lacks trained parameters, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:

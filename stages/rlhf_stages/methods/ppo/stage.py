@@ -34,7 +34,6 @@ from typing import Any
 from rlhf_stages.methods import common
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInterrupted, StageOutcome
-from rlhf_stages.runtime.outputs import completed_manifest
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +55,6 @@ FINAL_METRICS = (
 )
 
 
-def reward_score_max(ctx: StageContext) -> float | None:
-    """The highest score this run's reward stage gave an answer of its own data (None: unknown)."""
-    if ctx.config.reward_model is not None:
-        return None
-    manifest = completed_manifest(ctx.stage_output_of("reward")) or {}
-    value = (manifest.get("details", {}).get("scoreRange") or {}).get("max")
-    return float(value) if value is not None else None
-
-
 def validate(ctx: StageContext) -> None:
     cfg = ctx.config
     data.check_source(ctx, cfg.dataset, "ppo.dataset")
@@ -74,6 +64,7 @@ def validate(ctx: StageContext) -> None:
     # Exit 3 when sft/ or reward/ is not complete, as for the other policy stages.
     common.check_policy_input(ctx)
     common.check_reward_input(ctx)
+    common.check_preference_set(ctx)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world or cfg.mini_batch_size % world:
         raise StageConfigError(
@@ -100,15 +91,15 @@ def run(ctx: StageContext) -> StageOutcome:
     import torch
     from accelerate import Accelerator
 
+    from rlhf_stages.methods import watching
     from rlhf_stages.methods.ppo import watch as ppo_watch
     from rlhf_stages.methods.ppo.checkpoint import checkpoint_dir
     from rlhf_stages.methods.ppo.models import load_models
-    from rlhf_stages.methods.ppo.trainer import PPOTrainer
+    from rlhf_stages.methods.ppo.trainer import CONTINUE, END, ROLLBACK, PPOTrainer
     from rlhf_stages.runtime.checkpoints import (
         STEP_DELAY_ENV,  # imports transformers: not at module level (validate stays light)
     )
     from rlhf_stages.runtime.interrupt import StepGuard
-    from rlhf_stages.sampling.watch import MAX_FINDINGS, Watcher
 
     cfg = ctx.config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -145,35 +136,40 @@ def run(ctx: StageContext) -> StageOutcome:
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     ctx.write_progress(trainer.step, cfg.total_steps, force=True)
 
-    watcher = Watcher(
-        cfg.watch,
-        ctx.checkpoints_dir,
-        kl_target=cfg.kl_target,
-        score_max=reward_score_max(ctx),
-        total_steps=cfg.total_steps,
-    )
-    # Held-out prompts when the dataset holds some out, else the first training prompts (said in the log).
-    watch_prompts = (eval_prompts or train_prompts)[: cfg.watch.eval_prompts]
+    watcher = watching.make_watcher(ctx, cfg.kl_target)
+    watch_prompts = watching.watch_prompts(eval_prompts, train_prompts, cfg.watch.eval_prompts)
+    pairs = watching.preference_pairs(ctx)
 
-    def evaluate(step: int) -> bool:
-        """Rank 0 evaluates when due; True ends training (an alarm under action: stop)."""
+    def evaluate(step: int) -> int:
+        """Rank 0 evaluates when due, then says what the alarm (if any) asks of the loop."""
         if not ctx.is_main or not watcher.due(step):
-            return False
-        record = watcher.record(
-            step, ppo_watch.answers(trainer, watch_prompts), lambda: ppo_watch.policy_weights(trainer)
+            return CONTINUE
+        answers = watching.with_preferences(
+            ppo_watch.answers(trainer, watch_prompts), trainer.module.policy, tokenizer, pairs
         )
-        log.info(
-            "ppo evaluation at step %d: score %.3f (sd %.3f) kl %.3f length %.1f eos %.2f distinct-2 %.3f%s",
-            step,
-            record["score_mean"],
-            record["score_std"],
-            record["kl_mean"],
-            record["length_mean"],
-            record["eos_rate"],
-            record["distinct_2"],
-            "".join(f"; ALARM {f}" for f in record["findings"]),
-        )
-        return watcher.should_stop() and step < cfg.total_steps
+        record = watcher.record(step, answers, lambda: ppo_watch.policy_weights(trainer))
+        watching.log_record("ppo", record)
+        verdict = watcher.decision()
+        if verdict == "rollback":
+            return ROLLBACK
+        return END if verdict == "stop" and step < cfg.total_steps else CONTINUE
+
+    def rollback() -> None:
+        """Every rank: the kept candidate's policy (rank 0 wrote it to the shared volume before the
+        verdict was shared) and a stronger KL penalty; rank 0 records it on the alarm's evaluation."""
+        restored, state = watcher.load_candidate()
+        trainer.restore_policy(state, cfg.watch.rollback_kl_factor)
+        if ctx.is_main:
+            note = watcher.note_rollback(
+                restored, {"klCoef": trainer.kl.value, "klTarget": trainer.kl.effective_target}
+            )
+            log.warning(
+                "ppo watch: rollback %d at step %d to step %d's policy, %s",
+                note["number"],
+                trainer.step,
+                restored,
+                {k: note[k] for k in ("klCoef", "klTarget")},
+            )
 
     if ctx.is_main and watcher.enabled:
         watcher.resume(trainer.step)
@@ -199,7 +195,7 @@ def run(ctx: StageContext) -> StageOutcome:
         if delay:
             time.sleep(delay)
 
-    finished = trainer.train(ctx.stop_requested.is_set, on_step, evaluate if watcher.enabled else None)
+    finished = trainer.train(ctx.stop_requested.is_set, on_step, evaluate if watcher.enabled else None, rollback)
     guard.close()  # the held-out evaluation below always completes
     if not finished:
         newest = checkpoints.latest()
@@ -207,18 +203,19 @@ def run(ctx: StageContext) -> StageOutcome:
 
     last = trainer.history[-1] if trainer.history else {}
     metrics = {k: float(last[k]) for k in FINAL_METRICS if k in last}
-    selected, selection, watched = trainer.step, None, None
-    if ctx.is_main and watcher.enabled:
-        selected, selection = watcher.selection(trainer.step)
-        watched = watcher.summary(trainer.step)
-        metrics["watch_alarms"] = float(len(watcher.findings()))
-        metrics["selected_step"] = float(selected)
-        if selected != trainer.step:
-            # The final weights stay available beside the chosen ones, which become the output.
-            common.save_policy(ctx, trainer.module.policy, tokenizer, policy_loc, cfg.lora.enabled, under="final")
-            ppo_watch.load_policy_weights(trainer, watcher.candidate_weights(selected))
-        watcher.publish(ctx.staging_dir)
+    concluded = watching.Concluded()
     if ctx.is_main:
+        # The final weights stay available beside the chosen ones, which become the output.
+        concluded = watching.conclude(
+            ctx,
+            watcher,
+            trainer.step,
+            save_final=lambda: common.save_policy(
+                ctx, trainer.module.policy, tokenizer, policy_loc, cfg.lora.enabled, under="final"
+            ),
+            load_weights=lambda state: ppo_watch.load_policy_weights(trainer, state),
+        )
+        metrics.update(concluded.metrics)
         metrics.update(evaluate_held_out(trainer, eval_prompts[: common.EVAL_PROMPTS_MAX]))  # of the output
         common.save_policy(ctx, trainer.module.policy, tokenizer, policy_loc, cfg.lora.enabled)
     accelerator.wait_for_everyone()
@@ -240,16 +237,16 @@ def run(ctx: StageContext) -> StageOutcome:
             "rewardScoring": "token ids" if loaded.reward.per_token else "text (reward model's tokenizer)",
             "processes": accelerator.num_processes,
             "history": trainer.history[-200:],
-            "watch": watched,
+            "watch": concluded.summary,
         },
-        findings=watcher.findings()[:MAX_FINDINGS] if watched else [],
-        selected_step=selected if watched else None,
-        selection=selection,
+        findings=concluded.findings,
+        selected_step=concluded.selected_step,
+        selection=concluded.selection,
         message=f"PPO done: reward_mean={metrics.get('reward_mean', float('nan')):.4f} "
         f"kl={metrics.get('kl', float('nan')):.3f}"
         + (
-            f"; output = step {selected} of {trainer.step} ({selection})"
-            if watched and selected != trainer.step
+            f"; output = step {concluded.selected_step} of {trainer.step} ({concluded.selection})"
+            if concluded.summary and concluded.selected_step != trainer.step
             else ""
         ),
     )

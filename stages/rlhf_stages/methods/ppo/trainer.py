@@ -40,9 +40,13 @@ from rlhf_stages.methods.ppo.models import PolicyAndValue, PPOModels
 from rlhf_stages.methods.ppo.rollout import Rollout, generate, sample_budgets, token_logprobs, token_values
 from rlhf_stages.runtime.checkpoint_dir import CheckpointDir
 from rlhf_stages.runtime.interrupt import StepAborted, StepGuard
+from rlhf_stages.runtime.models import load_trainable_state
 from rlhf_stages.sampling.generate import eos_ids
 
 log = logging.getLogger(__name__)
+
+# What the watch's evaluate() tells the loop (PPOTrainer.train).
+CONTINUE, END, ROLLBACK = 0, 1, 2
 
 
 class PPOTrainer:
@@ -251,6 +255,15 @@ class PPOTrainer:
         self.history.append({"step": self.step, **stats})
         return stats
 
+    def restore_policy(self, state: dict[str, torch.Tensor], kl_factor: float) -> None:
+        """A watch rollback (every rank): the policy's trainable weights from ``state``, the
+        optimizer's moments cleared (they point along the path that led to the alarm; Adam starts
+        them afresh) and the KL penalty strengthened. The value model and the step count stay."""
+        load_trainable_state(self.module.policy, state)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        inner.state.clear()
+        self.kl.strengthen(kl_factor)
+
     # ---------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> None:
@@ -293,12 +306,15 @@ class PPOTrainer:
         self,
         should_stop: Callable[[], bool],
         on_step: Callable[[int, dict[str, float]], None] | None = None,
-        evaluate: Callable[[int], bool] | None = None,
+        evaluate: Callable[[int], int] | None = None,
+        rollback: Callable[[], None] | None = None,
     ) -> bool:
         """Run to totalSteps; returns False when stopped early (a checkpoint was saved if possible).
 
-        ``evaluate(step)`` runs after every step (on every rank; see ``watch``); True from any rank ends
-        training there as finished (a reward-hacking alarm with ``watch.action: stop``).
+        ``evaluate(step)`` runs after every step (on every rank; see ``watch``) and returns one of
+        ``CONTINUE``, ``END`` (training ends there as finished: a reward-hacking alarm with
+        ``watch.action: stop``) or ``ROLLBACK``, when every rank then calls ``rollback()`` and trains on.
+        At most one rank (rank 0, which evaluates) returns anything but ``CONTINUE``.
         """
         st = self.stage
         while self.step < st.total_steps:
@@ -314,9 +330,13 @@ class PPOTrainer:
             if on_step is not None:
                 on_step(self.step, stats)
             if evaluate is not None:
-                (end,) = global_sum(torch.tensor(float(evaluate(self.step))))  # every rank ends, or none
-                if end > 0:
+                (verdict,) = global_sum(torch.tensor(float(evaluate(self.step))))  # every rank learns rank 0's
+                if int(verdict) == END:
                     return True
+                if int(verdict) == ROLLBACK:
+                    if rollback is None:
+                        raise RuntimeError("evaluate asked for a rollback, but none was given")
+                    rollback()
             (stop,) = global_sum(torch.tensor(float(should_stop())))  # every rank must agree to stop
             if self.step % st.save_freq == 0 or (stop and self.step < st.total_steps):
                 self.save_checkpoint()

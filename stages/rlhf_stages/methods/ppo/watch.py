@@ -18,9 +18,8 @@ import torch
 
 from rlhf_stages.methods.ppo import checkpoint as ckpt
 from rlhf_stages.methods.ppo.rollout import token_logprobs
-from rlhf_stages.sampling.watch import Answers
-
-EVAL_SEED = 20231  # fixed: evaluations differ only by the policy
+from rlhf_stages.runtime.models import load_trainable_state, trainable_state
+from rlhf_stages.sampling.watch import EVAL_SEED, Answers
 
 
 @torch.no_grad()
@@ -61,8 +60,8 @@ def answers(trainer: Any, prompts: Sequence[Sequence[int]]) -> Answers:
 
 def policy_weights(trainer: Any) -> dict[str, torch.Tensor]:
     """The policy's trainable weights (the adapter, or all weights), as a checkpoint keeps them."""
-    return ckpt.trainable_state(trainer.module.policy)
+    return trainable_state(trainer.module.policy)
 
 
 def load_policy_weights(trainer: Any, state: dict[str, torch.Tensor]) -> None:
-    ckpt.load_trainable_state(trainer.module.policy, state)
+    load_trainable_state(trainer.module.policy, state)

@@ -1,0 +1,175 @@
+"""The stage side of the reward-hacking watch (docs/watch.md), shared by PPO, GRPO and RLOO.
+
+``sampling.watch`` owns the numbers, the detectors, the selection and the evaluation log; this module
+owns what every watched stage does around them, so the stages differ only in how their policy
+answers: where the reward model's own score range comes from (:func:`reward_score_max`), which
+prompts are evaluated (:func:`watch_prompts`), the log line of an evaluation (:func:`log_record`),
+the end of training (:func:`conclude`: the output becomes the selected checkpoint) and, for the
+Trainer-based stages, the hook into the HF Trainer (:class:`WatchCallback`). Imports transformers:
+stages import it inside ``run``, so ``validate`` stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from transformers import TrainerCallback
+
+from rlhf_stages.methods import common
+from rlhf_stages.runtime import data
+from rlhf_stages.runtime.checkpoints import any_rank
+from rlhf_stages.runtime.context import StageContext
+from rlhf_stages.runtime.outputs import completed_manifest
+from rlhf_stages.sampling.watch import MAX_FINDINGS, Answers, Watcher, preference_accuracy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def reward_score_max(ctx: StageContext) -> float | None:
+    """The highest score this run's reward stage gave an answer of its own data (None: unknown, e.g.
+    with an external ``rewardModel``: ``scoreOutOfRange`` is then off)."""
+    if ctx.config.reward_model is not None:
+        return None
+    manifest = completed_manifest(ctx.stage_output_of("reward")) or {}
+    value = (manifest.get("details", {}).get("scoreRange") or {}).get("max")
+    return float(value) if value is not None else None
+
+
+def make_watcher(ctx: StageContext, kl_target: float | None) -> Watcher:
+    """The stage's watcher over ``spec.<stage>.watch``; its files live in the stage's checkpoint directory."""
+    cfg = ctx.config
+    return Watcher(
+        cfg.watch,
+        ctx.checkpoints_dir,
+        kl_target=kl_target,
+        score_max=reward_score_max(ctx),
+        total_steps=cfg.total_steps,
+    )
+
+
+def watch_prompts(held_out: Sequence[T], train: Sequence[T], count: int) -> list[T]:
+    """The held-out prompts when the dataset holds some out, else the first training prompts."""
+    return list(held_out or train)[:count]
+
+
+def preference_pairs(ctx: StageContext) -> list[tuple[str, str, str]]:
+    """(prompt rendered with promptTemplate, chosen, rejected) of ``watch.preferenceSet``; none when unset."""
+    cfg = ctx.config
+    source = cfg.watch.preference_set
+    if source is None or cfg.watch.eval_every == 0:
+        return []
+    rows = data.load_rows(ctx, source, cfg.seed)
+    what = f"{ctx.stage}.watch.preferenceSet"
+    data.check_columns(rows, ["chosen", "rejected", *data.template_fields(cfg.prompt_template)], what)
+    picked = rows.select(range(min(len(rows), common.EVAL_PROMPTS_MAX)))
+    return [(data.render(cfg.prompt_template, row), row["chosen"], row["rejected"]) for row in picked]
+
+
+def with_preferences(answers: Answers, policy: Any, tokenizer: Any, pairs: Sequence[tuple[str, str, str]]) -> Answers:
+    """``answers`` plus the policy's preference accuracy on ``pairs`` (unchanged when there are none)."""
+    if not pairs:
+        return answers
+    return replace(answers, preference_accuracy=preference_accuracy(policy, tokenizer, pairs))
+
+
+def log_record(stage: str, record: dict[str, Any]) -> None:
+    log.info(
+        "%s evaluation at step %d: score %.3f (sd %.3f) kl %.3f length %.1f eos %.2f distinct-2 %.3f%s",
+        stage,
+        record["step"],
+        record["score_mean"],
+        record["score_std"],
+        record["kl_mean"],
+        record["length_mean"],
+        record["eos_rate"],
+        record["distinct_2"],
+        "".join(f"; ALARM {f}" for f in record["findings"]),
+    )
+
+
+@dataclass
+class Concluded:
+    """What the watch adds to a stage's outcome."""
+
+    selected_step: int | None = None
+    selection: str | None = None
+    summary: dict[str, Any] | None = None
+    """details.watch of the manifest (None: the watch was off)."""
+    findings: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def conclude(
+    ctx: StageContext,
+    watcher: Watcher,
+    final_step: int,
+    *,
+    save_final: Callable[[], object],
+    load_weights: Callable[[dict[str, Any]], None],
+) -> Concluded:
+    """At the end of training (rank 0, before the output is saved): choose the output among the
+    evaluated checkpoints; when it is not the final policy, ``save_final`` keeps the final weights
+    (under ``<stage>/final/``) and ``load_weights`` puts the chosen ones into the policy, which the
+    stage then saves as its output. The evaluation log is copied into the output."""
+    if not watcher.enabled:
+        return Concluded()
+    selected, selection = watcher.selection(final_step)
+    summary = watcher.summary(final_step)
+    if selected != final_step:
+        save_final()
+        load_weights(watcher.candidate_weights(selected))
+    watcher.publish(ctx.staging_dir)
+    return Concluded(
+        selected_step=selected,
+        selection=selection,
+        summary=summary,
+        findings=watcher.findings()[:MAX_FINDINGS],
+        metrics={"watch_alarms": float(len(watcher.findings())), "selected_step": float(selected)},
+    )
+
+
+class WatchCallback(TrainerCallback):
+    """Evaluates a Trainer-based stage's policy (GRPO, RLOO) before the first step, every
+    ``evalEvery`` steps and after the last, and ends training on an alarm under ``action: stop``.
+
+    Rank 0 evaluates (``evaluate`` and ``weights`` are called there only: nothing in them may
+    communicate); every rank then agrees on stopping, so all leave the loop at the same step. On a
+    resumed run the watcher first keeps the records up to the resumed step.
+    """
+
+    def __init__(
+        self,
+        ctx: StageContext,
+        watcher: Watcher,
+        evaluate: Callable[[], Answers],
+        weights: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.ctx = ctx
+        self.watcher = watcher
+        self.evaluate = evaluate
+        self.weights = weights
+        self.stopped_by_alarm = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+        if self.ctx.is_main and self.watcher.enabled:
+            self.watcher.resume(state.global_step)
+        return self._evaluate(state.global_step, control)  # the baseline or, resumed, nothing new
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+        return self._evaluate(state.global_step, control)
+
+    def _evaluate(self, step: int, control: Any) -> Any:
+        end = False
+        if self.ctx.is_main:
+            if self.watcher.due(step):
+                log_record(self.ctx.stage, self.watcher.record(step, self.evaluate(), self.weights))
+            # Also when resumed past an alarm that a SIGTERM interrupted before the stop took effect.
+            end = self.watcher.should_stop() and step < self.watcher.total_steps
+        if any_rank(end):
+            self.stopped_by_alarm = True
+            control.should_training_stop = True
+        return control

@@ -1,0 +1,291 @@
+"""The watch caches (cache.py), the client's rate limit, and a pass's writes: no cluster needed.
+
+The integration side (a real API server: no read per pass, a restart writes nothing) is in
+test_cache_requests.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from rlhf_api.names import CONTROLLER_UID_LABEL, LABEL_RUN, LABEL_STAGE, PROGRESS_ANNOTATION
+from rlhf_operator.cache import JOBS, PODS, PVCS, RUNS, WatchCache, tap_watch_streams, trim_job, trim_pod, trim_run
+from rlhf_operator.kube import TokenBucket, request_name
+from rlhf_operator.metrics import Metrics
+from rlhf_operator.observe import log_readable, observe
+from rlhf_operator.reconcile import Reconciler
+
+from .harness import tiny_run
+
+RESULT = {"stage": "sft", "succeeded": True, "artifactPath": "/runs/ns/tiny/sft", "metrics": {"loss": 0.5}}
+MANAGED_FIELDS = [{"manager": "kube-controller-manager", "fieldsV1": {"f:status": {"f:active": {}}}}] * 20
+
+
+def full_job(name: str = "tiny-sft", uid: str = "job-1", **status: Any) -> dict[str, Any]:
+    """A Job as the API server serves it (the shapes that matter, plus the bulk the cache drops)."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "uid": uid,
+            "resourceVersion": "10",
+            "labels": {LABEL_RUN: "tiny", LABEL_STAGE: "sft", "app.kubernetes.io/name": "rlhf-stage"},
+            "ownerReferences": [{"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "RLHFRun", "name": "tiny",
+                                 "uid": "run-1", "controller": True, "blockOwnerDeletion": True}],
+            "managedFields": MANAGED_FIELDS,
+        },
+        "spec": {"suspend": False, "backoffLimit": 2, "template": {"spec": {"containers": [{"name": "stage",
+                 "image": "x", "args": ["--long"] * 50, "env": [{"name": f"E{i}"} for i in range(40)]}]}}},
+        "status": {
+            "active": 0, "succeeded": 1, "startTime": "2026-01-01T11:00:00Z",
+            "completionTime": "2026-01-01T11:05:00Z",
+            "conditions": [{"type": "Complete", "status": "True", "lastProbeTime": "x", "lastTransitionTime": "y"}],
+            **status,
+        },
+    }  # fmt: skip
+
+
+def full_pod(name: str, phase: str, job_uid: str = "job-1", **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "uid": f"pod-{name}",
+            "resourceVersion": "11",
+            "creationTimestamp": "2026-01-01T11:00:01Z",
+            "labels": {LABEL_RUN: "tiny", CONTROLLER_UID_LABEL: job_uid, "job-name": "tiny-sft"},
+            "annotations": {PROGRESS_ANNOTATION: json.dumps({"step": 3, "totalSteps": 10}), "other": "x" * 500},
+            "managedFields": MANAGED_FIELDS,
+        },
+        "spec": {"nodeName": "node-1", "containers": [{"name": "stage", "image": "x", "args": ["a"] * 100}]},
+        "status": {"phase": phase, "podIP": "10.0.0.1", **status},
+    }
+
+
+def terminated(message: str, code: int = 0) -> dict[str, Any]:
+    state = {"terminated": {"exitCode": code, "message": message, "reason": "Completed", "startedAt": "a"}}
+    return {"containerStatuses": [{"name": "stage", "image": "x", "imageID": "sha", "state": state, "ready": False}]}
+
+
+WORLDS = {
+    "succeeded": ([full_job()], [full_pod("p1", "Succeeded", **terminated(json.dumps(RESULT)))]),
+    "failed": (
+        [full_job(succeeded=0, failed=3, conditions=[{"type": "Failed", "status": "True",
+                  "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}])],
+        [full_pod("p1", "Failed", **terminated("Traceback ... boom", 1)),
+         full_pod("p2", "Failed", **terminated("exit 2", 2))],
+    ),
+    "running": ([full_job(succeeded=0, active=1, conditions=[])],
+                [full_pod("p1", "Running", containerStatuses=[{"name": "stage", "state": {"running": {}},
+                 "lastState": {"terminated": {"exitCode": 1, "message": "earlier"}}}])]),
+    "waiting": ([full_job(succeeded=0, active=1, conditions=[])],
+                [full_pod("p1", "Pending", conditions=[{"type": "PodScheduled", "status": "False",
+                 "reason": "Unschedulable", "message": "0/3 nodes"}, {"type": "Initialized", "status": "True"}],
+                 initContainerStatuses=[{"name": "fetch", "state": {"waiting": {"reason": "PodInitializing"}}}])]),
+    "image": ([full_job(succeeded=0, active=1, conditions=[])],
+              [full_pod("p1", "Pending", containerStatuses=[{"name": "sidecar", "state": {"running": {}}},
+               {"name": "stage", "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}])]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_the_trimmed_objects_observe_the_same_and_are_small(world: str) -> None:
+    jobs, pods = WORLDS[world]
+    trimmed_jobs, trimmed_pods = [trim_job(j) for j in jobs], [trim_pod(p) for p in pods]
+    assert observe("run-1", trimmed_jobs, trimmed_pods) == observe("run-1", jobs, pods)
+    assert observe("run-1", jobs, pods).jobs  # the world is adopted: the comparison compares something
+    assert [log_readable(p) for p in trimmed_pods] == [log_readable(p) for p in pods]
+    assert len(json.dumps(trimmed_jobs + trimmed_pods)) * 5 < len(json.dumps(jobs + pods))
+
+
+def test_a_run_keeps_what_the_reconciler_reads_without_kubectls_copies() -> None:
+    run = tiny_run()
+    run["metadata"].update(namespace="ns", uid="u", resourceVersion="5", generation=2, managedFields=MANAGED_FIELDS)
+    run["metadata"]["annotations"] = {
+        "kubectl.kubernetes.io/last-applied-configuration": json.dumps(run),
+        "rlhf-operator.io/retry": "1",
+    }
+    trimmed = trim_run(run)
+    assert trimmed["spec"] == run["spec"] and trimmed["metadata"]["generation"] == 2
+    assert trimmed["metadata"]["annotations"] == {"rlhf-operator.io/retry": "1"}
+    assert "managedFields" not in trimmed["metadata"]
+
+
+def test_the_cache_indexes_children_by_run_and_follows_deletes() -> None:
+    cache = WatchCache()
+    job, pod = full_job(), full_pod("p1", "Running")
+    assert cache.apply(JOBS, None, job) == ("ns", "tiny")
+    assert cache.apply(JOBS, "MODIFIED", job) is None  # same resourceVersion: nothing changed
+    cache.apply(PODS, "ADDED", pod)
+    cache.apply(PODS, "ADDED", {"metadata": {"name": "stray", "namespace": "ns", "uid": "s"}})  # no run label
+    cache.apply(PVCS, "ADDED", {"metadata": {"name": "tiny-workspace", "namespace": "ns"}})
+    jobs, pods, pvc = cache.children("ns", "tiny", want_pvc=True)
+    assert [j["metadata"]["name"] for j in jobs] == ["tiny-sft"] and len(pods) == 1 and pvc
+    assert cache.children("other", "tiny", want_pvc=True) == ([], [], False)
+    cache.apply(PODS, "DELETED", pod)
+    cache.apply(PVCS, "DELETED", {"metadata": {"name": "tiny-workspace", "namespace": "ns"}})
+    assert cache.children("ns", "tiny", want_pvc=True) == (jobs, [], False)
+    assert len(cache) == 1
+
+
+def test_the_tap_fills_the_cache_hides_the_listing_and_a_relisting_finds_what_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kopf._cogs.clients import watching
+    from kopf._cogs.structs import references
+
+    run = tiny_run()
+    run["metadata"].update(namespace="ns", uid="run-1", resourceVersion="1")
+    other = copy.deepcopy(run)
+    other["metadata"].update(name="other", uid="run-2")
+    rounds = [
+        [{"type": None, "object": run}, {"type": None, "object": other}, watching.Bookmark.LISTED,
+         {"type": "MODIFIED", "object": {**run, "metadata": {**run["metadata"], "resourceVersion": "2"}}}],
+        # A re-listing (410 Gone): "other" was deleted meanwhile, "tiny" did not change.
+        [{"type": None, "object": {**run, "metadata": {**run["metadata"], "resourceVersion": "2"}}},
+         watching.Bookmark.LISTED],
+    ]  # fmt: skip
+
+    async def fake_watch(**_: Any) -> AsyncIterator[Any]:
+        for event in rounds.pop(0):
+            yield event
+
+    monkeypatch.setattr(watching, "continuous_watch", fake_watch)
+    cache, listed, changed = WatchCache(), [], []
+    tap_watch_streams(cache, 1, listed.append, changed.append)
+    resource = references.Resource(group="rlhf-operator.io", version="v1alpha1", plural=RUNS)
+
+    async def consume() -> list[Any]:
+        seen = [e async for e in watching.continuous_watch(resource=resource, namespace="ns")]
+        assert cache.synced.is_set() and len(cache.runs()) == 2
+        return seen + [e async for e in watching.continuous_watch(resource=resource, namespace="ns")]
+
+    passed_on = asyncio.run(consume())
+    assert [e if e is watching.Bookmark.LISTED else e["type"] for e in passed_on] == [
+        watching.Bookmark.LISTED,
+        "MODIFIED",
+        watching.Bookmark.LISTED,
+    ]
+    assert [r["metadata"]["name"] for r in cache.runs()] == ["tiny"]
+    assert cache.get_run("ns", "tiny")["metadata"]["resourceVersion"] == "2"  # type: ignore[index]
+    assert changed == [("ns", "other")] and len(listed) == 2
+
+
+def test_a_failed_watch_request_ends_the_stream_for_kopf_to_list_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf would let a 503 (an API server still starting) end the stream's task for good."""
+    from kopf._cogs.clients import errors, watching
+    from kopf._cogs.structs import references
+
+    async def failing_watch(**_: Any) -> AsyncIterator[Any]:
+        yield watching.Bookmark.LISTED
+        raise errors.APIServerError({"message": "not ready", "code": 503}, status=503, headers={})
+
+    slept: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(watching, "continuous_watch", failing_watch)
+    monkeypatch.setattr(asyncio, "sleep", no_wait)
+    tap_watch_streams(WatchCache(), 1, lambda _: None, lambda _: None)
+    resource = references.Resource(group="batch", version="v1", plural=JOBS)
+
+    async def consume() -> list[Any]:
+        return [e async for e in watching.continuous_watch(resource=resource, namespace="ns")]
+
+    assert asyncio.run(consume()) == [watching.Bookmark.LISTED]
+    assert len(slept) == 1 and 0 < slept[0] <= 0.5  # backed off (a listing had succeeded: the first delay)
+
+
+def test_the_token_bucket_allows_a_burst_then_paces() -> None:
+    now = [0.0]
+    bucket = TokenBucket(qps=10, burst=3, clock=lambda: now[0])
+    assert [bucket.reserve() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.reserve() == pytest.approx(0.1) and bucket.reserve() == pytest.approx(0.2)
+    now[0] += 10  # refilled, but never above the burst
+    assert [bucket.reserve() for _ in range(4)][-1] == pytest.approx(0.1)
+
+
+def test_requests_are_named_by_method_and_resource() -> None:
+    base = "https://h:6443/apis/rlhf-operator.io/v1alpha1/namespaces/ns/rlhfruns"
+    assert request_name("put", f"{base}/tiny/status") == "PUT rlhfruns/status"
+    assert request_name("GET", "https://h/api/v1/namespaces/ns/pods/p/log?tailLines=3") == "GET pods/log"
+    assert request_name("GET", base) == "GET rlhfruns"
+
+
+# --- a pass's writes ------------------------------------------------------------------------------
+class Recorder:
+    """The cache's reads from dicts; every write recorded (a status write bumps the resourceVersion)."""
+
+    def __init__(self, run: dict[str, Any]) -> None:
+        self.run = run
+        self.writes: list[str] = []
+        self.conflict = False
+
+    def get_run(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.run
+
+    def children(self, namespace: str, run: str, want_pvc: bool) -> tuple[list[dict], list[dict], bool]:
+        return [], [], True
+
+    def perform(self, run: dict[str, Any], action: Any) -> None:
+        self.writes.append(type(action).__name__ + ":" + str(getattr(action, "reason", "")))
+
+    def write_status(self, run: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        if self.conflict:
+            raise ApiException(status=409, reason="Conflict")
+        self.writes.append("status")
+        version = str(int(run["metadata"]["resourceVersion"]) + 1)
+        return {**run, "metadata": {**run["metadata"], "resourceVersion": version}, "status": status}
+
+    def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None:
+        self.run = after
+
+    def created(self, plural: str, body: dict[str, Any]) -> None:
+        pass
+
+
+def stored_run(**spec: Any) -> dict[str, Any]:
+    run = tiny_run(**spec)
+    run["metadata"].update(namespace="ns", uid="run-1", generation=1, resourceVersion="1")
+    return run
+
+
+def test_an_invalid_stored_spec_is_reported_once_and_an_edit_is_tried_again() -> None:
+    world = Recorder(stored_run(method="no-such-method"))
+    metrics = Metrics()
+    rec = Reconciler(world, world, metrics)  # type: ignore[arg-type]
+    assert rec.reconcile("ns", "tiny") is None  # no raise: nothing for the work queue's backoff to retry
+    assert world.writes == ["status", "PostEvent:InvalidSpec"]
+    status = world.run["status"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert status["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith("spec.method: ") and "kubectl edit rlhfrun tiny -n ns" in failed["message"]
+    for _ in range(3):  # later passes (a resync, a Job event) change nothing
+        rec.reconcile("ns", "tiny")
+    assert world.writes == ["status", "PostEvent:InvalidSpec"]
+
+    fixed = stored_run()  # the edit: a valid spec, a new generation
+    fixed["metadata"].update(generation=2, resourceVersion=world.run["metadata"]["resourceVersion"])
+    world.run = {**fixed, "status": status}
+    rec.reconcile("ns", "tiny")
+    assert world.run["status"]["phase"] == "Pending" and world.run["status"]["observedGeneration"] == 2
+    failed = next(c for c in world.run["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "False" and world.run["status"]["stages"]  # the planner took it over
+
+
+def test_a_conflict_waits_for_the_newer_versions_event_instead_of_backing_off() -> None:
+    world = Recorder(stored_run())
+    world.conflict = True
+    metrics = Metrics()
+    assert Reconciler(world, world, metrics).reconcile("ns", "tiny") is None  # type: ignore[arg-type]
+    assert metrics.reconcile_errors.labels("Conflict")._value.get() == 1

@@ -1,0 +1,141 @@
+"""The watch in the TRL-based stages, end to end (real stage processes, a few steps each): GRPO stops at
+the alarm, RLOO warns and trains on; both output the evaluated checkpoint from before the alarm.
+
+The alarm is forced, not learned: ``klLimit`` is set so low (1e-5 nats; the step-0 policy is the
+reference, KL 0) that any step away from it raises ``klBeyondLimit`` at the first evaluation after
+step 0. The policy is the untrained tiny base
+model and the reward model a stand-in (the same weights read as a scorer), as in
+test_sigterm_midstep.py: this is about the mechanics (the callback, the stop, the kept weights, the
+output), not about learning. That the detectors fire on a real hack is test_watch_hacking.py's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
+
+pytestmark = pytest.mark.training
+
+REWARD_MODEL = "assets-watch/reward-model"
+TOTAL, EVERY = 4, 2
+# A held-out preference set: its accuracy is recorded at every evaluation (the detector is unit-tested).
+PAIRS = {"format": "jsonl", "path": "assets/data/preferences.jsonl", "maxSamples": 16}
+
+
+@pytest.fixture(scope="module")
+def volume(workspace: Path) -> Path:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    target = workspace / REWARD_MODEL
+    if not target.is_dir():
+        base = workspace / "assets" / "base-model"
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(target)
+        AutoTokenizer.from_pretrained(base).save_pretrained(target)
+    return workspace
+
+
+def spec(stage: str, action: str) -> dict[str, Any]:
+    body = {
+        "dataset": {"format": "jsonl", "path": "assets/data/prompts.jsonl", "maxSamples": 32, "evalFraction": 0.25},
+        "promptTemplate": "{prompt}",
+        "lora": {"enabled": False},
+        "learningRate": 1.0e-3,
+        "numGenerations": 4,
+        "batchSize": 2,
+        "totalSteps": TOTAL,
+        "saveFreq": 10,
+        "responseLength": {"min": 2, "max": 12},
+        "rewardModel": {"path": REWARD_MODEL},
+        "resources": {"gpus": 0, "memory": "4Gi"},
+        "watch": {
+            "evalEvery": EVERY,
+            "evalPrompts": 8,
+            "samplesKept": 1,
+            "klLimit": 1.0e-5,
+            "action": action,
+            "preferenceSet": PAIRS,
+        },
+    }
+    out = tiny_spec(sft={"enabled": False}, reward={"enabled": False}, method=stage.upper(), ppo=None)
+    out[stage] = body
+    return out
+
+
+@pytest.mark.parametrize(("stage", "action"), [("grpo", "stop"), ("rloo", "warn")])
+def test_alarm_keeps_the_checkpoint_before_it(volume: Path, tmp_path: Path, stage: str, action: str) -> None:
+    from safetensors.torch import load_file
+
+    run = f"watch-{stage}"
+    config = write_invocation(volume, stage, run, spec(stage, action))
+    code, out = run_stage(stage, config, tmp_path / "result.json", timeout=600)
+    assert code == 0, out[-4000:]
+    result = read_result(tmp_path / "result.json")
+    assert result["findings"] and result["findings"][0].startswith(f"klBeyondLimit at step {EVERY}"), result
+    assert result["step"] == (EVERY if action == "stop" else TOTAL)
+    assert result["selectedStep"] == 0 and f"alarm at step {EVERY}" in result["selection"]
+
+    out_dir = run_dir(volume, run) / stage
+    records = [json.loads(line) for line in (out_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == ([0, EVERY] if action == "stop" else [0, EVERY, TOTAL])
+    assert abs(records[0]["kl_mean"]) < 1e-3 < records[1]["kl_mean"]  # the reference is the starting policy
+    assert records[0]["prompts"] == 8 and len(records[0]["samples"]) == 1
+    assert all(0.0 <= r["preference_accuracy"] <= 1.0 for r in records)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["details"]["watch"]["selectedStep"] == 0
+    assert manifest["details"]["watch"]["stoppedByAlarm"] is (action == "stop")
+
+    # The output is the step-0 policy (the untrained base model), the trained one is kept beside it.
+    base = load_file(volume / "assets" / "base-model" / "model.safetensors")
+    kept = load_file(out_dir / "model" / "model.safetensors")
+    final = load_file(out_dir / "final" / "model" / "model.safetensors")
+    name = next(k for k in kept if k in base and kept[k].dtype.is_floating_point and kept[k].dim() == 2)
+    assert (kept[name] - base[name]).abs().max() < 1e-6
+    assert (final[name] - base[name]).abs().max() > 1e-4
+
+
+def test_ppo_rollback_restores_strengthens_the_kl_and_finally_stops(volume: Path, tmp_path: Path) -> None:
+    """PPO with action rollback under the same forced alarm: every evaluation after step 0 fires, so
+    it rolls back twice (KL coefficient 0.3 -> 0.6 -> 1.2, fixed controller), then the third alarm
+    ends training at the budget and the output is the step-0 policy."""
+    run = "watch-ppo-rollback"
+    ppo = {
+        "dataset": {"format": "jsonl", "path": "assets/data/prompts.jsonl", "maxSamples": 32, "evalFraction": 0.25},
+        "learningRate": 1.0e-2,  # the LoRA adapter starts at zero: move it clearly in two steps
+        "batchSize": 4,
+        "miniBatchSize": 4,
+        "ppoEpochs": 1,
+        "totalSteps": 3 * EVERY,
+        "responseLength": {"min": 2, "max": 12},
+        "rewardModel": {"path": REWARD_MODEL},
+        "watch": {
+            "evalEvery": EVERY,
+            "evalPrompts": 8,
+            "klLimit": 1.0e-5,
+            "action": "rollback",
+            "preferenceSet": PAIRS,
+        },
+    }
+    body = tiny_spec(sft={"enabled": False}, reward={"enabled": False}, ppo=ppo)
+    config = write_invocation(volume, "ppo", run, body)
+    code, out = run_stage("ppo", config, tmp_path / "result.json", timeout=600)
+    assert code == 0, out[-4000:]
+    result = read_result(tmp_path / "result.json")
+    assert result["step"] == 3 * EVERY and len(result["findings"]) == 3, result
+    assert result["selectedStep"] == 0 and "rolled back 2x, last at step 4 to step 0" in result["selection"]
+
+    out_dir = run_dir(volume, run) / "ppo"
+    records = [json.loads(line) for line in (out_dir / "evaluations.jsonl").read_text().splitlines()]
+    notes = {r["step"]: r["rollback"] for r in records if "rollback" in r}
+    assert all(0.0 <= r["preference_accuracy"] <= 1.0 for r in records)
+    assert sorted(notes) == [2, 4] and [n["restoredStep"] for n in notes.values()] == [0, 0]
+    assert [n["klCoef"] for n in notes.values()] == pytest.approx([0.6, 1.2])
+    history = json.loads((out_dir / "manifest.json").read_text())["details"]["history"]
+    coefs = {h["step"]: h["kl_coef"] for h in history}
+    assert coefs == pytest.approx({1: 0.3, 2: 0.3, 3: 0.6, 4: 0.6, 5: 1.2, 6: 1.2})
