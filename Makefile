@@ -18,7 +18,7 @@ PY_PATHS := operator stages tests images benchmarks
 .PHONY: help setup venv controlplane charttools s3server demo test test-serial test-fast cluster bench-operator lint fmt generate verify clean
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 $(VENV)/.complete: $(LOCKS)
 	@echo "preparing $(VENV) (installs only on first use or when a lock file changes)"
