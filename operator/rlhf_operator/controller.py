@@ -136,6 +136,10 @@ class Controller:
         while True:
             for run in self.cache.runs():
                 if settled(run):
+                    # Not reconciled, but still counted: the per-phase gauge must not lose the
+                    # finished runs a restarted operator found (dashboards count them).
+                    meta = run["metadata"]
+                    self.metrics.run_phase(meta["namespace"], meta["name"], run["status"]["phase"])
                     continue
                 meta = run["metadata"]
                 self.queue.add((meta["namespace"], meta["name"]))

@@ -55,6 +55,8 @@ class Metrics:
     def run_phase(self, namespace: str, name: str, phase: str | None) -> None:
         """Record a run's phase (None: the run is gone) and refresh the per-phase gauge."""
         with self._lock:
+            if self._phases.get((namespace, name)) == phase:
+                return  # unchanged: the resync reports every finished run each round
             if phase is None:
                 self._phases.pop((namespace, name), None)
             else:

@@ -81,7 +81,9 @@ def test_pipeline_succeeds_and_reapply_changes_nothing(env: Env) -> None:
     env.wait_for("the restarted operator to be ready", lambda: http_get(port, "/readyz")[0] == 200, timeout=30)
     time.sleep(5)  # two resync periods
     assert env.run("tiny")["metadata"]["resourceVersion"] == version
-    assert api_requests(http_get(port, "/metrics")[1]) == {}
+    text = http_get(port, "/metrics")[1]
+    assert api_requests(text) == {}
+    assert 'rlhf_runs{phase="Succeeded"} 1.0' in text  # counted from the cache, though not reconciled
 
 
 def api_requests(exposition: str) -> dict[str, float]:
