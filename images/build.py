@@ -319,6 +319,7 @@ def build_app(buildah: Buildah, name: str, ref: str, build_args: dict[str, str])
         "bud",
         "--pull=never",
         "--layers",
+        "--force-rm",  # intermediate containers go even when a step fails (a failed build left them all)
         "--network=host",
         f"--ulimit=nofile={nofile}:{nofile}",
         "--label",

@@ -32,6 +32,20 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def standin_reward_model(workspace: Path, where: str) -> None:
+    """A reward model for tests about a stage's mechanics, not its learning: the tiny base model read as
+    a scorer (an untrained score head, seeded), saved once at ``where`` on the session's volume."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    target = workspace / where
+    if not target.is_dir():
+        base = workspace / "assets" / "base-model"
+        torch.manual_seed(0)
+        AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(target)
+        AutoTokenizer.from_pretrained(base).save_pretrained(target)
+
+
 def tiny_spec(**sections: Any) -> dict[str, Any]:
     """examples/tiny.yaml's spec with sections merged in (None deletes a key)."""
     spec = copy.deepcopy(TINY_SPEC)

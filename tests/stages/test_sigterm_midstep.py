@@ -21,7 +21,15 @@ from typing import Any
 
 import pytest
 
-from conftest import read_result, run_dir, run_stage, start_stage, tiny_spec, write_invocation
+from conftest import (
+    read_result,
+    run_dir,
+    run_stage,
+    standin_reward_model,
+    start_stage,
+    tiny_spec,
+    write_invocation,
+)
 from rlhf_stages.runtime.interrupt import FORWARD_DELAY_ENV
 
 pytestmark = pytest.mark.training
@@ -95,15 +103,7 @@ RESUMED_LINE = {
 @pytest.fixture(scope="module")
 def volume(workspace: Path) -> Path:
     """The session's tiny assets plus a stand-in reward model (the base model read as a scorer)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    target = workspace / REWARD_MODEL
-    if not target.is_dir():
-        base = workspace / "assets" / "base-model"
-        torch.manual_seed(0)
-        AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(target)
-        AutoTokenizer.from_pretrained(base).save_pretrained(target)
+    standin_reward_model(workspace, REWARD_MODEL)
     return workspace
 
 

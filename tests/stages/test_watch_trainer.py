@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
+from conftest import read_result, run_dir, run_stage, standin_reward_model, tiny_spec, write_invocation
 
 pytestmark = pytest.mark.training
 
@@ -29,15 +29,7 @@ PAIRS = {"format": "jsonl", "path": "assets/data/preferences.jsonl", "maxSamples
 
 @pytest.fixture(scope="module")
 def volume(workspace: Path) -> Path:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    target = workspace / REWARD_MODEL
-    if not target.is_dir():
-        base = workspace / "assets" / "base-model"
-        torch.manual_seed(0)
-        AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(target)
-        AutoTokenizer.from_pretrained(base).save_pretrained(target)
+    standin_reward_model(workspace, REWARD_MODEL)
     return workspace
 
 
