@@ -224,17 +224,12 @@ def _publish_env(spec: RLHFRunSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _stages_inputs(spec: RLHFRunSpec) -> bool:
-    section = spec.stage(INPUTS_STAGE)
-    return INPUTS_STAGE in spec.pipeline() and section is not None and section.enabled
-
-
 def _input_env(spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
     """Where the input cache is; and, after an enabled inputs stage, the hubs offline: every stage
     then reads the copies it staged, and a source it did not stage fails loudly instead of downloading."""
     root = INPUT_CACHE_MOUNT_PATH if spec.storage.input_cache else f"{WORKSPACE_MOUNT_PATH}/{WORKSPACE_INPUT_CACHE}"
     env = [{"name": INPUT_CACHE_ENV, "value": root}]
-    if stage != INPUTS_STAGE and _stages_inputs(spec):
+    if stage != INPUTS_STAGE and spec.stages_inputs():
         env += [{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "HF_DATASETS_OFFLINE", "value": "1"}]
     return env
 
