@@ -129,6 +129,8 @@ def gang(ctx: StageContext, node_rank: int | None = None, master_addr: str | Non
     if launched_child():  # torchrun has placed this process: its node rank and master are in the env
         port = _int_env("MASTER_PORT", DEFAULT_PORT)
         return Gang(count, _int_env("GROUP_RANK", 0), os.environ.get("MASTER_ADDR", ""), port, DEFAULT_TIMEOUT_S)
+    if count == 1 and node_rank is None:  # one Pod: nothing of a gang's env is read
+        return Gang(1, 0, "", DEFAULT_PORT, DEFAULT_TIMEOUT_S)
     if node_rank is None:
         raw = os.environ.get(JOB_INDEX_ENV)
         if count > 1 and raw is None:
