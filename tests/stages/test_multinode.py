@@ -211,6 +211,10 @@ def test_ppo_on_two_nodes_is_close_to_one_process_and_resumes(
         assert abs(two["metrics"][key] - one["metrics"][key]) < tolerance, (key, one["metrics"], two["metrics"])
     manifest = json.loads((run_dir(workspace, "mn-ppo-2") / "ppo" / "manifest.json").read_text())
     assert manifest["details"]["processes"] == 2
+    # The merge stage folds the adapter rank 0 wrote into the policy it was trained on.
+    assert main(["merge", "--config", str(write_invocation(workspace, "merge", "mn-ppo-2", spec))]) == 0
+    assert read_result(in_process)["succeeded"]
+    assert (run_dir(workspace, "mn-ppo-2") / "merge" / "model" / "model.safetensors").is_file()
 
 
 def test_a_node_that_never_starts_fails_the_other_within_the_bound(workspace: Path, tmp_path: Path) -> None:
