@@ -403,13 +403,15 @@ def test_ppo_loop_rolls_back_on_every_rank_and_trains_on(tmp_path: Path) -> None
 def test_rollback_is_refused_where_it_is_not_implemented() -> None:
     from pydantic import ValidationError
 
-    from rlhf_api.stages import GRPOStage, PPOStage, RLOOStage
+    from rlhf_api.stages import GRPOStage, PPOStage, ReSTStage, RLOOStage
 
-    for stage in (GRPOStage, RLOOStage):
+    for stage in (GRPOStage, RLOOStage, ReSTStage):
         with pytest.raises(ValidationError, match="rollback is implemented for ppo only"):
             stage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
     ppo = PPOStage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
     assert ppo.watch.max_rollbacks == 2 and ppo.watch.rollback_kl_factor == 2.0
+    # ReST counts Improve steps (a handful per run): watched after every one unless told otherwise.
+    assert ReSTStage.model_validate({"dataset": {"path": "p.jsonl"}}).watch.eval_every == 1
 
 
 # ------------------------------------------------------------------ held-out preference accuracy
