@@ -162,17 +162,27 @@ REST_RUN = f"{RUN}-rest"
 # 2026-11-30: length 10.0 -> 2.0 tokens, answers like " today.").
 REST_GROW_STEPS = 10
 REST_TOTAL = 3 * REST_GROW_STEPS  # 3 thresholds: Improve steps
+# The stop run also records the KL (a limit that never fires loads the frozen reference of a
+# full-weight policy) and the preference accuracy on the tiny task's sound pairs (its detector off:
+# accuracy cannot fall by more than 1), so the alarm stays the warn run's.
+REST_STOP_SIGNALS = {
+    "klLimit": 1.0e6,
+    "preferenceSet": {"format": "jsonl", "path": "assets/data/preferences.jsonl", "maxSamples": 64},
+    "accuracyDrop": 1.0,
+}
 
 
 @pytest.fixture(scope="module")
 def rest(workspace: Path, hole: Path, logs: Path) -> dict[str, Any]:
     """examples/tiny-rest.yaml's ReST stage on the hole with the default watch (evaluated after every
-    Improve step), twice: ``warn`` (the collapse completes) and ``stop`` (the default)."""
+    Improve step), twice: ``warn`` (the collapse completes) and ``stop`` (the default, with
+    :data:`REST_STOP_SIGNALS`)."""
     out: dict[str, Any] = {}
     for action in ("warn", "stop"):
         run = f"{REST_RUN}-{action}"
         same_sft_and_reward(workspace, hole, run)
-        rest = {**example_spec("ReST")["rest"], "growSteps": REST_GROW_STEPS, "watch": {"action": action}}
+        watch = {"action": action, **(REST_STOP_SIGNALS if action == "stop" else {})}
+        rest = {**example_spec("ReST")["rest"], "growSteps": REST_GROW_STEPS, "watch": watch}
         config = write_invocation(workspace, "rest", run, tiny_spec(method="ReST", rest=rest, ppo=None))
         code, text = run_stage("rest", config, logs / f"{run}.json", timeout=1200)
         assert code == 0, text[-4000:]
@@ -211,5 +221,9 @@ def test_rest_watch_stop_ends_the_loop_at_the_alarm(workspace: Path, rest: dict[
     out = run_dir(workspace, f"{REST_RUN}-stop") / "rest"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["details"]["watch"]["stoppedByAlarm"] is True
-    assert [e["step"] for e in manifest["details"]["watch"]["evaluations"]] == list(range(alarm + 1))
+    table = manifest["details"]["watch"]["evaluations"]
+    assert [e["step"] for e in table] == list(range(alarm + 1))
+    print("ReST on the hole, stop run:", [(e["step"], round(e["kl_mean"], 2), e["preference_accuracy"]) for e in table])
+    assert abs(table[0]["kl_mean"]) < 1e-3 < table[-1]["kl_mean"]  # the reference is the starting policy
+    assert all(0.0 <= e["preference_accuracy"] <= 1.0 for e in table)
     assert (out / "model" / "config.json").is_file() and (out / "final" / "model" / "config.json").is_file()
