@@ -176,22 +176,24 @@ REST_STOP_SIGNALS = {
 def rest(workspace: Path, hole: Path, logs: Path) -> dict[str, Any]:
     """examples/tiny-rest.yaml's ReST stage on the hole with the default watch (evaluated after every
     Improve step), twice: ``warn`` (the collapse completes) and ``stop`` (the default, with
-    :data:`REST_STOP_SIGNALS`)."""
+    :data:`REST_STOP_SIGNALS`, then the merge)."""
     out: dict[str, Any] = {}
     for action in ("warn", "stop"):
         run = f"{REST_RUN}-{action}"
         same_sft_and_reward(workspace, hole, run)
         watch = {"action": action, **(REST_STOP_SIGNALS if action == "stop" else {})}
         rest = {**example_spec("ReST")["rest"], "growSteps": REST_GROW_STEPS, "watch": watch}
-        config = write_invocation(workspace, "rest", run, tiny_spec(method="ReST", rest=rest, ppo=None))
-        code, text = run_stage("rest", config, logs / f"{run}.json", timeout=1200)
-        assert code == 0, text[-4000:]
-        out[action] = read_result(logs / f"{run}.json")
+        body = tiny_spec(method="ReST", rest=rest, ppo=None)
+        for stage in ("rest", "merge") if action == "stop" else ("rest",):
+            config = write_invocation(workspace, stage, run, body)
+            code, text = run_stage(stage, config, logs / f"{run}-{stage}.json", timeout=1200)
+            assert code == 0, text[-4000:]
+            out[f"{action}/{stage}"] = read_result(logs / f"{run}-{stage}.json")
     return out
 
 
 def test_rest_watch_keeps_an_improve_step_from_before_the_collapse(workspace: Path, rest: dict[str, Any]) -> None:
-    result = rest["warn"]
+    result = rest["warn/rest"]
     findings = result.get("findings", [])
     assert findings and findings[0].startswith("rewardRiseWithCollapse"), result
     alarm = alarm_step(findings[0])
@@ -214,7 +216,7 @@ def test_rest_watch_keeps_an_improve_step_from_before_the_collapse(workspace: Pa
 
 
 def test_rest_watch_stop_ends_the_loop_at_the_alarm(workspace: Path, rest: dict[str, Any]) -> None:
-    warn, stop = rest["warn"], rest["stop"]
+    warn, stop = rest["warn/rest"], rest["stop/rest"]
     alarm = alarm_step(warn["findings"][0])
     assert stop["step"] == alarm and stop["totalSteps"] == REST_TOTAL, stop  # ReST is seeded: the same alarm
     assert stop["findings"] == [warn["findings"][0]] and stop["selectedStep"] == warn["selectedStep"], stop
@@ -227,3 +229,5 @@ def test_rest_watch_stop_ends_the_loop_at_the_alarm(workspace: Path, rest: dict[
     assert abs(table[0]["kl_mean"]) < 1e-3 < table[-1]["kl_mean"]  # the reference is the starting policy
     assert all(0.0 <= e["preference_accuracy"] <= 1.0 for e in table)
     assert (out / "model" / "config.json").is_file() and (out / "final" / "model" / "config.json").is_file()
+    merge = rest["stop/merge"]  # the merged model is the kept Improve step, and says so
+    assert merge["selectedStep"] == stop["selectedStep"] and f"rest step {stop['selectedStep']}" in merge["message"]
