@@ -155,6 +155,10 @@ def _pending(
         message = f"stage {st.name} did not start within {timeout} s (runtime.startTimeoutSeconds): {detail}"
         update = {"phase": "Failed", "completion_time": ts, "reason": cond.START_TIMEOUT, "message": message}
         return st.model_copy(update=update), True
+    if waiting.reason in STARTING_REASONS:
+        return st.model_copy(
+            update={"phase": "Pending", "reason": cond.STARTING, "message": cond.STARTING_MESSAGE}
+        ), False
     return st.model_copy(update={"phase": "Pending", "reason": waiting.reason, "message": detail[:4000]}), False
 
 
@@ -529,7 +533,7 @@ def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> li
     before = {s.name: s for s in old.stages}
     for st in new.stages:
         prev = before.get(st.name)
-        stuck = st.phase == "Pending" and st.reason and st.reason not in STARTING_REASONS
+        stuck = st.phase == "Pending" and st.reason and st.reason != cond.STARTING
         if stuck and (prev is None or prev.reason != st.reason):
             if st.reason == cond.QUEUED:
                 out.append(PostEvent("Normal", "StageQueued", f"stage {st.name} is queued: {st.message}"))

@@ -330,6 +330,21 @@ def test_starting_reasons_are_pending_without_a_warning() -> None:
     assert "Event:StagePending" not in kinds(p.actions)
 
 
+def test_the_steps_of_a_normal_start_are_one_status_not_one_per_step() -> None:
+    scheduling = plan(view(), observed(pulling(reason="Scheduling")), NOW)
+    sft = scheduling.status.stages[0]
+    assert (sft.phase, sft.reason) == ("Pending", "Starting")
+    for step in ("ContainerCreating", "PodInitializing"):
+        again = plan(view(scheduling.status), observed(pulling(reason=step)), NOW)
+        assert again.status == scheduling.status, f"{step} rewrote the status"
+        assert not [a for a in kinds(again.actions) if a.startswith("Event:")]
+    timed_out = plan(
+        view(scheduling.status), observed(pulling(since="2026-01-01T00:00:00Z", reason="ContainerCreating")), NOW
+    )
+    failed = timed_out.status.stages[0]
+    assert failed.phase == "Failed" and failed.message is not None and "ContainerCreating" in failed.message
+
+
 def test_a_pod_that_started_clears_the_waiting_reason() -> None:
     first = plan(view(), observed(pulling()), NOW)
     p = plan(view(first.status), observed(running("sft")), NOW)
