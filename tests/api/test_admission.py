@@ -131,6 +131,7 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("DPO label smoothing 0.5", "spec.dpo", {"dataset": {"name": "a/b"}, "labelSmoothing": 0.5}, "labelSmoothing"),
     ("ReST thresholds that fall", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.7, 0.5]}, "thresholds"),
     ("ReST threshold of 1", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.5, 1.0]}, "thresholds"),
+    ("ReST watch rollback", "spec.rest", {"dataset": {"name": "a/b"}, "watch": {"action": "rollback"}}, "watch.action"),
     ("DPO unknown loss type", "spec.dpo", {"dataset": {"name": "a/b"}, "lossType": "kto"}, "lossType"),
     ("reward stage without a dataset", "spec.reward", {"maxLength": 256}, "reward.dataset"),
     (
