@@ -10,9 +10,11 @@ from pydantic import ConfigDict, Field
 from .base import ApiModel, Rule
 from .methods import (
     FINAL_STAGES,
+    FSDP_STAGES,
     INPUT_STAGES,
     LABELLING_METHODS,
     METHODS,
+    MULTI_NODE_STAGES,
     PAIR_TRAINED,
     PIPELINES,
     REQUIRED_SECTIONS,
@@ -122,6 +124,50 @@ def _reward_source_rule(section: str) -> Rule:
 STAGE_SECTIONS: tuple[str, ...] = tuple(
     dict.fromkeys([*INPUT_STAGES, *(s for stages in PIPELINES.values() for s in stages), *FINAL_STAGES])
 )
+
+def _resources_cel(section: str, field: str) -> str:
+    """CEL: ``section.resources.field`` is set (server-side defaulting fills only objects the user wrote)."""
+    return f"has(self.{section}) && has(self.{section}.resources) && has(self.{section}.resources.{field})"
+
+
+def _single_node_rule(section: str) -> Rule:
+    """A stage the method table (StageKind.multi_node) keeps on one Pod refuses resources.nodes > 1."""
+    return Rule(
+        cel=f"!({_resources_cel(section, 'nodes')}) || self.{section}.resources.nodes == 1",
+        message=f"the {section} stage runs on one Pod: remove {section}.resources.nodes (or set it to 1); "
+        f"stages that run on several Pods: {', '.join(MULTI_NODE_STAGES)}",
+        field_path=f".{section}.resources.nodes",
+        check=lambda s: getattr(s, section) is None or getattr(s, section).resources.nodes == 1,
+    )
+
+
+def _no_fsdp_rule(section: str) -> Rule:
+    """A stage the method table (StageKind.shardings) does not shard with FSDP refuses it."""
+    return Rule(
+        cel=f"!({_resources_cel(section, 'sharding')}) || self.{section}.resources.sharding != 'FSDP'",
+        message=f"the {section} stage does not shard with FSDP: set {section}.resources.sharding: DDP "
+        f"(or remove it); stages that do: {', '.join(FSDP_STAGES)}",
+        field_path=f".{section}.resources.sharding",
+        check=lambda s: getattr(s, section) is None or getattr(s, section).resources.sharding != "FSDP",
+    )
+
+
+def _fsdp_unquantized_rule(section: str) -> Rule:
+    """FSDP flattens and shards float parameters; bitsandbytes' 8- and 4-bit weights are not."""
+    return Rule(
+        cel=f"!({_resources_cel(section, 'sharding')}) || self.{section}.resources.sharding != 'FSDP' "
+        f"|| !has(self.{section}.quantization) || !has(self.{section}.quantization.mode) "
+        f"|| self.{section}.quantization.mode == 'none'",
+        message=f"{section}.resources.sharding FSDP shards float weights and cannot shard quantized ones "
+        f"(8bit, 4bit/QLoRA): set {section}.quantization.mode: none, or sharding: DDP",
+        field_path=f".{section}.resources.sharding",
+        check=lambda s: (
+            getattr(s, section) is None
+            or getattr(s, section).resources.sharding != "FSDP"
+            or getattr(s, section).quantization.mode == "none"
+        ),
+    )
+
 
 _PUBLISH_RULES = (
     Rule(
@@ -258,6 +304,9 @@ class RLHFRunSpec(ApiModel):
         _mounts_name_volumes_rule(None),
         *(_mounts_name_volumes_rule(section) for section in STAGE_SECTIONS),
         *_PUBLISH_RULES,
+        *(_single_node_rule(section) for section in STAGE_SECTIONS if section not in MULTI_NODE_STAGES),
+        *(_no_fsdp_rule(section) for section in STAGE_SECTIONS if section not in FSDP_STAGES),
+        *(_fsdp_unquantized_rule(section) for section in FSDP_STAGES),
     )
 
     method: Method = "PPO"
