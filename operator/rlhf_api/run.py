@@ -125,6 +125,7 @@ STAGE_SECTIONS: tuple[str, ...] = tuple(
     dict.fromkeys([*INPUT_STAGES, *(s for stages in PIPELINES.values() for s in stages), *FINAL_STAGES])
 )
 
+
 def _resources_cel(section: str, field: str) -> str:
     """CEL: ``section.resources.field`` is set (server-side defaulting fills only objects the user wrote)."""
     return f"has(self.{section}) && has(self.{section}.resources) && has(self.{section}.resources.{field})"
