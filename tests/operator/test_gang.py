@@ -7,12 +7,14 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from rlhf_api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
 from rlhf_operator.actions import CreateJob, DeleteJob, PostEvent
 from rlhf_operator.observe import JobObservation, Observed, log_readable, observe_job
 from rlhf_operator.planner import RunView, plan
 
-from .harness import tiny_run
+from .harness import Env, tiny_run
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 JOB_UID = "job-sft"
@@ -155,3 +157,23 @@ def test_a_config_error_fails_the_gang_at_once() -> None:
 def test_a_gangs_pods_are_one_attempt() -> None:
     out = plan(gang_view(running_status(1)), gang(active=2, start_time="2026-01-01T11:50:00Z"), NOW)
     assert out.status.stages[0].attempts == 1 and out.status.stages[0].phase == "Running"
+
+
+# --- against the real API server ----------------------------------------------------------------------
+@pytest.mark.controlplane
+def test_the_operator_creates_the_rendezvous_service_before_the_job_owned_by_the_run(env: Env) -> None:
+    """As the operator's own identity (deploy/rbac.yaml: services create, nothing more); no kubelet.
+    Owned by the run (controller), the Service goes with it: the garbage collector's part, not waited
+    for here (this control plane's collector takes ~40 s to get to it)."""
+    manifest = tiny_run()
+    manifest["spec"]["sft"]["resources"] = {"nodes": 2, "gpus": 0, "memory": "1Gi"}
+    env.start_operator()
+    env.apply(manifest)
+    job = env.wait_for("the sft Job", lambda: env.get("job", "tiny-sft"), timeout=60)
+    service = env.get("service", "tiny-sft-rdzv")
+    assert service is not None  # created before the Job
+    assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["backoffLimit"]) == ("Indexed", 2, 0)
+    run_uid = env.run("tiny")["metadata"]["uid"]
+    assert [(o["uid"], o["controller"]) for o in service["metadata"]["ownerReferences"]] == [(run_uid, True)]
+    assert service["spec"]["selector"]["batch.kubernetes.io/job-completion-index"] == "0"
+    assert service["spec"]["clusterIP"] and service["spec"]["publishNotReadyAddresses"] is True
