@@ -170,6 +170,29 @@ def _fsdp_unquantized_rule(section: str) -> Rule:
     )
 
 
+def _gang_volume_rule() -> Rule:
+    """A ReadWriteOncePod workspace mounts in one Pod only: a stage on several Pods could never start.
+
+    ReadWriteOnce is let through (every Pod on one node can mount it, and admission cannot know how
+    the scheduler will place them: the operator warns when it creates such a Job), and so is an
+    existingClaim (its access modes are not in the spec)."""
+    multi = " || ".join(f"({_resources_cel(s, 'nodes')} && self.{s}.resources.nodes > 1)" for s in MULTI_NODE_STAGES)
+    return Rule(
+        cel="(has(self.storage) && has(self.storage.existingClaim)) || !has(self.storage) "
+        "|| !has(self.storage.accessModes) || !self.storage.accessModes.exists(m, m == 'ReadWriteOncePod') "
+        f"|| self.storage.accessModes.exists(m, m == 'ReadWriteMany') || !({multi})",
+        message="a stage with resources.nodes > 1 mounts the workspace in every Pod, and a ReadWriteOncePod "
+        "volume mounts in one: set storage.accessModes: [ReadWriteMany] (or nodes: 1)",
+        field_path=".storage.accessModes",
+        check=lambda s: (
+            s.storage.existing_claim is not None
+            or "ReadWriteOncePod" not in s.storage.access_modes
+            or "ReadWriteMany" in s.storage.access_modes
+            or not any(getattr(s, n) is not None and getattr(s, n).resources.nodes > 1 for n in MULTI_NODE_STAGES)
+        ),
+    )
+
+
 _PUBLISH_RULES = (
     Rule(
         cel="!has(self.publish) || !has(self.merge) || !has(self.merge.enabled) || self.merge.enabled",
@@ -308,6 +331,7 @@ class RLHFRunSpec(ApiModel):
         *(_single_node_rule(section) for section in STAGE_SECTIONS if section not in MULTI_NODE_STAGES),
         *(_no_fsdp_rule(section) for section in STAGE_SECTIONS if section not in FSDP_STAGES),
         *(_fsdp_unquantized_rule(section) for section in FSDP_STAGES),
+        _gang_volume_rule(),
     )
 
     method: Method = "PPO"

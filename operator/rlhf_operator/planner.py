@@ -38,7 +38,7 @@ from rlhf_api.timestamps import format_timestamp, parse_timestamp
 
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .children import build_config_map, build_job, build_pvc, build_rendezvous_service
+from .children import build_config_map, build_job, build_pvc, build_rendezvous_service, nodes
 from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
 from .progress import merge_progress, summary
 
@@ -304,6 +304,23 @@ def _recorded_failure(st: StageStatus, job: JobObservation | None) -> tuple[str,
     return reason, st.message or f"stage {st.name} failed"
 
 
+def _one_node_volume_warning(spec: RLHFRunSpec, stage: str) -> list[Action]:
+    """A gang on a ReadWriteOnce workspace the operator made: its Pods can only share one node.
+
+    A warning, not a refusal: admission cannot know whether the scheduler will put every Pod on one
+    node (which works, e.g. several Pods on one 8-GPU node). An existingClaim's access modes are not
+    known to the operator (it reads no PVC but its own), so it gets no warning (docs/operator.md)."""
+    pods = nodes(spec, stage)
+    if pods <= 1 or spec.storage.existing_claim is not None or "ReadWriteMany" in spec.storage.access_modes:
+        return []
+    message = (
+        f"stage {stage} runs on {pods} Pods that all mount the workspace, a ReadWriteOnce volume: they can "
+        "only run on one node (a Pod on another cannot attach it and waits until runtime.startTimeoutSeconds); "
+        "to spread them over nodes, set spec.storage.accessModes: [ReadWriteMany]"
+    )
+    return [PostEvent("Warning", cond.ONE_NODE_VOLUME, message)]
+
+
 def _start(st: StageStatus, p: _Pass) -> Decision:
     """No Job for the stage: create it, unless the run is suspended or finished."""
     spec = p.run.spec
@@ -316,6 +333,7 @@ def _start(st: StageStatus, p: _Pass) -> Decision:
         known = next((o for o in p.old.stages if o.name == st.name and o.phase == "Pending"), None)
         if known is None or known.job_name is None:
             actions.append(PostEvent("Normal", "JobCreated", f"created Job {name} for stage {st.name}"))
+            actions += _one_node_volume_warning(spec, st.name)
         return Decision(st.model_copy(update={"job_name": name}), stop=True, actions=actions)
     if spec.suspend and st.job_name:
         # Its Job existed and is gone: with Kueue, the run's suspend deleted it.

@@ -326,6 +326,16 @@ INVALID: list[tuple[str, str, Any, str]] = [
         {**GRPO_SPEC, "method": "ReST", "rest": {**GRPO_SPEC["grpo"], "resources": {"nodes": 2}}, "grpo": None},
         "rest.resources.nodes",
     ),
+    (
+        "two Pods on a ReadWriteOncePod workspace",
+        "spec",
+        {
+            **minimal_run()["spec"],
+            "sft": {"dataset": {"name": "a/b"}, "resources": {"nodes": 2}},
+            "storage": {"accessModes": ["ReadWriteOncePod"]},
+        },
+        "storage.accessModes",
+    ),
     ("podTemplate schedulerName not a name", "spec.podTemplate", {"schedulerName": "My_Scheduler"}, "schedulerName"),
     ("podTemplate shm size not a quantity", "spec.podTemplate", {"shmSizeLimit": "lots"}, "shmSizeLimit"),
     ("a stage's tmp size not a quantity", "spec.merge.podTemplate", {"tmpSizeLimit": "lots"}, "tmpSizeLimit"),

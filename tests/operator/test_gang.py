@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from rlhf_api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
+from rlhf_api.runtime import Storage
 from rlhf_operator.actions import CreateJob, DeleteJob, PostEvent
 from rlhf_operator.observe import JobObservation, Observed, log_readable, observe_job
 from rlhf_operator.planner import RunView, plan
@@ -17,6 +18,7 @@ from rlhf_operator.planner import RunView, plan
 from .harness import Env, tiny_run
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+RWX = Storage(access_modes=["ReadWriteMany"])
 JOB_UID = "job-sft"
 
 
@@ -157,6 +159,18 @@ def test_a_config_error_fails_the_gang_at_once() -> None:
 def test_a_gangs_pods_are_one_attempt() -> None:
     out = plan(gang_view(running_status(1)), gang(active=2, start_time="2026-01-01T11:50:00Z"), NOW)
     assert out.status.stages[0].attempts == 1 and out.status.stages[0].phase == "Running"
+
+
+def test_a_gang_on_a_read_write_once_workspace_is_warned_of_once() -> None:
+    rwo = plan(gang_view(None), Observed({}), NOW)
+    warnings = [a for a in rwo.actions if isinstance(a, PostEvent) and a.reason == "OneNodeVolume"]
+    assert len(warnings) == 1 and "ReadWriteMany" in warnings[0].message
+    # Not again while the Job is created (the stage already names its Job).
+    again = plan(gang_view(rwo.status), Observed({}), NOW)
+    assert not [a for a in again.actions if isinstance(a, PostEvent) and a.reason == "OneNodeVolume"]
+    rwx = gang_view(None)
+    rwx = RunView(rwx.name, rwx.namespace, rwx.uid, 1, rwx.spec.model_copy(update={"storage": RWX}), None)
+    assert not [a for a in plan(rwx, Observed({}), NOW).actions if getattr(a, "reason", "") == "OneNodeVolume"]
 
 
 # --- against the real API server ----------------------------------------------------------------------
