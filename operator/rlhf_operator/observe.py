@@ -209,6 +209,14 @@ def _spoke(pod: dict[str, Any]) -> tuple[StageResult | None, int | None]:
     return result, exit_code
 
 
+def _pod_progress(pod: dict[str, Any], logged: Mapping[str, Progress] | None) -> Progress | None:
+    """A live Pod's progress: from its log (read by the reconciler), else the local kubelet's annotation."""
+    meta = pod.get("metadata") or {}
+    return (logged or {}).get(meta.get("name") or "") or parse_progress(
+        (meta.get("annotations") or {}).get(PROGRESS_ANNOTATION)
+    )
+
+
 @dataclass(frozen=True)
 class _Gang:
     """What a multi-node stage's Pods say together: node 0 speaks for the stage, unless a Pod failed."""
@@ -278,41 +286,22 @@ def observe_job(
         (p for p in pods if (p.get("metadata") or {}).get("labels", {}).get(CONTROLLER_UID_LABEL) == uid),
         key=_pod_sort_key,
     )
-    result: StageResult | None = None
-    exit_code: int | None = None
-    for pod in reversed(own):  # the newest pod that has finished speaks for the stage
-        terminated = _terminated(pod)
-        if terminated is not None:
-            exit_code = int(terminated.get("exitCode") or 0)
-            result = parse_result(terminated.get("message"))
-            if result is None and terminated.get("message"):
-                result = StageResult(
-                    stage="",
-                    succeeded=False,
-                    message=terminated["message"][-1000:],
-                    exit_code=int(terminated.get("exitCode") or 0),
-                )
-            break
-    progress = None
-    waiting = None
-    running = [p for p in own if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")]
-    if running:
-        waiting = None if (running[-1].get("metadata") or {}).get("deletionTimestamp") else pod_waiting(running[-1])
-        meta_running = running[-1].get("metadata") or {}
-        progress = (logged or {}).get(meta_running.get("name") or "") or parse_progress(
-            (meta_running.get("annotations") or {}).get(PROGRESS_ANNOTATION)
-        )
     completions = int((job.get("spec") or {}).get("completions") or 1)
     failed_pod = None
     if completions > 1:
         gang = _observe_gang(own, completions)
         result, exit_code, failed_pod, waiting = gang.result, gang.exit_code, gang.failed_pod, gang.waiting
+        progress = _pod_progress(gang.progress_pod, logged) if gang.progress_pod is not None else None
+    else:
+        finished = [p for p in own if _terminated(p) is not None]
+        result, exit_code = _spoke(finished[-1]) if finished else (None, None)  # the newest finished Pod speaks
         progress = None
-        if gang.progress_pod is not None:
-            zero_meta = gang.progress_pod.get("metadata") or {}
-            progress = (logged or {}).get(zero_meta.get("name") or "") or parse_progress(
-                (zero_meta.get("annotations") or {}).get(PROGRESS_ANNOTATION)
-            )
+        waiting = None
+        running = [p for p in own if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")]
+        if running:
+            newest = running[-1]
+            waiting = None if (newest.get("metadata") or {}).get("deletionTimestamp") else pod_waiting(newest)
+            progress = _pod_progress(newest, logged)
     failed = _condition(job, "Failed")
     return JobObservation(
         name=meta.get("name", ""),
