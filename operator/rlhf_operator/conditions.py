@@ -39,6 +39,12 @@ ONE_NODE_VOLUME = "OneNodeVolume"  # event: a multi-node stage on a ReadWriteOnc
 START_TIMEOUT = "StartTimeout"  # the stage's Pod did not start within runtime.startTimeoutSeconds
 # A stage's reason (not a condition's): its Job waits for Kueue to admit it (runtime.queueName).
 QUEUED = "Queued"
+# A stage's reason: its Pod is in one of the steps of a normal start (observe.STARTING_REASONS:
+# waiting for the scheduler, pulling the image, mounting volumes). One reason for all of them, so a
+# start writes the status once instead of once per step (under a burst of starts those writes were
+# most of the operator's); the start timeout's message still names Kubernetes' own reason.
+STARTING = "Starting"
+STARTING_MESSAGE = "the Pod is starting (scheduling, pulling its image, mounting its volumes)"
 
 # Set only once a stage's watch raised an alarm (docs/watch.md): True while a stage's status carries
 # findings, False once none does (the stage trained again without one).

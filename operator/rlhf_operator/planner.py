@@ -163,6 +163,10 @@ def _pending(
         message = f"stage {st.name} did not start within {timeout} s (runtime.startTimeoutSeconds): {detail}"
         update = {"phase": "Failed", "completion_time": ts, "reason": cond.START_TIMEOUT, "message": message}
         return st.model_copy(update=update), True
+    if waiting.reason in STARTING_REASONS:
+        return st.model_copy(
+            update={"phase": "Pending", "reason": cond.STARTING, "message": cond.STARTING_MESSAGE}
+        ), False
     return st.model_copy(update={"phase": "Pending", "reason": waiting.reason, "message": detail[:4000]}), False
 
 
@@ -334,7 +338,10 @@ def _start(st: StageStatus, p: _Pass) -> Decision:
         if known is None or known.job_name is None:
             actions.append(PostEvent("Normal", "JobCreated", f"created Job {name} for stage {st.name}"))
             actions += _one_node_volume_warning(spec, st.name)
-        return Decision(st.model_copy(update={"job_name": name}), stop=True, actions=actions)
+        update: dict[str, str | None] = {"job_name": name}
+        if st.phase == "Pending":  # Starting from the Job's creation: its Pod's first steps are no change
+            update.update(reason=cond.STARTING, message=cond.STARTING_MESSAGE)
+        return Decision(st.model_copy(update=update), stop=True, actions=actions)
     if spec.suspend and st.job_name:
         # Its Job existed and is gone: with Kueue, the run's suspend deleted it.
         return Decision(_suspended(st), stop=True)
@@ -378,7 +385,12 @@ def _live(st: StageStatus, job: JobObservation, p: _Pass) -> Decision:
         phase = "Running"
     else:
         phase = "Pending"
-    return Decision(st.model_copy(update={"phase": phase, "reason": None, "message": None}), stop=True, actions=actions)
+    update: dict[str, str | None]
+    if phase == "Pending":  # the Job's Pod is not there yet, or about to be: a normal start's first step
+        update = {"phase": phase, "reason": cond.STARTING, "message": cond.STARTING_MESSAGE}
+    else:
+        update = {"phase": phase, "reason": None, "message": None}
+    return Decision(st.model_copy(update=update), stop=True, actions=actions)
 
 
 def _gang_restart(st: StageStatus, job: JobObservation, p: _Pass) -> Decision | None:
@@ -585,7 +597,7 @@ def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> li
     before = {s.name: s for s in old.stages}
     for st in new.stages:
         prev = before.get(st.name)
-        stuck = st.phase == "Pending" and st.reason and st.reason not in STARTING_REASONS
+        stuck = st.phase == "Pending" and st.reason and st.reason != cond.STARTING
         if stuck and (prev is None or prev.reason != st.reason):
             if st.reason == cond.QUEUED:
                 out.append(PostEvent("Normal", "StageQueued", f"stage {st.name} is queued: {st.message}"))
