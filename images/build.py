@@ -368,6 +368,17 @@ class Containerd:
         finally:
             archive.unlink(missing_ok=True)
 
+    def forget_older(self, ref: str) -> None:
+        """Remove the earlier builds of ``ref``'s repository from containerd, as Buildah.forget_older
+        does from the build storage. Why: each source change loads a new multi-gigabyte stage image,
+        and nothing else removes the old ones (two CI runs filled the disk). containerd's garbage
+        collector keeps the content a container still uses; the node tier loads images while it
+        holds the node lock, so no test of another tree is running on an image removed here."""
+        repo = ref.rsplit(":", 1)[0]
+        older = [name for name in self.images() if name.rsplit(":", 1)[0] == repo and name != ref]
+        if older:
+            run([*self.base, "images", "rm", *older])
+
 
 # --- main ----------------------------------------------------------------------------------------
 
@@ -419,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                     ensure(target, functools.partial(build_app, buildah, target, names[target], build_args[target]))
                 for step, seconds in containerd.load(buildah, names[target]).items():
                     timings[f"{step}_{target}"] = seconds
+                containerd.forget_older(names[target])
         present = containerd.images()
 
     timings["total"] = round(time.monotonic() - started, 1)

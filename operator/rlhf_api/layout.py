@@ -90,6 +90,23 @@ INPUTS_FILE: Final = "inputs.json"
 INPUT_CACHE_ENV: Final = "RLHF_INPUT_CACHE"
 
 
+# A multi-node stage (resources.nodes > 1): one Indexed Job of N Pods and a rendezvous Service that
+# selects its Pod of index 0 (docs/operator.md "Multi-node stages"). Pod i reads its node rank from
+# JOB_COMPLETION_INDEX (set by the Job controller); node 0 listens on the rendezvous port at its own
+# address (RLHF_POD_IP), the others reach it through the Service: the env var the kubelet derives from
+# the Service's name (``service_host_env``), else the name itself (cluster DNS).
+JOB_COMPLETION_INDEX_ENV: Final = "JOB_COMPLETION_INDEX"
+RENDEZVOUS_SERVICE_ENV: Final = "RLHF_RENDEZVOUS_SERVICE"
+RENDEZVOUS_PORT_ENV: Final = "RLHF_RENDEZVOUS_PORT"
+POD_IP_ENV: Final = "RLHF_POD_IP"
+RENDEZVOUS_PORT: Final = 29400
+
+
+def service_host_env(service: str) -> str:
+    """The env var in which the kubelet gives every Pod created after the Service its ClusterIP."""
+    return service.upper().replace("-", "_") + "_SERVICE_HOST"
+
+
 def staged_inputs(run: PurePosixPath) -> PurePosixPath:
     """The inputs stage's record of what it staged, relative to the volume."""
     return stage_output(run, INPUTS_STAGE) / INPUTS_FILE

@@ -21,6 +21,11 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 Role = Literal["inputs", "policy", "reward", "labels", "merge", "publish"]
+
+Sharding = Literal["DDP", "FSDP"]
+"""How the ranks of a stage split the model (``resources.sharding``). DDP: every rank holds the whole
+model and the gradients are averaged. FSDP: parameters, gradients and optimiser state are fully
+sharded over all ranks (ZeRO-3-like), through transformers' Trainer and accelerate."""
 """``inputs``: stages the base model, tokenizer and datasets onto the volume before any other stage
 (first in every method's pipeline when the run reads a remote input, so the entries leave it out);
 ``policy``: trains the policy (an adapter or all weights on the current policy); ``reward``: trains
@@ -38,6 +43,16 @@ class StageKind:
     """Optimises against a reward model: its own ``rewardModel`` or this run's reward stage output."""
     trains_on_pairs: bool = False
     """Trains on preference pairs: its ``dataset``, or the labelling stage's pairs (``Method.pairs_from``)."""
+    multi_node: bool = False
+    """Accepts ``resources.nodes`` > 1: its ranks train one model together over several Pods (one
+    Indexed Job and a rendezvous Service, docs/operator.md "Multi-node stages"). Left out: inputs
+    (downloads once, no GPU), rlaif and rest (sampling and judging loops that run on one Pod's
+    ranks), merge (one process folding an adapter, no GPU) and publish (an upload)."""
+    shardings: tuple[Sharding, ...] = ("DDP",)
+    """The ``resources.sharding`` values it accepts. FSDP only where the stage trains through
+    transformers' Trainer (sft, reward, dpo), which wraps the model in FSDP through accelerate; the
+    on-policy loops (ppo, grpo, rloo) hold a policy, a reference and a reward model at once and
+    generate between updates, which FSDP's sharded parameters would gather on every token."""
 
 
 @dataclass(frozen=True)
@@ -52,16 +67,21 @@ class Method:
     """Other pipelines, picked by the labelling stage's ``then`` field (RLAIF: ``then: DPO``)."""
 
 
+_TRAINER: Final[tuple[Sharding, ...]] = ("DDP", "FSDP")
+"""What a stage training through transformers' Trainer accepts."""
+
 STAGE_KINDS: Final[dict[str, StageKind]] = {
     "inputs": StageKind("rlhf_stages.methods.inputs", "inputs"),
-    "sft": StageKind("rlhf_stages.methods.sft", "policy"),
+    "sft": StageKind("rlhf_stages.methods.sft", "policy", multi_node=True, shardings=_TRAINER),
     "rlaif": StageKind("rlhf_stages.methods.rlaif", "labels"),
-    "reward": StageKind("rlhf_stages.methods.reward", "reward", trains_on_pairs=True),
-    "ppo": StageKind("rlhf_stages.methods.ppo.stage", "policy", uses_reward_model=True),
-    "grpo": StageKind("rlhf_stages.methods.grpo", "policy", uses_reward_model=True),
-    "rloo": StageKind("rlhf_stages.methods.rloo", "policy", uses_reward_model=True),
+    "reward": StageKind(
+        "rlhf_stages.methods.reward", "reward", trains_on_pairs=True, multi_node=True, shardings=_TRAINER
+    ),
+    "ppo": StageKind("rlhf_stages.methods.ppo.stage", "policy", uses_reward_model=True, multi_node=True),
+    "grpo": StageKind("rlhf_stages.methods.grpo", "policy", uses_reward_model=True, multi_node=True),
+    "rloo": StageKind("rlhf_stages.methods.rloo", "policy", uses_reward_model=True, multi_node=True),
     "rest": StageKind("rlhf_stages.methods.rest", "policy", uses_reward_model=True),
-    "dpo": StageKind("rlhf_stages.methods.dpo", "policy", trains_on_pairs=True),
+    "dpo": StageKind("rlhf_stages.methods.dpo", "policy", trains_on_pairs=True, multi_node=True, shardings=_TRAINER),
     "merge": StageKind("rlhf_stages.methods.merge", "merge"),
     "publish": StageKind("rlhf_stages.methods.publish", "publish"),
 }
@@ -98,6 +118,10 @@ POLICY_STAGES: Final = frozenset(name for name, kind in STAGE_KINDS.items() if k
 """Stages that train an adapter (or full weights) on top of the current policy."""
 REWARD_CONSUMERS: Final = tuple(name for name, kind in STAGE_KINDS.items() if kind.uses_reward_model)
 PAIR_TRAINED: Final = tuple(name for name, kind in STAGE_KINDS.items() if kind.trains_on_pairs)
+MULTI_NODE_STAGES: Final = tuple(name for name, kind in STAGE_KINDS.items() if kind.multi_node)
+"""Stages that accept ``resources.nodes`` > 1."""
+FSDP_STAGES: Final = tuple(name for name, kind in STAGE_KINDS.items() if "FSDP" in kind.shardings)
+"""Stages that accept ``resources.sharding: FSDP``."""
 LABELLING_METHODS: Final = tuple(name for name, m in METHODS.items() if m.pairs_from is not None)
 """Methods whose preference-trained stages read a labelling stage's pairs, never a dataset of their own."""
 ALIGNED_POLICY_STAGES: Final = tuple(

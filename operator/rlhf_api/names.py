@@ -66,3 +66,6 @@ CONTROLLER_UID_LABEL: Final = "batch.kubernetes.io/controller-uid"
 JOB_NAME_LABEL: Final = "batch.kubernetes.io/job-name"
 LEGACY_CONTROLLER_UID_LABEL: Final = "controller-uid"
 LEGACY_JOB_NAME_LABEL: Final = "job-name"
+# An Indexed Job's Pods (a multi-node stage): the Job controller labels each with its index, 0..N-1,
+# and sets the same number in the env var JOB_COMPLETION_INDEX.
+JOB_COMPLETION_INDEX_LABEL: Final = "batch.kubernetes.io/job-completion-index"

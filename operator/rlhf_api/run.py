@@ -10,9 +10,11 @@ from pydantic import ConfigDict, Field
 from .base import ApiModel, Rule
 from .methods import (
     FINAL_STAGES,
+    FSDP_STAGES,
     INPUT_STAGES,
     LABELLING_METHODS,
     METHODS,
+    MULTI_NODE_STAGES,
     PAIR_TRAINED,
     PIPELINES,
     REQUIRED_SECTIONS,
@@ -122,6 +124,74 @@ def _reward_source_rule(section: str) -> Rule:
 STAGE_SECTIONS: tuple[str, ...] = tuple(
     dict.fromkeys([*INPUT_STAGES, *(s for stages in PIPELINES.values() for s in stages), *FINAL_STAGES])
 )
+
+
+def _resources_cel(section: str, field: str) -> str:
+    """CEL: ``section.resources.field`` is set (server-side defaulting fills only objects the user wrote)."""
+    return f"has(self.{section}) && has(self.{section}.resources) && has(self.{section}.resources.{field})"
+
+
+def _single_node_rule(section: str) -> Rule:
+    """A stage the method table (StageKind.multi_node) keeps on one Pod refuses resources.nodes > 1."""
+    return Rule(
+        cel=f"!({_resources_cel(section, 'nodes')}) || self.{section}.resources.nodes == 1",
+        message=f"the {section} stage runs on one Pod: remove {section}.resources.nodes (or set it to 1); "
+        f"stages that run on several Pods: {', '.join(MULTI_NODE_STAGES)}",
+        field_path=f".{section}.resources.nodes",
+        check=lambda s: getattr(s, section) is None or getattr(s, section).resources.nodes == 1,
+    )
+
+
+def _no_fsdp_rule(section: str) -> Rule:
+    """A stage the method table (StageKind.shardings) does not shard with FSDP refuses it."""
+    return Rule(
+        cel=f"!({_resources_cel(section, 'sharding')}) || self.{section}.resources.sharding != 'FSDP'",
+        message=f"the {section} stage does not shard with FSDP: set {section}.resources.sharding: DDP "
+        f"(or remove it); stages that do: {', '.join(FSDP_STAGES)}",
+        field_path=f".{section}.resources.sharding",
+        check=lambda s: getattr(s, section) is None or getattr(s, section).resources.sharding != "FSDP",
+    )
+
+
+def _fsdp_unquantized_rule(section: str) -> Rule:
+    """FSDP flattens and shards float parameters; bitsandbytes' 8- and 4-bit weights are not."""
+    return Rule(
+        cel=f"!({_resources_cel(section, 'sharding')}) || self.{section}.resources.sharding != 'FSDP' "
+        f"|| !has(self.{section}.quantization) || !has(self.{section}.quantization.mode) "
+        f"|| self.{section}.quantization.mode == 'none'",
+        message=f"{section}.resources.sharding FSDP shards float weights and cannot shard quantized ones "
+        f"(8bit, 4bit/QLoRA): set {section}.quantization.mode: none, or sharding: DDP",
+        field_path=f".{section}.resources.sharding",
+        check=lambda s: (
+            getattr(s, section) is None
+            or getattr(s, section).resources.sharding != "FSDP"
+            or getattr(s, section).quantization.mode == "none"
+        ),
+    )
+
+
+def _gang_volume_rule() -> Rule:
+    """A ReadWriteOncePod workspace mounts in one Pod only: a stage on several Pods could never start.
+
+    ReadWriteOnce is let through (every Pod on one node can mount it, and admission cannot know how
+    the scheduler will place them: the operator warns when it creates such a Job), and so is an
+    existingClaim (its access modes are not in the spec)."""
+    multi = " || ".join(f"({_resources_cel(s, 'nodes')} && self.{s}.resources.nodes > 1)" for s in MULTI_NODE_STAGES)
+    return Rule(
+        cel="(has(self.storage) && has(self.storage.existingClaim)) || !has(self.storage) "
+        "|| !has(self.storage.accessModes) || !self.storage.accessModes.exists(m, m == 'ReadWriteOncePod') "
+        f"|| self.storage.accessModes.exists(m, m == 'ReadWriteMany') || !({multi})",
+        message="a stage with resources.nodes > 1 mounts the workspace in every Pod, and a ReadWriteOncePod "
+        "volume mounts in one: set storage.accessModes: [ReadWriteMany] (or nodes: 1)",
+        field_path=".storage.accessModes",
+        check=lambda s: (
+            s.storage.existing_claim is not None
+            or "ReadWriteOncePod" not in s.storage.access_modes
+            or "ReadWriteMany" in s.storage.access_modes
+            or not any(getattr(s, n) is not None and getattr(s, n).resources.nodes > 1 for n in MULTI_NODE_STAGES)
+        ),
+    )
+
 
 _PUBLISH_RULES = (
     Rule(
@@ -258,6 +328,10 @@ class RLHFRunSpec(ApiModel):
         _mounts_name_volumes_rule(None),
         *(_mounts_name_volumes_rule(section) for section in STAGE_SECTIONS),
         *_PUBLISH_RULES,
+        *(_single_node_rule(section) for section in STAGE_SECTIONS if section not in MULTI_NODE_STAGES),
+        *(_no_fsdp_rule(section) for section in STAGE_SECTIONS if section not in FSDP_STAGES),
+        *(_fsdp_unquantized_rule(section) for section in FSDP_STAGES),
+        _gang_volume_rule(),
     )
 
     method: Method = "PPO"

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from .base import ApiModel, Rule
 from .corev1 import Affinity, ImageReference, LabelMap, Toleration
+from .methods import Sharding
 
 DEFAULT_STAGE_IMAGE = "ghcr.io/rlhf-operator/rlhf-stages:0.1.0"
 WORKSPACE_MOUNT_PATH = "/workspace"
@@ -30,15 +31,41 @@ Quantity = Annotated[
 DNSName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
 
 
+MAX_NODES = 16
+
+
 class Resources(ApiModel):
-    """Compute for one stage's pod."""
+    """Compute for one stage: ``nodes`` Pods, each with these GPUs, CPU and memory."""
+
+    # Which stages accept nodes > 1 and FSDP is the method table's (methods.StageKind): spec-level rules.
+    rules = (
+        Rule(
+            cel="!has(self.sharding) || self.sharding != 'FSDP' || !has(self.gpus) || self.gpus > 0",
+            message="sharding FSDP shards over NCCL, which needs GPUs (gloo, the CPU backend, has no "
+            "reduce-scatter): set gpus to 1 or more, or sharding: DDP",
+            field_path=".sharding",
+            check=lambda r: r.sharding != "FSDP" or r.gpus > 0,
+        ),
+    )
 
     gpus: Annotated[int, Field(ge=0, le=64)] = 1
-    """NVIDIA GPUs (``nvidia.com/gpu``); the stage runs one training process per GPU."""
+    """NVIDIA GPUs (``nvidia.com/gpu``) per Pod; the stage runs one training process per GPU in each
+    Pod (0: one CPU process per Pod)."""
     cpu: Quantity | None = None
-    """CPU request and limit, e.g. ``8``."""
+    """CPU request and limit of each Pod, e.g. ``8``."""
     memory: Quantity | None = None
-    """Memory request and limit, e.g. ``64Gi``."""
+    """Memory request and limit of each Pod, e.g. ``64Gi``."""
+    nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] = 1
+    """Pods the stage runs on, started and restarted together (a gang): the stage trains with
+    nodes x max(gpus, 1) processes. Above 1 only for sft, reward, dpo, ppo, grpo and rloo. Every Pod
+    mounts the workspace volume, so Pods on different nodes need a ReadWriteMany volume
+    (storage.accessModes or an existing claim). A failed Pod restarts the whole gang, counted against
+    runtime.backoffLimit (docs/operator.md "Multi-node stages")."""
+    sharding: Sharding = "DDP"
+    """How the processes split the model. DDP: each holds the whole model and gradients are
+    averaged. FSDP: parameters, gradients and optimiser state fully sharded over all processes
+    (ZeRO-3-like), for a model one GPU cannot hold; only sft, reward and dpo, only with GPUs and
+    without quantization. DeepSpeed is not offered (docs/operator.md "Multi-node stages")."""
 
 
 class SecretKeyRef(ApiModel):

@@ -11,7 +11,7 @@ from .podtemplate import PodTemplate
 from .runtime import Resources
 from .sources import DatasetSource, ModelSource
 from .training import LoRA, Quantization, TrainingSettings
-from .watch import Watch
+from .watch import ReSTWatch, Watch
 
 DEFAULT_PROMPT_TEMPLATE = "Question: {question}\n\nAnswer: {response}"
 DEFAULT_JUDGE_TEMPLATE = "Principles:\n{constitution}\n\n{prompt}\nA:{a}\nB:{b}\nBetter answer:"
@@ -290,6 +290,7 @@ class ReSTStage(StageBase):
 
     rules = (
         _enabled_needs_dataset(),
+        _no_rollback(),
         Rule(
             cel="!has(self.thresholds) || self.thresholds.all(t, t >= 0.0 && t < 1.0)",
             message="thresholds are reward quantiles in [0, 1)",
@@ -325,6 +326,8 @@ class ReSTStage(StageBase):
     """Sampling settings of the Grow step."""
     response_length: ResponseLength = Field(default_factory=ResponseLength)
     """Lengths of sampled responses."""
+    watch: ReSTWatch = Field(default_factory=ReSTWatch)
+    """Held-out evaluation after Improve steps, reward-hacking detectors and checkpoint selection (docs/watch.md)."""
 
 
 class RLAIFStage(StageBase):

@@ -1,6 +1,6 @@
 """Watching policy optimisation for reward hacking: periodic held-out evaluation, detectors, selection.
 
-Declared once here; the PPO, GRPO and RLOO stages read it as ``spec.<stage>.watch``
+Declared once here; the PPO, GRPO, RLOO and ReST stages read it as ``spec.<stage>.watch``
 (rlhf_stages/sampling/watch.py does the work) and docs/watch.md explains every threshold and what the
 detectors cannot see.
 """
@@ -79,3 +79,12 @@ class Watch(ApiModel):
     accuracy_drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     """preferenceAccuracyFalling: fires when the preference accuracy fell this much below the first
     evaluation's."""
+
+
+class ReSTWatch(Watch):
+    """The watch of ReST, whose steps are Improve steps (a handful per run, not hundreds): evaluated
+    after every one by default. Rollback is refused (docs/watch.md says why)."""
+
+    eval_every: Annotated[int, Field(ge=0, le=100000)] = 1
+    """Evaluate after every N Improve steps (and before the first Grow step and after the last
+    Improve step); 0 turns evaluation, detectors and checkpoint selection off."""

@@ -15,10 +15,13 @@ class EnsurePVC:
 
 @dataclass(frozen=True)
 class CreateJob:
-    """Write the stage's ConfigMap (create or replace), then create its Job (AlreadyExists is success)."""
+    """Write the stage's ConfigMap (create or replace), create a multi-node stage's rendezvous Service,
+    then create its Job (AlreadyExists is success for both)."""
 
     config_map: dict[str, Any]
     job: dict[str, Any]
+    service: dict[str, Any] | None = None
+    """Created before the Job, so that its Pods find the Service's address in their environment."""
 
     @property
     def name(self) -> str:

@@ -33,6 +33,7 @@ from typing import Any, cast
 from rlhf_api.names import (
     CONTROLLER_UID_LABEL,
     GROUP,
+    JOB_COMPLETION_INDEX_LABEL,
     KUEUE_QUEUE_LABEL,
     LABEL_RUN,
     LABEL_STAGE,
@@ -84,7 +85,8 @@ def trim_job(body: dict[str, Any]) -> dict[str, Any]:
     status = body.get("status") or {}
     out_status = _pick(status, "active", "succeeded", "failed", "startTime", "completionTime")
     out_status["conditions"] = [_pick(c, "type", "status", "reason", "message") for c in status.get("conditions") or []]
-    return {"metadata": meta, "spec": _pick(body.get("spec"), "suspend"), "status": out_status}
+    # completions: a multi-node stage's gang size (its Indexed Job's Pods).
+    return {"metadata": meta, "spec": _pick(body.get("spec"), "suspend", "completions"), "status": out_status}
 
 
 def _container(status: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +104,8 @@ def trim_pod(body: dict[str, Any]) -> dict[str, Any]:
     """What :mod:`.observe` (results, progress, why it waits) and the log reader read of a Pod."""
     status = body.get("status") or {}
     return {
-        "metadata": _meta(body, (LABEL_RUN, CONTROLLER_UID_LABEL), (PROGRESS_ANNOTATION,)),
+        # The completion index: a gang's node rank (node 0 speaks for the stage).
+        "metadata": _meta(body, (LABEL_RUN, CONTROLLER_UID_LABEL, JOB_COMPLETION_INDEX_LABEL), (PROGRESS_ANNOTATION,)),
         "spec": _pick(body.get("spec"), "nodeName"),
         "status": {
             **_pick(status, "phase"),

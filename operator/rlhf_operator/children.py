@@ -8,6 +8,7 @@ Kubernetes client: manifests are plain dicts in wire form.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -19,12 +20,17 @@ from rlhf_api.layout import (
     INPUT_CACHE_ENV,
     INPUTS_STAGE,
     NON_RETRYABLE_EXIT_CODES,
+    POD_IP_ENV,
+    RENDEZVOUS_PORT,
+    RENDEZVOUS_PORT_ENV,
+    RENDEZVOUS_SERVICE_ENV,
     RunRef,
     StageInvocation,
     run_dir,
 )
 from rlhf_api.names import (
     API_VERSION,
+    JOB_COMPLETION_INDEX_LABEL,
     KIND,
     KUEUE_QUEUE_LABEL,
     LABEL_APP_COMPONENT,
@@ -68,6 +74,14 @@ FALLBACK_REQUESTS = {"cpu": "100m", "memory": "256Mi"}
 def job_name(run: str, stage: str) -> str:
     """One Job per stage, always the same name: creating it twice is an AlreadyExists, not a duplicate."""
     return f"{run}-{stage}"
+
+
+def rendezvous_service_name(run: str, stage: str) -> str:
+    """``<job name>-rdzv``, the rendezvous Service of a multi-node stage. A Service's name must be a
+    DNS-1035 label while a run's may be a DNS subdomain: dots become dashes and a leading digit gets
+    an ``r`` (the stages read the name from RLHF_RENDEZVOUS_SERVICE, never rebuild it)."""
+    name = re.sub(r"[^a-z0-9-]", "-", f"{job_name(run, stage)}-rdzv")
+    return name if name[0].isalpha() else f"r{name}"
 
 
 def config_map_name(run: str, stage: str) -> str:
@@ -199,7 +213,52 @@ def _env(run: RunRef, spec: RLHFRunSpec, stage: str) -> list[dict[str, Any]]:
             env.append({"name": "WANDB_ENTITY", "value": spec.wandb.entity})
     else:
         env.append({"name": "WANDB_MODE", "value": "disabled"})
+    if nodes(spec, stage) > 1:
+        env += _rendezvous_env(run, stage)
     return env
+
+
+def nodes(spec: RLHFRunSpec, stage: str) -> int:
+    """How many Pods the stage runs on (resources.nodes; admission allows > 1 only where the method
+    table does)."""
+    return int(spec.stage(stage).resources.nodes)
+
+
+def _rendezvous_env(run: RunRef, stage: str) -> list[dict[str, Any]]:
+    """Where a multi-node stage's Pods meet: node 0 listens at its own address, the others reach it
+    through the Service (its ClusterIP in the env var the kubelet derives from its name)."""
+    return [
+        {"name": RENDEZVOUS_SERVICE_ENV, "value": rendezvous_service_name(run.name, stage)},
+        {"name": RENDEZVOUS_PORT_ENV, "value": str(RENDEZVOUS_PORT)},
+        {"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+
+
+def build_rendezvous_service(run: RunRef, spec: RLHFRunSpec, stage: str) -> dict[str, Any] | None:
+    """The Service a multi-node stage's Pods rendezvous through; None for a stage on one Pod.
+
+    It selects the stage's Pod of completion index 0 (node rank 0, which runs the rendezvous store).
+    Created before the Job, so that the kubelet puts its address into every Pod's environment
+    (clusters without DNS); publishNotReadyAddresses because the stage Pods have no readiness probe
+    and must reach node 0 as soon as it runs. Owned by the run: it outlives a gang restart's Job
+    (same name, same selector) and goes with the run.
+    """
+    if nodes(spec, stage) <= 1:
+        return None
+    selector = {**labels(run.name, stage), JOB_COMPLETION_INDEX_LABEL: "0"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(run, rendezvous_service_name(run.name, stage), stage),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}
+            ],
+            "publishNotReadyAddresses": True,
+        },
+    }
 
 
 def _secret_env(var: str, name: str, key: str) -> dict[str, Any]:
@@ -375,14 +434,20 @@ def build_job(run: RunRef, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
         "runtimeClassName": overlay.runtime_class_name,
     }
     pod_spec.update({k: v for k, v in optional.items() if v is not None})
+    gang = nodes(spec, stage)
     job_spec: dict[str, Any] = {
-        "backoffLimit": runtime.backoff_limit,
-        "completions": 1,
-        "parallelism": 1,
+        # A gang (several Pods) fails as a whole at its first failed Pod: the operator, not the Job
+        # controller, restarts it (all Pods together), counting against runtime.backoffLimit.
+        "backoffLimit": runtime.backoff_limit if gang == 1 else 0,
+        "completions": gang,
+        "parallelism": gang,
         "suspend": bool(spec.suspend or runtime.queue_name),
         "podFailurePolicy": pod_failure_policy(),
         "template": {"metadata": pod_meta, "spec": pod_spec},
     }
+    if gang > 1:
+        # Each Pod gets its node rank: JOB_COMPLETION_INDEX and the completion-index label.
+        job_spec["completionMode"] = "Indexed"
     if runtime.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
     if runtime.ttl_seconds_after_finished is not None:

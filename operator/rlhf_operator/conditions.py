@@ -34,9 +34,17 @@ INPUT_MISSING = "InputMissing"  # the stage exited 3: an input is missing (not r
 STAGE_FAILED = "StageFailed"  # any other Job failure
 STAGE_LOST = "StageLost"  # the failed stage's Job is gone and its reason with it
 INVALID_SPEC = "InvalidSpec"  # the stored spec fails validation (stored before a stricter CRD): edit it
+GANG_RESTART = "GangRestart"  # a Pod of a multi-node stage failed: all its Pods start again (an event, a stage reason)
+ONE_NODE_VOLUME = "OneNodeVolume"  # event: a multi-node stage on a ReadWriteOnce workspace (its Pods share one node)
 START_TIMEOUT = "StartTimeout"  # the stage's Pod did not start within runtime.startTimeoutSeconds
 # A stage's reason (not a condition's): its Job waits for Kueue to admit it (runtime.queueName).
 QUEUED = "Queued"
+# A stage's reason: its Pod is in one of the steps of a normal start (observe.STARTING_REASONS:
+# waiting for the scheduler, pulling the image, mounting volumes). One reason for all of them, so a
+# start writes the status once instead of once per step (under a burst of starts those writes were
+# most of the operator's); the start timeout's message still names Kubernetes' own reason.
+STARTING = "Starting"
+STARTING_MESSAGE = "the Pod is starting (scheduling, pulling its image, mounting its volumes)"
 
 # Set only once a stage's watch raised an alarm (docs/watch.md): True while a stage's status carries
 # findings, False once none does (the stage trained again without one).

@@ -167,6 +167,9 @@ class Cluster:
             self._create(lambda: self.core.create_namespaced_persistent_volume_claim(namespace, _body(action.manifest)))
         elif isinstance(action, CreateJob):
             self._apply_config_map(namespace, action.config_map)
+            service = action.service
+            if service is not None:
+                self._create(lambda: self.core.create_namespaced_service(namespace, _body(service)))
             created = self._create(
                 lambda: self.batch.create_namespaced_job(namespace, _body(action.job), _preload_content=False)
             )

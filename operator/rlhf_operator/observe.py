@@ -19,7 +19,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from rlhf_api.layout import PROGRESS_LOG_MARKER, StageResult
-from rlhf_api.names import CONTROLLER_UID_LABEL, KUEUE_QUEUE_LABEL, LABEL_STAGE, PROGRESS_ANNOTATION
+from rlhf_api.names import (
+    CONTROLLER_UID_LABEL,
+    JOB_COMPLETION_INDEX_LABEL,
+    KUEUE_QUEUE_LABEL,
+    LABEL_STAGE,
+    PROGRESS_ANNOTATION,
+)
 
 from .children import CONTAINER_NAME
 
@@ -71,6 +77,8 @@ class JobObservation:
     progress: Progress | None = None  # from the running pod's log (or, local kubelet, its annotation)
     waiting: Waiting | None = None  # the newest live pod has not started: why
     queue: str | None = None  # the Kueue LocalQueue its label names: Kueue, not the operator, unsuspends it
+    completions: int = 1  # the Job's Pods: above 1, a multi-node stage's gang (an Indexed Job)
+    failed_pod: str | None = None  # a gang's first failed Pod, e.g. "run-sft-1-x7k2p (node 1 of 4)"
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,8 @@ def log_readable(pod: dict[str, Any]) -> bool:
         return False
     if (pod.get("metadata") or {}).get("deletionTimestamp"):
         return False
+    if completion_index(pod) not in (None, "0"):  # a gang's other nodes print no progress: not read
+        return False
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         if status.get("name") == CONTAINER_NAME:
             return bool((status.get("state") or {}).get("running"))
@@ -182,6 +192,86 @@ def _pod_sort_key(pod: dict[str, Any]) -> tuple[str, str]:
     return (meta.get("creationTimestamp") or "", meta.get("name") or "")
 
 
+def completion_index(pod: dict[str, Any]) -> str | None:
+    """A multi-node stage's Pod's node rank (its Indexed Job's completion index); None for a lone Pod."""
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(JOB_COMPLETION_INDEX_LABEL)
+
+
+def _spoke(pod: dict[str, Any]) -> tuple[StageResult | None, int | None]:
+    """What a Pod's finished stage container said: its StageResult (or its log tail) and exit code."""
+    terminated = _terminated(pod)
+    if terminated is None:
+        return None, None
+    exit_code = int(terminated.get("exitCode") or 0)
+    result = parse_result(terminated.get("message"))
+    if result is None and terminated.get("message"):
+        result = StageResult(stage="", succeeded=False, message=terminated["message"][-1000:], exit_code=exit_code)
+    return result, exit_code
+
+
+def _pod_progress(pod: dict[str, Any], logged: Mapping[str, Progress] | None) -> Progress | None:
+    """A live Pod's progress: from its log (read by the reconciler), else the local kubelet's annotation."""
+    meta = pod.get("metadata") or {}
+    return (logged or {}).get(meta.get("name") or "") or parse_progress(
+        (meta.get("annotations") or {}).get(PROGRESS_ANNOTATION)
+    )
+
+
+@dataclass(frozen=True)
+class _Gang:
+    """What a multi-node stage's Pods say together: node 0 speaks for the stage, unless a Pod failed."""
+
+    result: StageResult | None
+    exit_code: int | None
+    failed_pod: str | None
+    progress_pod: dict[str, Any] | None
+    waiting: Waiting | None
+
+
+def _observe_gang(own: list[dict[str, Any]], size: int) -> _Gang:
+    """A gang's result, first failure, node 0's live Pod (progress) and why a Pod of it cannot start.
+
+    The first Pod to fail is the cause (the others then lose their peers and fail after it), so it
+    names the failure; otherwise node 0's newest finished Pod is the stage's result, since only
+    global rank 0 writes the outputs and the StageResult. A gang runs only once all its Pods run: a
+    Pod stuck waiting (no node fits, image pull) is reported before one that is merely starting.
+    """
+
+    def finished_at(pod: dict[str, Any]) -> str:
+        return str((_terminated(pod) or {}).get("finishedAt") or "")
+
+    failed = [p for p in own if (_terminated(p) or {}).get("exitCode") not in (None, 0)]
+    if failed:
+        first = min(failed, key=lambda p: (finished_at(p), *_pod_sort_key(p)))
+        result, exit_code = _spoke(first)
+        name = (first.get("metadata") or {}).get("name") or ""
+        failed_pod = f"{name} (node {completion_index(first)} of {size})"
+    else:
+        zeros = [p for p in own if completion_index(p) == "0" and _terminated(p) is not None]
+        result, exit_code = _spoke(zeros[-1]) if zeros else (None, None)
+        failed_pod = None
+    live = [
+        p
+        for p in own
+        if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")
+        and not (p.get("metadata") or {}).get("deletionTimestamp")
+    ]
+    zero = [p for p in live if completion_index(p) == "0"]
+    waits = []
+    for pod in live:
+        waiting = pod_waiting(pod)
+        if waiting is not None:
+            name = (pod.get("metadata") or {}).get("name") or ""
+            where = f"Pod {name} (node {completion_index(pod)} of {size})"
+            waits.append((waiting.reason in STARTING_REASONS, int(completion_index(pod) or 0), where, waiting))
+    waiting = None
+    if waits:
+        _, _, where, first_wait = min(waits, key=lambda w: w[:2])
+        message = f"{where}: {first_wait.message}" if first_wait.message else where
+        waiting = Waiting(first_wait.reason, message, first_wait.since)
+    return _Gang(result, exit_code, failed_pod, zero[-1] if zero else None, waiting)
+
+
 def observe_job(
     job: dict[str, Any], pods: list[dict[str, Any]], logged: Mapping[str, Progress] | None = None
 ) -> JobObservation:
@@ -196,30 +286,22 @@ def observe_job(
         (p for p in pods if (p.get("metadata") or {}).get("labels", {}).get(CONTROLLER_UID_LABEL) == uid),
         key=_pod_sort_key,
     )
-    result: StageResult | None = None
-    exit_code: int | None = None
-    for pod in reversed(own):  # the newest pod that has finished speaks for the stage
-        terminated = _terminated(pod)
-        if terminated is not None:
-            exit_code = int(terminated.get("exitCode") or 0)
-            result = parse_result(terminated.get("message"))
-            if result is None and terminated.get("message"):
-                result = StageResult(
-                    stage="",
-                    succeeded=False,
-                    message=terminated["message"][-1000:],
-                    exit_code=int(terminated.get("exitCode") or 0),
-                )
-            break
-    progress = None
-    waiting = None
-    running = [p for p in own if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")]
-    if running:
-        waiting = None if (running[-1].get("metadata") or {}).get("deletionTimestamp") else pod_waiting(running[-1])
-        meta_running = running[-1].get("metadata") or {}
-        progress = (logged or {}).get(meta_running.get("name") or "") or parse_progress(
-            (meta_running.get("annotations") or {}).get(PROGRESS_ANNOTATION)
-        )
+    completions = int((job.get("spec") or {}).get("completions") or 1)
+    failed_pod = None
+    if completions > 1:
+        gang = _observe_gang(own, completions)
+        result, exit_code, failed_pod, waiting = gang.result, gang.exit_code, gang.failed_pod, gang.waiting
+        progress = _pod_progress(gang.progress_pod, logged) if gang.progress_pod is not None else None
+    else:
+        finished = [p for p in own if _terminated(p) is not None]
+        result, exit_code = _spoke(finished[-1]) if finished else (None, None)  # the newest finished Pod speaks
+        progress = None
+        waiting = None
+        running = [p for p in own if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")]
+        if running:
+            newest = running[-1]
+            waiting = None if (newest.get("metadata") or {}).get("deletionTimestamp") else pod_waiting(newest)
+            progress = _pod_progress(newest, logged)
     failed = _condition(job, "Failed")
     return JobObservation(
         name=meta.get("name", ""),
@@ -243,6 +325,8 @@ def observe_job(
         progress=progress,
         waiting=waiting,
         queue=(meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL) or None,
+        completions=completions,
+        failed_pod=failed_pod,
     )
 
 

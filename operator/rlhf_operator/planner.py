@@ -38,7 +38,7 @@ from rlhf_api.timestamps import format_timestamp, parse_timestamp
 
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .children import build_config_map, build_job, build_pvc
+from .children import build_config_map, build_job, build_pvc, build_rendezvous_service, nodes
 from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
 from .progress import merge_progress, summary
 
@@ -112,7 +112,11 @@ def _stage_list(spec: RLHFRunSpec, old: list[StageStatus]) -> list[StageStatus]:
 
 def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
     """Fold what the Job and its pods say into the stage's entry."""
-    attempts = max(st.attempts, job.pods, job.active + job.succeeded + job.failed)
+    if job.completions > 1:
+        # A gang's attempts are its starts, which the planner counts (_gang_restart): its Pods are one attempt.
+        attempts = max(st.attempts, 1 if job.pods or job.active else 0)
+    else:
+        attempts = max(st.attempts, job.pods, job.active + job.succeeded + job.failed)
     update: dict = {"job_name": job.name, "attempts": attempts}
     if st.start_time is None and (job.start_time or job.active):
         update["start_time"] = job.start_time or now
@@ -135,12 +139,16 @@ def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
     return st.model_copy(update=update)
 
 
-def _failure_message(stage: str, job: JobObservation) -> tuple[str, str]:
+def _failure_message(stage: str, job: JobObservation, restarts: int = 0) -> tuple[str, str]:
     exit_code = job.result.exit_code if job.result and job.result.exit_code else job.exit_code
     reason = cond.failure_reason(job.reason, exit_code)
     detail = "; ".join(x for x in (job.message, job.result.message if job.result else None) if x)
     message = f"stage {stage} failed ({reason}"
     message += f", exit code {exit_code})" if exit_code else ")"
+    if job.failed_pod:
+        message += f": Pod {job.failed_pod} failed first"
+    if restarts:
+        message += f", after {restarts} gang restart{'s' if restarts > 1 else ''} (runtime.backoffLimit)"
     return reason, f"{message}: {detail}"[:4000] if detail else message
 
 
@@ -155,6 +163,10 @@ def _pending(
         message = f"stage {st.name} did not start within {timeout} s (runtime.startTimeoutSeconds): {detail}"
         update = {"phase": "Failed", "completion_time": ts, "reason": cond.START_TIMEOUT, "message": message}
         return st.model_copy(update=update), True
+    if waiting.reason in STARTING_REASONS:
+        return st.model_copy(
+            update={"phase": "Pending", "reason": cond.STARTING, "message": cond.STARTING_MESSAGE}
+        ), False
     return st.model_copy(update={"phase": "Pending", "reason": waiting.reason, "message": detail[:4000]}), False
 
 
@@ -296,6 +308,23 @@ def _recorded_failure(st: StageStatus, job: JobObservation | None) -> tuple[str,
     return reason, st.message or f"stage {st.name} failed"
 
 
+def _one_node_volume_warning(spec: RLHFRunSpec, stage: str) -> list[Action]:
+    """A gang on a ReadWriteOnce workspace the operator made: its Pods can only share one node.
+
+    A warning, not a refusal: admission cannot know whether the scheduler will put every Pod on one
+    node (which works, e.g. several Pods on one 8-GPU node). An existingClaim's access modes are not
+    known to the operator (it reads no PVC but its own), so it gets no warning (docs/operator.md)."""
+    pods = nodes(spec, stage)
+    if pods <= 1 or spec.storage.existing_claim is not None or "ReadWriteMany" in spec.storage.access_modes:
+        return []
+    message = (
+        f"stage {stage} runs on {pods} Pods that all mount the workspace, a ReadWriteOnce volume: they can "
+        "only run on one node (a Pod on another cannot attach it and waits until runtime.startTimeoutSeconds); "
+        "to spread them over nodes, set spec.storage.accessModes: [ReadWriteMany]"
+    )
+    return [PostEvent("Warning", cond.ONE_NODE_VOLUME, message)]
+
+
 def _start(st: StageStatus, p: _Pass) -> Decision:
     """No Job for the stage: create it, unless the run is suspended or finished."""
     spec = p.run.spec
@@ -303,11 +332,16 @@ def _start(st: StageStatus, p: _Pass) -> Decision:
         cfg = build_config_map(p.run.ref, spec, st.name)
         job_manifest = build_job(p.run.ref, spec, st.name)
         name = job_manifest["metadata"]["name"]
-        actions: list[Action] = [CreateJob(cfg, job_manifest)]
+        service = build_rendezvous_service(p.run.ref, spec, st.name)
+        actions: list[Action] = [CreateJob(cfg, job_manifest, service)]
         known = next((o for o in p.old.stages if o.name == st.name and o.phase == "Pending"), None)
         if known is None or known.job_name is None:
             actions.append(PostEvent("Normal", "JobCreated", f"created Job {name} for stage {st.name}"))
-        return Decision(st.model_copy(update={"job_name": name}), stop=True, actions=actions)
+            actions += _one_node_volume_warning(spec, st.name)
+        update: dict[str, str | None] = {"job_name": name}
+        if st.phase == "Pending":  # Starting from the Job's creation: its Pod's first steps are no change
+            update.update(reason=cond.STARTING, message=cond.STARTING_MESSAGE)
+        return Decision(st.model_copy(update=update), stop=True, actions=actions)
     if spec.suspend and st.job_name:
         # Its Job existed and is gone: with Kueue, the run's suspend deleted it.
         return Decision(_suspended(st), stop=True)
@@ -351,7 +385,38 @@ def _live(st: StageStatus, job: JobObservation, p: _Pass) -> Decision:
         phase = "Running"
     else:
         phase = "Pending"
-    return Decision(st.model_copy(update={"phase": phase, "reason": None, "message": None}), stop=True, actions=actions)
+    update: dict[str, str | None]
+    if phase == "Pending":  # the Job's Pod is not there yet, or about to be: a normal start's first step
+        update = {"phase": phase, "reason": cond.STARTING, "message": cond.STARTING_MESSAGE}
+    else:
+        update = {"phase": phase, "reason": None, "message": None}
+    return Decision(st.model_copy(update=update), stop=True, actions=actions)
+
+
+def _gang_restart(st: StageStatus, job: JobObservation, p: _Pass) -> Decision | None:
+    """A multi-node stage's failed Job, started again whole while runtime.backoffLimit allows; None: it fails.
+
+    Its Job has backoffLimit 0, so its first failed Pod fails it (BackoffLimitExceeded); restarting
+    one Pod of a gang cannot work (its peers lost their collective), so the operator deletes the Job,
+    waiting until its Pods are gone (node 0's must not still hold the rendezvous port or write a
+    checkpoint), and the next pass creates it again: every Pod resumes from the newest checkpoint.
+    A config or input error (the podFailurePolicy's FailJob) or a deadline is not retried, as for a
+    stage on one Pod. ``attempts`` counts the gang's starts: restarts used = attempts - 1.
+    """
+    limit = p.run.spec.runtime.backoff_limit
+    used = max(st.attempts - 1, 0)
+    if job.reason != "BackoffLimitExceeded" or used >= limit:
+        return None
+    exit_code = job.result.exit_code if job.result and job.result.exit_code else job.exit_code
+    said = job.result.message if job.result is not None and job.result.message else ""
+    why = f"exit code {exit_code}" + (f": {said}" if said else "") if exit_code else (said or "failed")
+    message = (
+        f"stage {st.name}: Pod {job.failed_pod or '?'} failed ({why}); restarting all {job.completions} Pods "
+        f"from the newest checkpoint (gang restart {used + 1} of {limit}, runtime.backoffLimit)"
+    )[:4000]
+    update = {"attempts": used + 2, "reason": cond.GANG_RESTART, "message": message}
+    actions: list[Action] = [DeleteJob(job.name, wait_for_pods=True), PostEvent("Warning", cond.GANG_RESTART, message)]
+    return Decision(st.model_copy(update=update), stop=True, actions=actions)
 
 
 def decide(cause: Cause, st: StageStatus, job: JobObservation | None, p: _Pass) -> Decision:
@@ -379,7 +444,10 @@ def decide(cause: Cause, st: StageStatus, job: JobObservation | None, p: _Pass) 
         update = {"phase": "Succeeded", "completion_time": job.completion_time or p.ts, "message": said}
         return Decision(st.model_copy(update=update), stop=False, finished=True)
     if cause is Cause.JOB_FAILED:
-        failure = _failure_message(st.name, job)
+        restart = _gang_restart(st, job, p) if job.completions > 1 else None
+        if restart is not None:
+            return restart
+        failure = _failure_message(st.name, job, max(st.attempts - 1, 0) if job.completions > 1 else 0)
         update = {"phase": "Failed", "completion_time": p.ts, "message": failure[1]}
         return Decision(st.model_copy(update=update), stop=True, failure=failure, finished=True)
     return _live(st, job, p)
@@ -529,7 +597,7 @@ def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> li
     before = {s.name: s for s in old.stages}
     for st in new.stages:
         prev = before.get(st.name)
-        stuck = st.phase == "Pending" and st.reason and st.reason not in STARTING_REASONS
+        stuck = st.phase == "Pending" and st.reason and st.reason != cond.STARTING
         if stuck and (prev is None or prev.reason != st.reason):
             if st.reason == cond.QUEUED:
                 out.append(PostEvent("Normal", "StageQueued", f"stage {st.name} is queued: {st.message}"))

@@ -131,6 +131,7 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("DPO label smoothing 0.5", "spec.dpo", {"dataset": {"name": "a/b"}, "labelSmoothing": 0.5}, "labelSmoothing"),
     ("ReST thresholds that fall", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.7, 0.5]}, "thresholds"),
     ("ReST threshold of 1", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.5, 1.0]}, "thresholds"),
+    ("ReST watch rollback", "spec.rest", {"dataset": {"name": "a/b"}, "watch": {"action": "rollback"}}, "watch.action"),
     ("DPO unknown loss type", "spec.dpo", {"dataset": {"name": "a/b"}, "lossType": "kto"}, "lossType"),
     ("reward stage without a dataset", "spec.reward", {"maxLength": 256}, "reward.dataset"),
     (
@@ -306,6 +307,36 @@ INVALID: list[tuple[str, str, Any, str]] = [
         "annotations",
     ),
     ("podTemplate label value with spaces", "spec.podTemplate", {"labels": {"team": "a b"}}, "labels.team"),
+    # Multi-node stages: which stages may span Pods and shard with FSDP is the method table's (StageKind).
+    ("17 nodes", "spec.sft.resources", {"nodes": 17}, "nodes"),
+    ("zero nodes", "spec.sft.resources", {"nodes": 0}, "nodes"),
+    ("merge on two Pods", "spec.merge", {"resources": {"nodes": 2}}, "merge.resources.nodes"),
+    ("inputs on two Pods", "spec.inputs", {"resources": {"nodes": 2}}, "inputs.resources.nodes"),
+    ("unknown sharding", "spec.sft.resources", {"sharding": "ZeRO"}, "sharding"),
+    ("FSDP without GPUs", "spec.sft.resources", {"gpus": 0, "sharding": "FSDP"}, "sharding"),
+    ("FSDP on ppo", "spec.ppo.resources", {"sharding": "FSDP"}, "ppo.resources.sharding"),
+    (
+        "FSDP with QLoRA",
+        "spec.reward",
+        {"dataset": {"name": "a/b"}, "quantization": {"mode": "4bit"}, "resources": {"sharding": "FSDP"}},
+        "reward.resources.sharding",
+    ),
+    (
+        "ReST on two Pods",
+        "spec",
+        {**GRPO_SPEC, "method": "ReST", "rest": {**GRPO_SPEC["grpo"], "resources": {"nodes": 2}}, "grpo": None},
+        "rest.resources.nodes",
+    ),
+    (
+        "two Pods on a ReadWriteOncePod workspace",
+        "spec",
+        {
+            **minimal_run()["spec"],
+            "sft": {"dataset": {"name": "a/b"}, "resources": {"nodes": 2}},
+            "storage": {"accessModes": ["ReadWriteOncePod"]},
+        },
+        "storage.accessModes",
+    ),
     ("podTemplate schedulerName not a name", "spec.podTemplate", {"schedulerName": "My_Scheduler"}, "schedulerName"),
     ("podTemplate shm size not a quantity", "spec.podTemplate", {"shmSizeLimit": "lots"}, "shmSizeLimit"),
     ("a stage's tmp size not a quantity", "spec.merge.podTemplate", {"tmpSizeLimit": "lots"}, "tmpSizeLimit"),
@@ -420,6 +451,29 @@ def test_policy_stages_with_a_reward_model_are_admitted(control_plane, namespace
     control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
     model, errors = validate_manifest(doc)
     assert errors == [] and model is not None
+
+
+# Multi-node stages as the method table allows them (StageKind.multi_node, StageKind.shardings).
+MULTI_NODE_SPEC: dict[str, Any] = {
+    **minimal_run()["spec"],
+    "sft": {"dataset": {"name": "a/b"}, "resources": {"nodes": 4, "gpus": 8, "sharding": "FSDP"}},
+    "reward": {"dataset": {"name": "a/pairs"}, "resources": {"nodes": 2, "sharding": "FSDP"}},
+    "ppo": {"dataset": {"name": "a/prompts"}, "resources": {"nodes": 16, "gpus": 0}},
+    "storage": {"accessModes": ["ReadWriteMany"]},
+}
+
+
+def test_multi_node_stages_are_admitted(control_plane, namespace):
+    doc = {**minimal_run("multi-node"), "spec": MULTI_NODE_SPEC}
+    doc["metadata"]["namespace"] = namespace
+    control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
+    stored = json.loads(control_plane.kubectl("get", "rlhfrun", "multi-node", "-n", namespace, "-o", "json"))
+    model, errors = validate_manifest(doc)
+    assert errors == [] and model is not None
+    # The server's defaults agree with the models' (sharding DDP on ppo, nodes 1 on the others).
+    assert RLHFRunSpec.model_validate(stored["spec"]) == model.spec
+    assert stored["spec"]["ppo"]["resources"]["sharding"] == "DDP"
+    assert (model.spec.sft.resources.nodes, model.spec.merge.resources.nodes) == (4, 1)
 
 
 def test_pod_template_overlays_are_admitted(control_plane, namespace):

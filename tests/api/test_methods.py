@@ -33,6 +33,11 @@ def test_derived_sets_follow_the_roles() -> None:
     assert methods.LABELLING_METHODS == ("RLAIF",)
     # The aligned policy is never SFT's: SFT is what it is compared with.
     assert set(methods.ALIGNED_POLICY_STAGES) == methods.POLICY_STAGES - {"sft"}
+    # Issue 17's contract: the stages that train one model over several Pods, and the Trainer-based
+    # ones among them that may shard it with FSDP (the admission rules are generated from these).
+    assert set(methods.MULTI_NODE_STAGES) == {"sft", "reward", "dpo", "ppo", "grpo", "rloo"}
+    assert set(methods.FSDP_STAGES) == {"sft", "reward", "dpo"}
+    assert all("DDP" in kind.shardings for kind in methods.STAGE_KINDS.values())
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,13 @@ test control plane reports "v0.0.0-master+$Format:%H$", which Kueue cannot parse
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,6 +80,33 @@ def _wait(what: str, ready: Callable[[], bool], procs: list[subprocess.Popen[byt
         if exited or time.monotonic() > deadline:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
             raise RuntimeError(f"{what}: not ready (exit codes {exited}):\n{tail}")
+        time.sleep(1)
+
+
+def _wait_until_workloads_are_collected(cluster: Cluster) -> None:
+    """Returns once kube-controller-manager's garbage collector collects an orphaned Workload.
+
+    Why: the collector learns of new CRDs by polling discovery (every 30 s). Until it watches
+    Workloads, deleting a Job in the foreground does not wait for the Job's Workload; a Job
+    recreated under the same name is then matched by Kueue to that stale Workload (Kueue finds a
+    Job's Workloads by owner name) and stopped when the collector removes it at last ("Missing
+    Workload; unable to restore pod templates"). A cluster where Kueue was installed a minute ago
+    behaves the same way; the tests start from a settled one. The probe: a Workload owned by a
+    ConfigMap that does not exist."""
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "gc-probe", "uid": str(uuid.uuid4())}
+    pod_set = {"name": "main", "count": 1, "template": {"spec": {"containers": [{"name": "c", "image": "none"}]}}}
+    probe = {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "Workload",
+        "metadata": {"name": "gc-probe", "namespace": NAMESPACE, "ownerReferences": [owner]},
+        "spec": {"podSets": [pod_set]},
+    }
+    cluster.kubectl("create", "-f", "-", input=json.dumps(probe))
+    probe_args = ("get", "workloads.kueue.x-k8s.io", "-n", NAMESPACE, "gc-probe", "-o", "name", "--ignore-not-found")
+    deadline = time.monotonic() + 120
+    while cluster.kubectl(*probe_args):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the garbage collector did not collect an orphaned Workload within 120 s")
         time.sleep(1)
 
 
@@ -179,6 +208,7 @@ def running(cluster: Cluster, workdir: Path) -> Iterator[Kueue]:
                 )
             )
         _wait("Kueue", lambda: _ready(f"http://127.0.0.1:{health}/readyz"), procs, log)
+        _wait_until_workloads_are_collected(cluster)
         yield Kueue(procs[1], procs[0], log, version())
     finally:
         controlplane.terminate(procs, grace=10)

@@ -22,14 +22,11 @@ import pytest
 from tests.kueue.manager import Kueue
 
 from .kube import NodeEnv, sft_only_run
+from .queues import HIGH, QUEUE, apply_cluster_queue, apply_local_queue, delete_cluster_queue
 
 pytestmark = [pytest.mark.node, pytest.mark.training, pytest.mark.timeout(1500)]
 
-KUEUE_API = "kueue.x-k8s.io/v1beta2"
-FLAVOR = "default-flavor"
-QUEUE = "lq"
 STAGE_MEMORY = "4Gi"  # tiny.yaml's SFT request: the ClusterQueue holds exactly one stage Pod
-HIGH = "rlhf-test-high"
 
 
 def sft_run(name: str, claim: str, steps: int = 300) -> dict[str, Any]:
@@ -40,51 +37,11 @@ def sft_run(name: str, claim: str, steps: int = 300) -> dict[str, Any]:
 
 @pytest.fixture
 def cluster_queue(env: NodeEnv, kueue: Kueue) -> Iterator[str]:
-    """A ClusterQueue for this test's namespace (quota: one stage Pod; preempts lower priorities);
-    the LocalQueue pointing at it is the test's to create."""
-    name = f"cq-{env.namespace}"[:63]
-    docs = [
-        {"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": FLAVOR}},
-        {"apiVersion": KUEUE_API, "kind": "WorkloadPriorityClass", "metadata": {"name": HIGH}, "value": 1000},
-        {
-            "apiVersion": KUEUE_API,
-            "kind": "ClusterQueue",
-            "metadata": {"name": name},
-            "spec": {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.namespace}},
-                "preemption": {"withinClusterQueue": "LowerPriority"},
-                "resourceGroups": [
-                    {
-                        "coveredResources": ["cpu", "memory"],
-                        "flavors": [
-                            {
-                                "name": FLAVOR,
-                                "resources": [
-                                    {"name": "cpu", "nominalQuota": "8"},
-                                    {"name": "memory", "nominalQuota": STAGE_MEMORY},
-                                ],
-                            }
-                        ],
-                    }
-                ],
-            },
-        },
-    ]
-    env.cluster.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
-    yield name
+    """A ClusterQueue for this test's namespace with quota for one stage Pod; the LocalQueue pointing
+    at it is the test's to create."""
+    yield apply_cluster_queue(env, STAGE_MEMORY)
     env.delete_runs()
-    env.cluster.kubectl("delete", "clusterqueue", name, "--wait=false", check=False)
-
-
-def local_queue(env: NodeEnv, cluster_queue: str) -> None:
-    env.apply(
-        {
-            "apiVersion": KUEUE_API,
-            "kind": "LocalQueue",
-            "metadata": {"name": QUEUE},
-            "spec": {"clusterQueue": cluster_queue},
-        }
-    )
+    delete_cluster_queue(env)
 
 
 def stage(run: dict[str, Any], name: str = "sft") -> dict[str, Any]:
@@ -151,7 +108,7 @@ def test_queued_admitted_running_and_suspend_resume_queued_and_running(
     assert pods_created(env, "q-sft") == 0
 
     # The LocalQueue appears: Kueue admits the Job, unsuspends it, and the stage runs.
-    local_queue(env, cluster_queue)
+    apply_local_queue(env, cluster_queue)
     env.wait_run("q", step_at_least(40), "admitted, running, past the checkpoint at step 40", 300)
     assert pods_created(env, "q-sft") == 1
 
@@ -178,7 +135,7 @@ def test_preemption_by_a_higher_priority_workload_resumes_from_the_checkpoint(
     env: NodeEnv, cluster_queue: str, tiny_assets: Path
 ) -> None:
     claim = env.workspace("ws", assets=tiny_assets)
-    local_queue(env, cluster_queue)
+    apply_local_queue(env, cluster_queue)
     env.apply(sft_run("low", claim))
     env.wait_run("low", step_at_least(40), "SFT past the checkpoint at step 40", 300)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from typing import Any
@@ -12,7 +13,9 @@ from rlhf_operator.children import (
     build_config_map,
     build_job,
     build_pvc,
+    build_rendezvous_service,
     labels,
+    rendezvous_service_name,
     stage_command,
 )
 from tests.api.builders import load_example
@@ -298,3 +301,63 @@ def test_tiny_runs_keep_their_memory_only_resources() -> None:
         assert container["resources"] == {"requests": {"memory": "4Gi"}, "limits": {"memory": "4Gi"}}, stage
         assert qos_class(container) == "Burstable"
     assert qos_class(pod_of(full_spec(), "ppo")[2]) == "Guaranteed"
+
+
+def multi_node_spec(nodes: int) -> RLHFRunSpec:
+    doc = tiny_run()
+    doc["spec"]["sft"]["resources"] = {"nodes": nodes, "gpus": 2, "memory": "8Gi"}
+    return RLHFRunSpec.model_validate(doc["spec"], strict=False)
+
+
+def test_a_multi_node_stage_is_an_indexed_job_and_a_service_that_selects_its_pod_0() -> None:
+    spec = multi_node_spec(3)
+    job = build_job(RUN, spec, "sft")
+    service = build_rendezvous_service(RUN, spec, "sft")
+    assert service is not None
+    jspec = job["spec"]
+    # One failed Pod fails the gang (backoffLimit 0): the operator restarts it whole.
+    assert (jspec["completionMode"], jspec["completions"], jspec["parallelism"], jspec["backoffLimit"]) == (
+        "Indexed",
+        3,
+        3,
+        0,
+    )
+    container = jspec["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RLHF_RENDEZVOUS_SERVICE"]["value"] == service["metadata"]["name"] == "tiny-sft-rdzv"
+    assert env["RLHF_RENDEZVOUS_PORT"]["value"] == "29400"
+    assert env["RLHF_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"  # GPUs per Pod
+    # The Service reaches the Pod of index 0 of this stage's Job only, as soon as it runs.
+    selector = dict(service["spec"]["selector"])
+    assert selector.pop("batch.kubernetes.io/job-completion-index") == "0"
+    assert selector.items() <= jspec["template"]["metadata"]["labels"].items()
+    assert selector["rlhf-operator.io/stage"] == "sft"
+    assert service["spec"]["ports"] == [{"name": "rendezvous", "port": 29400, "targetPort": 29400, "protocol": "TCP"}]
+    assert service["spec"]["type"] == "ClusterIP" and service["spec"]["publishNotReadyAddresses"] is True
+    # Owned by the run like the Job: deleting the run deletes it.
+    assert service["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
+    assert service["metadata"]["namespace"] == job["metadata"]["namespace"]
+
+
+def test_a_stage_on_one_pod_has_no_service_and_the_same_job_as_before() -> None:
+    one = multi_node_spec(1)
+    assert build_rendezvous_service(RUN, one, "sft") is None
+    job = build_job(RUN, one, "sft")
+    assert "completionMode" not in job["spec"]
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)
+    assert job["spec"]["backoffLimit"] == one.runtime.backoff_limit  # the Job controller retries a lone Pod
+    names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not names & {"RLHF_RENDEZVOUS_SERVICE", "RLHF_RENDEZVOUS_PORT", "RLHF_POD_IP"}
+    # nodes: 1 written out or left to its default: the same manifest.
+    doc = tiny_run()
+    doc["spec"]["sft"]["resources"] = {"gpus": 2, "memory": "8Gi"}
+    assert build_job(RUN, RLHFRunSpec.model_validate(doc["spec"], strict=False), "sft") == job
+
+
+def test_the_service_name_is_a_dns_label_whatever_the_run_name() -> None:
+    for run, expected in (("tiny", "tiny-sft-rdzv"), ("team.a", "team-a-sft-rdzv"), ("7b", "r7b-sft-rdzv")):
+        name = rendezvous_service_name(run, "sft")
+        assert name == expected
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
+    assert len(rendezvous_service_name("r" * 40, "publish")) <= 63

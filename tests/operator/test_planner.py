@@ -330,6 +330,24 @@ def test_starting_reasons_are_pending_without_a_warning() -> None:
     assert "Event:StagePending" not in kinds(p.actions)
 
 
+def test_the_steps_of_a_normal_start_rewrite_no_status() -> None:
+    # Writes of a start: the Job's creation, its Pod's appearance (attempts, startTime), running.
+    created = plan(view(), observed(), NOW)
+    assert "CreateJob:tiny-sft" in kinds(created.actions)
+    sft = created.status.stages[0]
+    assert (sft.phase, sft.reason) == ("Pending", "Starting")
+    assert plan(view(created.status), observed(job("sft")), NOW).status == created.status, "the Job, no Pod yet"
+    scheduling = plan(view(created.status), observed(pulling(reason="Scheduling")), NOW)
+    assert scheduling.status.stages[0].reason == "Starting" and scheduling.status.stages[0].attempts == 1
+    for step in ("ContainerCreating", "PodInitializing"):
+        again = plan(view(scheduling.status), observed(pulling(reason=step)), NOW)
+        assert again.status == scheduling.status, f"{step} rewrote the status"
+        assert not [k for k in kinds(again.actions) if k.startswith("Event:")], step
+    late = pulling(since="2026-01-01T00:00:00Z", reason="ContainerCreating")
+    failed = plan(view(scheduling.status), observed(late), NOW).status.stages[0]
+    assert failed.phase == "Failed" and failed.message is not None and "ContainerCreating" in failed.message
+
+
 def test_a_pod_that_started_clears_the_waiting_reason() -> None:
     first = plan(view(), observed(pulling()), NOW)
     p = plan(view(first.status), observed(running("sft")), NOW)

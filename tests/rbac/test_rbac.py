@@ -23,6 +23,7 @@ NEEDED = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},  # live progress: the stage prints it on stdout
     ("", "configmaps"): {"create", "patch"},
+    ("", "services"): {"create"},  # a multi-node stage's rendezvous Service; the run's deletion removes it
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create"},  # watched: the workspace cache
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
@@ -65,7 +66,10 @@ NAMESPACED_FORBIDDEN = [
     ("create", "deployments.apps"),
     ("create", "statefulsets.apps"),
     ("create", "cronjobs.batch"),
-    ("create", "services"),
+    ("get", "services"),
+    ("delete", "services"),
+    ("update", "services"),
+    ("patch", "services"),
     ("create", "serviceaccounts"),
     ("create", "serviceaccounts/token"),
     ("create", "roles.rbac.authorization.k8s.io"),

@@ -56,6 +56,20 @@ def test_every_grow_set_is_kept_and_rewards_rise(volume: Path, runs: list[Any]) 
         assert (stage_dir / "model" / "config.json").is_file()
 
 
+def test_the_default_watch_raises_no_alarm_on_the_sound_reward_model(volume: Path, runs: list[Any]) -> None:
+    """examples/tiny-rest.yaml has no watch section: the default (evaluated after every Improve step,
+    action stop) watched these runs. Its false alarm would have stopped them and failed the test
+    above; here: no finding on any seed, every Improve step evaluated, the output is the final policy."""
+    for r in runs:
+        result = r.stage.result
+        assert not result.get("findings") and result["step"] == 6, (r.seed, result)
+        assert result["selectedStep"] == 6 and "no alarm" in result["selection"], (r.seed, result)
+        watch = json.loads((run_dir(volume, f"rest-rest-s{r.seed}") / "rest" / "manifest.json").read_text())
+        table = watch["details"]["watch"]["evaluations"]
+        assert [e["step"] for e in table] == list(range(7)), table
+        print(f"ReST seed {r.seed} watch:", [(e["step"], round(e["score_mean"], 2), e["length_mean"]) for e in table])
+
+
 def test_quantile_and_grow_rows_round_trip() -> None:
     from rlhf_stages.methods.rest_improve import GrowRow, quantile
 
@@ -118,3 +132,6 @@ def test_rest_resumes_after_sigterm_from_its_last_improve_step(volume: Path) -> 
     assert manifest["step"] == manifest["totalSteps"] == 6
     assert (stage_dir / "grow" / "grow-0.jsonl").read_text() == grow0  # the Grow set was not resampled
     assert len([h for h in manifest["details"]["history"] if "improve" in h]) == 6
+    # The default watch resumed its log: every Improve step evaluated once, none lost or repeated.
+    records = [json.loads(line) for line in (stage_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(7)), records

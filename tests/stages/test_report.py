@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from rlhf_stages.report import build_report
 
 
@@ -34,7 +36,8 @@ def test_rlaif_then_dpo_report_compares_ground_truth_and_shows_the_judge(tmp_pat
     assert json.loads((tmp_path / "out" / "report.json").read_text())["labelling"] == labelling
 
 
-def test_the_report_shows_the_watch_its_alarm_table_samples_and_the_kept_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["ppo", "rest"])  # ReST's watch reaches the report the same way
+def test_the_report_shows_the_watch_its_alarm_table_samples_and_the_kept_checkpoint(tmp_path: Path, stage: str) -> None:
     run_dir = tmp_path / "run"
     _manifest(run_dir, "sft", {"eval_loss": 1.0})
     records = [
@@ -60,18 +63,18 @@ def test_the_report_shows_the_watch_its_alarm_table_samples_and_the_kept_checkpo
         "evaluations": [{k: r[k] for k in ("step", "score_mean", "length_mean")} for r in records],
         "log": "evaluations.jsonl",
     }
-    (run_dir / "ppo").mkdir()
-    (run_dir / "ppo" / "manifest.json").write_text(
-        json.dumps({"stage": "ppo", "metrics": {}, "details": {"watch": watch}})
+    (run_dir / stage).mkdir()
+    (run_dir / stage / "manifest.json").write_text(
+        json.dumps({"stage": stage, "metrics": {}, "details": {"watch": watch}})
     )
-    (run_dir / "ppo" / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / stage / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     before = {"reward_mean": -1.0, "target_rate": 0.3, "eos_rate": 1.0}
 
     report = build_report(run_dir, before, before, {}, tmp_path / "out")
 
     assert report["watch"]["selectedStep"] == 0 and report["watch"]["samples"]["5"][0]["answer"] == "a"
     assert {p["metric"] for p in report["plots"]} >= {"watch score_mean", "watch length_mean"}
-    assert (tmp_path / "out" / "ppo_watch_score_mean.png").is_file()
+    assert (tmp_path / "out" / f"{stage}_watch_score_mean.png").is_file()
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "**ALARM**: rewardRiseWithCollapse at step 5" in markdown
     assert "Output: step 0 (select: lastBeforeAlarm" in markdown

@@ -307,6 +307,43 @@ def test_sample_answers_of_a_policy(tiny_lm: tuple[Any, Any, Any]) -> None:
     assert batched == pytest.approx(alone, abs=1e-4) and all(v < 0 for v in alone)
 
 
+def test_rest_watch_measures_the_kl_to_the_starting_policy(tiny_lm: tuple[Any, Any, Any]) -> None:
+    """ReST's reference: the policy with its LoRA adapter disabled; for a full-weight policy a frozen
+    copy of the starting model, loaded only with a klLimit (else the KL is NaN)."""
+    import copy
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+
+    from rlhf_api.stages import ReSTStage
+    from rlhf_api.training import LoRA
+    from rlhf_stages.methods.rest import watch_evaluator
+    from rlhf_stages.runtime.models import ModelLocation, lora_config
+
+    tok, policy, rm = tiny_lm
+    base = ModelLocation(policy.config._name_or_path, "assets/base-model")
+    prompts = ["Question: how is the old lake?\n\nAnswer:", "Question: tell\n\nAnswer:"]
+
+    def kls(model: Any, **rest: Any) -> list[float]:
+        body = {"dataset": {"path": "p.jsonl"}, "responseLength": {"min": 2, "max": 8}, **rest}
+        ctx = SimpleNamespace(config=ReSTStage.model_validate(body), stage="rest")
+        return list(watch_evaluator(ctx, model, base, tok, (rm, tok), prompts)().kl)
+
+    lora = get_peft_model(copy.deepcopy(policy), lora_config(LoRA(), "CAUSAL_LM"))
+    assert all(abs(k) < 1e-4 for k in kls(lora))  # a fresh adapter is the starting policy
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    assert all(abs(k) > 1e-3 for k in kls(lora))  # the trained adapter, against the adapter disabled
+
+    full = copy.deepcopy(policy)
+    with torch.no_grad():
+        full.lm_head.weight.mul_(0.5)
+    assert all(math.isnan(k) for k in kls(full, lora={"enabled": False}))  # no second model without klLimit
+    assert all(abs(k) > 1e-3 for k in kls(full, lora={"enabled": False}, watch={"klLimit": 5.0}))
+
+
 # ------------------------------------------------------------------ rollback (PPO)
 
 
@@ -391,7 +428,7 @@ def test_ppo_loop_rolls_back_on_every_rank_and_trains_on(tmp_path: Path) -> None
     verdicts = {3: ROLLBACK, 5: ROLLBACK, 6: END}
     rolled: list[int] = []
     done = PPOTrainer.train(
-        fake,  # type: ignore[arg-type]
+        fake,
         lambda: False,
         None,
         lambda step: verdicts.get(step, CONTINUE),
@@ -403,13 +440,15 @@ def test_ppo_loop_rolls_back_on_every_rank_and_trains_on(tmp_path: Path) -> None
 def test_rollback_is_refused_where_it_is_not_implemented() -> None:
     from pydantic import ValidationError
 
-    from rlhf_api.stages import GRPOStage, PPOStage, RLOOStage
+    from rlhf_api.stages import GRPOStage, PPOStage, ReSTStage, RLOOStage
 
-    for stage in (GRPOStage, RLOOStage):
+    for stage in (GRPOStage, RLOOStage, ReSTStage):
         with pytest.raises(ValidationError, match="rollback is implemented for ppo only"):
             stage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
     ppo = PPOStage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
     assert ppo.watch.max_rollbacks == 2 and ppo.watch.rollback_kl_factor == 2.0
+    # ReST counts Improve steps (a handful per run): watched after every one unless told otherwise.
+    assert ReSTStage.model_validate({"dataset": {"path": "p.jsonl"}}).watch.eval_every == 1
 
 
 # ------------------------------------------------------------------ held-out preference accuracy

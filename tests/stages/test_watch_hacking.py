@@ -1,5 +1,5 @@
-"""PPO against a reward model with a hole built in on purpose: the watch raises the alarm, stops, and the
-output is a checkpoint from before the collapse, judged by the tiny task's ground truth.
+"""PPO and ReST against a reward model with a hole built in on purpose: the watch raises the alarm, stops,
+and the output is a checkpoint from before the collapse, judged by the tiny task's ground truth.
 
 The hole: in the reward model's preference data, every pair whose rejected answer is a cut-off
 positive answer (kind ``truncated``: "the old lake is lovely and") or the empty answer is turned
@@ -8,7 +8,7 @@ answers fail the ground truth (no full sentence), and PPO reaches them by ending
 reward-model score rises while the answers get shorter, which is what the watch looks for.
 
 examples/tiny.yaml's sound reward model under the same PPO raises no alarm on 3 seeds: asserted in
-test_ppo_learning.py, whose runs have the default watch on.
+test_ppo_learning.py, whose runs have the default watch on; for ReST in test_methods_rest.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from methods_support import example_spec
 
 from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
 
@@ -49,20 +50,39 @@ def spec(action: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def hacked(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """SFT, the exploitable reward model, then PPO + merge twice: ``warn`` (trains on to totalSteps,
-    so the collapse completes) and ``stop`` (the default)."""
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("watch-hacking")
+
+
+@pytest.fixture(scope="module")
+def hole(workspace: Path, logs: Path) -> Path:
+    """SFT and the exploitable reward model, trained once (in the ``warn`` run); returns that run."""
     (workspace / "hole").mkdir(exist_ok=True)
     assert exploitable_preferences(workspace / "assets", workspace / "hole" / "preferences.jsonl") > 200
-    logs = tmp_path_factory.mktemp("watch-hacking")
+    run = f"{RUN}-warn"
+    for stage in ("sft", "reward"):
+        config = write_invocation(workspace, stage, run, spec("warn"))
+        code, text = run_stage(stage, config, logs / f"{run}-{stage}.json", timeout=1200)
+        assert code == 0, text[-4000:]
+    return run_dir(workspace, run)
+
+
+def same_sft_and_reward(workspace: Path, hole: Path, run: str) -> None:
+    """``run`` starts from the hole's SFT policy and is judged by its reward model."""
+    for stage in ("sft", "reward"):
+        if not (run_dir(workspace, run) / stage).exists():
+            shutil.copytree(hole / stage, run_dir(workspace, run) / stage)
+
+
+@pytest.fixture(scope="module")
+def hacked(workspace: Path, hole: Path, logs: Path) -> dict[str, Any]:
+    """PPO + merge twice on the hole: ``warn`` (trains on to totalSteps, so the collapse completes) and
+    ``stop`` (the default)."""
     out: dict[str, Any] = {}
     for action in ("warn", "stop"):
         run = f"{RUN}-{action}"
-        stages = ("sft", "reward", "ppo", "merge") if action == "warn" else ("ppo", "merge")
-        if action == "stop":  # the same SFT policy and reward model
-            for stage in ("sft", "reward"):
-                shutil.copytree(run_dir(workspace, f"{RUN}-warn") / stage, run_dir(workspace, run) / stage)
-        for stage in stages:
+        same_sft_and_reward(workspace, hole, run)
+        for stage in ("ppo", "merge"):
             config = write_invocation(workspace, stage, run, spec(action))
             code, text = run_stage(stage, config, logs / f"{run}-{stage}.json", timeout=1200)
             assert code == 0, text[-4000:]
@@ -70,8 +90,9 @@ def hacked(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     return out
 
 
-def ground_truth(workspace: Path, adapter: Path | None) -> dict[str, float]:
-    """Target rate and mean length of the SFT model (with ``adapter``) on the held-out topics."""
+def ground_truth(workspace: Path, output: Path | None) -> dict[str, float]:
+    """Target rate and mean length of the SFT model, or of a stage's ``output`` (a directory holding
+    ``adapter``, put on the SFT model, or a whole ``model``), on the held-out topics."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,9 +100,12 @@ def ground_truth(workspace: Path, adapter: Path | None) -> dict[str, float]:
 
     sft = run_dir(workspace, f"{RUN}-warn") / "sft" / "model"
     tokenizer = AutoTokenizer.from_pretrained(sft)
-    policy = AutoModelForCausalLM.from_pretrained(sft)
-    if adapter is not None:
-        policy = PeftModel.from_pretrained(policy, adapter)
+    if output is not None and (output / "model").is_dir():
+        policy = AutoModelForCausalLM.from_pretrained(output / "model")
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(sft)
+    if output is not None and (output / "adapter").is_dir():
+        policy = PeftModel.from_pretrained(policy, output / "adapter")
     prompts = load_prompts(workspace / "assets" / "data" / "eval_prompts.jsonl")
     summary = evaluate_policy(
         policy.eval(),
@@ -118,8 +142,8 @@ def test_stop_ends_training_at_the_alarm(hacked: dict[str, Any]) -> None:
 def test_the_kept_checkpoint_predates_the_collapse(workspace: Path, hacked: dict[str, Any]) -> None:
     ppo = run_dir(workspace, f"{RUN}-warn") / "ppo"
     sft = ground_truth(workspace, None)
-    kept = ground_truth(workspace, ppo / "adapter")
-    final = ground_truth(workspace, ppo / "final" / "adapter")
+    kept = ground_truth(workspace, ppo)
+    final = ground_truth(workspace, ppo / "final")
     records = [json.loads(line) for line in (ppo / "evaluations.jsonl").read_text().splitlines()]
     table = [{k: r[k] for k in ("step", "score_mean", "length_mean", "findings")} for r in records]
     report = {"sft": sft, "kept": kept, "final": final, "evaluations": table}
@@ -127,3 +151,83 @@ def test_the_kept_checkpoint_predates_the_collapse(workspace: Path, hacked: dict
     assert final["target_rate"] <= 0.5 * sft["target_rate"], report  # the hole was found: a collapse
     assert kept["target_rate"] >= sft["target_rate"] - 0.1, report  # the kept policy did not collapse
     assert kept["target_rate"] >= final["target_rate"] + 0.15, report
+
+
+# ------------------------------------------------------------------ ReST on the same hole
+
+REST_RUN = f"{RUN}-rest"
+# examples/tiny-rest.yaml's 2 Grow steps only begin to find the hole (score -4.4 -> +2.4, length
+# unchanged, no alarm: the same settings as the sound runs of test_methods_rest.py); with 10, the
+# Grow sets' best answers become the cut-off and empty ones and Improve imitates them (measured
+# 2026-11-30: length 10.0 -> 2.0 tokens, answers like " today.").
+REST_GROW_STEPS = 10
+REST_TOTAL = 3 * REST_GROW_STEPS  # 3 thresholds: Improve steps
+# The stop run also records the KL (a limit that never fires loads the frozen reference of a
+# full-weight policy) and the preference accuracy on the tiny task's sound pairs (its detector off:
+# accuracy cannot fall by more than 1), so the alarm stays the warn run's.
+REST_STOP_SIGNALS = {
+    "klLimit": 1.0e6,
+    "preferenceSet": {"format": "jsonl", "path": "assets/data/preferences.jsonl", "maxSamples": 64},
+    "accuracyDrop": 1.0,
+}
+
+
+@pytest.fixture(scope="module")
+def rest(workspace: Path, hole: Path, logs: Path) -> dict[str, Any]:
+    """examples/tiny-rest.yaml's ReST stage on the hole with the default watch (evaluated after every
+    Improve step), twice: ``warn`` (the collapse completes) and ``stop`` (the default, with
+    :data:`REST_STOP_SIGNALS`, then the merge)."""
+    out: dict[str, Any] = {}
+    for action in ("warn", "stop"):
+        run = f"{REST_RUN}-{action}"
+        same_sft_and_reward(workspace, hole, run)
+        watch = {"action": action, **(REST_STOP_SIGNALS if action == "stop" else {})}
+        rest = {**example_spec("ReST")["rest"], "growSteps": REST_GROW_STEPS, "watch": watch}
+        body = tiny_spec(method="ReST", rest=rest, ppo=None)
+        for stage in ("rest", "merge") if action == "stop" else ("rest",):
+            config = write_invocation(workspace, stage, run, body)
+            code, text = run_stage(stage, config, logs / f"{run}-{stage}.json", timeout=1200)
+            assert code == 0, text[-4000:]
+            out[f"{action}/{stage}"] = read_result(logs / f"{run}-{stage}.json")
+    return out
+
+
+def test_rest_watch_keeps_an_improve_step_from_before_the_collapse(workspace: Path, rest: dict[str, Any]) -> None:
+    result = rest["warn/rest"]
+    findings = result.get("findings", [])
+    assert findings and findings[0].startswith("rewardRiseWithCollapse"), result
+    alarm = alarm_step(findings[0])
+    assert result["step"] == REST_TOTAL and alarm < REST_TOTAL  # warn: trained on
+    assert result["selectedStep"] == alarm - 1 and "lastBeforeAlarm" in result["selection"], result
+
+    out = run_dir(workspace, f"{REST_RUN}-warn") / "rest"
+    records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    table = [{k: r[k] for k in ("step", "score_mean", "length_mean", "findings")} for r in records]
+    assert [r["step"] for r in records] == list(range(REST_TOTAL + 1)), table
+    sft = ground_truth(workspace, None)
+    kept = ground_truth(workspace, out)
+    final = ground_truth(workspace, out / "final")
+    report = {"sft": sft, "kept": kept, "final": final, "evaluations": table}
+    print(json.dumps(report, indent=1))
+    # Measured 2026-11-30: SFT 0.32, kept (improve step 17) 0.68, final 0.0 (3.0 tokens).
+    assert final["target_rate"] <= 0.5 * sft["target_rate"], report  # the hole was found: a collapse
+    assert kept["target_rate"] >= sft["target_rate"] - 0.1, report  # the kept policy did not collapse
+    assert kept["target_rate"] >= final["target_rate"] + 0.15, report
+
+
+def test_rest_watch_stop_ends_the_loop_at_the_alarm(workspace: Path, rest: dict[str, Any]) -> None:
+    warn, stop = rest["warn/rest"], rest["stop/rest"]
+    alarm = alarm_step(warn["findings"][0])
+    assert stop["step"] == alarm and stop["totalSteps"] == REST_TOTAL, stop  # ReST is seeded: the same alarm
+    assert stop["findings"] == [warn["findings"][0]] and stop["selectedStep"] == warn["selectedStep"], stop
+    out = run_dir(workspace, f"{REST_RUN}-stop") / "rest"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["details"]["watch"]["stoppedByAlarm"] is True
+    table = manifest["details"]["watch"]["evaluations"]
+    assert [e["step"] for e in table] == list(range(alarm + 1))
+    print("ReST on the hole, stop run:", [(e["step"], round(e["kl_mean"], 2), e["preference_accuracy"]) for e in table])
+    assert abs(table[0]["kl_mean"]) < 1e-3 < table[-1]["kl_mean"]  # the reference is the starting policy
+    assert all(0.0 <= e["preference_accuracy"] <= 1.0 for e in table)
+    assert (out / "model" / "config.json").is_file() and (out / "final" / "model" / "config.json").is_file()
+    merge = rest["stop/merge"]  # the merged model is the kept Improve step, and says so
+    assert merge["selectedStep"] == stop["selectedStep"] and f"rest step {stop['selectedStep']}" in merge["message"]

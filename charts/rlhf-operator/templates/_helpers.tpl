@@ -120,6 +120,11 @@ name, which needs no right of the operator's.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [create, patch]
+# A multi-node stage's rendezvous Service, created once before its Job (AlreadyExists is success);
+# owned by the run, so the garbage collector, not the operator, deletes it.
+- apiGroups: [""]
+  resources: [services]
+  verbs: [create]
 # Watched: the operator's cache knows whether each run's workspace exists; created when missing.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]

@@ -21,6 +21,11 @@ resumes after its last finished Improve step. SIGTERM stops a Grow step after th
 forward pass (its samples are discarded) and an Improve step between optimizer steps (its updates
 are discarded: the previous Improve step's checkpoint is the state kept); see ``interrupt``.
 
+Watch (``rest.watch``, docs/watch.md): the policy answers the held-out prompts before the first Grow
+step and after every ``watch.evalEvery``-th Improve step (the step counted is the Improve step), with the
+detectors of PPO/GRPO/RLOO; ``stop`` ends the loop at the alarm and the output is the evaluated
+Improve step ``watch.select`` picks (the final weights then go to ``rest/final/``).
+
 Metrics: ``grow<g>_reward_mean`` per Grow step (the policy's reward on its own samples), the last
 Improve loss, and on the held-out prompts ``eval_reward_mean``, ``eval_eos_rate``,
 ``eval_length_tokens`` (``reward_mean`` is the last Grow mean, for the run's status).
@@ -31,6 +36,8 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +58,7 @@ def validate(ctx: StageContext) -> None:
     common.check_prompt_template(cfg.prompt_template, "rest")
     common.check_policy_input(ctx)
     common.check_reward_input(ctx)
+    common.check_preference_set(ctx)
     if cfg.resources.gpus > 1:  # the Grow/Improve loop is single-process: N ranks would each run all of it
         raise StageConfigError("rest.resources.gpus: ReST runs in one process; use at most 1 GPU")
     if cfg.generation.extra:
@@ -111,8 +119,60 @@ def _load_policy(ctx: StageContext, base: models.ModelLocation, resume: Path | N
     return get_peft_model(model, models.lora_config(cfg.lora, "CAUSAL_LM"))
 
 
+def watch_evaluator(
+    ctx: StageContext,
+    policy: Any,
+    base: models.ModelLocation,
+    tokenizer: Any,
+    scorer: tuple[Any, Any],
+    prompts: list[str],
+) -> Callable[[], Any]:
+    """How the watch has the policy answer ``prompts`` (``sampling.watch.sample_answers``, as GRPO/RLOO).
+
+    The reference for the KL is the starting policy: the policy with its LoRA adapter disabled; with
+    all weights trained, a frozen copy of it only when ``watch.klLimit`` is set (the only detector
+    that needs it; a second full model is not loaded otherwise, and the KL is recorded as NaN)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_stages.methods.watching import preference_pairs, with_preferences
+    from rlhf_stages.sampling.watch import sample_answers
+
+    cfg = ctx.config
+    frozen = None
+    if not cfg.lora.enabled and cfg.watch.kl_limit is not None:
+        frozen = models.load_model(base, AutoModelForCausalLM, models.Quantization(), "rest", "float32").eval()
+        frozen.requires_grad_(False)
+
+    @contextmanager
+    def reference() -> Iterator[Any]:
+        if cfg.lora.enabled:
+            with policy.disable_adapter():
+                yield policy
+        else:
+            yield frozen
+
+    pairs = preference_pairs(ctx, cfg.training.seed)
+
+    def evaluate() -> Any:
+        answers = sample_answers(
+            policy,
+            tokenizer,
+            prompts,
+            reference=reference,
+            reward_model=scorer[0],
+            reward_tokenizer=scorer[1],
+            max_new_tokens=cfg.response_length.max,
+            **common.sampling_kwargs(cfg.generation),
+        )
+        return with_preferences(answers, policy, tokenizer, pairs)
+
+    return evaluate
+
+
 def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForSequenceClassification
+
+    from rlhf_stages.methods import watching
 
     cfg, t = ctx.config, ctx.config.training
     base = common.policy_location(ctx)
@@ -144,9 +204,29 @@ def run(ctx: StageContext) -> StageOutcome:
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
 
     total = cfg.grow_steps * len(cfg.thresholds)
+    watcher = watching.make_watcher(ctx, None, total)  # no KL target: klBeyondLimit only with watch.klLimit
+    evaluate = None
+    if watcher.enabled and ctx.is_main:
+        watcher.resume(state["done"])
+        held_out = list(eval_ds["prompt"]) if eval_ds is not None else []
+        watched = watching.watch_prompts(held_out, prompts, cfg.watch.eval_prompts)
+        evaluate = watch_evaluator(ctx, policy, base, tokenizer, (reward_model, reward_tokenizer), watched)
+
+    def watch_says_stop(step: int) -> bool:
+        """Evaluate at ``step`` when due; whether an alarm ends the loop here (also when resumed past one)."""
+        if evaluate is None:
+            return False
+        if watcher.due(step):
+            watching.log_record("rest", watcher.record(step, evaluate(), lambda: models.trainable_state(policy)))
+        return watcher.should_stop() and step < total
+
+    # The baseline before the first Grow step or, resumed, an evaluation the restart interrupted.
+    stopped_by_alarm = watch_says_stop(state["done"])
     guard = StepGuard(ctx.stop_requested, (policy, reward_model), stage="rest", total=total)
     grow_rows: list[GrowRow] = []
     for g in range(cfg.grow_steps):
+        if stopped_by_alarm:
+            break
         if state["done"] >= (g + 1) * len(cfg.thresholds):
             continue  # this Grow step and its Improve steps finished before a restart
         grow_file = ctx.checkpoints_dir / f"grow-{g}.jsonl"
@@ -190,6 +270,9 @@ def run(ctx: StageContext) -> StageOutcome:
                 _save_checkpoint(ctx, policy, n, state)
             progress = {"threshold": tau, "kept": float(len(kept))} | ({"loss": loss} if loss is not None else {})
             ctx.write_progress(n, total, progress, force=True)
+            if watch_says_stop(n):
+                stopped_by_alarm = True
+                break
 
     guard.close()  # the held-out evaluation below always completes
     metrics: dict[str, float] = {}
@@ -200,6 +283,17 @@ def run(ctx: StageContext) -> StageOutcome:
     losses = [e["loss"] for e in state["history"] if "loss" in e and e["loss"] is not None]
     if losses:
         metrics["improve_loss"] = losses[-1]
+    concluded = watching.Concluded()
+    if ctx.is_main:
+        # Before the held-out numbers and the save below: they are the chosen policy's.
+        concluded = watching.conclude(
+            ctx,
+            watcher,
+            state["done"],
+            save_final=lambda: common.save_policy(ctx, policy, tokenizer, base, cfg.lora.enabled, under="final"),
+            load_weights=lambda weights: models.load_trainable_state(policy, weights),
+        )
+        metrics.update(concluded.metrics)
     if eval_ds is not None:
         metrics.update(
             common.evaluate_held_out(
@@ -232,7 +326,16 @@ def run(ctx: StageContext) -> StageOutcome:
             "resumedFromStep": resume[0] if resume else None,
             "history": state["history"],
             "growDatasets": [f"grow/{name}" for name in state["grow_files"]],
+            "watch": concluded.summary,
         },
+        findings=concluded.findings,
+        selected_step=concluded.selected_step,
+        selection=concluded.selection,
         message="ReST done: grow reward means "
-        + ", ".join(f"{e['reward_mean']:.3f}" for e in state["history"] if "reward_mean" in e),
+        + ", ".join(f"{e['reward_mean']:.3f}" for e in state["history"] if "reward_mean" in e)
+        + (
+            f"; output = improve step {concluded.selected_step} of {state['done']} ({concluded.selection})"
+            if concluded.summary and concluded.selected_step != state["done"]
+            else ""
+        ),
     )

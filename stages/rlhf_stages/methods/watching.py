@@ -1,4 +1,4 @@
-"""The stage side of the reward-hacking watch (docs/watch.md), shared by PPO, GRPO and RLOO.
+"""The stage side of the reward-hacking watch (docs/watch.md), shared by PPO, GRPO, RLOO and ReST.
 
 ``sampling.watch`` owns the numbers, the detectors, the selection and the evaluation log; this module
 owns what every watched stage does around them, so the stages differ only in how their policy
@@ -39,15 +39,16 @@ def reward_score_max(ctx: StageContext) -> float | None:
     return float(value) if value is not None else None
 
 
-def make_watcher(ctx: StageContext, kl_target: float | None) -> Watcher:
-    """The stage's watcher over ``spec.<stage>.watch``; its files live in the stage's checkpoint directory."""
+def make_watcher(ctx: StageContext, kl_target: float | None, total_steps: int | None = None) -> Watcher:
+    """The stage's watcher over ``spec.<stage>.watch``; its files live in the stage's checkpoint directory.
+    ``total_steps``: the stage's budget in its own steps (default ``totalSteps``; ReST: Improve steps)."""
     cfg = ctx.config
     return Watcher(
         cfg.watch,
         ctx.checkpoints_dir,
         kl_target=kl_target,
         score_max=reward_score_max(ctx),
-        total_steps=cfg.total_steps,
+        total_steps=cfg.total_steps if total_steps is None else total_steps,
     )
 
 
@@ -56,13 +57,14 @@ def watch_prompts(held_out: Sequence[T], train: Sequence[T], count: int) -> list
     return list(held_out or train)[:count]
 
 
-def preference_pairs(ctx: StageContext) -> list[tuple[str, str, str]]:
-    """(prompt rendered with promptTemplate, chosen, rejected) of ``watch.preferenceSet``; none when unset."""
+def preference_pairs(ctx: StageContext, seed: int | None = None) -> list[tuple[str, str, str]]:
+    """(prompt rendered with promptTemplate, chosen, rejected) of ``watch.preferenceSet``; none when unset.
+    ``seed``: the stage's data seed (default ``seed``; ReST keeps it in ``training.seed``)."""
     cfg = ctx.config
     source = cfg.watch.preference_set
     if source is None or cfg.watch.eval_every == 0:
         return []
-    rows = data.load_rows(ctx, source, cfg.seed)
+    rows = data.load_rows(ctx, source, cfg.seed if seed is None else seed)
     what = f"{ctx.stage}.watch.preferenceSet"
     data.check_columns(rows, ["chosen", "rejected", *data.template_fields(cfg.prompt_template)], what)
     picked = rows.select(range(min(len(rows), common.EVAL_PROMPTS_MAX)))
