@@ -13,14 +13,8 @@ from typing import Any
 import pytest
 
 from conftest import read_result, run_stage, tiny_spec, write_invocation
-from rlhf_api.runtime import Resources
 from rlhf_stages.runtime import launch
 from rlhf_stages.runtime.context import StageConfigError
-
-needs_multinode_api = pytest.mark.skipif(
-    "sharding" not in Resources.model_fields,
-    reason="resources.nodes/sharding are the operator side of issue 17 (H1's branch); these run once both are merged",
-)
 
 
 def _ctx(nodes: int) -> Any:
@@ -110,7 +104,6 @@ def test_rendezvous_failure_names_the_missing_node() -> None:
 FSDP = {"resources": {"gpus": 1, "memory": "4Gi", "sharding": "FSDP"}}
 
 
-@needs_multinode_api
 def test_fsdp_without_gpus_is_refused_at_load(workspace: Path, tmp_path: Path) -> None:
     spec = tiny_spec(sft={"resources": {"gpus": 0, "sharding": "FSDP"}})
     code, out = run_stage("sft", write_invocation(workspace, "sft", "fsdp-cpu", spec), tmp_path / "r.json")
@@ -118,7 +111,6 @@ def test_fsdp_without_gpus_is_refused_at_load(workspace: Path, tmp_path: Path) -
     assert code == 2 and "spec.sft.resources" in message and "sharding" in message and "GPUs" in message, out
 
 
-@needs_multinode_api
 def test_fsdp_translates_into_the_trainers_arguments(
     workspace: Path, in_process: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,7 +142,6 @@ def test_fsdp_translates_into_the_trainers_arguments(
     assert getattr(args, training.checkpointing_field()) is False
 
 
-@needs_multinode_api
 def test_fsdp_on_a_pod_without_cuda_is_refused_before_training(workspace: Path, in_process: Path) -> None:
     """The Pod asked for a GPU but sees none: exit 2 naming the field, not a quiet fall back to DDP
     (which is what transformers does with ``fsdp`` on the CPU)."""

@@ -29,18 +29,12 @@ import pytest
 from tests.pythonpath import REPO
 
 from conftest import read_result, run_dir, stage_env, standin_reward_model, tiny_spec, write_invocation
-from rlhf_api.runtime import Resources
+from rlhf_api.layout import service_host_env
 from rlhf_stages.runtime import launch
 from rlhf_stages.runtime.checkpoints import STEP_DELAY_ENV
 from rlhf_stages.runtime.entrypoint import main
 
-pytestmark = [
-    pytest.mark.training,
-    pytest.mark.skipif(
-        "nodes" not in Resources.model_fields,
-        reason="resources.nodes is the operator side of issue 17 (H1's branch); these run once both are merged",
-    ),
-]
+pytestmark = pytest.mark.training
 
 SERVICE = "mn-sft-rdzv"  # any name: the launcher reads the kubelet's env var derived from it
 # eval_loss after 12 SFT steps: two nodes 1.7e-4 from one process (measured); training on another
@@ -67,7 +61,7 @@ def _node_env(rank: int, port: int, **extra: str) -> dict[str, str]:
     """What the operator's Indexed Job and the kubelet give the Pod with completion index ``rank``."""
     env = {launch.JOB_INDEX_ENV: str(rank), launch.PORT_ENV: str(port), launch.TIMEOUT_ENV: "120"}
     if rank:
-        env |= {launch.SERVICE_ENV: SERVICE, launch.service_host_env(SERVICE): "127.0.0.1"}
+        env |= {launch.SERVICE_ENV: SERVICE, service_host_env(SERVICE): "127.0.0.1"}
     return env | extra
 
 

@@ -40,13 +40,12 @@ from rlhf_api import layout
 from rlhf_api.layout import StageResult
 from rlhf_stages.runtime.context import StageConfigError, StageContext
 
-# The names the operator sets (operator/rlhf_api/layout.py owns them once the multi-node API is
-# merged; these defaults are the same names, so this module works on either side of that merge).
-JOB_INDEX_ENV: str = getattr(layout, "JOB_COMPLETION_INDEX_ENV", "JOB_COMPLETION_INDEX")
-SERVICE_ENV: str = getattr(layout, "RENDEZVOUS_SERVICE_ENV", "RLHF_RENDEZVOUS_SERVICE")
-PORT_ENV: str = getattr(layout, "RENDEZVOUS_PORT_ENV", "RLHF_RENDEZVOUS_PORT")
-POD_IP_ENV: str = getattr(layout, "POD_IP_ENV", "RLHF_POD_IP")
-DEFAULT_PORT: int = getattr(layout, "RENDEZVOUS_PORT", 29400)
+# The names the operator sets are the API's (layout.py), shared with the operator's children.py.
+JOB_INDEX_ENV = layout.JOB_COMPLETION_INDEX_ENV
+SERVICE_ENV = layout.RENDEZVOUS_SERVICE_ENV
+PORT_ENV = layout.RENDEZVOUS_PORT_ENV
+POD_IP_ENV = layout.POD_IP_ENV
+DEFAULT_PORT = layout.RENDEZVOUS_PORT
 
 TIMEOUT_ENV = "RLHF_RENDEZVOUS_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600
@@ -79,13 +78,13 @@ def mark_started() -> None:
 
 
 def nodes(ctx: StageContext) -> int:
-    """``resources.nodes`` (1 where the API has no such field)."""
-    return int(getattr(ctx.config.resources, "nodes", 1))
+    """``resources.nodes``: the Pods the stage runs on."""
+    return int(ctx.config.resources.nodes)
 
 
 def sharding(ctx: StageContext) -> str:
-    """``resources.sharding`` ("DDP" where the API has no such field)."""
-    return str(getattr(ctx.config.resources, "sharding", "DDP"))
+    """``resources.sharding``: ``DDP`` or ``FSDP``."""
+    return str(ctx.config.resources.sharding)
 
 
 @dataclass(frozen=True)
@@ -117,11 +116,6 @@ def _int_env(name: str, default: int) -> int:
         raise StageConfigError(f"{name}={raw!r} is not a whole number") from None
 
 
-def service_host_env(service: str) -> str:
-    """The env var the kubelet sets to a Service's cluster IP in the Pods that start after it."""
-    return service.upper().replace("-", "_").replace(".", "_") + "_SERVICE_HOST"
-
-
 def gang(ctx: StageContext, node_rank: int | None = None, master_addr: str | None = None) -> Gang:
     """This Pod's place in the gang, from the operator's env (or the CLI overrides, for local runs)."""
     count = nodes(ctx)
@@ -151,7 +145,7 @@ def gang(ctx: StageContext, node_rank: int | None = None, master_addr: str | Non
                     f"{where} is {count}, but {SERVICE_ENV} is not set: node {node_rank} cannot find node 0 "
                     "(the operator sets it; by hand, pass --master-addr)"
                 )
-            master_addr = os.environ.get(service_host_env(service)) or service
+            master_addr = os.environ.get(layout.service_host_env(service)) or service
     timeout = _int_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
     if timeout < 1:
         raise StageConfigError(f"{TIMEOUT_ENV} must be at least 1 second")

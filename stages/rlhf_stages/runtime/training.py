@@ -109,7 +109,7 @@ def fsdp_kwargs(ctx: StageContext, model: Any, t: TrainingSettings) -> dict[str,
     ``use_cpu``; torch's own FSDP2 runs on gloo, but the Trainer does not offer it).
     """
     where = f"spec.{ctx.stage}.resources.sharding"
-    if "FSDP" not in getattr(STAGE_KINDS[ctx.stage], "shardings", ("DDP",)):  # the method table's word
+    if "FSDP" not in STAGE_KINDS[ctx.stage].shardings:  # the method table's word (admission refuses it too)
         raise StageConfigError(f"{where}: {ctx.stage} does not train with FSDP; use DDP")
     if not cuda_available():
         raise StageConfigError(
