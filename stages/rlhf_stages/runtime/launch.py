@@ -215,6 +215,27 @@ def rendezvous_failure(gang: Gang) -> str:
     )
 
 
+def _workers(torchrun: subprocess.Popen[bytes]) -> list[int]:
+    """The processes torchrun started (its children), or none when it has not started them yet."""
+    try:
+        listed = Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text(encoding="ascii")
+    except OSError:
+        return []
+    return [int(pid) for pid in listed.split()]
+
+
+def _stop(torchrun: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the Pod's, on PID 1) to the ranks themselves: they agree on a step, rank 0 saves a
+    checkpoint, they exit 143, and torchrun then ends. Sent to torchrun instead, it would give them 30 s
+    (torch's fixed shutdown timeout) and then SIGKILL, too short for a large model's checkpoint."""
+    workers = _workers(torchrun)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    if not workers:  # still at the rendezvous: nothing to save
+        torchrun.send_signal(signal.SIGTERM)
+
+
 def run(stage: str, config: Path, nproc: int, gang: Gang, log: Any) -> int:
     """Run the stage's processes under torchrun, then write this Pod's termination message; returns
     the exit code (rank 0's own code where it reported one: 2, 3 and 143 keep their meaning)."""
@@ -230,8 +251,7 @@ def run(stage: str, config: Path, nproc: int, gang: Gang, log: Any) -> int:
         log(f"launching {nproc} processes{'' if gang.nodes == 1 else ' as ' + gang.describe()}: {' '.join(cmd)}")
         began = time.monotonic()
         child = subprocess.Popen(cmd, env=env)
-        # Pods get SIGTERM on PID 1: pass it on, torchrun forwards it to every rank.
-        signal.signal(signal.SIGTERM, lambda s, f: child.send_signal(signal.SIGTERM))
+        signal.signal(signal.SIGTERM, lambda s, f: _stop(child))
         code = child.wait()
         code = 128 - code if code < 0 else code  # killed by a signal
         ours = _read_result(result_file)
