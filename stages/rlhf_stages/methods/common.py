@@ -200,17 +200,24 @@ def evaluate_held_out(
 
 
 def save_policy(
-    ctx: StageContext, model: Any, tokenizer: Any, base: models.ModelLocation, lora: bool, under: str = ""
+    ctx: StageContext,
+    model: Any,
+    tokenizer: Any,
+    base: models.ModelLocation,
+    lora: bool,
+    under: str = "",
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """``<stage>/adapter`` (LoRA, merged later by the merge stage) or ``<stage>/model`` (all weights);
-    ``under`` a subdirectory of the output instead (PPO's ``final/`` beside a selected checkpoint)."""
+    ``under`` a subdirectory of the output instead (PPO's ``final/`` beside a selected checkpoint);
+    ``state_dict`` the weights to write instead of the model's own (FSDP's gathered ones)."""
     root = ctx.staging_dir / under if under else ctx.staging_dir
     if lora:
         out = root / "adapter"
-        model.save_pretrained(str(out))
+        model.save_pretrained(str(out), state_dict=state_dict)
         tokenizer.save_pretrained(str(out))
         models.record_adapter_base(out, base.label)
         return out
     out = root / "model"
-    models.save_standalone(model, tokenizer, out)
+    models.save_standalone(model, tokenizer, out, state_dict=state_dict)
     return out

@@ -49,7 +49,7 @@ def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer
+    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer, weights_to_save
 
     cfg, t = ctx.config, ctx.config.training
     base = common.policy_location(ctx)
@@ -96,8 +96,9 @@ def run(ctx: StageContext) -> StageOutcome:
             )
         )
 
+    trained, state = weights_to_save(ctx, trainer)  # every rank: collective under FSDP
     if ctx.is_main:
-        common.save_policy(ctx, trainer.model, tokenizer, base, cfg.lora.enabled)
+        common.save_policy(ctx, trained, tokenizer, base, cfg.lora.enabled, state_dict=state)
     return StageOutcome(
         metrics=metrics,
         step=trainer.state.global_step,

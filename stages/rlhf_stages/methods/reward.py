@@ -146,7 +146,7 @@ def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer
+    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer, weights_to_save
 
     cfg, t = ctx.config, ctx.config.training
     base = base_location(ctx)
@@ -198,8 +198,9 @@ def run(ctx: StageContext) -> StageOutcome:
         trainer.model, train_ds, eval_ds, tokenizer.pad_token_id, t.per_device_eval_batch_size
     )
 
+    trained, state = weights_to_save(ctx, trainer)  # every rank: collective under FSDP
     if ctx.is_main:
-        _save(ctx, trainer, tokenizer, base, dtype)
+        _save(ctx, trained, state, tokenizer, base, dtype)
     return StageOutcome(
         metrics=metrics,
         step=trainer.state.global_step,
@@ -224,15 +225,22 @@ def run(ctx: StageContext) -> StageOutcome:
     )
 
 
-def _save(ctx: StageContext, trainer: Any, tokenizer: Any, base: models.ModelLocation, dtype: str) -> None:
+def _save(
+    ctx: StageContext,
+    trained: Any,
+    state: dict[str, Any] | None,
+    tokenizer: Any,
+    base: models.ModelLocation,
+    dtype: str,
+) -> None:
     from transformers import AutoModelForSequenceClassification
 
     model_dir = ctx.staging_dir / "model"
     if not ctx.config.lora.enabled:
-        models.save_standalone(trainer.model, tokenizer, model_dir, dtype)
+        models.save_standalone(trained, tokenizer, model_dir, dtype, state_dict=state)
         return
     adapter_dir: Path = ctx.staging_dir / "adapter"
-    trainer.model.save_pretrained(str(adapter_dir))
+    trained.save_pretrained(str(adapter_dir), state_dict=state)
     models.record_adapter_base(adapter_dir, base.label)
     merged = models.merge_adapter(
         base, adapter_dir, AutoModelForSequenceClassification, dtype, num_labels=1, pad_token_id=tokenizer.pad_token_id

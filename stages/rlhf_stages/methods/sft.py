@@ -76,7 +76,7 @@ def run(ctx: StageContext) -> StageOutcome:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer
+    from rlhf_stages.runtime.training import final_metrics, make_trainer, run_trainer, weights_to_save
 
     cfg, spec, t = ctx.config, ctx.spec, ctx.config.training
     base = models.locate(ctx, spec.base_model)
@@ -113,8 +113,9 @@ def run(ctx: StageContext) -> StageOutcome:
     eval_metrics = trainer.evaluate() if eval_ds is not None else None
     metrics = final_metrics(train_output, eval_metrics, ("eval_loss", "eval_mean_token_accuracy"))
 
+    trained, state = weights_to_save(ctx, trainer)  # every rank: collective under FSDP
     if ctx.is_main:
-        _save(ctx, trainer, tokenizer, base, dtype)
+        _save(ctx, trained, state, tokenizer, base, dtype)
     return StageOutcome(
         metrics=metrics,
         step=trainer.state.global_step,
@@ -136,16 +137,22 @@ def run(ctx: StageContext) -> StageOutcome:
     )
 
 
-def _save(ctx: StageContext, trainer: Any, tokenizer: Any, base: models.ModelLocation, dtype: str) -> None:
+def _save(
+    ctx: StageContext,
+    trained: Any,
+    state: dict[str, Any] | None,
+    tokenizer: Any,
+    base: models.ModelLocation,
+    dtype: str,
+) -> None:
     from transformers import AutoModelForCausalLM
 
     model_dir = ctx.staging_dir / "model"
-    trained = trainer.model
     if not ctx.config.lora.enabled:
-        models.save_standalone(trained, tokenizer, model_dir, dtype)
+        models.save_standalone(trained, tokenizer, model_dir, dtype, state_dict=state)
         return
     adapter_dir = ctx.staging_dir / "adapter"
-    trained.save_pretrained(str(adapter_dir))
+    trained.save_pretrained(str(adapter_dir), state_dict=state)
     tokenizer.save_pretrained(str(adapter_dir))
     models.record_adapter_base(adapter_dir, base.label)
     # Merge into a freshly loaded unquantized base: merging into 4/8-bit weights would round

@@ -12,8 +12,9 @@ What it does, in order (heavy libraries are imported only from step 6 on):
    attempts before it -> exit 2 (``attempts.py``);
 4. the stage module's ``validate(ctx)``: cheap checks, e.g. a dataset file is missing -> exit 3,
    quantization on a pod without GPUs -> exit 2;
-5. ``--nproc N`` (or ``resources.gpus`` > 1): re-run itself under ``torch.distributed.run`` with
-   N processes, one per GPU, and report for them;
+5. ``--nproc N`` (or ``resources.gpus`` > 1), or ``resources.nodes`` > 1: re-run itself under
+   ``torch.distributed.run`` with N processes on this Pod, one per GPU, and report for them
+   (``launch.py``; in a multi-node gang only node 0 does step 3's recording and setting aside);
 6. ``run(ctx)``: the stage trains, writing into ``ctx.staging_dir`` (rank 0 only);
 7. the output is committed atomically with its manifest, checkpoints are removed, a
    ``StageResult`` goes to ``$RLHF_TERMINATION_LOG``; SIGTERM -> checkpoint, exit 143.
@@ -40,9 +41,7 @@ import importlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +51,7 @@ from rlhf_api import layout
 from rlhf_api.layout import StageInvocation, StageResult
 from rlhf_api.methods import STAGE_MODULES
 from rlhf_api.run import ResolvedInput
+from rlhf_stages.runtime import launch
 from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext, StageError, StageOutcome
 
 # Stage name -> module (the API's method table). Modules are imported only when their stage runs.
@@ -145,47 +145,6 @@ def _install_sigterm(ctx: StageContext) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _launch_distributed(stage: str, config: Path, nproc: int) -> int:
-    """Run this stage under torch.distributed.run with ``nproc`` processes and relay the result."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result_file = Path(tmp) / "result.json"
-        env = {**os.environ, layout.TERMINATION_LOG_ENV: str(result_file), "RLHF_NPROC_CHILD": "1"}
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "rlhf_stages",
-            stage,
-            "--config",
-            str(config),
-        ]
-        log(f"launching {nproc} processes: {' '.join(cmd)}")
-        child = subprocess.Popen(cmd, env=env)
-        # Pods get SIGTERM on PID 1: pass it on, torchrun forwards it to every rank.
-        signal.signal(signal.SIGTERM, lambda s, f: child.send_signal(signal.SIGTERM))
-        code = child.wait()
-        code = 128 - code if code < 0 else code  # killed by a signal
-        if result_file.exists() and result_file.stat().st_size:
-            rank0 = StageResult.model_validate_json(result_file.read_text(encoding="utf-8"))
-            # torchrun exits 1 whatever failed; rank 0's code keeps its meaning (2, 3, 143).
-            code = 0 if code == 0 else rank0.exit_code or code
-            _write_result(rank0.model_copy(update={"exit_code": code, "succeeded": code == 0}))
-        else:  # rank 0 died before reporting
-            code = code or 1
-            _write_result(
-                StageResult(
-                    stage=stage,
-                    succeeded=False,
-                    exit_code=code,
-                    message=f"distributed launch failed with exit code {code}",
-                )
-            )
-        return code
-
-
 def _write_result(result: StageResult) -> None:
     from rlhf_stages.runtime.outputs import write_termination_log
 
@@ -214,13 +173,9 @@ def _limit_threads(ctx: StageContext, processes: int) -> None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, threads // processes))
 
 
-def _launched_child() -> bool:
-    """One of the processes ``_launch_distributed`` started (not the process the Pod started)."""
-    return bool(os.environ.get("RLHF_NPROC_CHILD")) or "LOCAL_RANK" in os.environ
-
-
 def _requested_nproc(ctx: StageContext, nproc: int | None) -> int:
-    if _launched_child():
+    """Processes on this Pod: ``--nproc``, else one per GPU (one on a Pod without GPUs)."""
+    if launch.launched_child():
         return 1
     if nproc is not None:
         return nproc
@@ -236,7 +191,7 @@ def _warn(ctx: StageContext, notice: str) -> None:
         attempts.note(ctx, ctx.attempt, notice)
 
 
-def _attempt(ctx: StageContext, nproc: int | None, config: Path) -> int:
+def _attempt(ctx: StageContext, nproc: int | None, config: Path, gang: launch.Gang) -> int:
     """Steps 3-7 once the invocation is valid; returns the exit code."""
     from rlhf_stages.runtime import attempts, outputs
 
@@ -263,8 +218,15 @@ def _attempt(ctx: StageContext, nproc: int | None, config: Path) -> int:
         if ctx.is_main:
             _write_result(_result(ctx, stage, 0, message, outcome=previous))
         return layout.EXIT_OK
-    top = not _launched_child()
-    ctx.attempt = attempts.begin(ctx, outputs.hash_of(inputs)) if top else attempts.latest(ctx)
+    # The once-per-attempt work is the launcher's on node 0 (the Pod started it; in a gang the other
+    # Pods' processes cannot start before node 0 has done it and joined the rendezvous). Launched
+    # processes read the start node 0 recorded.
+    top = not launch.launched_child() and gang.leader
+    if top:
+        ctx.attempt = attempts.begin(ctx, outputs.hash_of(inputs))
+    elif launch.launched_child():
+        ctx.attempt = attempts.latest(ctx)
+    # else: another node's launcher, which neither records nor ends an attempt (node 0's may not be there yet)
     if hasattr(module, "validate"):
         module.validate(ctx)
     if top:  # the valid configuration trains: stale output and checkpoints go aside, said so
@@ -276,8 +238,8 @@ def _attempt(ctx: StageContext, nproc: int | None, config: Path) -> int:
             _warn(ctx, checkpoint_notice)
     processes = _requested_nproc(ctx, nproc)
     _limit_threads(ctx, processes)
-    if processes > 1:
-        return _launch_distributed(stage, config, processes)
+    if processes > 1 or (gang.nodes > 1 and not launch.launched_child()):
+        return launch.run(stage, config, processes, gang, log)
     _install_sigterm(ctx)
     outputs.prepare_staging(ctx)
     outcome = module.run(ctx)
@@ -290,20 +252,30 @@ def _attempt(ctx: StageContext, nproc: int | None, config: Path) -> int:
     return layout.EXIT_OK
 
 
-def execute(stage: str, config: Path, nproc: int | None = None) -> int:
+def _reports(ctx: StageContext | None) -> bool:
+    """This process writes the termination message: the process the Pod started, or the first process
+    torchrun started on this Pod (for its launcher: the stage's result on node 0, its node's elsewhere)."""
+    return ctx is None or (launch.reports_for_launcher() if launch.launched_child() else ctx.is_main)
+
+
+def execute(
+    stage: str, config: Path, nproc: int | None = None, node_rank: int | None = None, master_addr: str | None = None
+) -> int:
     """Steps 1-7 of the module docstring; returns the exit code."""
     from rlhf_stages.runtime import attempts
 
+    launch.mark_started()
     ctx: StageContext | None = None
     try:
         invocation = load_invocation(config)
         check_stage(invocation, stage)
         ctx = StageContext.create(invocation)
-        code = _attempt(ctx, nproc, config)
+        gang = launch.gang(ctx, node_rank, master_addr)
+        code = _attempt(ctx, nproc, config, gang)
     except StageError as exc:
         log(f"{stage} failed: {exc}")
         step = getattr(exc, "step", 0)
-        if ctx is None or ctx.is_main:
+        if _reports(ctx):
             _write_result(_result(ctx, stage, exc.exit_code, str(exc), step=step))
         code = exc.exit_code
     except Exception as exc:  # retried by the Job: report and exit 1
@@ -312,9 +284,9 @@ def execute(stage: str, config: Path, nproc: int | None = None) -> int:
             code, message = EXIT_INTERRUPTED, f"stopped by SIGTERM: {type(exc).__name__}: {exc}"
         else:
             code, message = 1, f"{type(exc).__name__}: {exc}"
-        if ctx is None or ctx.is_main:
+        if _reports(ctx):
             _write_result(_result(ctx, stage, code, message))
-    if ctx is not None and ctx.attempt is not None and not _launched_child():
+    if ctx is not None and ctx.attempt is not None and not launch.launched_child():
         try:
             attempts.end(ctx, ctx.attempt, code)
         except OSError as exc:  # the record is best effort; the exit code is what the Job acts on
@@ -329,5 +301,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--nproc", type=int, default=None, help="data-parallel processes (default: the stage's resources.gpus)"
     )
+    parser.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help=f"this Pod's place in a multi-node stage (default: ${launch.JOB_INDEX_ENV}, set by the Indexed Job)",
+    )
+    parser.add_argument(
+        "--master-addr",
+        default=None,
+        help="node 0's address in a multi-node stage (default: this Pod's on node 0, else the rendezvous Service's)",
+    )
     args = parser.parse_args(argv)
-    return execute(args.stage, args.config, args.nproc)
+    return execute(args.stage, args.config, args.nproc, args.node_rank, args.master_addr)

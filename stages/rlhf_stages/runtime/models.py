@@ -195,12 +195,17 @@ def record_adapter_base(adapter_dir: Path, base_label: str) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def save_standalone(model: Any, tokenizer: Any, out_dir: Path, dtype: str | None = None) -> None:
-    """Save weights (cast to ``dtype`` when given) and tokenizer side by side."""
+def save_standalone(
+    model: Any, tokenizer: Any, out_dir: Path, dtype: str | None = None, state_dict: dict[str, Any] | None = None
+) -> None:
+    """Save weights (cast to ``dtype`` when given) and tokenizer side by side. ``state_dict``: the
+    weights to write instead of the model's own (FSDP's gathered ones, ``training.weights_to_save``)."""
     if dtype is not None:
         model = model.to(torch_dtype(dtype))
+        if state_dict is not None:
+            state_dict = {k: v.to(torch_dtype(dtype)) if v.is_floating_point() else v for k, v in state_dict.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), state_dict=state_dict)
     tokenizer.save_pretrained(str(out_dir))
 
 

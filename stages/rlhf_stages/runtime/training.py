@@ -13,8 +13,10 @@ import os
 from typing import Any
 
 from rlhf_api import TrainingSettings
+from rlhf_api.methods import STAGE_KINDS
 from rlhf_stages.runtime.checkpoints import StageCallback, trainer_checkpoints
-from rlhf_stages.runtime.context import StageContext, StageInterrupted
+from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInterrupted
+from rlhf_stages.runtime.launch import sharding
 
 
 def cuda_available() -> bool:
@@ -89,6 +91,51 @@ def trainer_kwargs(ctx: StageContext, t: TrainingSettings, *, has_eval: bool) ->
     }
 
 
+def fsdp_kwargs(ctx: StageContext, model: Any, t: TrainingSettings) -> dict[str, Any]:
+    """``resources.sharding: FSDP`` as Trainer arguments (accelerate does the wrapping).
+
+    * full shard (ZeRO-3-like): FSDP2 with ``reshard_after_forward``, so parameters, gradients and
+      optimiser state are split over every rank of every node and gathered one layer at a time;
+    * auto wrap by transformer layer: the classes the model itself names as never to be split
+      (``_no_split_modules``, e.g. ``LlamaDecoderLayer``), one FSDP unit each;
+    * the full state dict, gathered to rank 0, for checkpoints and the output (``state_dict_type``),
+      so a checkpoint resumes on any number of ranks and the merge stage reads plain weights;
+    * gradient checkpointing as FSDP's own activation checkpointing: the Trainer's would all-gather
+      every layer a second time in the backward pass.
+
+    Only on GPUs: the API refuses FSDP without GPUs, with quantization and on stages that do not
+    train through the Trainer. A Pod that asked for GPUs but sees none is refused here (exit 2): on
+    the CPU the Trainer would quietly train with DDP instead (transformers 5.23 ignores ``fsdp`` with
+    ``use_cpu``; torch's own FSDP2 runs on gloo, but the Trainer does not offer it).
+    """
+    where = f"spec.{ctx.stage}.resources.sharding"
+    if "FSDP" not in STAGE_KINDS[ctx.stage].shardings:  # the method table's word (admission refuses it too)
+        raise StageConfigError(f"{where}: {ctx.stage} does not train with FSDP; use DDP")
+    if not cuda_available():
+        raise StageConfigError(
+            f"{where}: FSDP needs GPUs, and this Pod has no CUDA device (resources.gpus is "
+            f"{ctx.config.resources.gpus}); give the stage GPUs, or use sharding: DDP"
+        )
+    layers = sorted(set(getattr(model, "_no_split_modules", None) or ()))
+    if not layers:
+        raise StageConfigError(
+            f"spec.{ctx.stage}.resources.sharding: FSDP wraps each transformer layer, but "
+            f"{type(model).__name__} names no layer class (_no_split_modules); use sharding: DDP"
+        )
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "reshard_after_forward": True,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": layers,
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": t.gradient_checkpointing,
+        },
+        checkpointing_field(): False,
+    }
+
+
 def make_trainer(
     ctx: StageContext,
     trainer_class: Any,
@@ -103,7 +150,10 @@ def make_trainer(
     from ``settings`` (:func:`trainer_kwargs`) plus the stage's own ``config`` fields, and the trainer
     with our :class:`StageCallback` (commit, rotate, SIGTERM, progress). Train it with :func:`run_trainer`."""
     callback = StageCallback(ctx, keep=settings.save_total_limit)
-    args = config_class(**trainer_kwargs(ctx, settings, has_eval=has_eval), **config)
+    kwargs = trainer_kwargs(ctx, settings, has_eval=has_eval)
+    if sharding(ctx) == "FSDP":
+        kwargs.update(fsdp_kwargs(ctx, trainer_args["model"], settings))
+    args = config_class(**kwargs, **config)
     return trainer_class(args=args, callbacks=[callback], **trainer_args), callback
 
 
@@ -120,6 +170,18 @@ def run_trainer(ctx: StageContext, trainer: Any, callback: StageCallback) -> tup
     if callback.stopped_by_signal:
         raise StageInterrupted(trainer.state.global_step, callback.last_checkpoint)
     return output, resume[0] if resume else None
+
+
+def weights_to_save(ctx: StageContext, trainer: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The trained model to save and, under FSDP, its full state dict (``save_pretrained(state_dict=)``).
+
+    Every rank must call it: under FSDP gathering the shards is collective (the state lands on rank 0,
+    which alone saves). Under DDP every rank holds the whole model: (the model, None).
+    """
+    if sharding(ctx) != "FSDP":
+        return trainer.model, None
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    return trainer.accelerator.unwrap_model(trainer.model), state
 
 
 def final_metrics(train_output: Any, eval_metrics: dict[str, float] | None, keys: tuple[str, ...]) -> dict[str, float]:
