@@ -41,8 +41,8 @@ class Resources(ApiModel):
     rules = (
         Rule(
             cel="!has(self.sharding) || self.sharding != 'FSDP' || !has(self.gpus) || self.gpus > 0",
-            message="sharding FSDP shards over NCCL, which needs GPUs (gloo, the CPU backend, has no "
-            "reduce-scatter): set gpus to 1 or more, or sharding: DDP",
+            message="sharding FSDP runs through the Trainer, which has no FSDP on CPUs (it trains plain DDP "
+            "instead, without saying so): set gpus to 1 or more, or sharding: DDP",
             field_path=".sharding",
             check=lambda r: r.sharding != "FSDP" or r.gpus > 0,
         ),
