@@ -1,5 +1,5 @@
 """Benchmark: how long a SIGTERM'd stage needs to save, for models of increasing size, and what that
-means for a 7B policy and the default ``runtime.terminationGracePeriodSeconds`` (600 s).
+means for a 7B policy and the default ``runtime.terminationGracePeriodSeconds`` (600 s, read from rlhf_api).
 
     PYTHONPATH=operator:stages python benchmarks/checkpoint_save.py --dir DIR [--sizes 125m,350m,1.3b]
 
@@ -52,10 +52,38 @@ SIZES: dict[str, dict[str, Any]] = {
     },
     "1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192, "num_attention_heads": 32},
     "2.7b": {"hidden_size": 2560, "num_hidden_layers": 32, "ffn_dim": 10240, "num_attention_heads": 32},
+    # Not an OPT size: the dry run of benchmarks/gpu.py (seconds on a CPU). Its vocabulary is small for
+    # speed but still larger than the tiny tokenizer's, like OPT's 50272 rows over GPT-2's 50265 tokens.
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "ffn_dim": 256,
+        "num_attention_heads": 4,
+        "vocab_size": 1024,
+        "max_position_embeddings": 512,
+    },
 }
-GRACE_S = 600
 MARGIN = 4 * 2**30  # free memory left to everything else on the machine
 MB = 1e6
+
+
+def grace_period_s() -> int:
+    """The default ``runtime.terminationGracePeriodSeconds`` (the API owns it; the chart does not override it)."""
+    from rlhf_api.runtime import Runtime
+
+    default = Runtime.model_fields["termination_grace_period_seconds"].default
+    assert isinstance(default, int)
+    return default
+
+
+GRACE_S = grace_period_s()
+
+
+def opt_config(name: str) -> Any:
+    """An OPTConfig of one of SIZES (50272 tokens and 2048 positions unless the entry says otherwise)."""
+    from transformers import OPTConfig
+
+    return OPTConfig(**{"vocab_size": 50272, "max_position_embeddings": 2048, **SIZES[name]})
 
 
 def mem_available() -> int:
@@ -162,12 +190,12 @@ def _save_full(model: Any, optimizer: Any) -> Any:
 def measure(name: str, workdir: Path) -> list[dict[str, Any]]:
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, OPTConfig
+    from transformers import AutoModelForCausalLM
 
     from rlhf_api import LoRA
     from rlhf_stages.runtime.models import lora_config
 
-    config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **SIZES[name])
+    config = opt_config(name)
     with torch.device("meta"):
         n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     if not fits(name, "the model", n * 4):

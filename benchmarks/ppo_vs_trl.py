@@ -110,10 +110,12 @@ def run_ours(ws: Path, seed: int, out: Path) -> dict[str, float]:
     return {"wall_s": wall, "train_s": train}
 
 
-def run_trl(ws: Path, seed: int, out: Path, python: str) -> dict[str, float]:
+def run_trl(ws: Path, seed: int, out: Path, python: str, setup: Path | None = None) -> dict[str, float]:
+    """TRL's PPOTrainer in the TRL venv; ``setup``: a JSON file of :func:`trl_worker`'s keyword arguments."""
     started = time.perf_counter()
+    extra = ["--worker-setup", str(setup)] if setup is not None else []
     proc = subprocess.run(
-        [python, __file__, "--trl-worker", "--workspace", str(ws), "--seed", str(seed), "--out", str(out)],
+        [python, __file__, "--trl-worker", "--workspace", str(ws), "--seed", str(seed), "--out", str(out), *extra],
         env=_env(ws / "trl.result.json"),
         cwd=REPO,
         capture_output=True,
@@ -126,8 +128,21 @@ def run_trl(ws: Path, seed: int, out: Path, python: str) -> dict[str, float]:
     return {"wall_s": time.perf_counter() - started, "train_s": times["train_s"]}
 
 
-def trl_worker(ws: Path, seed: int, out: Path) -> None:
-    """Runs inside the TRL 1.12 venv: PPOTrainer with the settings of examples/tiny.yaml's ppo section."""
+def trl_worker(
+    ws: Path,
+    seed: int,
+    out: Path,
+    ppo: dict[str, Any] | None = None,
+    policy_path: str | None = None,
+    reward_path: str | None = None,
+    use_cpu: bool = True,
+    precision: dict[str, bool] | None = None,
+) -> None:
+    """Runs inside the TRL 1.12 venv: PPOTrainer with the settings of a ppo section (examples/tiny.yaml's
+    unless given) from ``policy_path`` against ``reward_path`` (this run's sft and reward outputs unless
+    given). ``use_cpu=False`` and ``precision`` (e.g. ``{"bf16": False, "gradient_checkpointing": False}``,
+    as our stage trains) for the GPU benchmark (benchmarks/gpu.py); unset, PPOConfig's defaults stay
+    (bf16 and gradient checkpointing on)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -136,9 +151,10 @@ def trl_worker(ws: Path, seed: int, out: Path) -> None:
 
     from rlhf_stages.tiny.assets import read_jsonl
 
-    p = TINY["ppo"]
+    p = TINY["ppo"] if ppo is None else ppo
     lora = p.get("lora", {})
-    sft, reward = run_dir(ws) / "sft" / "model", run_dir(ws) / "reward" / "model"
+    sft = policy_path or str(run_dir(ws) / "sft" / "model")
+    reward = reward_path or str(run_dir(ws) / "reward" / "model")
     tokenizer = AutoTokenizer.from_pretrained(str(sft))
     template = p.get("promptTemplate", "Question: {prompt}\n\nAnswer:")
     rows = read_jsonl(ws / p["dataset"]["path"])
@@ -172,10 +188,11 @@ def trl_worker(ws: Path, seed: int, out: Path) -> None:
         save_strategy="no",
         report_to=[],
         num_sample_generations=0,
-        use_cpu=True,
+        use_cpu=use_cpu,
         disable_tqdm=True,
         logging_steps=5,
         per_device_eval_batch_size=8,
+        **(precision or {}),
     )
     peft_config = LoraConfig(
         r=lora.get("r", 16),
@@ -239,10 +256,12 @@ def main() -> int:
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-setup", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     ws = args.workspace.resolve()
     if args.trl_worker:
-        trl_worker(ws, args.seed, args.out)
+        setup = json.loads(args.worker_setup.read_text()) if args.worker_setup else {}
+        trl_worker(ws, args.seed, args.out, **setup)
         return 0
 
     prepare(ws)
