@@ -257,6 +257,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-setup", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--trl-precision-defaults",
+        action="store_true",
+        help="keep PPOConfig's own bf16 and gradient checkpointing (on) instead of float32 without "
+        "checkpointing as our stage trains (how the 2026-11-22 table ran)",
+    )
     args = parser.parse_args()
     ws = args.workspace.resolve()
     if args.trl_worker:
@@ -265,13 +271,19 @@ def main() -> int:
         return 0
 
     prepare(ws)
+    # Like for like by default: TRL 1.12's PPOConfig turns on bf16 and gradient checkpointing unless
+    # told otherwise (also on the CPU), while our stage trains in float32 without checkpointing.
+    setup = None
+    if not args.trl_precision_defaults:
+        setup = ws / "trl-setup.json"
+        setup.write_text(json.dumps({"precision": {"bf16": False, "gradient_checkpointing": False}}))
     rows: list[dict[str, Any]] = [{"impl": "sft", "seed": "-", **evaluate(ws, None, args.eval_samples)}]
     for seed in args.seeds:
         for impl in ("ours", "trl-1.12"):
             out = ws / "results" / f"{impl}-s{seed}"
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
-            timing = run_ours(ws, seed, out) if impl == "ours" else run_trl(ws, seed, out, args.trl_python)
+            timing = run_ours(ws, seed, out) if impl == "ours" else run_trl(ws, seed, out, args.trl_python, setup)
             row = {"impl": impl, "seed": seed, **evaluate(ws, out, args.eval_samples), **timing}
             rows.append(row)
             print(json.dumps(row), flush=True)
