@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -91,7 +92,7 @@ class ControlPlane:
         """Writes a kubeconfig for ``user`` (default: admin) and returns its path."""
         user = user or self.admin
         path = path or self.workdir / f"kubeconfig-{user.name.replace(':', '-')}"
-        path.write_text(
+        text = (
             "apiVersion: v1\nkind: Config\n"
             f"clusters:\n- name: local\n  cluster:\n    server: {self.url}\n"
             f"    certificate-authority: {self.ca_file}\n"
@@ -99,7 +100,14 @@ class ControlPlane:
             f"contexts:\n- name: local\n  context:\n    cluster: local\n    user: {user.name}\n"
             "current-context: local\n"
         )
-        path.chmod(0o600)
+        # Every kubectl call asks for the file, while other processes (a kubelet, an operator, other
+        # kubectl calls) read it: rewriting it in place let one of them read it empty (a local
+        # kubelet died on that in make test). Written once, atomically; unchanged, left alone.
+        if not path.exists() or path.read_text() != text:
+            partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            partial.write_text(text)
+            partial.chmod(0o600)
+            os.replace(partial, path)
         return path
 
     def kubectl(self, *args: str, user: User | None = None, input: str | None = None, check: bool = True) -> str:
