@@ -139,8 +139,18 @@ def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
     return st.model_copy(update=update)
 
 
+def _exit_code(job: JobObservation) -> int | None:
+    """The stage's own exit code when it reported one (it keeps 2, 3, 143), else the container's."""
+    return job.result.exit_code if job.result and job.result.exit_code else job.exit_code
+
+
+def _starting(st: StageStatus) -> StageStatus:
+    """Pending through a normal start (cond.STARTING): one reason for all its steps, so no write per step."""
+    return st.model_copy(update={"phase": "Pending", "reason": cond.STARTING, "message": cond.STARTING_MESSAGE})
+
+
 def _failure_message(stage: str, job: JobObservation, restarts: int = 0) -> tuple[str, str]:
-    exit_code = job.result.exit_code if job.result and job.result.exit_code else job.exit_code
+    exit_code = _exit_code(job)
     reason = cond.failure_reason(job.reason, exit_code)
     detail = "; ".join(x for x in (job.message, job.result.message if job.result else None) if x)
     message = f"stage {stage} failed ({reason}"
@@ -164,9 +174,7 @@ def _pending(
         update = {"phase": "Failed", "completion_time": ts, "reason": cond.START_TIMEOUT, "message": message}
         return st.model_copy(update=update), True
     if waiting.reason in STARTING_REASONS:
-        return st.model_copy(
-            update={"phase": "Pending", "reason": cond.STARTING, "message": cond.STARTING_MESSAGE}
-        ), False
+        return _starting(st), False
     return st.model_copy(update={"phase": "Pending", "reason": waiting.reason, "message": detail[:4000]}), False
 
 
@@ -338,10 +346,9 @@ def _start(st: StageStatus, p: _Pass) -> Decision:
         if known is None or known.job_name is None:
             actions.append(PostEvent("Normal", "JobCreated", f"created Job {name} for stage {st.name}"))
             actions += _one_node_volume_warning(spec, st.name)
-        update: dict[str, str | None] = {"job_name": name}
-        if st.phase == "Pending":  # Starting from the Job's creation: its Pod's first steps are no change
-            update.update(reason=cond.STARTING, message=cond.STARTING_MESSAGE)
-        return Decision(st.model_copy(update=update), stop=True, actions=actions)
+        created = st.model_copy(update={"job_name": name})
+        # Starting from the Job's creation: its Pod's first steps are then no change.
+        return Decision(_starting(created) if st.phase == "Pending" else created, stop=True, actions=actions)
     if spec.suspend and st.job_name:
         # Its Job existed and is gone: with Kueue, the run's suspend deleted it.
         return Decision(_suspended(st), stop=True)
@@ -385,12 +392,9 @@ def _live(st: StageStatus, job: JobObservation, p: _Pass) -> Decision:
         phase = "Running"
     else:
         phase = "Pending"
-    update: dict[str, str | None]
     if phase == "Pending":  # the Job's Pod is not there yet, or about to be: a normal start's first step
-        update = {"phase": phase, "reason": cond.STARTING, "message": cond.STARTING_MESSAGE}
-    else:
-        update = {"phase": phase, "reason": None, "message": None}
-    return Decision(st.model_copy(update=update), stop=True, actions=actions)
+        return Decision(_starting(st), stop=True, actions=actions)
+    return Decision(st.model_copy(update={"phase": phase, "reason": None, "message": None}), stop=True, actions=actions)
 
 
 def _gang_restart(st: StageStatus, job: JobObservation, p: _Pass) -> Decision | None:
@@ -407,7 +411,7 @@ def _gang_restart(st: StageStatus, job: JobObservation, p: _Pass) -> Decision | 
     used = max(st.attempts - 1, 0)
     if job.reason != "BackoffLimitExceeded" or used >= limit:
         return None
-    exit_code = job.result.exit_code if job.result and job.result.exit_code else job.exit_code
+    exit_code = _exit_code(job)
     said = job.result.message if job.result is not None and job.result.message else ""
     why = f"exit code {exit_code}" + (f": {said}" if said else "") if exit_code else (said or "failed")
     message = (
