@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import uuid
@@ -11,6 +12,12 @@ from pathlib import Path
 import pytest
 
 from rlhf_operator.dev import controlplane
+
+# One torch thread in this process and every stage process it starts: tiny models gain nothing from
+# more, the CI machine has 2 cores shared by three pytest processes (tests/run_suite.py), and a
+# learning test's numbers must not depend on which other tests happened to be collected with it
+# (this line lived in tests/stages/conftest.py, which only a run collecting tests/stages imports).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "rlhfruns.rlhf-operator.io.yaml"

@@ -1,14 +1,19 @@
-"""Run the whole suite as two pytest processes at once: the node tier, and everything else.
+"""Run the whole suite as three pytest processes at once: the node tier, the stage tests, and the rest.
 
 Why: the node tier spends most of its time waiting on a real kubelet, containerd and the Job
-controller (Pods starting, a Lease changing hands, a Pod being evicted), while the rest of the
-suite is CPU-bound training and API-server tests. Run one after the other they add up to about
-31 minutes on 2 cores; side by side the waits of one overlap the work of the other.
+controller (Pods starting, a Lease changing hands, a Pod being evicted). The other tests train
+tiny models with one thread each (``OMP_NUM_THREADS=1``, tests/stages/conftest.py) or wait on a
+real API server, so one pytest process keeps about one core busy: in one process they took 31
+minutes while the whole job used 1.0 core of 2 (``/usr/bin/time``, 2026-11-30). Split in two,
+by a line that also splits the work about evenly (tests/stages: the stage trainings; everything
+else: the operator, the CLI's quickstart, the API and chart tests), they fill the second core.
 
-The node tier's output goes to a log file that is printed once it ends, so the two never
-interleave; the exit status is the first non-zero one. Arguments after ``--`` go to both.
+Each process writes its output to a log file under ``--logs``, printed whole once it ends, so
+the three never interleave; the exit status is the first non-zero one. Arguments after ``--`` go
+to every process; when they name test paths themselves, only the node tier and one other process
+run (a split by path would then select nothing or everything twice).
 
-    python -m tests.run_suite [--node-log PATH] [-- PYTEST_ARGS...]   (a module: run as a script,
+    python -m tests.run_suite [--logs DIR] [-- PYTEST_ARGS...]   (a module: run as a script,
     tests/ would come first on sys.path and tests/operator would shadow the standard library)
 """
 
@@ -20,34 +25,72 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+STAGE_TESTS = "tests/stages"
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    args: tuple[str, ...]
+
+
+def parts(pytest_args: list[str]) -> list[Part]:
+    """The node tier, then the rest in one or two parts (see the module's docstring)."""
+    node = Part("node", ("-m", "node"))
+    names_paths = any(not a.startswith("-") and Path(a.split("::")[0]).exists() for a in pytest_args)
+    if names_paths:
+        return [node, Part("rest", ("-m", "not node"))]
+    return [
+        node,
+        Part("stages", ("-m", "not node", STAGE_TESTS)),
+        Part("rest", ("-m", "not node", f"--ignore={STAGE_TESTS}")),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--node-log", type=Path, default=Path(".pytest-node.log"))
+    parser.add_argument("--logs", type=Path, default=Path(".pytest-logs"))
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args(argv)
-    # The slowest tests are listed at the end of each tier: where the suite's time goes (issue 15).
+    args.logs.mkdir(parents=True, exist_ok=True)
+    # The slowest tests are listed at the end of each part: where the suite's time goes (issue 15).
     pytest = [sys.executable, "-m", "pytest", "--durations=30", *args.pytest_args]
     started = time.monotonic()
-    with open(args.node_log, "w", encoding="utf-8") as log:
-        print(f"run_suite: node tier in the background, its output in {args.node_log}", flush=True)
-        node = subprocess.Popen([*pytest, "-m", "node"], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rest = subprocess.call([*pytest, "-m", "not node"])
-            node_code = node.wait()
-        except BaseException:
-            node.send_signal(signal.SIGINT)  # as Ctrl-C would: pytest then runs the fixtures that stop the cluster
-            node.wait()
-            raise
-    print(f"\n===== node tier (pytest -m node), from {args.node_log} =====", flush=True)
-    sys.stdout.write(args.node_log.read_text(encoding="utf-8"))
+    running: dict[str, tuple[subprocess.Popen[bytes], Path, Part]] = {}
+    codes: dict[str, int] = {}
+    try:
+        for part in parts(args.pytest_args):
+            log = args.logs / f"{part.name}.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen([*pytest, *part.args], stdout=out, stderr=subprocess.STDOUT)
+            running[part.name] = (proc, log, part)
+            print(f"run_suite: {part.name} part started, its output in {log}", flush=True)
+        while running:
+            for name, (proc, log, part) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                codes[name] = proc.returncode
+                took = time.monotonic() - started
+                header = f"{name} part (pytest {' '.join(part.args)}): exit {proc.returncode} after {took:.0f} s"
+                print(f"\n===== {header} =====")
+                sys.stdout.write(log.read_text(encoding="utf-8", errors="replace"))
+                sys.stdout.flush()
+            time.sleep(1)
+    except BaseException:
+        for proc, _, _ in running.values():
+            proc.send_signal(signal.SIGINT)  # as Ctrl-C would: pytest then runs the fixtures that stop the cluster
+        for proc, _, _ in running.values():
+            proc.wait()
+        raise
     took = time.monotonic() - started
-    print(f"run_suite: both tiers done in {took:.0f} s (rest: exit {rest}, node: exit {node_code})")
+    print(f"run_suite: every part done in {took:.0f} s ({', '.join(f'{n}: exit {c}' for n, c in codes.items())})")
     # pytest exits 5 when a selection is empty (e.g. PYTEST_ARGS naming only non-node tests): not a failure.
-    codes = [c for c in (rest, node_code) if c not in (0, 5)]
-    return codes[0] if codes else (0 if 0 in (rest, node_code) else 5)
+    failed = [c for c in codes.values() if c not in (0, 5)]
+    return failed[0] if failed else (0 if 0 in codes.values() else 5)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ import pytest
 import yaml
 from tests.pythonpath import PYTHON_PATH, REPO
 
-# One torch thread: tiny models gain nothing from more, and the CI machine is shared.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 TINY_SPEC: dict[str, Any] = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())["spec"]
 
 
