@@ -120,6 +120,9 @@ def test_encoder_reward_model_on_hh_transcripts(workspace: Path, in_process: Pat
     assert manifest["inputs"]["model"] == "assets/tiny-bert" and manifest["inputs"]["evalPairs"] == 20
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")
     assert model.config.num_labels == 1 and type(model).__name__ == "BertForSequenceClassification"
+    # The classifier scores the last non-pad token: the merged model must keep the pad id.
+    assert model.config.pad_token_id is not None
+    assert (out / "adapter" / "tokenizer_config.json").exists()  # the adapter loads on its own, as SFT's does
     assert 0.0 <= read_result(in_process)["metrics"]["eval_accuracy"] <= 1.0
 
 

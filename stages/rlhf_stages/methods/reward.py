@@ -17,7 +17,6 @@ over every held-out pair. Output: ``reward/model`` (standalone, LoRA merged) wit
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_api import layout
@@ -200,7 +199,20 @@ def run(ctx: StageContext) -> StageOutcome:
 
     trained, state = weights_to_save(ctx, trainer)  # every rank: collective under FSDP
     if ctx.is_main:
-        _save(ctx, trained, state, tokenizer, base, dtype)
+        from transformers import AutoModelForSequenceClassification
+
+        models.save_trained(
+            trained,
+            tokenizer,
+            ctx.staging_dir,
+            base,
+            dtype,
+            lora=ctx.config.lora.enabled,
+            state_dict=state,
+            auto_class=AutoModelForSequenceClassification,
+            num_labels=1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return StageOutcome(
         metrics=metrics,
         step=trainer.state.global_step,
@@ -223,27 +235,3 @@ def run(ctx: StageContext) -> StageOutcome:
         },
         message=f"reward model done: eval_accuracy={metrics.get('eval_accuracy', float('nan')):.3f}",
     )
-
-
-def _save(
-    ctx: StageContext,
-    trained: Any,
-    state: dict[str, Any] | None,
-    tokenizer: Any,
-    base: models.ModelLocation,
-    dtype: str,
-) -> None:
-    from transformers import AutoModelForSequenceClassification
-
-    model_dir = ctx.staging_dir / "model"
-    if not ctx.config.lora.enabled:
-        models.save_standalone(trained, tokenizer, model_dir, dtype, state_dict=state)
-        return
-    adapter_dir: Path = ctx.staging_dir / "adapter"
-    trained.save_pretrained(str(adapter_dir), state_dict=state)
-    models.record_adapter_base(adapter_dir, base.label)
-    merged = models.merge_adapter(
-        base, adapter_dir, AutoModelForSequenceClassification, dtype, num_labels=1, pad_token_id=tokenizer.pad_token_id
-    )
-    merged.config.pad_token_id = tokenizer.pad_token_id
-    models.save_standalone(merged, tokenizer, model_dir)

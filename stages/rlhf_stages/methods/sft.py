@@ -115,7 +115,18 @@ def run(ctx: StageContext) -> StageOutcome:
 
     trained, state = weights_to_save(ctx, trainer)  # every rank: collective under FSDP
     if ctx.is_main:
-        _save(ctx, trained, state, tokenizer, base, dtype)
+        from transformers import AutoModelForCausalLM
+
+        models.save_trained(
+            trained,
+            tokenizer,
+            ctx.staging_dir,
+            base,
+            dtype,
+            lora=ctx.config.lora.enabled,
+            state_dict=state,
+            auto_class=AutoModelForCausalLM,
+        )
     return StageOutcome(
         metrics=metrics,
         step=trainer.state.global_step,
@@ -135,27 +146,3 @@ def run(ctx: StageContext) -> StageOutcome:
         },
         message=f"SFT done: eval_loss={metrics.get('eval_loss', float('nan')):.4f}",
     )
-
-
-def _save(
-    ctx: StageContext,
-    trained: Any,
-    state: dict[str, Any] | None,
-    tokenizer: Any,
-    base: models.ModelLocation,
-    dtype: str,
-) -> None:
-    from transformers import AutoModelForCausalLM
-
-    model_dir = ctx.staging_dir / "model"
-    if not ctx.config.lora.enabled:
-        models.save_standalone(trained, tokenizer, model_dir, dtype, state_dict=state)
-        return
-    adapter_dir = ctx.staging_dir / "adapter"
-    trained.save_pretrained(str(adapter_dir), state_dict=state)
-    tokenizer.save_pretrained(str(adapter_dir))
-    models.record_adapter_base(adapter_dir, base.label)
-    # Merge into a freshly loaded unquantized base: merging into 4/8-bit weights would round
-    # the update away (and the standalone model must load without bitsandbytes).
-    merged = models.merge_adapter(base, adapter_dir, AutoModelForCausalLM, dtype)
-    models.save_standalone(merged, tokenizer, model_dir)
