@@ -221,3 +221,33 @@ def save_policy(
     out = root / "model"
     models.save_standalone(model, tokenizer, out, state_dict=state_dict)
     return out
+
+
+def save_trained(
+    ctx: StageContext,
+    trained: Any,
+    state_dict: dict[str, Any] | None,
+    tokenizer: Any,
+    base: models.ModelLocation,
+    dtype: str,
+    auto_class: Any,
+    **merge_kwargs: Any,
+) -> None:
+    """A Trainer-trained stage's output (SFT, reward): ``model/`` always (a standalone model the next
+    stage and users load without peft), and with LoRA also ``adapter/`` with its base recorded.
+
+    ``auto_class`` and ``merge_kwargs`` load the base again for the merge (a reward model's
+    ``num_labels=1`` and ``pad_token_id``). Merge into a freshly loaded unquantized base: merging into
+    4/8-bit weights would round the update away (and the model must load without bitsandbytes)."""
+    model_dir = ctx.staging_dir / "model"
+    if not ctx.config.lora.enabled:
+        models.save_standalone(trained, tokenizer, model_dir, dtype, state_dict=state_dict)
+        return
+    adapter_dir = ctx.staging_dir / "adapter"
+    trained.save_pretrained(str(adapter_dir), state_dict=state_dict)
+    tokenizer.save_pretrained(str(adapter_dir))
+    models.record_adapter_base(adapter_dir, base.label)
+    merged = models.merge_adapter(base, adapter_dir, auto_class, dtype, **merge_kwargs)
+    if "pad_token_id" in merge_kwargs:  # a sequence classifier finds the last token by it
+        merged.config.pad_token_id = merge_kwargs["pad_token_id"]
+    models.save_standalone(merged, tokenizer, model_dir)

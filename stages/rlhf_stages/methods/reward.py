@@ -201,15 +201,14 @@ def run(ctx: StageContext) -> StageOutcome:
     if ctx.is_main:
         from transformers import AutoModelForSequenceClassification
 
-        models.save_trained(
+        common.save_trained(
+            ctx,
             trained,
+            state,
             tokenizer,
-            ctx.staging_dir,
             base,
             dtype,
-            lora=ctx.config.lora.enabled,
-            state_dict=state,
-            auto_class=AutoModelForSequenceClassification,
+            AutoModelForSequenceClassification,
             num_labels=1,
             pad_token_id=tokenizer.pad_token_id,
         )

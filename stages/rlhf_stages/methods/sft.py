@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rlhf_stages.methods.common import save_trained
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageOutcome
 
@@ -117,16 +118,7 @@ def run(ctx: StageContext) -> StageOutcome:
     if ctx.is_main:
         from transformers import AutoModelForCausalLM
 
-        models.save_trained(
-            trained,
-            tokenizer,
-            ctx.staging_dir,
-            base,
-            dtype,
-            lora=ctx.config.lora.enabled,
-            state_dict=state,
-            auto_class=AutoModelForCausalLM,
-        )
+        save_trained(ctx, trained, state, tokenizer, base, dtype, AutoModelForCausalLM)
     return StageOutcome(
         metrics=metrics,
         step=trainer.state.global_step,

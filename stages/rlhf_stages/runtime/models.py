@@ -195,38 +195,6 @@ def record_adapter_base(adapter_dir: Path, base_label: str) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def save_trained(
-    trained: Any,
-    tokenizer: Any,
-    staging_dir: Path,
-    base: ModelLocation,
-    dtype: str,
-    *,
-    lora: bool,
-    state_dict: dict[str, Any] | None,
-    auto_class: Any,
-    **merge_kwargs: Any,
-) -> None:
-    """A Trainer-trained stage's output: ``model/`` always (a standalone model the next stage and
-    users load without peft), and with LoRA also ``adapter/`` with its base recorded.
-
-    ``auto_class`` and ``merge_kwargs`` load the base again for the merge (a reward model's
-    ``num_labels=1`` and ``pad_token_id``). Merge into a freshly loaded unquantized base: merging into
-    4/8-bit weights would round the update away (and the model must load without bitsandbytes)."""
-    model_dir = staging_dir / "model"
-    if not lora:
-        save_standalone(trained, tokenizer, model_dir, dtype, state_dict=state_dict)
-        return
-    adapter_dir = staging_dir / "adapter"
-    trained.save_pretrained(str(adapter_dir), state_dict=state_dict)
-    tokenizer.save_pretrained(str(adapter_dir))
-    record_adapter_base(adapter_dir, base.label)
-    merged = merge_adapter(base, adapter_dir, auto_class, dtype, **merge_kwargs)
-    if "pad_token_id" in merge_kwargs:  # a sequence classifier finds the last token by it
-        merged.config.pad_token_id = merge_kwargs["pad_token_id"]
-    save_standalone(merged, tokenizer, model_dir)
-
-
 def save_standalone(
     model: Any, tokenizer: Any, out_dir: Path, dtype: str | None = None, state_dict: dict[str, Any] | None = None
 ) -> None:
