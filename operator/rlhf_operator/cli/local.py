@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,40 +111,102 @@ def run_stage(
     run: RLHFRun, stage: str, volume: Path, workdir: Path, namespace: str, python: str, uid: str | None = None
 ) -> StageRun:
     config = write_invocation(run, stage, volume, workdir, namespace, uid)
-    result_file = workdir / "results" / f"{stage}.json"
-    result_file.parent.mkdir(parents=True, exist_ok=True)
-    result_file.unlink(missing_ok=True)
-    log_file = workdir / "logs" / f"{stage}.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    gang = LocalGang(stage, config, workdir, python, _nodes(run, stage))
     run_dir = layout.run_dir(namespace, run.metadata.get("name", "run"))
     progress_file = volume / layout.stage_progress_file(run_dir, stage)
     line = ProgressLine(stage, sys.stderr)
     started = time.monotonic()
     status = "Failed"
-    with log_file.open("ab") as log:
-        proc = subprocess.Popen(
-            [python, "-m", "rlhf_stages", stage, "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=stage_env(result_file),
-        )
-        try:
-            while proc.poll() is None:
-                time.sleep(0.5)
-                if progress_file.exists():
-                    # OSError/JSONDecodeError: being replaced this instant; the next poll reads it
-                    with contextlib.suppress(OSError, json.JSONDecodeError):
-                        line.update(json.loads(progress_file.read_text()), time.monotonic() - started)
-            status = "Succeeded" if proc.returncode == 0 else "Failed"
-        except KeyboardInterrupt:
-            # The stage saves a checkpoint on SIGTERM; the next run-local resumes from it.
-            proc.send_signal(signal.SIGTERM)
+    try:
+        gang.start()
+        while gang.poll() is None:
+            time.sleep(0.5)
+            if progress_file.exists():
+                # OSError/JSONDecodeError: being replaced this instant; the next poll reads it
+                with contextlib.suppress(OSError, json.JSONDecodeError):
+                    line.update(json.loads(progress_file.read_text()), time.monotonic() - started)
+        status = "Succeeded" if gang.poll() == 0 else "Failed"
+    except KeyboardInterrupt:
+        # The stage saves a checkpoint on SIGTERM; the next run-local resumes from it.
+        gang.stop()
+        status = "Interrupted"
+    finally:
+        gang.stop()
+        line.done()
+    return StageRun(stage, status, time.monotonic() - started, gang.result(), gang.log_files[gang.failed_node or 0])
+
+
+def _nodes(run: RLHFRun, stage: str) -> int:
+    section = run.spec.stage(stage)
+    resources = getattr(section, "resources", None)
+    return int(getattr(resources, "nodes", 1) or 1)
+
+
+class LocalGang:
+    """A stage's processes on this machine: one, or one per node of a multi-node stage.
+
+    ``resources.nodes: N`` runs N stage entrypoints side by side, as the operator's Indexed Job runs N
+    Pods: node ranks 0..N-1 given by ``--node-rank``, node 0 found at 127.0.0.1 on a free port, each
+    with its own log and termination message (node 0's is the stage's result, as in the cluster). As
+    in the cluster the gang lives or dies whole: when one node exits with an error, the others are
+    stopped (SIGTERM: they save a checkpoint), instead of waiting out the rendezvous timeout.
+    """
+
+    def __init__(self, stage: str, config: Path, workdir: Path, python: str, nodes: int) -> None:
+        self.stage, self.config, self.python, self.nodes = stage, config, python, nodes
+        suffixes = [""] + [f"-node{rank}" for rank in range(1, nodes)]
+        self.result_files = [workdir / "results" / f"{stage}{suffix}.json" for suffix in suffixes]
+        self.log_files = [workdir / "logs" / f"{stage}{suffix}.log" for suffix in suffixes]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.failed_node: int | None = None
+
+    def start(self) -> None:
+        port = _free_port() if self.nodes > 1 else None
+        for rank, (result_file, log_file) in enumerate(zip(self.result_files, self.log_files, strict=True)):
+            result_file.parent.mkdir(parents=True, exist_ok=True)
+            result_file.unlink(missing_ok=True)
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            command = [self.python, "-m", "rlhf_stages", self.stage, "--config", str(self.config)]
+            env = stage_env(result_file)
+            if port is not None:
+                command += ["--node-rank", str(rank), "--master-addr", "127.0.0.1"]
+                env[layout.RENDEZVOUS_PORT_ENV] = str(port)
+            with log_file.open("ab") as log:
+                self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+
+    def poll(self) -> int | None:
+        """None while the gang runs; then node 0's exit code, or the first failed node's."""
+        codes = [proc.poll() for proc in self.procs]
+        failed = next((rank for rank, code in enumerate(codes) if code not in (None, 0)), None)
+        if failed is not None and self.failed_node is None:
+            self.failed_node = failed
+            self.stop()
+            codes = [proc.poll() for proc in self.procs]
+        if any(code is None for code in codes):
+            return None
+        return codes[self.failed_node] if self.failed_node is not None else codes[0]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
             proc.wait()
-            status = "Interrupted"
-        finally:
-            line.done()
-    result = json.loads(result_file.read_text()) if result_file.exists() else {}
-    return StageRun(stage, status, time.monotonic() - started, result, log_file)
+
+    def result(self) -> dict[str, Any]:
+        """Node 0's termination message; a failed node's when another node failed first."""
+        rank = self.failed_node or 0
+        files = [self.result_files[rank], self.result_files[0]]
+        result: dict[str, Any] = next((json.loads(f.read_text()) for f in files if f.exists()), {})
+        if rank and result.get("message"):
+            result = {**result, "message": f"node {rank}: {result['message']}"}
+        return result
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_pipeline(
