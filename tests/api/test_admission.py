@@ -132,6 +132,20 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("ReST thresholds that fall", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.7, 0.5]}, "thresholds"),
     ("ReST threshold of 1", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.5, 1.0]}, "thresholds"),
     ("ReST watch rollback", "spec.rest", {"dataset": {"name": "a/b"}, "watch": {"action": "rollback"}}, "watch.action"),
+    ("watch check without a condition", "spec.ppo.watch", {"checks": [{"name": "empty"}]}, "checks[0]"),
+    (
+        "watch check minChars above maxChars",
+        "spec.ppo.watch",
+        {"checks": [{"name": "len", "minChars": 9, "maxChars": 3}]},
+        "minChars",
+    ),
+    (
+        "watch checks sharing a name",
+        "spec.ppo.watch",
+        {"checks": [{"name": "a", "maxChars": 9}, {"name": "a", "maxTokens": 3}]},
+        "watch.checks",
+    ),
+    ("watch check name with capitals", "spec.ppo.watch", {"checks": [{"name": "NoLinks", "maxChars": 9}]}, "name"),
     ("DPO unknown loss type", "spec.dpo", {"dataset": {"name": "a/b"}, "lossType": "kto"}, "lossType"),
     ("reward stage without a dataset", "spec.reward", {"maxLength": 256}, "reward.dataset"),
     (

@@ -10,11 +10,21 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_api.watch import KL_BEYOND_LIMIT, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
-from rlhf_stages.sampling.watch import Answers, Watcher, detect, distinct_n, kl_limit, repetition, select, summarize
+from rlhf_api.watch import CHECKS_FAILING, KL_BEYOND_LIMIT, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, AnswerCheck, Watch
+from rlhf_stages.sampling.watch import (
+    Answers,
+    Watcher,
+    detect,
+    distinct_n,
+    kl_limit,
+    repetition,
+    select,
+    status_rows,
+    summarize,
+)
 
 
-def record(step: int, **over: float) -> dict[str, Any]:
+def record(step: int, **over: Any) -> dict[str, Any]:
     """A healthy evaluation (the SFT policy's shape on the tiny task), with some numbers changed."""
     base = {
         "step": step,
@@ -99,7 +109,55 @@ def test_scores_beyond_the_reward_models_own_range() -> None:
     assert kinds([record(0), record(10)]) == []  # range unknown (external reward model): off
 
 
-def alarmed(step: int, **over: float) -> dict[str, Any]:
+CHECKS = [
+    AnswerCheck(name="no-links", must_not_match=r"https?://"),
+    AnswerCheck(name="sentence", must_match=r"\.$", max_tokens=5),
+]
+
+
+def test_rule_based_checks_are_measured_per_answer_and_per_check() -> None:
+    answers = Answers(
+        tokens=[[1, 2, 3], [1, 2, 3, 4, 5, 6], [1, 2]],
+        ended_with_eos=[True, True, True],
+        scores=[0.0, 0.0, 0.0],
+        kl=[0.0, 0.0, 0.0],
+        texts=["A fine day.", "see http://x.y today.", " no period \n"],  # stripped before the checks
+        prompts=["p1", "p2", "p3"],
+    )
+    r = summarize(answers, score_max=None, samples_kept=3, checks=CHECKS)
+    assert r["check_pass_rate"] == pytest.approx(1 / 3)
+    assert r["checks"] == {"no-links": pytest.approx(2 / 3), "sentence": pytest.approx(1 / 3)}
+    # the second fails both: a link, and 6 tokens > 5 (it does end with a period)
+    assert [s["failed_checks"] for s in r["samples"]] == [[], ["no-links", "sentence"], ["sentence"]]
+    unchecked = summarize(answers, score_max=None, samples_kept=1)
+    assert "check_pass_rate" not in unchecked and "failed_checks" not in unchecked["samples"][0]
+
+
+def test_check_pass_rate_falling_raises_an_alarm_naming_the_check() -> None:
+    base = record(0, check_pass_rate=0.9, checks={"no-links": 1.0, "sentence": 0.9})
+    fell = record(10, check_pass_rate=0.75, checks={"no-links": 0.8, "sentence": 0.9})
+    (finding,) = detect([base, fell], Watch(checks=CHECKS), None)
+    assert finding.detector == CHECKS_FAILING and finding.step == 10
+    assert finding.evidence == "answers passing every check 0.90 -> 0.75 (no-links 1.00 -> 0.80)"
+    assert kinds([base, record(10, check_pass_rate=0.85)], Watch(checks=CHECKS)) == []  # within checkDrop 0.1
+    assert kinds([base, fell], Watch(checks=CHECKS, check_drop=0.2)) == []
+    assert kinds([record(0), fell]) == []  # the baseline measured no checks: nothing to compare
+
+
+def test_status_carries_the_baseline_the_output_the_first_alarm_and_the_latest() -> None:
+    table = [
+        {"step": s, "score_mean": s / 3, "kl_mean": math.nan if s == 0 else 1.23456, "length_mean": 10.0}
+        | {"distinct_2": 0.5, "alarm": s >= 60}
+        for s in range(0, 130, 10)
+    ]
+    rows = status_rows(table, selected_step=50)
+    assert [r.step for r in rows] == [0, 50, 60, 80, 90, 100, 110, 120]  # 8 of 13
+    assert rows[0].kl is None and rows[1].kl == 1.235 and rows[1].score == 16.67  # NaN left out, 4 digits
+    assert [(r.alarm, r.selected) for r in rows[:3]] == [(False, False), (False, True), (True, False)]
+    assert rows[0].check_pass_rate is None and status_rows([], None) == []
+
+
+def alarmed(step: int, **over: Any) -> dict[str, Any]:
     return {**record(step, **over), "findings": [f"x at step {step}"]}
 
 
@@ -215,6 +273,11 @@ def test_trainer_hook_evaluates_on_schedule_and_stops_at_the_alarm(tmp_path: Pat
     assert done.selected_step == 3 and "alarm at step 6" in (done.selection or "")
     assert saved == ["final"] and torch.equal(loaded[0]["w"], torch.full((2,), 3.0))
     assert done.findings[0].startswith("rewardRiseWithCollapse at step 6") and done.metrics["selected_step"] == 3
+    assert [(r.step, r.alarm, r.selected) for r in done.evaluations] == [
+        (0, False, False),
+        (3, False, True),
+        (6, True, False),
+    ]
     assert (ctx.staging_dir / "evaluations.jsonl").read_text() == cb.watcher.log_path.read_text()
 
 

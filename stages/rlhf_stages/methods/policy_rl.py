@@ -252,6 +252,7 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
         findings=concluded.findings,
         selected_step=concluded.selected_step,
         selection=concluded.selection,
+        evaluations=concluded.evaluations,
         message=f"{ctx.stage.upper()} done: reward_mean={metrics.get('reward_mean', float('nan')):.3f}, "
         f"eval_reward_mean={metrics.get('eval_reward_mean', float('nan')):.3f}"
         + (

@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 
 from transformers import TrainerCallback
 
+from rlhf_api.watch import EvaluationRow
 from rlhf_stages.methods import common
 from rlhf_stages.runtime import data
 from rlhf_stages.runtime.checkpoints import any_rank
 from rlhf_stages.runtime.context import StageContext
 from rlhf_stages.runtime.outputs import completed_manifest
-from rlhf_stages.sampling.watch import MAX_FINDINGS, Answers, Watcher, preference_accuracy
+from rlhf_stages.sampling.watch import MAX_FINDINGS, Answers, Watcher, preference_accuracy, status_rows
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,6 +104,8 @@ class Concluded:
     """details.watch of the manifest (None: the watch was off)."""
     findings: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    evaluations: list[EvaluationRow] = field(default_factory=list)
+    """The evaluations status shows (``sampling.watch.status_rows``)."""
 
 
 def conclude(
@@ -130,6 +133,7 @@ def conclude(
         selection=selection,
         summary=summary,
         findings=watcher.findings()[:MAX_FINDINGS],
+        evaluations=status_rows(summary["evaluations"], selected),
         metrics={"watch_alarms": float(len(watcher.findings())), "selected_step": float(selected)},
     )
 
