@@ -25,6 +25,9 @@ REWARD_MODEL = "assets-watch/reward-model"
 TOTAL, EVERY = 4, 2
 # A held-out preference set: its accuracy is recorded at every evaluation (the detector is unit-tested).
 PAIRS = {"format": "jsonl", "path": "assets/data/preferences.jsonl", "maxSamples": 16}
+# Rule-based checks with known outcomes (every answer fits responseLength.max; none contains the
+# pattern): their pass rates are recorded at every evaluation (the detector is unit-tested).
+CHECKS = [{"name": "fits", "maxTokens": 12}, {"name": "impossible", "mustMatch": "qqqzzzqqq"}]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,7 @@ def spec(stage: str, action: str) -> dict[str, Any]:
             "klLimit": 1.0e-5,
             "action": action,
             "preferenceSet": PAIRS,
+            "checks": CHECKS,
         },
     }
     out = tiny_spec(sft={"enabled": False}, reward={"enabled": False}, method=stage.upper(), ppo=None)
@@ -79,6 +83,12 @@ def test_alarm_keeps_the_checkpoint_before_it(volume: Path, tmp_path: Path, stag
     assert abs(records[0]["kl_mean"]) < 1e-3 < records[1]["kl_mean"]  # the reference is the starting policy
     assert records[0]["prompts"] == 8 and len(records[0]["samples"]) == 1
     assert all(0.0 <= r["preference_accuracy"] <= 1.0 for r in records)
+    assert all(r["checks"] == {"fits": 1.0, "impossible": 0.0} and r["check_pass_rate"] == 0.0 for r in records)
+    assert records[0]["samples"][0]["failed_checks"] == ["impossible"]
+    # What status shows comes in the result: every evaluation, the output and the alarm marked.
+    rows = [(r["step"], r.get("selected", False), r.get("alarm", False)) for r in result["evaluations"]]
+    assert rows == [(0, True, False), (EVERY, False, True)] + ([(TOTAL, False, True)] if action == "warn" else [])
+    assert result["evaluations"][0]["checkPassRate"] == 0.0
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["details"]["watch"]["selectedStep"] == 0
     assert manifest["details"]["watch"]["stoppedByAlarm"] is (action == "stop")
