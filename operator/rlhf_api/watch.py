@@ -103,15 +103,16 @@ class Watch(ApiModel):
     """Answers kept per evaluation in the stage's evaluation log, for people to read."""
     action: WatchAction = "stop"
     """What an alarm does besides the RewardHackingSuspected condition and event: ``stop`` ends training
-    at the evaluation that raised it; ``warn`` trains on to totalSteps; ``rollback`` (PPO only) puts
-    back the policy of the kept candidate evaluation, strengthens the KL penalty by
-    ``rollbackKlFactor`` and trains on, at most ``maxRollbacks`` times, then stops. Either way the
+    at the evaluation that raised it; ``warn`` trains on to totalSteps; ``rollback`` (PPO, GRPO and
+    RLOO with beta > 0; not ReST) puts back the policy of the kept candidate evaluation, strengthens
+    the KL penalty by ``rollbackKlFactor`` and trains on, at most ``maxRollbacks`` times, then stops. Either way the
     output is the checkpoint ``select`` picks."""
     max_rollbacks: Annotated[int, Field(ge=1, le=10)] = 2
     """action rollback: rollbacks allowed; the alarm after the last one stops training."""
     rollback_kl_factor: Annotated[float, Field(gt=1.0, le=100.0)] = 2.0
-    """action rollback: each rollback multiplies the KL coefficient by this and, with the adaptive
-    controller, divides its klTarget by it (else the controller would walk the coefficient back)."""
+    """action rollback: each rollback multiplies the KL coefficient (PPO; GRPO and RLOO: beta) by this
+    and, with PPO's adaptive controller, divides its klTarget by it (else the controller would walk the
+    coefficient back)."""
     select: CheckpointSelection = "lastBeforeAlarm"
     """Which evaluated checkpoint becomes the output: ``lastBeforeAlarm`` (the last evaluation before
     any detector fired; the final policy when none did), ``last`` (the final policy, always) or

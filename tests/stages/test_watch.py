@@ -221,7 +221,7 @@ def test_warn_trains_on_and_last_keeps_no_candidate(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the Trainer hook (GRPO, RLOO)
 
 
-def hook(tmp_path: Path, watch: Watch, scripted: dict[int, Answers], total: int = 10) -> Any:
+def hook(tmp_path: Path, watch: Watch, scripted: dict[int, Answers], total: int = 10, rollback: Any = None) -> Any:
     """A WatchCallback whose policy answers as ``scripted`` says for each evaluated step."""
     from types import SimpleNamespace
 
@@ -230,7 +230,8 @@ def hook(tmp_path: Path, watch: Watch, scripted: dict[int, Answers], total: int 
     ctx = SimpleNamespace(is_main=True, stage="grpo", staging_dir=tmp_path / "out")
     watcher = Watcher(watch, tmp_path / "ckpt", kl_target=None, score_max=None, total_steps=total)
     at = {"step": 0}
-    cb = WatchCallback(ctx, watcher, lambda: scripted[at["step"]], lambda: {"w": torch.full((2,), float(at["step"]))})
+    weights = lambda: {"w": torch.full((2,), float(at["step"]))}  # noqa: E731
+    cb = WatchCallback(ctx, watcher, lambda: scripted[at["step"]], weights, rollback)
     return cb, at
 
 
@@ -311,6 +312,76 @@ def test_trainer_hook_resumes_and_honours_an_alarm_it_had_already_raised(tmp_pat
     drive(cb, at, 0, 10)
     again, at = hook(tmp_path / "b", Watch(eval_every=3), {})
     assert drive(again, at, 6, 10) == 6 and again.stopped_by_alarm
+
+
+class FakeRollback:
+    """What a Trainer stage's rollback did: the weights it was given and the KL strength it set."""
+
+    def __init__(self) -> None:
+        self.restored: list[float] = []
+        self.strengths: list[int] = []
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.restored.append(float(state["w"][0]))
+
+    def strengthen(self, rollbacks: int) -> dict[str, Any]:
+        self.strengths.append(rollbacks)
+        return {"beta": 0.04 * 2.0**rollbacks}
+
+
+def test_trainer_hook_rolls_back_to_the_candidate_then_stops_and_a_resume_keeps_the_stronger_kl(
+    tmp_path: Path,
+) -> None:
+    from rlhf_stages.methods.watching import Rollback
+
+    fake = FakeRollback()
+    watch = Watch(eval_every=3, action="rollback", max_rollbacks=1)
+    answers = {0: HEALTHY, 3: HACKED, 6: HACKED}
+    cb, at = hook(tmp_path, watch, answers, rollback=Rollback(fake.restore, fake.strengthen))
+    # Step 3 alarms: back to step 0's weights, beta x2, training goes on; step 6 alarms again: no rollback left.
+    assert drive(cb, at, 0, 10) == 6 and cb.stopped_by_alarm
+    assert fake.restored == [0.0] and fake.strengths == [1]
+    assert cb.watcher.history[1]["rollback"] == {"restoredStep": 0, "number": 1, "beta": 0.08}
+    assert cb.watcher.selection(6) == (
+        0,
+        "select: lastBeforeAlarm (the last evaluation before the alarm at step 6)"
+        "; rolled back 1x, last at step 3 to step 0",
+    )
+
+    # Restarted from a checkpoint at step 4 (after the rollback): beta is set again for it, and
+    # the healthy evaluations that follow are candidates again.
+    again = FakeRollback()
+    cb, at = hook(
+        tmp_path, watch, {6: HEALTHY, 9: HEALTHY, 10: HEALTHY}, rollback=Rollback(again.restore, again.strengthen)
+    )
+    assert drive(cb, at, 4, 10) == 10 and not cb.stopped_by_alarm
+    assert again.strengths == [1] and again.restored == [] and cb.watcher.selection(10)[0] == 10
+
+    # A stage that cannot roll back (no Rollback given) stops at the alarm instead.
+    cb, at = hook(tmp_path / "none", watch, answers)
+    assert drive(cb, at, 0, 10) == 3 and cb.stopped_by_alarm
+
+
+def test_a_trl_trainers_rollback_puts_back_the_weights_forgets_the_moments_and_raises_beta() -> None:
+    from types import SimpleNamespace
+
+    from rlhf_stages.methods.policy_rl import trainer_rollback
+    from rlhf_stages.runtime.models import trainable_state
+
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)  # frozen: not part of the candidate (as a LoRA base's weights)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    trainer = SimpleNamespace(
+        model=model, optimizer=optimizer, beta=0.04, accelerator=SimpleNamespace(unwrap_model=lambda m: m)
+    )
+    kept = trainable_state(model)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(model.weight, kept["weight"]) and optimizer.state  # trained on, moments set
+    rollback = trainer_rollback(trainer, 0.04, 2.0)
+    rollback.restore(kept)
+    assert torch.equal(model.weight, kept["weight"]) and not optimizer.state
+    assert rollback.strengthen(2) == {"beta": pytest.approx(0.16)} and trainer.beta == pytest.approx(0.16)
 
 
 # ------------------------------------------------------------------ answers of a Hugging Face policy
@@ -505,10 +576,14 @@ def test_rollback_is_refused_where_it_is_not_implemented() -> None:
 
     from rlhf_api.stages import GRPOStage, PPOStage, ReSTStage, RLOOStage
 
-    for stage in (GRPOStage, RLOOStage, ReSTStage):
-        with pytest.raises(ValidationError, match="rollback is implemented for ppo only"):
-            stage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
-    ppo = PPOStage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
+    rollback = {"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}}
+    with pytest.raises(ValidationError, match="rollback is implemented for ppo, grpo and rloo"):
+        ReSTStage.model_validate(rollback)
+    for stage in (GRPOStage, RLOOStage):  # a rollback strengthens beta: none to strengthen at 0
+        assert stage.model_validate(rollback).beta > 0
+        with pytest.raises(ValidationError, match="strengthens the KL penalty beta, which is 0"):
+            stage.model_validate({**rollback, "beta": 0.0})
+    ppo = PPOStage.model_validate(rollback)
     assert ppo.watch.max_rollbacks == 2 and ppo.watch.rollback_kl_factor == 2.0
     # ReST counts Improve steps (a handful per run): watched after every one unless told otherwise.
     assert ReSTStage.model_validate({"dataset": {"path": "p.jsonl"}}).watch.eval_every == 1

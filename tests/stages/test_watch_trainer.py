@@ -141,3 +141,25 @@ def test_ppo_rollback_restores_strengthens_the_kl_and_finally_stops(volume: Path
     history = json.loads((out_dir / "manifest.json").read_text())["details"]["history"]
     coefs = {h["step"]: h["kl_coef"] for h in history}
     assert coefs == pytest.approx({1: 0.3, 2: 0.3, 3: 0.6, 4: 0.6, 5: 1.2, 6: 1.2})
+
+
+def test_grpo_rollback_restores_strengthens_beta_and_ends_at_the_budget(volume: Path, tmp_path: Path) -> None:
+    """GRPO with action rollback under the same forced alarm: it rolls back at steps 2 and 4 (beta
+    0.04 -> 0.08 -> 0.16), the third alarm comes at the budget, and the output is the step-0 policy."""
+    run = "watch-grpo-rollback"
+    body = spec("grpo", "rollback")
+    body["grpo"]["totalSteps"] = 3 * EVERY
+    config = write_invocation(volume, "grpo", run, body)
+    code, out = run_stage("grpo", config, tmp_path / "result.json", timeout=600)
+    assert code == 0, out[-4000:]
+    result = read_result(tmp_path / "result.json")
+    assert result["step"] == 3 * EVERY and len(result["findings"]) == 3, result
+    assert result["selectedStep"] == 0 and "rolled back 2x, last at step 4 to step 0" in result["selection"]
+
+    records = [
+        json.loads(line) for line in (run_dir(volume, run) / "grpo" / "evaluations.jsonl").read_text().splitlines()
+    ]
+    notes = {r["step"]: r["rollback"] for r in records if "rollback" in r}
+    assert sorted(notes) == [2, 4] and [n["restoredStep"] for n in notes.values()] == [0, 0]
+    assert [n["beta"] for n in notes.values()] == pytest.approx([0.08, 0.16])
+    assert "grpo watch: rollback 2 at step 4 to step 0's policy, beta 0.16" in out
