@@ -132,7 +132,7 @@ def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
         if job.result.inputs:  # the inputs stage: where each input came from (ResolvedInput)
             update["inputs"] = list(job.result.inputs)
         update["selection"] = job.result.selection_line()
-        update["evaluations"] = list(job.result.evaluations)
+        update["evaluations"] = list(job.result.evaluations) or None
         update["published"] = list(job.result.published)
     update["metrics"] = metrics
     return st.model_copy(update=update)

@@ -63,6 +63,8 @@ def test_no_findings_no_condition_and_no_event() -> None:
     result = plan(view(), Observed({s: done(s) for s in ("sft", "reward", "ppo")}, True), NOW)
     assert condition(result.status) is None
     assert events(result.actions) == []
+    # no watch rows: no key, so statuses written before the field existed need no rewrite
+    assert all("evaluations" not in st for st in result.status.to_wire()["stages"])
 
 
 def test_findings_set_the_condition_with_the_evidence_and_the_kept_checkpoint_once() -> None:

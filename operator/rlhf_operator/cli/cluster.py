@@ -55,7 +55,7 @@ def render_status(name: str, obj: dict[str, Any]) -> str:
         )
         if st.message and st.phase == "Failed":
             lines.append(f"{'':<8} {st.message}")
-        lines += watch_lines(st.findings, st.selection, st.evaluations, indent=9)
+        lines += watch_lines(st.findings, st.selection, st.evaluations or [], indent=9)
         for used in st.inputs:  # the inputs stage: what each input was read at
             at = f"@{used.revision}" if used.revision else ""
             asked = f" (asked {used.requested})" if used.requested and used.requested != used.revision else ""
