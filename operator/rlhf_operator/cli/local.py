@@ -179,8 +179,8 @@ def run_pipeline(
             for line in ([head] if head != "done" else []) + [f"warning: {w}" for w in warnings]:
                 print(f"  {'':<7} {line}", file=out, flush=True)
         if outcome.result.get("stage") == stage:  # the watch: alarms, evaluations, the output chosen
-            done_ = StageResult.model_validate(outcome.result, strict=False)
-            for line in watch_lines(done_.findings, done_.selection_line(), done_.evaluations, indent=10):
+            reported = StageResult.model_validate(outcome.result, strict=False)
+            for line in watch_lines(reported.findings, reported.selection_line(), reported.evaluations, indent=10):
                 print(line, file=out, flush=True)
         if outcome.status != "Succeeded":
             message = outcome.result.get("message") or _tail(outcome.log_file)
