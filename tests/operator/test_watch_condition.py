@@ -108,7 +108,7 @@ def test_rlhfctl_status_shows_the_alarm_and_the_kept_checkpoint() -> None:
     assert "RewardHackingSuspected=True DetectorFired" in text
 
 
-def test_rlhfctl_run_prints_the_watch_under_the_stage(monkeypatch: Any, tmp_path: Path) -> None:
+def test_rlhfctl_run_local_prints_the_watch_under_the_stage(monkeypatch: Any, tmp_path: Path) -> None:
     from rlhf_api.run import RLHFRun
     from rlhf_operator.cli import local
 

@@ -71,7 +71,7 @@ def watch_lines(
     findings: Sequence[str], selection: str | None, rows: Sequence[EvaluationRow], indent: int
 ) -> list[str]:
     """A watched stage's alarms, its evaluations and which one became the output (docs/watch.md);
-    ``rlhfctl status`` and ``rlhfctl run`` print them under the stage's line."""
+    ``rlhfctl status`` and ``rlhfctl run-local`` print them under the stage's line."""
     pad = " " * indent
     lines = [f"{pad}ALARM {finding}" for finding in findings]
     if selection:
