@@ -20,6 +20,7 @@ from .names import API_VERSION, ApiVersion
 # Mount paths are declared with the Pod's other reserved names (podtemplate) and re-exported here.
 from .podtemplate import CONFIG_MOUNT_PATH, CONSTITUTION_MOUNT_PATH, TERMINATION_LOG_PATH  # noqa: F401
 from .run import ResolvedInput, RLHFRunSpec
+from .watch import EVALUATION_ROWS, EvaluationRow
 
 INVOCATION_KIND: Final = "StageInvocation"
 CONFIG_FILE_NAME = "invocation.yaml"
@@ -137,10 +138,17 @@ class StageResult(ApiModel):
     """The training step whose weights are the output, when the stage chose among evaluated checkpoints."""
     selection: Annotated[str, Field(max_length=300)] | None = None
     """Why that checkpoint (the criterion and what it saw)."""
+    evaluations: list[EvaluationRow] = Field(default_factory=list, max_length=EVALUATION_ROWS)
+    """The watch's held-out evaluations (the baseline, the selected one, the first alarm and the latest
+    first, then the most recent others), for status."""
     published: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=4)
     """Where the result was uploaded (the publish stage): ``s3://bucket/prefix/model``, hub URLs."""
     inputs: list[ResolvedInput] = Field(default_factory=list, max_length=32)
     """The inputs stage: the revision each input was read at (the run's status shows them)."""
+
+    def selection_line(self) -> str | None:
+        """Which evaluated checkpoint is the output and why, as status and ``rlhfctl`` show it."""
+        return f"step {self.selected_step}: {self.selection}" if self.selection else None
 
 
 def run_dir(namespace: str, name: str) -> PurePosixPath:

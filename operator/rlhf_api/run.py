@@ -38,6 +38,7 @@ from .stages import (
     RLOOStage,
     SFTStage,
 )
+from .watch import EVALUATION_ROWS, EvaluationRow
 
 MAX_RUN_NAME_LENGTH = 40  # leaves room for "-<stage>" suffixes in Job names and pod-name hashes
 
@@ -501,6 +502,11 @@ class StageStatus(ApiModel):
     """Reward-hacking alarms the stage raised (docs/watch.md); also the RewardHackingSuspected condition."""
     selection: Annotated[str, Field(max_length=400)] | None = None
     """Which evaluated checkpoint became the stage's output, and why."""
+    # None rather than empty: absent from every unwatched stage's status, and from statuses written
+    # before the field existed, so an upgraded operator has nothing to rewrite.
+    evaluations: Annotated[list[EvaluationRow], Field(max_length=EVALUATION_ROWS)] | None = None
+    """The reward-hacking watch's held-out evaluations, in step order (at most 8: the baseline, the
+    output, the first alarm, the latest and the most recent others; docs/watch.md)."""
     published: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=4)
     """Where the stage uploaded its result (the publish stage: ``s3://...`` and hub URLs)."""
     inputs: list[ResolvedInput] = Field(default_factory=list, max_length=32)

@@ -223,16 +223,28 @@ class PPOStage(PolicyOptimisationBase):
 def _no_rollback() -> Rule:
     return Rule(
         cel="!has(self.watch) || !has(self.watch.action) || self.watch.action != 'rollback'",
-        message="watch.action rollback is implemented for ppo only: use stop (the default) or warn",
+        message="watch.action rollback is implemented for ppo, grpo and rloo: use stop (the default) or warn",
         field_path=".watch.action",
         check=lambda s: s.watch.action != "rollback",
+    )
+
+
+def _rollback_needs_beta() -> Rule:
+    # A rollback strengthens the KL penalty; with beta 0 there is none (and TRL keeps no reference), so
+    # the restored policy would walk the same path to the same alarm.
+    return Rule(
+        cel="!has(self.watch) || !has(self.watch.action) || self.watch.action != 'rollback' || "
+        "!has(self.beta) || self.beta > 0.0",
+        message="watch.action rollback strengthens the KL penalty beta, which is 0: set beta > 0 or use stop",
+        field_path=".watch.action",
+        check=lambda s: s.watch.action != "rollback" or s.beta > 0.0,
     )
 
 
 class GRPOStage(PolicyOptimisationBase):
     """Group relative policy optimisation (TRL GRPOTrainer) with this run's reward model."""
 
-    rules = (_enabled_needs_dataset(), _quantization_needs_lora(), _no_rollback())
+    rules = (_enabled_needs_dataset(), _quantization_needs_lora(), _rollback_needs_beta())
 
     num_generations: Annotated[int, Field(ge=2, le=256)] = 4
     """Completions sampled per prompt; advantages are relative within the group."""
@@ -247,7 +259,7 @@ class GRPOStage(PolicyOptimisationBase):
 class RLOOStage(GRPOStage):
     """REINFORCE leave-one-out (TRL RLOOTrainer) with this run's reward model."""
 
-    rules = (_enabled_needs_dataset(), _quantization_needs_lora(), _no_rollback())
+    rules = (_enabled_needs_dataset(), _quantization_needs_lora(), _rollback_needs_beta())
 
 
 class DPOStage(TrainedStage):

@@ -7,11 +7,12 @@ detectors cannot see.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
-from .base import ApiModel
+from .base import ApiModel, Rule
 from .sources import DatasetSource
 
 # Names of the detectors, as findings and docs spell them.
@@ -19,15 +20,78 @@ REWARD_WITH_COLLAPSE = "rewardRiseWithCollapse"
 KL_BEYOND_LIMIT = "klBeyondLimit"
 SCORE_OUT_OF_RANGE = "scoreOutOfRange"
 PREFERENCE_FALLING = "preferenceAccuracyFalling"
-DETECTORS = (REWARD_WITH_COLLAPSE, KL_BEYOND_LIMIT, SCORE_OUT_OF_RANGE, PREFERENCE_FALLING)
+CHECKS_FAILING = "checkPassRateFalling"
+DETECTORS = (REWARD_WITH_COLLAPSE, KL_BEYOND_LIMIT, SCORE_OUT_OF_RANGE, PREFERENCE_FALLING, CHECKS_FAILING)
 
 WatchAction = Literal["warn", "stop", "rollback"]
 CheckpointSelection = Literal["lastBeforeAlarm", "last", "bestReward"]
 
 
+def _compiles(pattern: str) -> str:
+    # Python's re, as the stage applies it. The API server cannot check this: CEL has no test for
+    # whether a string compiles, and its RE2 dialect differs from Python's (lookarounds,
+    # backreferences), so a refusal there would refuse patterns the stage accepts. The operator,
+    # `rlhfctl validate` and every stage refuse a pattern that does not compile, naming the field.
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a Python regular expression ({exc}); e.g. (?i)https?:// or \\.$") from exc
+    return pattern
+
+
+AnswerPattern = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_compiles)]
+"""A Python regular expression, searched anywhere in the answer (``re.search``; anchor it with ^ or $)."""
+
+_CHECK_KINDS = ("must_match", "must_not_match", "min_chars", "max_chars", "max_tokens")
+
+
+class AnswerCheck(ApiModel):
+    """A named check every answer should pass, applied to the decoded answer (without EOS) of each
+    held-out prompt at every evaluation. An answer passes the check when it passes every condition set in it."""
+
+    rules = (
+        Rule(
+            cel="has(self.mustMatch) || has(self.mustNotMatch) || has(self.minChars) || has(self.maxChars)"
+            " || has(self.maxTokens)",
+            message="a check needs at least one condition: mustMatch, mustNotMatch, minChars, maxChars or maxTokens",
+            check=lambda r: any(getattr(r, name) is not None for name in _CHECK_KINDS),
+        ),
+        Rule(
+            cel="!has(self.minChars) || !has(self.maxChars) || self.minChars <= self.maxChars",
+            message="minChars must not exceed maxChars: no answer could pass",
+            field_path=".minChars",
+            check=lambda r: r.min_chars is None or r.max_chars is None or r.min_chars <= r.max_chars,
+        ),
+    )
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    """Lowercase letters, digits and '-'; names the check in the evaluation log, the findings and status."""
+    must_match: AnswerPattern | None = None
+    """A Python regular expression the answer must contain (``re.search``), e.g. ``\\.$`` (ends with a
+    period); ``(?i)`` makes it case-insensitive."""
+    must_not_match: AnswerPattern | None = None
+    """A Python regular expression the answer must not contain, e.g. ``https?://`` (no links)."""
+    min_chars: Annotated[int, Field(ge=0, le=1000000)] | None = None
+    """The answer must have at least this many characters (after stripping surrounding whitespace)."""
+    max_chars: Annotated[int, Field(ge=0, le=1000000)] | None = None
+    """The answer must have at most this many characters (after stripping surrounding whitespace)."""
+    max_tokens: Annotated[int, Field(ge=0, le=1000000)] | None = None
+    """The answer must have at most this many tokens (the policy's tokenizer, EOS excluded). An answer
+    cut off at ``responseLength.max`` without EOS fails it too when the limit is below that budget."""
+
+
 class Watch(ApiModel):
     """Evaluate the policy on held-out prompts during training, raise an alarm when it games the reward
     model, and choose which evaluated checkpoint becomes the stage's output."""
+
+    rules = (
+        Rule(
+            cel="!has(self.checks) || self.checks.all(c, self.checks.exists_one(o, o.name == c.name))",
+            message="every check needs its own name: the evaluation log and findings name the check that fails",
+            field_path=".checks",
+            check=lambda w: len({c.name for c in w.checks}) == len(w.checks),
+        ),
+    )
 
     eval_every: Annotated[int, Field(ge=0, le=100000)] = 10
     """Evaluate every N optimisation steps (and before the first step and after the last); 0 turns
@@ -39,15 +103,16 @@ class Watch(ApiModel):
     """Answers kept per evaluation in the stage's evaluation log, for people to read."""
     action: WatchAction = "stop"
     """What an alarm does besides the RewardHackingSuspected condition and event: ``stop`` ends training
-    at the evaluation that raised it; ``warn`` trains on to totalSteps; ``rollback`` (PPO only) puts
-    back the policy of the kept candidate evaluation, strengthens the KL penalty by
-    ``rollbackKlFactor`` and trains on, at most ``maxRollbacks`` times, then stops. Either way the
+    at the evaluation that raised it; ``warn`` trains on to totalSteps; ``rollback`` (PPO, GRPO and
+    RLOO with beta > 0; not ReST) puts back the policy of the kept candidate evaluation, strengthens
+    the KL penalty by ``rollbackKlFactor`` and trains on, at most ``maxRollbacks`` times, then stops. Either way the
     output is the checkpoint ``select`` picks."""
     max_rollbacks: Annotated[int, Field(ge=1, le=10)] = 2
     """action rollback: rollbacks allowed; the alarm after the last one stops training."""
     rollback_kl_factor: Annotated[float, Field(gt=1.0, le=100.0)] = 2.0
-    """action rollback: each rollback multiplies the KL coefficient by this and, with the adaptive
-    controller, divides its klTarget by it (else the controller would walk the coefficient back)."""
+    """action rollback: each rollback multiplies the KL coefficient (PPO; GRPO and RLOO: beta) by this
+    and, with PPO's adaptive controller, divides its klTarget by it (else the controller would walk the
+    coefficient back)."""
     select: CheckpointSelection = "lastBeforeAlarm"
     """Which evaluated checkpoint becomes the output: ``lastBeforeAlarm`` (the last evaluation before
     any detector fired; the final policy when none did), ``last`` (the final policy, always) or
@@ -79,6 +144,13 @@ class Watch(ApiModel):
     accuracy_drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     """preferenceAccuracyFalling: fires when the preference accuracy fell this much below the first
     evaluation's."""
+    checks: list[AnswerCheck] = Field(default_factory=list, max_length=16)
+    """Rule-based checks every answer should pass (a pattern it must or must not contain, a length
+    limit): each evaluation records the share of held-out answers passing all of them and each one's
+    pass rate. Empty: not measured, checkPassRateFalling off."""
+    check_drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    """checkPassRateFalling: fires when the share of answers passing every check fell this much below
+    the first evaluation's."""
 
 
 class ReSTWatch(Watch):
@@ -88,3 +160,31 @@ class ReSTWatch(Watch):
     eval_every: Annotated[int, Field(ge=0, le=100000)] = 1
     """Evaluate after every N Improve steps (and before the first Grow step and after the last
     Improve step); 0 turns evaluation, detectors and checkpoint selection off."""
+
+
+EVALUATION_ROWS: int = 8
+"""Evaluations a stage's result and its status carry (the evaluation log keeps every one)."""
+
+
+class EvaluationRow(ApiModel):
+    """One held-out evaluation as status shows it (numbers rounded; the stage's evaluation log and the
+    run report keep every number and the sample answers)."""
+
+    step: Annotated[int, Field(ge=0)]
+    """The training step evaluated (0: before training; ReST: the Improve step)."""
+    score: float | None = None
+    """Mean raw reward-model score of the answers."""
+    kl: float | None = None
+    """Mean per-answer KL to the reference (nats); unset where there is no reference."""
+    length: float | None = None
+    """Mean answer length in tokens (EOS excluded)."""
+    distinct2: float | None = None
+    """Distinct bigrams over all bigrams of the answers."""
+    preference_accuracy: float | None = None
+    """The policy's preference accuracy on watch.preferenceSet, when set."""
+    check_pass_rate: float | None = None
+    """Share of answers passing every watch.checks check, when checks are set."""
+    alarm: bool = False
+    """A detector fired at this evaluation."""
+    selected: bool = False
+    """This evaluation's weights are the stage's output."""

@@ -131,9 +131,8 @@ def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
         update["findings"] = list(job.result.findings)
         if job.result.inputs:  # the inputs stage: where each input came from (ResolvedInput)
             update["inputs"] = list(job.result.inputs)
-        update["selection"] = (
-            f"step {job.result.selected_step}: {job.result.selection}" if job.result.selection else None
-        )
+        update["selection"] = job.result.selection_line()
+        update["evaluations"] = list(job.result.evaluations) or None
         update["published"] = list(job.result.published)
     update["metrics"] = metrics
     return st.model_copy(update=update)

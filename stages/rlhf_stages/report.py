@@ -117,7 +117,14 @@ def build_report(
     return report
 
 
-WATCH_CURVES = (("score_mean", "held-out reward-model score"), ("length_mean", "held-out answer length (tokens)"))
+WATCH_CURVES = (
+    ("score_mean", "held-out reward-model score"),
+    ("length_mean", "held-out answer length (tokens)"),
+    ("kl_mean", "held-out KL to the reference (nats)"),
+    ("distinct_2", "held-out distinct-2"),
+    ("preference_accuracy", "held-out preference accuracy"),
+    ("check_pass_rate", "held-out answers passing every check"),
+)
 
 
 def watch_of(
@@ -216,19 +223,42 @@ def watch_markdown(watched: dict[str, Any] | None) -> list[str]:
         else "No detector fired (docs/watch.md says what they cannot see)."
     )
     lines += ["", f"Output: step {watched.get('selectedStep')} ({watched.get('selection')}).", ""]
-    lines += ["| step | score | score sd | KL | length | EOS | distinct-2 |", "|---|---|---|---|---|---|---|"]
-    for e in watched.get("evaluations") or []:
-        cells = [
-            _fmt(e.get(k)) for k in ("score_mean", "score_std", "kl_mean", "length_mean", "eos_rate", "distinct_2")
-        ]
-        lines.append(f"| {e.get('step')} | " + " | ".join(cells) + " |")
+    table = watched.get("evaluations") or []
+    # The optional signals get a column only when this run measured them (a preference set, checks).
+    columns = [k for k in WATCH_TABLE if k not in WATCH_OPTIONAL or any(e.get(k) is not None for e in table)]
+    lines += [
+        "| step | " + " | ".join(WATCH_TABLE[k] for k in columns) + " | |",
+        "|---|" + "---|" * len(columns) + "---|",
+    ]
+    for e in table:
+        marks = ", ".join(
+            m for m, on in (("alarm", e.get("alarm")), ("output", e.get("step") == watched.get("selectedStep"))) if on
+        )
+        lines.append(f"| {e.get('step')} | " + " | ".join(_fmt(e.get(k)) for k in columns) + f" | {marks} |")
     samples = watched.get("samples") or {}
     if samples:
-        lines += ["", "| step | prompt | answer | score |", "|---|---|---|---|"]
+        lines += ["", "Sample answers per evaluation:", "", "| step | prompt | answer | score |", "|---|---|---|---|"]
         for step, kept in samples.items():
             for s in kept:
-                lines.append(f"| {step} | {_cell(s['prompt'])} | {_cell(s['answer'])} | {_fmt(s['score'])} |")
+                failed = f" (fails {', '.join(s['failed_checks'])})" if s.get("failed_checks") else ""
+                lines.append(
+                    f"| {step} | {_cell(s['prompt'])} | {_cell(s['answer'])}{_cell(failed)} | {_fmt(s['score'])} |"
+                )
     return lines
+
+
+# The evaluation table's columns (the manifest's details.watch.evaluations keys) and their headings.
+WATCH_TABLE = {
+    "score_mean": "score",
+    "score_std": "score sd",
+    "kl_mean": "KL",
+    "length_mean": "length",
+    "eos_rate": "EOS",
+    "distinct_2": "distinct-2",
+    "preference_accuracy": "preference accuracy",
+    "check_pass_rate": "checks passed",
+}
+WATCH_OPTIONAL = ("preference_accuracy", "check_pass_rate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

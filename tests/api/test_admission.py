@@ -132,6 +132,26 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ("ReST thresholds that fall", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.7, 0.5]}, "thresholds"),
     ("ReST threshold of 1", "spec.rest", {"dataset": {"name": "a/b"}, "thresholds": [0.5, 1.0]}, "thresholds"),
     ("ReST watch rollback", "spec.rest", {"dataset": {"name": "a/b"}, "watch": {"action": "rollback"}}, "watch.action"),
+    (
+        "GRPO watch rollback without a KL penalty",
+        "spec",
+        patched(GRPO_SPEC, "grpo", {"dataset": {"name": "a/b"}, "beta": 0.0, "watch": {"action": "rollback"}}),
+        "grpo.watch.action",
+    ),
+    ("watch check without a condition", "spec.ppo.watch", {"checks": [{"name": "empty"}]}, "checks[0]"),
+    (
+        "watch check minChars above maxChars",
+        "spec.ppo.watch",
+        {"checks": [{"name": "len", "minChars": 9, "maxChars": 3}]},
+        "minChars",
+    ),
+    (
+        "watch checks sharing a name",
+        "spec.ppo.watch",
+        {"checks": [{"name": "a", "maxChars": 9}, {"name": "a", "maxTokens": 3}]},
+        "watch.checks",
+    ),
+    ("watch check name with capitals", "spec.ppo.watch", {"checks": [{"name": "NoLinks", "maxChars": 9}]}, "name"),
     ("DPO unknown loss type", "spec.dpo", {"dataset": {"name": "a/b"}, "lossType": "kto"}, "lossType"),
     ("reward stage without a dataset", "spec.reward", {"maxLength": 256}, "reward.dataset"),
     (
@@ -442,6 +462,17 @@ def test_rlaif_spec_without_reward_dataset_is_admitted(control_plane, namespace)
     model, errors = validate_manifest(doc)
     assert errors == [] and model is not None
     assert model.spec.pipeline() == ("inputs", "sft", "rlaif", "reward", "ppo", "merge")
+
+
+def test_grpo_and_rloo_rollback_with_a_kl_penalty_are_admitted(control_plane, namespace):
+    watch = {"action": "rollback", "checks": [{"name": "no-links", "mustNotMatch": "https?://"}]}
+    for method, beta in (("GRPO", None), ("RLOO", 0.1)):  # None: the default beta (0.04)
+        section = {"dataset": {"name": "a/prompts"}, "watch": watch} | ({"beta": beta} if beta else {})
+        spec = {**{k: v for k, v in GRPO_SPEC.items() if k != "grpo"}, "method": method, method.lower(): section}
+        doc = {**minimal_run(f"{method.lower()}-rollback"), "spec": spec}
+        doc["metadata"]["namespace"] = namespace
+        control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
+        assert validate_manifest(doc)[1] == []
 
 
 @pytest.mark.parametrize("spec", list(REWARD_SOURCES.values()), ids=list(REWARD_SOURCES))

@@ -114,6 +114,17 @@ def test_errors_name_every_bad_field_at_once():
     assert any(e.startswith("spec.sft.lora.r") for e in errors)
 
 
+def test_a_watch_check_pattern_that_does_not_compile_is_refused_offline_naming_the_field():
+    # CEL cannot compile Python regular expressions: the API server admits it, the operator, rlhfctl
+    # validate and the stage refuse it (docs/watch.md).
+    good = {"name": "no-links", "mustNotMatch": "(?i)https?://", "maxChars": 400}
+    doc = patched(minimal_run(), "spec.ppo.watch", {"checks": [good, {"name": "ends", "mustMatch": "[.$"}]})
+    _, errors = validate_manifest(doc)
+    assert len(errors) == 1 and errors[0].startswith("spec.ppo.watch.checks[1].mustMatch"), errors
+    assert "not a Python regular expression" in errors[0]
+    assert validate_manifest(patched(minimal_run(), "spec.ppo.watch", {"checks": [good]}))[1] == []
+
+
 def _reward_case(method: str, section: str, reward: dict | None, policy: dict) -> dict:
     doc = minimal_run()
     spec = {k: v for k, v in doc["spec"].items() if k not in ("reward", "ppo")}

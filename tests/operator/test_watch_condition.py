@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from rlhf_api.layout import StageResult
 from rlhf_api.run import RLHFRunSpec, RLHFRunStatus
+from rlhf_api.watch import EvaluationRow
 from rlhf_operator.actions import PostEvent
 from rlhf_operator.cli.cluster import render_status
 from rlhf_operator.observe import JobObservation, Observed
@@ -15,6 +20,13 @@ from .harness import tiny_run
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 FINDING = "rewardRiseWithCollapse at step 20: reward-model score -1.00 -> +2.00 while mean length 11.0 -> 4.0 tokens"
+
+
+ROWS = [
+    EvaluationRow(step=0, score=-1.0, kl=0.0, length=11.0, distinct2=0.41, check_pass_rate=0.97),
+    EvaluationRow(step=10, score=0.5, kl=2.5, length=9.5, distinct2=0.38, check_pass_rate=0.94, selected=True),
+    EvaluationRow(step=20, score=2.0, kl=4.1, length=4.0, distinct2=0.2, check_pass_rate=0.5, alarm=True),
+]
 
 
 def view(status: RLHFRunStatus | None = None) -> RunView:
@@ -31,6 +43,7 @@ def done(stage: str, findings: list[str] | None = None) -> JobObservation:
         findings=findings or [],
         selected_step=10 if findings else None,
         selection="select: lastBeforeAlarm (the last evaluation before the alarm at step 20)" if findings else None,
+        evaluations=ROWS if findings else [],
     )
     return JobObservation(
         name=f"tiny-{stage}", stage=stage, uid=f"job-{stage}", complete=True, succeeded=1, result=result
@@ -50,6 +63,8 @@ def test_no_findings_no_condition_and_no_event() -> None:
     result = plan(view(), Observed({s: done(s) for s in ("sft", "reward", "ppo")}, True), NOW)
     assert condition(result.status) is None
     assert events(result.actions) == []
+    # no watch rows: no key, so statuses written before the field existed need no rewrite
+    assert all("evaluations" not in st for st in result.status.to_wire()["stages"])
 
 
 def test_findings_set_the_condition_with_the_evidence_and_the_kept_checkpoint_once() -> None:
@@ -83,4 +98,29 @@ def test_rlhfctl_status_shows_the_alarm_and_the_kept_checkpoint() -> None:
     text = render_status("tiny", {"spec": {}, "status": status.to_wire()})
     assert f"ALARM {FINDING}" in text
     assert "output: step 10: select: lastBeforeAlarm" in text
+    ppo = next(s for s in status.stages if s.name == "ppo")
+    assert ppo.evaluations == ROWS  # from the stage's result, nothing read besides it
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if "EVAL STEP" in line)
+    assert lines[header].split() == ["EVAL", "STEP", "SCORE", "KL", "LENGTH", "DIST-2", "CHECKS"]  # no PREF-ACC
+    assert lines[header + 2].split() == ["10", "+0.5", "2.5", "9.5", "0.38", "0.94", "<-", "output"]
+    assert lines[header + 3].split() == ["20", "+2", "4.1", "4", "0.20", "0.50", "ALARM"]
     assert "RewardHackingSuspected=True DetectorFired" in text
+
+
+def test_rlhfctl_run_local_prints_the_watch_under_the_stage(monkeypatch: Any, tmp_path: Path) -> None:
+    from rlhf_api.run import RLHFRun
+    from rlhf_operator.cli import local
+
+    def finished(run: Any, stage: str, *rest: Any) -> local.StageRun:  # the stage's result file, no process
+        result = done(stage, [FINDING] if stage == "ppo" else None).result
+        assert result is not None
+        return local.StageRun(stage, "Succeeded", 1.0, json.loads(result.model_dump_json(by_alias=True)))
+
+    monkeypatch.setattr(local, "run_stage", finished)
+    out = io.StringIO()
+    local.run_pipeline(RLHFRun.model_validate(tiny_run(), strict=False), tmp_path, tmp_path, out=out)
+    text = out.getvalue()
+    ppo = text[text.index("ppo     Succeeded") :]
+    assert f"ALARM {FINDING}" in ppo and "output: step 10: select: lastBeforeAlarm" in ppo
+    assert "EVAL STEP" in ppo and "<- output" in ppo and text.count("EVAL STEP") == 1  # only the watched stage

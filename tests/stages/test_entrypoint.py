@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from conftest import PYTHON_PATH, REPO, read_result, tiny_spec, write_invocation
 from rlhf_api.layout import StageResult
+from rlhf_api.watch import EvaluationRow
 from rlhf_stages.runtime.entrypoint import main
 from rlhf_stages.runtime.outputs import result_json
 
@@ -33,6 +35,12 @@ BAD_CONFIGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("unknown stage", "judge", {}, "stage"),
     ("stage not in pipeline", "dpo", {}, "method PPO runs"),
     ("disabled stage", "sft", {"spec": {"sft": {"enabled": False}}}, "spec.sft.enabled"),
+    (
+        "watch check pattern that does not compile",  # admitted by the API server (no CEL for it): refused here
+        "ppo",
+        {"spec": {"ppo": {"watch": {"checks": [{"name": "ends", "mustMatch": "[.$"}]}}}},
+        "spec.ppo.watch.checks.0.mustMatch",
+    ),
     ("bad merge dtype", "merge", {"spec": {"merge": {"dtype": "int4"}}}, "spec.merge.dtype"),
 ]
 
@@ -102,6 +110,30 @@ def test_quantization_without_cuda_is_a_clear_config_error(workspace: Path, in_p
     assert main(["sft", "--config", str(config)]) == 2
     message = read_result(in_process)["message"]
     assert "sft.quantization.mode" in message and "CUDA" in message and "RLHF_ALLOW_CPU_QUANTIZATION" in message
+
+
+def test_result_json_cuts_the_watchs_middle_evaluations_first() -> None:
+    rows = [
+        EvaluationRow(step=s, score=1.234, kl=5.678, length=9.876, distinct2=0.5, alarm=s == 40, selected=s == 30)
+        for s in range(0, 80, 10)
+    ]
+    big = StageResult(
+        stage="ppo",
+        succeeded=True,
+        findings=["f" * 300] * 4,
+        selection="s" * 300,
+        evaluations=rows,
+        metrics={f"m{i:03d}": 1.0 for i in range(40)},
+        message="m" * 1500,
+    )
+    text = result_json(big)
+    body = json.loads(text)
+    steps = [r["step"] for r in body["evaluations"]]
+    assert len(text.encode()) <= 4096 and 2 < len(steps) < 8
+    assert steps[0] == 0 and 30 in steps and steps[-1] == 70  # baseline, output and the latest stay
+    assert len(body["metrics"]) == 40 and body["message"] == "m" * 1500  # nothing else was cut
+    assert "alarm" not in body["evaluations"][0] and body["evaluations"][steps.index(30)]["selected"] is True
+    assert StageResult.model_validate(body, strict=False).evaluations[0] == rows[0]
 
 
 def test_result_json_fits_the_termination_message_limit() -> None:

@@ -52,15 +52,20 @@ def test_the_report_shows_the_watch_its_alarm_table_samples_and_the_kept_checkpo
             "step": 5,
             "score_mean": 2.0,
             "length_mean": 4.0,
+            "check_pass_rate": 0.5,
             "findings": ["x at step 5: y"],
-            "samples": [{"prompt": "q?", "answer": "a", "score": 2.0}],
+            "samples": [{"prompt": "q?", "answer": "a", "score": 2.0, "failed_checks": ["sentence"]}],
         },
     ]
     watch = {
         "findings": ["rewardRiseWithCollapse at step 5: score up, length down"],
         "selectedStep": 0,
         "selection": "select: lastBeforeAlarm (the last evaluation before the alarm at step 5)",
-        "evaluations": [{k: r[k] for k in ("step", "score_mean", "length_mean")} for r in records],
+        "evaluations": [
+            {k: r[k] for k in ("step", "score_mean", "length_mean", "check_pass_rate") if k in r}
+            | {"alarm": bool(r["findings"])}
+            for r in records
+        ],
         "log": "evaluations.jsonl",
     }
     (run_dir / stage).mkdir()
@@ -78,4 +83,8 @@ def test_the_report_shows_the_watch_its_alarm_table_samples_and_the_kept_checkpo
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "**ALARM**: rewardRiseWithCollapse at step 5" in markdown
     assert "Output: step 0 (select: lastBeforeAlarm" in markdown
-    assert "| 5 | 2.000 | n/a | n/a | 4.000 | n/a | n/a |" in markdown and "| 5 | q? | a | 2.000 |" in markdown
+    # the checks column only because this run measured them; the preference accuracy was not
+    assert "| step | score | score sd | KL | length | EOS | distinct-2 | checks passed | |" in markdown
+    assert "| 0 | -1.000 | n/a | n/a | 11.000 | n/a | n/a | n/a | output |" in markdown
+    assert "| 5 | 2.000 | n/a | n/a | 4.000 | n/a | n/a | 0.500 | alarm |" in markdown
+    assert "| 5 | q? | a (fails sentence) | 2.000 |" in markdown and "| 0 | q? | a. | -1.000 |" in markdown

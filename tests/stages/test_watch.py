@@ -10,11 +10,21 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_api.watch import KL_BEYOND_LIMIT, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
-from rlhf_stages.sampling.watch import Answers, Watcher, detect, distinct_n, kl_limit, repetition, select, summarize
+from rlhf_api.watch import CHECKS_FAILING, KL_BEYOND_LIMIT, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, AnswerCheck, Watch
+from rlhf_stages.sampling.watch import (
+    Answers,
+    Watcher,
+    detect,
+    distinct_n,
+    kl_limit,
+    repetition,
+    select,
+    status_rows,
+    summarize,
+)
 
 
-def record(step: int, **over: float) -> dict[str, Any]:
+def record(step: int, **over: Any) -> dict[str, Any]:
     """A healthy evaluation (the SFT policy's shape on the tiny task), with some numbers changed."""
     base = {
         "step": step,
@@ -99,7 +109,55 @@ def test_scores_beyond_the_reward_models_own_range() -> None:
     assert kinds([record(0), record(10)]) == []  # range unknown (external reward model): off
 
 
-def alarmed(step: int, **over: float) -> dict[str, Any]:
+CHECKS = [
+    AnswerCheck(name="no-links", must_not_match=r"https?://"),
+    AnswerCheck(name="sentence", must_match=r"\.$", max_tokens=5),
+]
+
+
+def test_rule_based_checks_are_measured_per_answer_and_per_check() -> None:
+    answers = Answers(
+        tokens=[[1, 2, 3], [1, 2, 3, 4, 5, 6], [1, 2]],
+        ended_with_eos=[True, True, True],
+        scores=[0.0, 0.0, 0.0],
+        kl=[0.0, 0.0, 0.0],
+        texts=["A fine day.", "see http://x.y today.", " no period \n"],  # stripped before the checks
+        prompts=["p1", "p2", "p3"],
+    )
+    r = summarize(answers, score_max=None, samples_kept=3, checks=CHECKS)
+    assert r["check_pass_rate"] == pytest.approx(1 / 3)
+    assert r["checks"] == {"no-links": pytest.approx(2 / 3), "sentence": pytest.approx(1 / 3)}
+    # the second fails both: a link, and 6 tokens > 5 (it does end with a period)
+    assert [s["failed_checks"] for s in r["samples"]] == [[], ["no-links", "sentence"], ["sentence"]]
+    unchecked = summarize(answers, score_max=None, samples_kept=1)
+    assert "check_pass_rate" not in unchecked and "failed_checks" not in unchecked["samples"][0]
+
+
+def test_check_pass_rate_falling_raises_an_alarm_naming_the_check() -> None:
+    base = record(0, check_pass_rate=0.9, checks={"no-links": 1.0, "sentence": 0.9})
+    fell = record(10, check_pass_rate=0.75, checks={"no-links": 0.8, "sentence": 0.9})
+    (finding,) = detect([base, fell], Watch(checks=CHECKS), None)
+    assert finding.detector == CHECKS_FAILING and finding.step == 10
+    assert finding.evidence == "answers passing every check 0.90 -> 0.75 (no-links 1.00 -> 0.80)"
+    assert kinds([base, record(10, check_pass_rate=0.85)], Watch(checks=CHECKS)) == []  # within checkDrop 0.1
+    assert kinds([base, fell], Watch(checks=CHECKS, check_drop=0.2)) == []
+    assert kinds([record(0), fell]) == []  # the baseline measured no checks: nothing to compare
+
+
+def test_status_carries_the_baseline_the_output_the_first_alarm_and_the_latest() -> None:
+    table = [
+        {"step": s, "score_mean": s / 3, "kl_mean": math.nan if s == 0 else 1.23456, "length_mean": 10.0}
+        | {"distinct_2": 0.5, "alarm": s >= 60}
+        for s in range(0, 130, 10)
+    ]
+    rows = status_rows(table, selected_step=50)
+    assert [r.step for r in rows] == [0, 50, 60, 80, 90, 100, 110, 120]  # 8 of 13
+    assert rows[0].kl is None and rows[1].kl == 1.235 and rows[1].score == 16.67  # NaN left out, 4 digits
+    assert [(r.alarm, r.selected) for r in rows[:3]] == [(False, False), (False, True), (True, False)]
+    assert rows[0].check_pass_rate is None and status_rows([], None) == []
+
+
+def alarmed(step: int, **over: Any) -> dict[str, Any]:
     return {**record(step, **over), "findings": [f"x at step {step}"]}
 
 
@@ -163,7 +221,7 @@ def test_warn_trains_on_and_last_keeps_no_candidate(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the Trainer hook (GRPO, RLOO)
 
 
-def hook(tmp_path: Path, watch: Watch, scripted: dict[int, Answers], total: int = 10) -> Any:
+def hook(tmp_path: Path, watch: Watch, scripted: dict[int, Answers], total: int = 10, rollback: Any = None) -> Any:
     """A WatchCallback whose policy answers as ``scripted`` says for each evaluated step."""
     from types import SimpleNamespace
 
@@ -172,7 +230,8 @@ def hook(tmp_path: Path, watch: Watch, scripted: dict[int, Answers], total: int 
     ctx = SimpleNamespace(is_main=True, stage="grpo", staging_dir=tmp_path / "out")
     watcher = Watcher(watch, tmp_path / "ckpt", kl_target=None, score_max=None, total_steps=total)
     at = {"step": 0}
-    cb = WatchCallback(ctx, watcher, lambda: scripted[at["step"]], lambda: {"w": torch.full((2,), float(at["step"]))})
+    weights = lambda: {"w": torch.full((2,), float(at["step"]))}  # noqa: E731
+    cb = WatchCallback(ctx, watcher, lambda: scripted[at["step"]], weights, rollback)
     return cb, at
 
 
@@ -215,6 +274,11 @@ def test_trainer_hook_evaluates_on_schedule_and_stops_at_the_alarm(tmp_path: Pat
     assert done.selected_step == 3 and "alarm at step 6" in (done.selection or "")
     assert saved == ["final"] and torch.equal(loaded[0]["w"], torch.full((2,), 3.0))
     assert done.findings[0].startswith("rewardRiseWithCollapse at step 6") and done.metrics["selected_step"] == 3
+    assert [(r.step, r.alarm, r.selected) for r in done.evaluations] == [
+        (0, False, False),
+        (3, False, True),
+        (6, True, False),
+    ]
     assert (ctx.staging_dir / "evaluations.jsonl").read_text() == cb.watcher.log_path.read_text()
 
 
@@ -248,6 +312,76 @@ def test_trainer_hook_resumes_and_honours_an_alarm_it_had_already_raised(tmp_pat
     drive(cb, at, 0, 10)
     again, at = hook(tmp_path / "b", Watch(eval_every=3), {})
     assert drive(again, at, 6, 10) == 6 and again.stopped_by_alarm
+
+
+class FakeRollback:
+    """What a Trainer stage's rollback did: the weights it was given and the KL strength it set."""
+
+    def __init__(self) -> None:
+        self.restored: list[float] = []
+        self.strengths: list[int] = []
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.restored.append(float(state["w"][0]))
+
+    def strengthen(self, rollbacks: int) -> dict[str, Any]:
+        self.strengths.append(rollbacks)
+        return {"beta": 0.04 * 2.0**rollbacks}
+
+
+def test_trainer_hook_rolls_back_to_the_candidate_then_stops_and_a_resume_keeps_the_stronger_kl(
+    tmp_path: Path,
+) -> None:
+    from rlhf_stages.methods.watching import Rollback
+
+    fake = FakeRollback()
+    watch = Watch(eval_every=3, action="rollback", max_rollbacks=1)
+    answers = {0: HEALTHY, 3: HACKED, 6: HACKED}
+    cb, at = hook(tmp_path, watch, answers, rollback=Rollback(fake.restore, fake.strengthen))
+    # Step 3 alarms: back to step 0's weights, beta x2, training goes on; step 6 alarms again: no rollback left.
+    assert drive(cb, at, 0, 10) == 6 and cb.stopped_by_alarm
+    assert fake.restored == [0.0] and fake.strengths == [1]
+    assert cb.watcher.history[1]["rollback"] == {"restoredStep": 0, "number": 1, "beta": 0.08}
+    assert cb.watcher.selection(6) == (
+        0,
+        "select: lastBeforeAlarm (the last evaluation before the alarm at step 6)"
+        "; rolled back 1x, last at step 3 to step 0",
+    )
+
+    # Restarted from a checkpoint at step 4 (after the rollback): beta is set again for it, and
+    # the healthy evaluations that follow are candidates again.
+    again = FakeRollback()
+    cb, at = hook(
+        tmp_path, watch, {6: HEALTHY, 9: HEALTHY, 10: HEALTHY}, rollback=Rollback(again.restore, again.strengthen)
+    )
+    assert drive(cb, at, 4, 10) == 10 and not cb.stopped_by_alarm
+    assert again.strengths == [1] and again.restored == [] and cb.watcher.selection(10)[0] == 10
+
+    # A stage that cannot roll back (no Rollback given) stops at the alarm instead.
+    cb, at = hook(tmp_path / "none", watch, answers)
+    assert drive(cb, at, 0, 10) == 3 and cb.stopped_by_alarm
+
+
+def test_a_trl_trainers_rollback_puts_back_the_weights_forgets_the_moments_and_raises_beta() -> None:
+    from types import SimpleNamespace
+
+    from rlhf_stages.methods.policy_rl import trainer_rollback
+    from rlhf_stages.runtime.models import trainable_state
+
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)  # frozen: not part of the candidate (as a LoRA base's weights)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    trainer = SimpleNamespace(
+        model=model, optimizer=optimizer, beta=0.04, accelerator=SimpleNamespace(unwrap_model=lambda m: m)
+    )
+    kept = trainable_state(model)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(model.weight, kept["weight"]) and optimizer.state  # trained on, moments set
+    rollback = trainer_rollback(trainer, 0.04, 2.0)
+    rollback.restore(kept)
+    assert torch.equal(model.weight, kept["weight"]) and not optimizer.state
+    assert rollback.strengthen(2) == {"beta": pytest.approx(0.16)} and trainer.beta == pytest.approx(0.16)
 
 
 # ------------------------------------------------------------------ answers of a Hugging Face policy
@@ -442,10 +576,14 @@ def test_rollback_is_refused_where_it_is_not_implemented() -> None:
 
     from rlhf_api.stages import GRPOStage, PPOStage, ReSTStage, RLOOStage
 
-    for stage in (GRPOStage, RLOOStage, ReSTStage):
-        with pytest.raises(ValidationError, match="rollback is implemented for ppo only"):
-            stage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
-    ppo = PPOStage.model_validate({"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}})
+    rollback = {"dataset": {"path": "p.jsonl"}, "watch": {"action": "rollback"}}
+    with pytest.raises(ValidationError, match="rollback is implemented for ppo, grpo and rloo"):
+        ReSTStage.model_validate(rollback)
+    for stage in (GRPOStage, RLOOStage):  # a rollback strengthens beta: none to strengthen at 0
+        assert stage.model_validate(rollback).beta > 0
+        with pytest.raises(ValidationError, match="strengthens the KL penalty beta, which is 0"):
+            stage.model_validate({**rollback, "beta": 0.0})
+    ppo = PPOStage.model_validate(rollback)
     assert ppo.watch.max_rollbacks == 2 and ppo.watch.rollback_kl_factor == 2.0
     # ReST counts Improve steps (a handful per run): watched after every one unless told otherwise.
     assert ReSTStage.model_validate({"dataset": {"path": "p.jsonl"}}).watch.eval_every == 1

@@ -1,5 +1,6 @@
 """The watch in the TRL-based stages, end to end (real stage processes, a few steps each): GRPO stops at
-the alarm, RLOO warns and trains on; both output the evaluated checkpoint from before the alarm.
+the alarm, RLOO rolls back and trains on; both output the evaluated checkpoint from before the alarm.
+(``warn``, the simplest of the three, is the Trainer hook's unit test and the hacking tests'.)
 
 The alarm is forced, not learned: ``klLimit`` is set so low (1e-5 nats; the step-0 policy is the
 reference, KL 0) that any step away from it raises ``klBeyondLimit`` at the first evaluation after
@@ -25,6 +26,9 @@ REWARD_MODEL = "assets-watch/reward-model"
 TOTAL, EVERY = 4, 2
 # A held-out preference set: its accuracy is recorded at every evaluation (the detector is unit-tested).
 PAIRS = {"format": "jsonl", "path": "assets/data/preferences.jsonl", "maxSamples": 16}
+# Rule-based checks with known outcomes (every answer fits responseLength.max; none contains the
+# pattern): their pass rates are recorded at every evaluation (the detector is unit-tested).
+CHECKS = [{"name": "fits", "maxTokens": 12}, {"name": "impossible", "mustMatch": "qqqzzzqqq"}]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,7 @@ def spec(stage: str, action: str) -> dict[str, Any]:
             "klLimit": 1.0e-5,
             "action": action,
             "preferenceSet": PAIRS,
+            "checks": CHECKS,
         },
     }
     out = tiny_spec(sft={"enabled": False}, reward={"enabled": False}, method=stage.upper(), ppo=None)
@@ -60,7 +65,7 @@ def spec(stage: str, action: str) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize(("stage", "action"), [("grpo", "stop"), ("rloo", "warn")])
+@pytest.mark.parametrize(("stage", "action"), [("grpo", "stop"), ("rloo", "rollback")])
 def test_alarm_keeps_the_checkpoint_before_it(volume: Path, tmp_path: Path, stage: str, action: str) -> None:
     from safetensors.torch import load_file
 
@@ -71,7 +76,13 @@ def test_alarm_keeps_the_checkpoint_before_it(volume: Path, tmp_path: Path, stag
     result = read_result(tmp_path / "result.json")
     assert result["findings"] and result["findings"][0].startswith(f"klBeyondLimit at step {EVERY}"), result
     assert result["step"] == (EVERY if action == "stop" else TOTAL)
-    assert result["selectedStep"] == 0 and f"alarm at step {EVERY}" in result["selection"]
+    if action == "stop":
+        assert result["selectedStep"] == 0 and f"alarm at step {EVERY}" in result["selection"]
+    else:  # rolled back at step 2 (beta 0.04 -> 0.08) and trained on; the alarm at the budget stands
+        assert result["selectedStep"] == 0 and result["selection"].endswith(
+            f"alarm at step {TOTAL}); rolled back 1x, last at step {EVERY} to step 0"
+        )
+        assert f"{stage} watch: rollback 1 at step {EVERY} to step 0's policy, beta 0.08" in out
 
     out_dir = run_dir(volume, run) / stage
     records = [json.loads(line) for line in (out_dir / "evaluations.jsonl").read_text().splitlines()]
@@ -79,6 +90,14 @@ def test_alarm_keeps_the_checkpoint_before_it(volume: Path, tmp_path: Path, stag
     assert abs(records[0]["kl_mean"]) < 1e-3 < records[1]["kl_mean"]  # the reference is the starting policy
     assert records[0]["prompts"] == 8 and len(records[0]["samples"]) == 1
     assert all(0.0 <= r["preference_accuracy"] <= 1.0 for r in records)
+    notes = {r["step"]: r["rollback"] for r in records if "rollback" in r}
+    assert notes == ({EVERY: {"restoredStep": 0, "number": 1, "beta": pytest.approx(0.08)}} if action != "stop" else {})
+    assert all(r["checks"] == {"fits": 1.0, "impossible": 0.0} and r["check_pass_rate"] == 0.0 for r in records)
+    assert records[0]["samples"][0]["failed_checks"] == ["impossible"]
+    # What status shows comes in the result: every evaluation, the output and the alarm marked.
+    rows = [(r["step"], r.get("selected", False), r.get("alarm", False)) for r in result["evaluations"]]
+    assert rows == [(0, True, False), (EVERY, False, True)] + ([(TOTAL, False, True)] if action != "stop" else [])
+    assert result["evaluations"][0]["checkPassRate"] == 0.0
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["details"]["watch"]["selectedStep"] == 0
     assert manifest["details"]["watch"]["stoppedByAlarm"] is (action == "stop")

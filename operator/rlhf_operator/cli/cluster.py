@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from rlhf_api.names import GROUP, LEGACY_JOB_NAME_LABEL, PLURAL, VERSION
 from rlhf_api.run import RLHFRunStatus
 from rlhf_api.timestamps import parse_timestamp
+from rlhf_api.watch import EvaluationRow
 from rlhf_operator import children
 
 
@@ -53,9 +55,7 @@ def render_status(name: str, obj: dict[str, Any]) -> str:
         )
         if st.message and st.phase == "Failed":
             lines.append(f"{'':<8} {st.message}")
-        lines += [f"{'':<8} ALARM {finding}" for finding in st.findings]  # reward hacking (docs/watch.md)
-        if st.selection:
-            lines.append(f"{'':<8} output: {st.selection}")
+        lines += watch_lines(st.findings, st.selection, st.evaluations or [], indent=9)
         for used in st.inputs:  # the inputs stage: what each input was read at
             at = f"@{used.revision}" if used.revision else ""
             asked = f" (asked {used.requested})" if used.requested and used.requested != used.revision else ""
@@ -65,6 +65,39 @@ def render_status(name: str, obj: dict[str, Any]) -> str:
         lines += ["", "CONDITIONS"]
         lines += [f"  {c.type}={c.status} {c.reason}: {c.message}" for c in status.conditions]
     return "\n".join(lines)
+
+
+def watch_lines(
+    findings: Sequence[str], selection: str | None, rows: Sequence[EvaluationRow], indent: int
+) -> list[str]:
+    """A watched stage's alarms, its evaluations and which one became the output (docs/watch.md);
+    ``rlhfctl status`` and ``rlhfctl run-local`` print them under the stage's line."""
+    pad = " " * indent
+    lines = [f"{pad}ALARM {finding}" for finding in findings]
+    if selection:
+        lines.append(f"{pad}output: {selection}")
+    if not rows:
+        return lines
+    columns = [
+        ("score", "SCORE", "+.3g"),
+        ("kl", "KL", ".3g"),
+        ("length", "LENGTH", ".3g"),
+        ("distinct2", "DIST-2", ".2f"),
+    ]
+    # Only the signals this run measured (a preference set, checks): the others would be columns of '-'.
+    columns += [
+        (key, head, ".2f")
+        for key, head in (("preference_accuracy", "PREF-ACC"), ("check_pass_rate", "CHECKS"))
+        if any(getattr(r, key) is not None for r in rows)
+    ]
+    lines.append(pad + f"{'EVAL STEP':>9}" + "".join(f" {head:>8}" for _, head, _ in columns))
+    for r in rows:
+        cells = "".join(
+            f" {format(v, spec) if (v := getattr(r, key)) is not None else '-':>8}" for key, _, spec in columns
+        )
+        marks = " ".join(m for m, on in (("ALARM", r.alarm), ("<- output", r.selected)) if on)
+        lines.append(f"{pad}{r.step:>9}{cells}  {marks}".rstrip())
+    return lines
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:

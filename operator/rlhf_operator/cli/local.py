@@ -29,8 +29,10 @@ from typing import IO, Any
 import yaml
 
 from rlhf_api import layout
+from rlhf_api.layout import StageResult
 from rlhf_api.run import RLHFRun
 
+from .cluster import watch_lines
 from .validate import ManifestError, load_runs
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # operator/ in a checkout; site-packages when installed
@@ -239,6 +241,10 @@ def run_pipeline(
             head, *warnings = message.split("; warning: ")
             for line in ([head] if head != "done" else []) + [f"warning: {w}" for w in warnings]:
                 print(f"  {'':<7} {line}", file=out, flush=True)
+        if outcome.result.get("stage") == stage:  # the watch: alarms, evaluations, the output chosen
+            reported = StageResult.model_validate(outcome.result, strict=False)
+            for line in watch_lines(reported.findings, reported.selection_line(), reported.evaluations, indent=10):
+                print(line, file=out, flush=True)
         if outcome.status != "Succeeded":
             message = outcome.result.get("message") or _tail(outcome.log_file)
             print(f"  {stage} did not succeed: {message}", file=out)

@@ -252,6 +252,7 @@ def run_online(ctx: StageContext, trainer_class: Any, config_class: Any, extra: 
         findings=concluded.findings,
         selected_step=concluded.selected_step,
         selection=concluded.selection,
+        evaluations=concluded.evaluations,
         message=f"{ctx.stage.upper()} done: reward_mean={metrics.get('reward_mean', float('nan')):.3f}, "
         f"eval_reward_mean={metrics.get('eval_reward_mean', float('nan')):.3f}"
         + (
@@ -273,7 +274,12 @@ def watch_callback(
 ) -> Any:
     """The watch's hook into TRL's trainer: the policy answers ``prompts`` with the stage's sampling
     settings; the reference is the policy with its LoRA adapter disabled, else TRL's frozen copy
-    (none when ``beta`` is 0 and all weights train: the KL is then not measured)."""
+    (none when ``beta`` is 0 and all weights train: the KL is then not measured). Under ``action:
+    rollback`` (admitted only with ``beta`` > 0) an alarm puts back the kept candidate's weights,
+    clears the optimizer's moments (they point along the path that led to the alarm) and multiplies
+    TRL's ``beta``, the KL weight it reads at every step, by ``rollbackKlFactor``. The learning rate
+    schedule is constant (``training_settings``) and every step samples afresh
+    (``steps_per_generation`` 1), so nothing else carries the path to the alarm."""
     from rlhf_stages.methods.watching import WatchCallback, preference_pairs, with_preferences
     from rlhf_stages.sampling.watch import sample_answers
 
@@ -310,4 +316,23 @@ def watch_callback(
         )
         return with_preferences(answers, policy(), tokenizer, pairs)
 
-    return WatchCallback(ctx, watcher, evaluate, lambda: models.trainable_state(policy()))
+    rollback = (
+        trainer_rollback(trainer, cfg.beta, cfg.watch.rollback_kl_factor) if cfg.watch.action == "rollback" else None
+    )
+    return WatchCallback(ctx, watcher, evaluate, lambda: models.trainable_state(policy()), rollback)
+
+
+def trainer_rollback(trainer: Any, beta: float, factor: float) -> Any:
+    """``watch.action: rollback`` on a TRL trainer (see :func:`watch_callback`): restore the policy's
+    trainable weights and clear the optimizer's moments; after ``n`` rollbacks ``beta`` x factor ** n."""
+    from rlhf_stages.methods.watching import Rollback
+
+    def restore(state: dict[str, Any]) -> None:
+        models.load_trainable_state(trainer.accelerator.unwrap_model(trainer.model), state)
+        trainer.optimizer.state.clear()
+
+    def strengthen(rollbacks: int) -> dict[str, Any]:
+        trainer.beta = beta * factor**rollbacks
+        return {"beta": trainer.beta}
+
+    return Rollback(restore, strengthen)

@@ -331,6 +331,7 @@ def run(ctx: StageContext) -> StageOutcome:
         findings=concluded.findings,
         selected_step=concluded.selected_step,
         selection=concluded.selection,
+        evaluations=concluded.evaluations,
         message="ReST done: grow reward means "
         + ", ".join(f"{e['reward_mean']:.3f}" for e in state["history"] if "reward_mean" in e)
         + (

@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 
 from transformers import TrainerCallback
 
+from rlhf_api.watch import EvaluationRow
 from rlhf_stages.methods import common
 from rlhf_stages.runtime import data
-from rlhf_stages.runtime.checkpoints import any_rank
+from rlhf_stages.runtime.checkpoints import rank_max
 from rlhf_stages.runtime.context import StageContext
 from rlhf_stages.runtime.outputs import completed_manifest
-from rlhf_stages.sampling.watch import MAX_FINDINGS, Answers, Watcher, preference_accuracy
+from rlhf_stages.sampling.watch import MAX_FINDINGS, Answers, Watcher, preference_accuracy, status_rows
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,6 +104,8 @@ class Concluded:
     """details.watch of the manifest (None: the watch was off)."""
     findings: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    evaluations: list[EvaluationRow] = field(default_factory=list)
+    """The evaluations status shows (``sampling.watch.status_rows``)."""
 
 
 def conclude(
@@ -130,17 +133,34 @@ def conclude(
         selection=selection,
         summary=summary,
         findings=watcher.findings()[:MAX_FINDINGS],
+        evaluations=status_rows(summary["evaluations"], selected),
         metrics={"watch_alarms": float(len(watcher.findings())), "selected_step": float(selected)},
     )
 
 
+@dataclass
+class Rollback:
+    """How a Trainer-based stage answers ``watch.action: rollback`` (called on every rank)."""
+
+    restore: Callable[[dict[str, Any]], None]
+    """Put the kept candidate's trainable weights into the policy and forget the optimizer's moments."""
+    strengthen: Callable[[int], dict[str, Any]]
+    """Set the KL penalty for after ``n`` rollbacks (the spec's times ``rollbackKlFactor`` ** n);
+    returns what the evaluation log records of it."""
+
+
+_CONTINUE, _ROLLBACK, _STOP = 0.0, 1.0, 2.0  # the verdict every rank agrees on (the largest wins)
+
+
 class WatchCallback(TrainerCallback):
     """Evaluates a Trainer-based stage's policy (GRPO, RLOO) before the first step, every
-    ``evalEvery`` steps and after the last, and ends training on an alarm under ``action: stop``.
+    ``evalEvery`` steps and after the last; on an alarm ends training (``action: stop``) or, given
+    ``rollback``, puts back the kept candidate and strengthens the KL penalty (``action: rollback``).
 
     Rank 0 evaluates (``evaluate`` and ``weights`` are called there only: nothing in them may
-    communicate); every rank then agrees on stopping, so all leave the loop at the same step. On a
-    resumed run the watcher first keeps the records up to the resumed step.
+    communicate); every rank then agrees on the verdict, so all stop or roll back at the same step.
+    On a resumed run the watcher first keeps the records up to the resumed step, and the KL penalty
+    is set for the rollbacks those records hold (the Trainer's checkpoint does not keep it).
     """
 
     def __init__(
@@ -149,29 +169,61 @@ class WatchCallback(TrainerCallback):
         watcher: Watcher,
         evaluate: Callable[[], Answers],
         weights: Callable[[], dict[str, Any]],
+        rollback: Rollback | None = None,
     ) -> None:
         self.ctx = ctx
         self.watcher = watcher
         self.evaluate = evaluate
         self.weights = weights
+        self.rollback = rollback
         self.stopped_by_alarm = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
         if self.ctx.is_main and self.watcher.enabled:
             self.watcher.resume(state.global_step)
+        if self.rollback is not None:
+            done = int(rank_max(len(self.watcher.rollbacks()) if self.ctx.is_main else 0))
+            if done:
+                self.rollback.strengthen(done)
         return self._evaluate(state.global_step, control)  # the baseline or, resumed, nothing new
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
         return self._evaluate(state.global_step, control)
 
     def _evaluate(self, step: int, control: Any) -> Any:
-        end = False
+        verdict = _CONTINUE
         if self.ctx.is_main:
             if self.watcher.due(step):
                 log_record(self.ctx.stage, self.watcher.record(step, self.evaluate(), self.weights))
             # Also when resumed past an alarm that a SIGTERM interrupted before the stop took effect.
-            end = self.watcher.should_stop() and step < self.watcher.total_steps
-        if any_rank(end):
+            # At the last step there is nothing left to train: the selection alone decides the output.
+            decision = self.watcher.decision() if step < self.watcher.total_steps else "continue"
+            if decision == "rollback" and self.rollback is None:
+                decision = "stop"
+            verdict = {"continue": _CONTINUE, "rollback": _ROLLBACK, "stop": _STOP}[decision]
+        verdict = rank_max(verdict)
+        if verdict == _STOP:
             self.stopped_by_alarm = True
             control.should_training_stop = True
+        elif verdict == _ROLLBACK and self.rollback is not None:
+            self._roll_back(step)
         return control
+
+    def _roll_back(self, step: int) -> None:
+        """Every rank: the kept candidate's weights (read from the shared volume), fresh optimizer
+        moments, the stronger KL; rank 0 records it on the alarm's evaluation."""
+        assert self.rollback is not None
+        done = int(rank_max(len(self.watcher.rollbacks()) if self.ctx.is_main else 0))
+        restored, state = self.watcher.load_candidate()
+        self.rollback.restore(state)
+        kl = self.rollback.strengthen(done + 1)
+        if self.ctx.is_main:
+            note = self.watcher.note_rollback(restored, kl)
+            log.warning(
+                "%s watch: rollback %d at step %d to step %d's policy, %s",
+                self.ctx.stage,
+                note["number"],
+                step,
+                restored,
+                ", ".join(f"{k} {v:g}" for k, v in kl.items()),
+            )

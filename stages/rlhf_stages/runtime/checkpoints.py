@@ -34,17 +34,22 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool) -> bool:
-    """True when the flag is set on any rank, so every rank stops at the same step."""
+def rank_max(value: float) -> float:
+    """The largest ``value`` over all ranks (every rank must call it): what one rank decided, known to all."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
+        return value
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    tensor = torch.tensor([float(value)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True when the flag is set on any rank, so every rank stops at the same step."""
+    return rank_max(1.0 if flag else 0.0) > 0
 
 
 class StageCallback(TrainerCallback):

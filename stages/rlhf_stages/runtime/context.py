@@ -18,6 +18,7 @@ from typing import Any
 from rlhf_api import layout
 from rlhf_api.layout import StageInvocation
 from rlhf_api.timestamps import format_timestamp
+from rlhf_api.watch import EvaluationRow
 from rlhf_stages.runtime.atomic import write_json_atomic
 
 EXIT_INTERRUPTED = 128 + signal.SIGTERM  # 143, what a shell reports for a SIGTERM'd process
@@ -74,6 +75,8 @@ class StageOutcome:
     """The evaluated checkpoint whose weights are the output, when the stage chose one."""
     selection: str | None = None
     """Why that checkpoint."""
+    evaluations: list[EvaluationRow] = field(default_factory=list)
+    """The watch's evaluations for status (``layout.StageResult.evaluations``)."""
     published: list[str] = field(default_factory=list)
     """Where the result was uploaded (the publish stage's URIs); kept in the manifest as ``details.published``."""
     resolved: list[dict[str, Any]] = field(default_factory=list)

@@ -51,8 +51,10 @@ from rlhf_api import layout
 from rlhf_api.layout import StageInvocation, StageResult
 from rlhf_api.methods import STAGE_MODULES
 from rlhf_api.run import ResolvedInput
+from rlhf_api.watch import EVALUATION_ROWS
 from rlhf_stages.runtime import launch
 from rlhf_stages.runtime.context import EXIT_INTERRUPTED, StageConfigError, StageContext, StageError, StageOutcome
+from rlhf_stages.sampling.watch import status_rows
 
 # Stage name -> module (the API's method table). Modules are imported only when their stage runs.
 # A copy: tests register a fake stage in place of every module.
@@ -132,6 +134,7 @@ def _result(
         findings=[f[:300] for f in outcome.findings[:4]] if outcome else [],
         selected_step=outcome.selected_step if outcome else None,
         selection=outcome.selection if outcome else None,
+        evaluations=outcome.evaluations[:EVALUATION_ROWS] if outcome else [],
         published=outcome.published[:4] if outcome else [],
         inputs=[ResolvedInput.model_validate(r) for r in outcome.resolved] if outcome else [],
     )
@@ -213,6 +216,7 @@ def _attempt(ctx: StageContext, nproc: int | None, config: Path, gang: launch.Ga
             findings=list(watched.get("findings", [])),
             selected_step=watched.get("selectedStep"),
             selection=watched.get("selection"),
+            evaluations=status_rows(watched.get("evaluations") or [], watched.get("selectedStep")),
             published=list(done.get("details", {}).get("published") or []),  # a reused upload still says where
         )
         if ctx.is_main:

@@ -282,14 +282,25 @@ def commit(ctx: StageContext, outcome: StageOutcome) -> dict[str, Any]:
 
 
 def result_json(result: StageResult) -> str:
-    """The result as JSON of at most 4 KiB: metrics, then the message, are cut to fit."""
+    """The result as JSON of at most 4 KiB: the watch's evaluations (all but the baseline, the output
+    and the latest), metrics, inputs, then the message, are cut to fit."""
     body = result.model_dump(mode="json", by_alias=True, exclude_none=True)
-    # Absent when empty (no alarm; not the publish or inputs stage): readers older than the field still parse it.
-    for key in ("findings", "published", "inputs"):
+    # Absent when empty (no alarm; not the publish or inputs stage; no watch): readers older than the
+    # field still parse it.
+    for key in ("findings", "published", "inputs", "evaluations"):
         if not body.get(key):
             body.pop(key, None)
+    for row in body.get("evaluations", []):  # false flags are the defaults: left out, the message is shorter
+        for flag in ("alarm", "selected"):
+            if not row[flag]:
+                row.pop(flag)
     text = json.dumps(body, sort_keys=True)
     limit = layout.TERMINATION_MESSAGE_LIMIT
+    rows = body.get("evaluations", [])
+    middle = [r for r in rows[1:-1] if not r.get("selected")]
+    while len(text.encode()) > limit and middle:
+        rows.remove(middle.pop(0))
+        text = json.dumps(body, sort_keys=True)
     while len(text.encode()) > limit and body.get("metrics"):
         body["metrics"].pop(sorted(body["metrics"])[-1])
         text = json.dumps(body, sort_keys=True)

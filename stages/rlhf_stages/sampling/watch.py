@@ -5,7 +5,8 @@ something the reward model overrates. The people running a job usually cannot se
 ground truth, so the stage watches for the known shapes of that failure itself (docs/watch.md):
 
 - ``summarize``: one evaluation's numbers from the answers to the held-out prompts (reward-model
-  score mean/spread, KL to the reference, length distribution, EOS rate, distinct-n, repetition);
+  score mean/spread, KL to the reference, length distribution, EOS rate, distinct-n, repetition,
+  and the pass rates of the spec's rule-based checks, ``run_checks``);
 - ``detect``: the detectors, pure functions of the evaluation history (first record = baseline);
 - ``select``: which evaluated checkpoint becomes the output, by the spec's criterion;
 - :class:`Watcher`: the state a training loop keeps: the evaluation log (JSON lines, one record per
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -29,7 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_api.watch import KL_BEYOND_LIMIT, PREFERENCE_FALLING, REWARD_WITH_COLLAPSE, SCORE_OUT_OF_RANGE, Watch
+from rlhf_api.watch import (
+    CHECKS_FAILING,
+    EVALUATION_ROWS,
+    KL_BEYOND_LIMIT,
+    PREFERENCE_FALLING,
+    REWARD_WITH_COLLAPSE,
+    SCORE_OUT_OF_RANGE,
+    AnswerCheck,
+    EvaluationRow,
+    Watch,
+)
 
 LOG_FILE = "evaluations.jsonl"
 CANDIDATE_FILE = "watch-candidate.pt"
@@ -95,7 +107,29 @@ def repetition(answer: Sequence[int]) -> float:
     return 1.0 - len(set(answer)) / len(answer)
 
 
-def summarize(answers: Answers, score_max: float | None, samples_kept: int) -> dict[str, Any]:
+def fails(check: AnswerCheck, text: str, tokens: int) -> bool:
+    """Whether an answer (its decoded text and its token count, EOS excluded) fails ``check``."""
+    body = text.strip()
+    return (
+        (check.must_match is not None and re.search(check.must_match, body) is None)
+        or (check.must_not_match is not None and re.search(check.must_not_match, body) is not None)
+        or (check.min_chars is not None and len(body) < check.min_chars)
+        or (check.max_chars is not None and len(body) > check.max_chars)
+        or (check.max_tokens is not None and tokens > check.max_tokens)
+    )
+
+
+def run_checks(checks: Sequence[AnswerCheck], answers: Answers) -> list[list[str]]:
+    """Per answer, the names of the ``checks`` it fails (empty: it passes all of them)."""
+    return [
+        [c.name for c in checks if fails(c, text, len(tokens))]
+        for text, tokens in zip(answers.texts, answers.tokens, strict=True)
+    ]
+
+
+def summarize(
+    answers: Answers, score_max: float | None, samples_kept: int, checks: Sequence[AnswerCheck] = ()
+) -> dict[str, Any]:
     """One evaluation record (without its step)."""
     lengths = [float(len(t)) for t in answers.tokens]
     scores = list(answers.scores)
@@ -118,9 +152,13 @@ def summarize(answers: Answers, score_max: float | None, samples_kept: int) -> d
         record["preference_accuracy"] = answers.preference_accuracy
     if score_max is not None:
         record["above_score_range"] = _mean([float(s > score_max) for s in scores])
+    failed = run_checks(checks, answers) if checks else []
+    if checks:
+        record["check_pass_rate"] = _mean([float(not f) for f in failed])
+        record["checks"] = {c.name: _mean([float(c.name not in f) for f in failed]) for c in checks}
     record["samples"] = [
-        {"prompt": p, "answer": t, "score": s}
-        for p, t, s in list(zip(answers.prompts, answers.texts, scores, strict=True))[:samples_kept]
+        {"prompt": p, "answer": t, "score": s, **({"failed_checks": failed[i]} if checks else {})}
+        for i, (p, t, s) in enumerate(list(zip(answers.prompts, answers.texts, scores, strict=True))[:samples_kept])
     ]
     return record
 
@@ -267,6 +305,15 @@ def detect(history: Sequence[dict[str, Any]], watch: Watch, limit: float | None)
         found.append(
             Finding(PREFERENCE_FALLING, step, f"preference accuracy on the held-out pairs {base_acc:.2f} -> {acc:.2f}")
         )
+    passed, base_passed = now.get("check_pass_rate"), base.get("check_pass_rate")
+    if passed is not None and base_passed is not None and passed < base_passed - watch.check_drop:
+        rates, base_rates = now.get("checks") or {}, base.get("checks") or {}
+        # The check that lost the most, named in the evidence: what the answers now do wrong.
+        worst = min(rates, key=lambda name: rates[name] - base_rates.get(name, rates[name]), default=None)
+        detail = f" ({worst} {base_rates[worst]:.2f} -> {rates[worst]:.2f})" if worst in base_rates else ""
+        found.append(
+            Finding(CHECKS_FAILING, step, f"answers passing every check {base_passed:.2f} -> {passed:.2f}{detail}")
+        )
     above = now.get("above_score_range")
     if above is not None and above >= watch.out_of_range_fraction:
         found.append(
@@ -306,6 +353,47 @@ def select(history: Sequence[dict[str, Any]], criterion: str, final_step: int) -
         return final_step, f"select: {criterion}; no evaluation before the alarm, the final policy"
     step = int(before[-1]["step"])
     return step, f"select: {criterion} (the last evaluation before the alarm at step {alarm})"
+
+
+# ------------------------------------------------------------------ what status shows
+
+
+def _shown(value: Any) -> float | None:
+    """A number as status shows it: 4 significant digits; NaN (no reference) and inf are left out
+    (the API server's JSON has no NaN)."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(f"{value:.4g}")
+
+
+def status_rows(table: Sequence[dict[str, Any]], selected_step: int | None) -> list[EvaluationRow]:
+    """The evaluations a stage's result and status carry, from the manifest's table
+    (``details.watch.evaluations``), in step order: the baseline, the selected one, the first alarm
+    and the latest always, then the most recent others up to :data:`EVALUATION_ROWS`."""
+    if not table:
+        return []
+    steps = [int(e["step"]) for e in table]
+    alarm = next((int(e["step"]) for e in table if e.get("alarm")), None)
+    keep = {steps[0], steps[-1]} | {s for s in (selected_step, alarm) if s in steps}
+    for step in reversed(steps):
+        if len(keep) >= EVALUATION_ROWS:
+            break
+        keep.add(step)
+    return [
+        EvaluationRow(
+            step=int(e["step"]),
+            score=_shown(e.get("score_mean")),
+            kl=_shown(e.get("kl_mean")),
+            length=_shown(e.get("length_mean")),
+            distinct2=_shown(e.get("distinct_2")),
+            preference_accuracy=_shown(e.get("preference_accuracy")),
+            check_pass_rate=_shown(e.get("check_pass_rate")),
+            alarm=bool(e.get("alarm")),
+            selected=int(e["step"]) == selected_step,
+        )
+        for e in table
+        if int(e["step"]) in keep
+    ]
 
 
 # ------------------------------------------------------------------ the loop's state
@@ -405,7 +493,7 @@ class Watcher:
 
     def record(self, step: int, answers: Answers, weights: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Summarise, detect, append to the log, keep the candidate's weights; returns the record."""
-        record = {"step": step, **summarize(answers, self.score_max, self.watch.samples_kept)}
+        record = {"step": step, **summarize(answers, self.score_max, self.watch.samples_kept, self.watch.checks)}
         alarmed_before = self.alarmed
         self.history.append(record)
         record["findings"] = [str(f) for f in detect(self.history, self.watch, self.limit)]
@@ -463,6 +551,7 @@ class Watcher:
             "eos_rate",
             "distinct_2",
             "preference_accuracy",
+            "check_pass_rate",
         )
         return {
             "evalEvery": self.watch.eval_every,
@@ -474,6 +563,8 @@ class Watcher:
             "rollbacks": self.rollbacks(),
             "selectedStep": step,
             "selection": why,
-            "evaluations": [{k: r[k] for k in table_keys if k in r} for r in self.history],
+            "evaluations": [
+                {**{k: r[k] for k in table_keys if k in r}, "alarm": bool(r.get("findings"))} for r in self.history
+            ],
             "log": LOG_FILE,
         }

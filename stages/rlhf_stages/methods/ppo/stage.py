@@ -242,6 +242,7 @@ def run(ctx: StageContext) -> StageOutcome:
         findings=concluded.findings,
         selected_step=concluded.selected_step,
         selection=concluded.selection,
+        evaluations=concluded.evaluations,
         message=f"PPO done: reward_mean={metrics.get('reward_mean', float('nan')):.4f} "
         f"kl={metrics.get('kl', float('nan')):.3f}"
         + (
