@@ -34,6 +34,10 @@ MANIFEST_FILE = "manifest.json"
 # operator reads the tail of the stage container's log through the API server and takes the last
 # such line (docs/operator.md, "Live progress").
 PROGRESS_LOG_MARKER: Final = "rlhf-progress"
+# A progress report carries at most this many of the watch's findings, each cut to this length: the
+# operator raises RewardHackingSuspected from them while the stage runs (docs/watch.md).
+MAX_PROGRESS_FINDINGS: Final = 2
+MAX_FINDING_CHARS: Final = 300
 
 # Exit codes with a meaning to the Job's podFailurePolicy: configuration and input errors are
 # never retried (retrying cannot fix them); anything else is retried up to backoffLimit.

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rlhf_api.layout import PROGRESS_LOG_MARKER, StageResult
+from rlhf_api.layout import MAX_FINDING_CHARS, MAX_PROGRESS_FINDINGS, PROGRESS_LOG_MARKER, StageResult
 from rlhf_api.names import (
     CONTROLLER_UID_LABEL,
     JOB_COMPLETION_INDEX_LABEL,
@@ -37,6 +37,7 @@ class Progress:
     step: int = 0
     total_steps: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    findings: tuple[str, ...] = ()  # the watch's alarms so far (docs/watch.md), before the stage's result
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,9 @@ def parse_progress(text: str | None) -> Progress | None:
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
         }
         total = body.get("totalSteps")
-        return Progress(int(body.get("step") or 0), int(total) if total else None, metrics)
+        raw = body.get("findings")
+        findings = [str(f)[:MAX_FINDING_CHARS] for f in raw[:MAX_PROGRESS_FINDINGS]] if isinstance(raw, list) else []
+        return Progress(int(body.get("step") or 0), int(total) if total else None, metrics, tuple(findings))
     except (ValueError, TypeError, AttributeError, OverflowError):
         return None
 

@@ -124,6 +124,10 @@ def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
     metrics = dict(st.metrics)
     if job.progress:
         metrics.update(job.progress.metrics)
+        if job.progress.findings and not st.findings:
+            # An alarm while the stage trains (action warn, or before stop/rollback takes effect): the
+            # condition and the event now, not when the stage ends; the result's findings replace these.
+            update["findings"] = list(job.progress.findings)
     if job.result is not None and job.result.stage:
         metrics.update(job.result.metrics)
         if job.result.artifact_path:
@@ -606,7 +610,8 @@ def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> li
                 out.append(PostEvent("Normal", "StageQueued", f"stage {st.name} is queued: {st.message}"))
             else:
                 out.append(PostEvent("Warning", "StagePending", f"stage {st.name} cannot start: {st.message}"))
-        if st.findings and (prev is None or prev.findings != st.findings):
+        # The first finding is the news: the result repeating (or adding to) the live alarm posts no second event.
+        if st.findings and (prev is None or prev.findings[:1] != st.findings[:1]):
             kept = f"; output {st.selection}" if st.selection else ""
             out.append(PostEvent("Warning", cond.REWARD_HACKING_SUSPECTED, f"stage {st.name}: {st.findings[0]}{kept}"))
         if prev is not None and prev.phase == st.phase:

@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rlhf_api.layout import StageResult
+from rlhf_api.layout import StageResult, progress_log_line
 from rlhf_api.run import RLHFRunSpec, RLHFRunStatus
 from rlhf_api.watch import EvaluationRow
 from rlhf_operator.actions import PostEvent
 from rlhf_operator.cli.cluster import render_status
-from rlhf_operator.observe import JobObservation, Observed
+from rlhf_operator.observe import JobObservation, Observed, parse_progress_log
 from rlhf_operator.planner import RunView, plan
 
 from .harness import tiny_run
@@ -124,3 +124,26 @@ def test_rlhfctl_run_local_prints_the_watch_under_the_stage(monkeypatch: Any, tm
     ppo = text[text.index("ppo     Succeeded") :]
     assert f"ALARM {FINDING}" in ppo and "output: step 10: select: lastBeforeAlarm" in ppo
     assert "EVAL STEP" in ppo and "<- output" in ppo and text.count("EVAL STEP") == 1  # only the watched stage
+
+
+def test_an_alarm_in_the_progress_sets_the_condition_while_the_stage_trains_and_the_result_adds_no_event() -> None:
+    """Under ``action: warn`` a stage trains on for many steps after an alarm: the progress line the
+    operator reads from the log carries the finding, so the condition and the event come now."""
+    line = progress_log_line({"stage": "ppo", "step": 21, "totalSteps": 40, "metrics": {}, "findings": [FINDING]})
+    progress = parse_progress_log(f"some log\n{line}\nmore log\n")
+    assert progress is not None and progress.findings == (FINDING,)
+    running = JobObservation(name="tiny-ppo", stage="ppo", uid="job-ppo", active=1, pods=1, progress=progress)
+    jobs = {"sft": done("sft"), "reward": done("reward"), "ppo": running}
+    live = plan(view(), Observed(jobs, True), NOW)
+    ppo = next(s for s in live.status.stages if s.name == "ppo")
+    assert ppo.phase == "Running" and ppo.findings == [FINDING]
+    assert (condition(live.status) or ("",))[0] == "True"
+    (event,) = events(live.actions)
+    assert FINDING in event.message
+
+    jobs["ppo"] = done("ppo", [FINDING, "klBeyondLimit at step 30: KL 9.1 > 6.0"])
+    ended = plan(view(live.status), Observed(jobs, True), NOW)
+    ppo = next(s for s in ended.status.stages if s.name == "ppo")
+    assert ppo.findings == [FINDING, "klBeyondLimit at step 30: KL 9.1 > 6.0"]  # the result's, complete
+    assert ppo.selection is not None and "step 10" in ppo.selection
+    assert events(ended.actions) == []  # the same first finding: no second event

@@ -68,3 +68,23 @@ def test_a_closed_stdout_does_not_stop_the_stage(tmp_path: Path, monkeypatch: py
     ctx = context(tmp_path)
     ctx.write_progress(4, 10, force=True)
     assert json.loads(ctx.progress_file.read_text())["step"] == 4
+
+
+def test_an_alarm_is_reported_at_once_and_in_every_later_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The watch's findings reach the operator with the progress, while the stage trains (docs/watch.md)."""
+    ctx = context(tmp_path)
+    ctx.write_progress(20, 40, {"loss": 0.5}, force=True)
+    finding = "rewardRiseWithCollapse at step 20: " + "x" * 400
+    ctx.report_alarms([finding])  # right away, with the last step: not rate-limited, not at the next step
+    ctx.report_alarms([finding])  # the same finding again (the next evaluation): nothing new to say
+    ctx.write_progress(25, 40, {"loss": 0.4}, force=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    alarm = parse_progress_log(lines[1])
+    assert alarm is not None and alarm.step == 20 and alarm.metrics == {"loss": 0.5}
+    assert alarm.findings == (finding[:300],)  # cut: a log line, not a report
+    later = parse_progress_log(lines[2])
+    assert later is not None and later.step == 25 and later.findings == alarm.findings
+    assert "findings" not in json.loads(lines[0].removeprefix(PROGRESS_LOG_MARKER + " "))

@@ -227,7 +227,9 @@ def hook(tmp_path: Path, watch: Watch, scripted: dict[int, Answers], total: int 
 
     from rlhf_stages.methods.watching import WatchCallback
 
-    ctx = SimpleNamespace(is_main=True, stage="grpo", staging_dir=tmp_path / "out")
+    alarms: list[str] = []  # what the context was told, as the progress the operator reads carries it
+    ctx = SimpleNamespace(is_main=True, stage="grpo", staging_dir=tmp_path / "out", alarms=alarms)
+    ctx.report_alarms = lambda findings: alarms.extend(f for f in findings if f not in alarms)
     watcher = Watcher(watch, tmp_path / "ckpt", kl_target=None, score_max=None, total_steps=total)
     at = {"step": 0}
     weights = lambda: {"w": torch.full((2,), float(at["step"]))}  # noqa: E731
@@ -260,6 +262,7 @@ def test_trainer_hook_evaluates_on_schedule_and_stops_at_the_alarm(tmp_path: Pat
     cb, at = hook(tmp_path, Watch(eval_every=3), {0: HEALTHY, 3: HEALTHY, 6: HACKED})
     assert drive(cb, at, 0, 10) == 6 and cb.stopped_by_alarm
     assert [r["step"] for r in cb.watcher.history] == [0, 3, 6]
+    assert cb.ctx.alarms == cb.watcher.findings() and cb.ctx.alarms  # reported live, not only in the result
     assert cb.watcher.candidate_step == 3  # the last healthy evaluation's weights are kept
 
     from types import SimpleNamespace

@@ -217,7 +217,7 @@ def run(ctx: StageContext) -> StageOutcome:
         if evaluate is None:
             return False
         if watcher.due(step):
-            watching.log_record("rest", watcher.record(step, evaluate(), lambda: models.trainable_state(policy)))
+            watching.log_record(ctx, watcher.record(step, evaluate(), lambda: models.trainable_state(policy)))
         return watcher.should_stop() and step < total
 
     # The baseline before the first Grow step or, resumed, an evaluation the restart interrupted.

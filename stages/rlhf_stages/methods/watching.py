@@ -79,10 +79,11 @@ def with_preferences(answers: Answers, policy: Any, tokenizer: Any, pairs: Seque
     return replace(answers, preference_accuracy=preference_accuracy(policy, tokenizer, pairs))
 
 
-def log_record(stage: str, record: dict[str, Any]) -> None:
+def log_record(ctx: StageContext, record: dict[str, Any]) -> None:
+    """One evaluation in the stage's log; its findings also in the progress the operator reads."""
     log.info(
         "%s evaluation at step %d: score %.3f (sd %.3f) kl %.3f length %.1f eos %.2f distinct-2 %.3f%s",
-        stage,
+        ctx.stage,
         record["step"],
         record["score_mean"],
         record["score_std"],
@@ -92,6 +93,7 @@ def log_record(stage: str, record: dict[str, Any]) -> None:
         record["distinct_2"],
         "".join(f"; ALARM {f}" for f in record["findings"]),
     )
+    ctx.report_alarms(list(record["findings"]))
 
 
 @dataclass
@@ -194,7 +196,7 @@ class WatchCallback(TrainerCallback):
         verdict = _CONTINUE
         if self.ctx.is_main:
             if self.watcher.due(step):
-                log_record(self.ctx.stage, self.watcher.record(step, self.evaluate(), self.weights))
+                log_record(self.ctx, self.watcher.record(step, self.evaluate(), self.weights))
             # Also when resumed past an alarm that a SIGTERM interrupted before the stop took effect.
             # At the last step there is nothing left to train: the selection alone decides the output.
             decision = self.watcher.decision() if step < self.watcher.total_steps else "continue"

@@ -104,6 +104,10 @@ class StageContext:
     """This start's entry in ``<stage>.attempts.json`` (number, Pod, notices); see attempts.py."""
     _last_progress: float = 0.0
     _progress_origin: tuple[int, float] | None = None  # (step, time) of the first report, for the ETA
+    _last_report: tuple[int, int | None, dict[str, float]] | None = None  # (step, total, metrics)
+    alarms: list[str] = field(default_factory=list)
+    """The watch's findings so far (docs/watch.md): every progress report carries them, so the operator
+    sets RewardHackingSuspected while the stage still trains, not only from its final result."""
 
     @classmethod
     def create(cls, invocation: StageInvocation) -> StageContext:
@@ -168,6 +172,7 @@ class StageContext:
         if not self.is_main or (not force and now - self._last_progress < 2.0):
             return
         self._last_progress = now
+        self._last_report = (step, total, dict(metrics or {}))
         percent = min(100, int(100 * step / total)) if total else None
         if self._progress_origin is None:
             self._progress_origin = (step, now)  # a resumed run starts at its checkpoint's step
@@ -184,8 +189,19 @@ class StageContext:
             "metrics": {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)},
             "updatedAt": format_timestamp(),
         }
+        if self.alarms:
+            body["findings"] = [f[: layout.MAX_FINDING_CHARS] for f in self.alarms[: layout.MAX_PROGRESS_FINDINGS]]
         write_json_atomic(self.progress_file, body)
         print_progress_line(body)
+
+    def report_alarms(self, findings: list[str]) -> None:
+        """New findings of the watch: reported now, with the last progress, not at the next step."""
+        new = [f for f in findings if f not in self.alarms]
+        if not new:
+            return
+        self.alarms.extend(new)
+        step, total, metrics = self._last_report or (0, None, {})
+        self.write_progress(step, total, metrics, force=True)
 
 
 def print_progress_line(body: dict[str, Any]) -> None:

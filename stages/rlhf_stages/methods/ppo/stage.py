@@ -148,7 +148,7 @@ def run(ctx: StageContext) -> StageOutcome:
             ppo_watch.answers(trainer, watch_prompts), trainer.module.policy, tokenizer, pairs
         )
         record = watcher.record(step, answers, lambda: ppo_watch.policy_weights(trainer))
-        watching.log_record("ppo", record)
+        watching.log_record(ctx, record)
         verdict = watcher.decision()
         if verdict == "rollback":
             return ROLLBACK
