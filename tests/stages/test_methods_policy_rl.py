@@ -61,6 +61,17 @@ def test_beats_sft_on_reward_model_and_ground_truth(volume: Path, runs: tuple[st
         assert e.eos_rate >= 0.9, (method, r.seed, e)
 
 
+def test_the_default_watch_raises_no_alarm_on_a_sound_reward_model(runs: tuple[str, list[MethodRun]]) -> None:
+    """Issue 13's "no false alarm on 3 seeds" for GRPO and RLOO: these runs have the default watch on
+    (evaluations every 10 steps, action stop) and a reward model without a hole (docs/watch.md)."""
+    method, method_runs = runs
+    for r in method_runs:
+        result = r.stage.result
+        assert result.get("findings", []) == [], (method, r.seed, result.get("findings"))
+        assert result["step"] == result["totalSteps"], (method, r.seed)  # not stopped by an alarm
+        assert "no alarm, the final policy" in (result.get("selection") or ""), (method, r.seed, result)
+
+
 def test_metrics_and_output(volume: Path, runs: tuple[str, list[MethodRun]]) -> None:
     method, method_runs = runs
     stage = method.lower()
