@@ -342,9 +342,10 @@ def _start(st: StageStatus, p: _Pass) -> Decision:
         name = job_manifest["metadata"]["name"]
         service = build_rendezvous_service(p.run.ref, spec, st.name)
         actions: list[Action] = [CreateJob(cfg, job_manifest, service)]
+        # No event for the Job's creation: the stage's StageStarted tells the start (issue 14: one
+        # event per transition), and a start that stalls gets its StagePending or StageQueued.
         known = next((o for o in p.old.stages if o.name == st.name and o.phase == "Pending"), None)
         if known is None or known.job_name is None:
-            actions.append(PostEvent("Normal", "JobCreated", f"created Job {name} for stage {st.name}"))
             actions += _one_node_volume_warning(spec, st.name)
         created = st.model_copy(update={"job_name": name})
         # Starting from the Job's creation: its Pod's first steps are then no change.
@@ -507,7 +508,8 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
     walk = _walk(stages, jobs, replacing, _Pass(run, old, now, ts))
     status.stages = walk.stages
     _summarise(run, status, walk.current, walk.failure, ts)
-    actions += walk.actions + _events(run, old, status, ts)
+    told = retry is not None and retry.restarted  # its RetryRequested tells the run's restart
+    actions += walk.actions + _events(run, old, status, ts, told)
     return Plan(actions=actions, status=status, finished=walk.finished)
 
 
@@ -595,9 +597,17 @@ RUN_EVENTS = {
 }
 
 
-def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> list[Action]:
-    """One event per transition: of each stage's phase, of the run's phase, and of the spec while running."""
+def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str, told: bool = False) -> list[Action]:
+    """One event per transition: of each stage's phase, of the run's phase, and of the spec while running.
+
+    Each event is a write, and transitions are what the operator must serve fastest (issue 14), so a
+    pass tells one change once. The run's end replaces the event of the stage that ended it (its
+    message names that stage and, on success, carries what the stage said); a run's other phase
+    changes (Running, Suspended) are told by the stage event of the same pass, and get their own
+    event only when no stage changed phase and the pass said nothing else (``told``: a retry).
+    """
     out: list[Action] = []
+    by_stage: dict[str, PostEvent] = {}  # the phase events of this pass
     before = {s.name: s for s in old.stages}
     for st in new.stages:
         prev = before.get(st.name)
@@ -612,18 +622,40 @@ def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> li
             out.append(PostEvent("Warning", cond.REWARD_HACKING_SUSPECTED, f"stage {st.name}: {st.findings[0]}{kept}"))
         if prev is not None and prev.phase == st.phase:
             continue
-        if st.phase in STAGE_EVENTS:
+        if prev is not None and prev.phase == "Suspended" and st.phase in ("Pending", "Running"):
+            # Resumed: told once, when the run's suspend is lifted (its Pod may still have to start).
+            by_stage[st.name] = PostEvent("Normal", "StageResumed", f"stage {st.name} resumed")
+            out.append(by_stage[st.name])
+        elif st.phase in STAGE_EVENTS:
             kind, reason = STAGE_EVENTS[st.phase]
-            if st.phase == "Running" and prev is not None and prev.phase == "Suspended":
-                reason = "StageResumed"
-            out.append(PostEvent(kind, reason, st.message or f"stage {st.name} {st.phase.lower()}"))
+            by_stage[st.name] = PostEvent(kind, reason, st.message or f"stage {st.name} {st.phase.lower()}")
+            out.append(by_stage[st.name])
     if new.phase != old.phase and new.phase in RUN_EVENTS and (run.status is not None or new.phase != "Pending"):
         kind, reason = RUN_EVENTS[new.phase]
-        msg = next((c.message for c in new.conditions if c.type == cond.FAILED and c.status == "True"), "")
-        out.append(PostEvent(kind, reason, msg or f"run {new.phase.lower()} ({new.progress or ''})"))
+        ended = next((s for s in reversed(new.stages) if s.name in by_stage and s.phase == new.phase), None)
+        if new.phase in ("Succeeded", "Failed"):
+            if ended is not None:
+                out.remove(by_stage[ended.name])
+            out.append(PostEvent(kind, reason, _run_end_message(new, ended)))
+        elif not by_stage and not told:
+            out.append(PostEvent(kind, reason, f"run {new.phase.lower()} ({new.progress or ''})"))
     seen = old.observed_generation
     if seen is not None and seen != run.generation and old.phase in ("Running", "Suspended", "Pending"):
         out.append(
             PostEvent("Normal", "SpecChanged", f"generation {run.generation}: applies to stages not started yet")
         )
     return out
+
+
+def _run_end_message(new: RLHFRunStatus, ended: StageStatus | None) -> str:
+    """A finished run's event: why it failed (the Failed condition names the stage), or that it
+    succeeded, after what the last stage said (its own StageSucceeded is not posted)."""
+    failed = next((c.message for c in new.conditions if c.type == cond.FAILED and c.status == "True"), "")
+    if failed:
+        return failed
+    succeeded = next((c.message for c in new.conditions if c.type == cond.SUCCEEDED and c.status == "True"), "")
+    what = succeeded or f"run {new.phase.lower()} ({new.progress or ''})"
+    if ended is None:
+        return what
+    said = f"stage {ended.name} succeeded" + (f": {ended.message}" if ended.message else "")
+    return f"{said}; {what}"

@@ -244,13 +244,36 @@ def test_progress_eta_reward_and_summary() -> None:
     assert next(s for s in final.stages if s.name == "ppo").metrics == {"reward_mean": 0.5}
 
 
-def test_events_on_transitions() -> None:
-    first = plan(view(), observed(running("sft")), NOW)
-    assert "Event:StageStarted" in kinds(first.actions)
+def _events(p: Any) -> list[tuple[str, str]]:
+    return [(a.reason, a.message) for a in p.actions if isinstance(a, PostEvent)]
+
+
+def test_one_event_per_transition() -> None:
+    """Issue 14: each transition of a run is told by one event, enough for `kubectl describe` to tell
+    the story (a stage started, succeeded, the run's end), and a pass that changes nothing tells nothing."""
+    created = plan(view(), observed(), NOW)
+    assert _events(created) == []  # the Job's creation: its start is told when its Pod runs
+    first = plan(view(created.status), observed(running("sft")), NOW)
+    assert _events(first) == [("StageStarted", "stage sft running")]  # not also RunRunning
     second = plan(view(first.status), observed(done("sft")), NOW)
-    assert {"Event:StageSucceeded", "Event:JobCreated"} <= set(kinds(second.actions))
+    assert kinds(second.actions) == ["CreateJob:tiny-reward", "Event:StageSucceeded"]  # no JobCreated
     quiet = plan(view(second.status), observed(done("sft"), running("reward")), NOW)
-    assert "Event:StageSucceeded" not in kinds(quiet.actions)
+    assert _events(quiet) == [("StageStarted", "stage reward running")]
+    status = settle(view(quiet.status), observed(done("sft"), done("reward"), done("ppo"), running("merge")))
+    last = plan(view(status), observed(*(done(s) for s in PIPELINE)), NOW)
+    # The last stage's success and the run's are one event.
+    assert _events(last) == [
+        ("RunSucceeded", "stage merge succeeded; all stages succeeded; output model runs/ns/tiny/merge/model")
+    ]
+    assert _events(plan(view(last.status), observed(*(done(s) for s in PIPELINE)), NOW)) == []
+
+
+def test_a_failed_stage_and_the_failed_run_are_one_warning() -> None:
+    status = settle(view(), observed(done("sft"), running("reward")))
+    p = plan(view(status), observed(done("sft"), failed("reward")), NOW)
+    [(reason, message)] = _events(p)
+    assert reason == "RunFailed" and message.startswith("stage reward failed (BackoffLimitExceeded, exit code 1)")
+    assert [a.type for a in p.actions if isinstance(a, PostEvent)] == ["Warning"]
 
 
 def test_retry_deletes_the_failed_job_then_recreates_it() -> None:
@@ -259,8 +282,7 @@ def test_retry_deletes_the_failed_job_then_recreates_it() -> None:
     retry = plan(view(failed_status, annotations=annotations), observed(done("sft"), failed("reward")), NOW)
     assert [k for k in kinds(retry.actions) if not k.startswith("Event:Stage")] == [
         "DeleteJob:tiny-reward",
-        "Event:RetryRequested",
-        "Event:RunRunning",
+        "Event:RetryRequested",  # it tells the run's restart: no RunRunning besides
     ]
     assert retry.status.phase == "Running" and retry.status.retry_token == "1"
     nxt = plan(view(retry.status, annotations=annotations), observed(done("sft")), NOW)
