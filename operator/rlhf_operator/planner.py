@@ -149,6 +149,24 @@ def _starting(st: StageStatus) -> StageStatus:
     return st.model_copy(update={"phase": "Pending", "reason": cond.STARTING, "message": cond.STARTING_MESSAGE})
 
 
+def _is_starting(st: StageStatus) -> bool:
+    return st.phase == "Pending" and st.reason == cond.STARTING
+
+
+def _quiet_start(listed: StageStatus, decided: StageStatus) -> StageStatus:
+    """The entry as written while a normal start goes on: what the Job and its Pod add meanwhile
+    (attempts, startTime) waits for the stage's next change (Running, or its end), which records it.
+
+    Why: every status write is one of the few API writes a transition may cost (issue 14), and a
+    start is one state for the user (cond.STARTING) from the Job's creation until its Pod runs, so a
+    start writes the status twice (the Job created, the Pod running), not three times. Nothing is
+    lost: attempts and startTime are read from the Job and its Pods again at that next change.
+    """
+    if _is_starting(listed) and _is_starting(decided) and listed.job_name == decided.job_name:
+        return listed
+    return decided
+
+
 def _failure_message(stage: str, job: JobObservation, restarts: int = 0) -> tuple[str, str]:
     exit_code = _exit_code(job)
     reason = cond.failure_reason(job.reason, exit_code)
@@ -477,7 +495,7 @@ def _walk(stages: list[StageStatus], jobs: Mapping[str, JobObservation], replaci
         st = listed if job is None or listed.phase == "Skipped" else _with_job(listed, job, p.ts)
         later_job = any(s.name in jobs for s in stages[i + 1 :])
         decision = decide(detect(st, job, listed.name in replacing, later_job), st, job, p)
-        stages[i] = decision.stage
+        stages[i] = _quiet_start(listed, decision.stage)
         actions += decision.actions
         if decision.finished:
             finished.append(decision.stage)

@@ -353,14 +353,17 @@ def test_starting_reasons_are_pending_without_a_warning() -> None:
 
 
 def test_the_steps_of_a_normal_start_rewrite_no_status() -> None:
-    # Writes of a start: the Job's creation, its Pod's appearance (attempts, startTime), running.
+    # Writes of a start: the Job's creation and its Pod running; its Pod's appearance (attempts,
+    # startTime) is recorded with the Pod running (issue 14: writes per transition).
     created = plan(view(), observed(), NOW)
     assert "CreateJob:tiny-sft" in kinds(created.actions)
     sft = created.status.stages[0]
     assert (sft.phase, sft.reason) == ("Pending", "Starting")
     assert plan(view(created.status), observed(job("sft")), NOW).status == created.status, "the Job, no Pod yet"
     scheduling = plan(view(created.status), observed(pulling(reason="Scheduling")), NOW)
-    assert scheduling.status.stages[0].reason == "Starting" and scheduling.status.stages[0].attempts == 1
+    assert scheduling.status == created.status, "the Pod seen"
+    ran = plan(view(scheduling.status), observed(running("sft")), NOW).status.stages[0]
+    assert (ran.phase, ran.attempts, ran.start_time) == ("Running", 1, "2026-01-01T11:50:00Z")
     for step in ("ContainerCreating", "PodInitializing"):
         again = plan(view(scheduling.status), observed(pulling(reason=step)), NOW)
         assert again.status == scheduling.status, f"{step} rewrote the status"
