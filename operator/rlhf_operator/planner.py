@@ -38,7 +38,7 @@ from rlhf_api.timestamps import format_timestamp, parse_timestamp
 
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .children import build_config_map, build_job, build_pvc, build_rendezvous_service, nodes
+from .children import build_job, build_pvc, build_rendezvous_service, config_too_large, nodes
 from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
 from .progress import merge_progress, summary
 
@@ -328,8 +328,8 @@ def _recorded_failure(st: StageStatus, job: JobObservation | None) -> tuple[str,
     """Why a stage already recorded as failed failed, for the run's Failed condition."""
     if job is not None and job.failed_condition:
         return _failure_message(st.name, job)
-    if st.reason == cond.START_TIMEOUT:  # the operator failed it (and, with Kueue, deleted its Job)
-        return cond.START_TIMEOUT, st.message or f"stage {st.name} failed"
+    if st.reason in (cond.START_TIMEOUT, cond.CONFIG_TOO_LARGE):  # the operator failed it (no Job, or suspended)
+        return st.reason, st.message or f"stage {st.name} failed"
     reason = cond.STAGE_LOST if job is None else (st.reason or cond.STAGE_FAILED)  # None: its Job is gone
     return reason, st.message or f"stage {st.name} failed"
 
@@ -355,11 +355,16 @@ def _start(st: StageStatus, p: _Pass) -> Decision:
     """No Job for the stage: create it, unless the run is suspended or finished."""
     spec = p.run.spec
     if not spec.suspend and p.old.phase not in ("Failed", "Succeeded"):
-        cfg = build_config_map(p.run.ref, spec, st.name)
+        too_large = config_too_large(p.run.ref, spec, st.name)
+        if too_large is not None:
+            # The API server would refuse the Job on every pass: fail the stage once, saying why.
+            update = {"phase": "Failed", "completion_time": p.ts, "reason": cond.CONFIG_TOO_LARGE, "message": too_large}
+            failed = st.model_copy(update=update)
+            return Decision(failed, stop=True, failure=(cond.CONFIG_TOO_LARGE, too_large), finished=True)
         job_manifest = build_job(p.run.ref, spec, st.name)
         name = job_manifest["metadata"]["name"]
         service = build_rendezvous_service(p.run.ref, spec, st.name)
-        actions: list[Action] = [CreateJob(cfg, job_manifest, service)]
+        actions: list[Action] = [CreateJob(job_manifest, service)]
         # No event for the Job's creation: the stage's StageStarted tells the start (issue 14: one
         # event per transition), and a start that stalls gets its StagePending or StageQueued.
         known = next((o for o in p.old.stages if o.name == st.name and o.phase == "Pending"), None)

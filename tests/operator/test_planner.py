@@ -9,6 +9,7 @@ import pytest
 
 from rlhf_api.layout import StageResult
 from rlhf_api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
+from rlhf_operator import children
 from rlhf_operator.actions import CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
 from rlhf_operator.observe import JobObservation, Observed, Progress, Waiting
 from rlhf_operator.planner import RETRY_ANNOTATION, RunView, plan
@@ -492,3 +493,17 @@ def test_start_timeout_of_a_queued_job_deletes_it_and_keeps_the_reason() -> None
     later = plan(view(p.status, **KUEUE), observed(), NOW)
     assert later.status.phase == "Failed" and later.actions == []
     assert cond(later.status, "Failed") == ("True", "StartTimeout"), "not StageLost: the operator deleted it"
+
+
+def test_a_config_too_large_for_the_job_fails_the_stage_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage config rides on its Job's annotation (256 KiB in all): one the API server would refuse
+    on every pass fails the stage, with the size and the fix, and no Job is attempted."""
+    monkeypatch.setattr(children, "STAGE_CONFIG_LIMIT", 1024)
+    p = plan(view(), observed(), NOW)
+    assert not [a for a in p.actions if isinstance(a, CreateJob)]
+    sft = p.status.stages[0]
+    assert (sft.phase, sft.reason, p.status.phase) == ("Failed", "ConfigTooLarge", "Failed")
+    assert sft.message is not None and "above the 1 KiB" in sft.message and "shorten the run's spec" in sft.message
+    assert cond(p.status, "Failed") == ("True", "ConfigTooLarge")
+    again = plan(view(p.status), observed(), NOW)  # no Job, ever: still this reason, nothing to write
+    assert again.status == p.status and again.actions == []
