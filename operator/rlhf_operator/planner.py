@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from rlhf_api.layout import RunRef, last_policy_stage, run_dir, stage_output
@@ -111,7 +111,15 @@ def _stage_list(spec: RLHFRunSpec, old: list[StageStatus]) -> list[StageStatus]:
 
 
 def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
-    """Fold what the Job and its pods say into the stage's entry."""
+    """Fold what the Job and its pods say into the stage's entry.
+
+    A Pod's result (its termination message) counts once its Job has finished: a Pod ends a moment
+    before the Job controller marks its Job Complete or Failed, and folding the result in between
+    would write the status twice for one transition (issue 14); a retried attempt's result is not the
+    stage's either.
+    """
+    if not (job.complete or job.failed_condition):
+        job = replace(job, result=None)
     if job.completions > 1:
         # A gang's attempts are its starts, which the planner counts (_gang_restart): its Pods are one attempt.
         attempts = max(st.attempts, 1 if job.pods or job.active else 0)

@@ -507,3 +507,13 @@ def test_a_config_too_large_for_the_job_fails_the_stage_once(monkeypatch: pytest
     assert cond(p.status, "Failed") == ("True", "ConfigTooLarge")
     again = plan(view(p.status), observed(), NOW)  # no Job, ever: still this reason, nothing to write
     assert again.status == p.status and again.actions == []
+
+
+def test_a_pod_that_ended_before_its_job_writes_nothing_until_the_job_ends() -> None:
+    """The Pod's termination message comes a moment before the Job controller marks the Job Complete:
+    folding it in then would be a second status write for one transition (issue 14)."""
+    running_status = settle(view(), observed(running("sft")))
+    ended_pod = JobObservation(**{**vars(running("sft")), "result": done("sft").result})
+    assert plan(view(running_status), observed(ended_pod), NOW).status == running_status
+    finished = plan(view(running_status), observed(done("sft")), NOW).status.stages[0]
+    assert (finished.phase, finished.artifact_path) == ("Succeeded", "runs/ns/tiny/sft")
