@@ -788,6 +788,15 @@ def log(message: str) -> None:
 
 # --- the table --------------------------------------------------------------------------------------
 
+
+def _writes_by_kind(r: Result) -> str:
+    """``create events 1.25, update rlhfruns/status 1.3, ...``: where the writes per stage go (issue 14's
+    goal is at most 3 per transition)."""
+    stages = 4 * r.size
+    kinds = [(kind, n) for kind, n in r.requests_by_kind.items() if kind.split(" ", 1)[0] in WRITE_VERBS]
+    return ", ".join(f"{kind} {n / stages:.2f}" for kind, n in kinds) or "-"
+
+
 ROWS: list[tuple[str, Any]] = [
     ("transitions measured", lambda r: r.transitions),
     ("transition latency p50 / p99 / max", lambda r: f"{r.latency_p50_s} / {r.latency_p99_s} / {r.latency_max_s} s"),
@@ -801,6 +810,7 @@ ROWS: list[tuple[str, Any]] = [
         "writes (of them Events) / LISTs per stage",
         lambda r: f"{r.writes_per_stage} ({r.events_per_stage}) / {r.lists_per_stage}",
     ),
+    ("writes per stage, by kind", _writes_by_kind),
     ("requests/s once every run finished", lambda r: r.idle_requests_per_s),
     (
         "peak RSS, first start / after a restart",

@@ -15,10 +15,9 @@ class EnsurePVC:
 
 @dataclass(frozen=True)
 class CreateJob:
-    """Write the stage's ConfigMap (create or replace), create a multi-node stage's rendezvous Service,
-    then create its Job (AlreadyExists is success for both)."""
+    """Create a multi-node stage's rendezvous Service, then the stage's Job, which carries the stage's
+    config (AlreadyExists is success for both)."""
 
-    config_map: dict[str, Any]
     job: dict[str, Any]
     service: dict[str, Any] | None = None
     """Created before the Job, so that its Pods find the Service's address in their environment."""

@@ -1,4 +1,5 @@
-"""Pure builders of the objects a run owns: the workspace PVC, and per stage a ConfigMap and a Job.
+"""Pure builders of the objects a run owns: the workspace PVC, and per stage a Job (and a multi-node
+stage's rendezvous Service). The stage's config rides on its Job (:func:`stage_config`).
 
 Everything here is a function of the run (name, namespace, uid, spec) and nothing else, so the
 same run always yields byte-identical manifests: names are deterministic (which is what makes
@@ -41,6 +42,7 @@ from rlhf_api.names import (
     LABEL_RUN,
     LABEL_STAGE,
     MANAGER,
+    STAGE_CONFIG_ANNOTATION,
 )
 from rlhf_api.podtemplate import (
     CONFIG_MOUNT_PATH,
@@ -82,10 +84,6 @@ def rendezvous_service_name(run: str, stage: str) -> str:
     an ``r`` (the stages read the name from RLHF_RENDEZVOUS_SERVICE, never rebuild it)."""
     name = re.sub(r"[^a-z0-9-]", "-", f"{job_name(run, stage)}-rdzv")
     return name if name[0].isalpha() else f"r{name}"
-
-
-def config_map_name(run: str, stage: str) -> str:
-    return f"{run}-{stage}"
 
 
 def pvc_name(run: str) -> str:
@@ -162,15 +160,38 @@ def build_invocation(run: RunRef, spec: RLHFRunSpec, stage: str) -> StageInvocat
     )
 
 
-def build_config_map(run: RunRef, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
-    """The stage's invocation: a snapshot of the spec taken when the stage's Job is created."""
-    text = yaml.safe_dump(build_invocation(run, spec, stage).to_wire(), sort_keys=True)
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(run, config_map_name(run.name, stage), stage),
-        "data": {CONFIG_FILE_NAME: text},
-    }
+# Kubernetes caps an object's annotations at 256 KiB in all; the stage config takes at most half, so
+# that the run's podTemplate annotations keep room (a typical config is 3-6 KiB).
+STAGE_CONFIG_LIMIT = 128 * 1024
+
+
+def stage_config(run: RunRef, spec: RLHFRunSpec, stage: str) -> str:
+    """The stage's invocation (YAML): a snapshot of the spec taken when the stage's Job is created.
+
+    It rides on the Job's Pod template as the STAGE_CONFIG_ANNOTATION, which a downwardAPI volume
+    projects as the container's config file: no ConfigMap, so creating the Job is the stage's one
+    write (issue 14), and the config can never disagree with the Job it was made for. The spec holds
+    Secret references only (spec.secrets, publish credentials), never a Secret's value, so nothing
+    secret reaches the annotation.
+    """
+    return yaml.safe_dump(build_invocation(run, spec, stage).to_wire(), sort_keys=True)
+
+
+def config_too_large(run: RunRef, spec: RLHFRunSpec, stage: str) -> str | None:
+    """Why the stage's config cannot ride on its Job (above STAGE_CONFIG_LIMIT), or None when it can."""
+    size = len(stage_config(run, spec, stage).encode())
+    if size <= STAGE_CONFIG_LIMIT:
+        return None
+    return (
+        f"stage {stage}: its configuration is {size // 1024} KiB, above the {STAGE_CONFIG_LIMIT // 1024} KiB a "
+        "stage Job's annotation may carry; shorten the run's spec (long inline lists or strings)"
+    )
+
+
+def config_item() -> dict[str, Any]:
+    """The downwardAPI item that writes the config annotation as the config volume's one file."""
+    field = f"metadata.annotations['{STAGE_CONFIG_ANNOTATION}']"
+    return {"path": CONFIG_FILE_NAME, "fieldRef": {"fieldPath": field}}
 
 
 def stage_command(stage: str) -> list[str]:
@@ -365,9 +386,9 @@ def build_job(run: RunRef, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
     meta = _metadata(run, job_name(run.name, stage), stage)
     # The overlay's keys never clash with the operator's (admission refuses them); the operator's win anyway.
     pod_labels = {**overlay.labels, **labels(run.name, stage)}
-    pod_meta: dict[str, Any] = {"labels": pod_labels}
-    if overlay.annotations:
-        pod_meta["annotations"] = dict(overlay.annotations)
+    # The overlay's annotations cannot use the operator's domain (admission), so cannot clash with the config's.
+    annotations = {**overlay.annotations, STAGE_CONFIG_ANNOTATION: stage_config(run, spec, stage)}
+    pod_meta: dict[str, Any] = {"labels": pod_labels, "annotations": annotations}
     if runtime.queue_name:
         meta["labels"][KUEUE_QUEUE_LABEL] = runtime.queue_name
     container: dict[str, Any] = {
@@ -415,7 +436,7 @@ def build_job(run: RunRef, spec: RLHFRunSpec, stage: str) -> dict[str, Any]:
         "containers": [container],
         "volumes": [
             {"name": VOLUME_WORKSPACE, "persistentVolumeClaim": {"claimName": workspace_claim(run.name, spec)}},
-            {"name": VOLUME_CONFIG, "configMap": {"name": config_map_name(run.name, stage)}},
+            {"name": VOLUME_CONFIG, "downwardAPI": {"items": [config_item()]}},
             {"name": VOLUME_TMP, "emptyDir": {"sizeLimit": overlay.tmp_size_limit}},
             # NCCL and DataLoader workers need shm; a tmpfs counts against the container's memory limit.
             {"name": VOLUME_SHM, "emptyDir": {"medium": "Memory", "sizeLimit": overlay.shm_size_limit}},

@@ -36,6 +36,7 @@ STAGE_LOST = "StageLost"  # the failed stage's Job is gone and its reason with i
 INVALID_SPEC = "InvalidSpec"  # the stored spec fails validation (stored before a stricter CRD): edit it
 GANG_RESTART = "GangRestart"  # a Pod of a multi-node stage failed: all its Pods start again (an event, a stage reason)
 ONE_NODE_VOLUME = "OneNodeVolume"  # event: a multi-node stage on a ReadWriteOnce workspace (its Pods share one node)
+CONFIG_TOO_LARGE = "ConfigTooLarge"  # the stage's config exceeds what its Job's annotation may carry (children)
 START_TIMEOUT = "StartTimeout"  # the stage's Pod did not start within runtime.startTimeoutSeconds
 # A stage's reason (not a condition's): its Job waits for Kueue to admit it (runtime.queueName).
 QUEUED = "Queued"

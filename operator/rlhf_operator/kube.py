@@ -166,7 +166,6 @@ class Cluster:
         if isinstance(action, EnsurePVC):
             self._create(lambda: self.core.create_namespaced_persistent_volume_claim(namespace, _body(action.manifest)))
         elif isinstance(action, CreateJob):
-            self._apply_config_map(namespace, action.config_map)
             service = action.service
             if service is not None:
                 self._create(lambda: self.core.create_namespaced_service(namespace, _body(service)))
@@ -196,16 +195,6 @@ class Cluster:
             if exc.status != 409:  # AlreadyExists: made by an earlier pass (or a previous operator)
                 raise
         return None
-
-    def _apply_config_map(self, namespace: str, manifest: dict[str, Any]) -> None:
-        """Create or replace: the ConfigMap snapshots the spec as the stage's Job is (re)created."""
-        name = manifest["metadata"]["name"]
-        try:
-            self.core.create_namespaced_config_map(namespace, _body(manifest))
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            self.core.patch_namespaced_config_map(name, namespace, {"data": manifest["data"]})
 
     def post_event(self, run: dict[str, Any], event: PostEvent) -> None:
         meta = run["metadata"]

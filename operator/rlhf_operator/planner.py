@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from rlhf_api.layout import RunRef, last_policy_stage, run_dir, stage_output
@@ -38,7 +38,7 @@ from rlhf_api.timestamps import format_timestamp, parse_timestamp
 
 from . import conditions as cond
 from .actions import Action, CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
-from .children import build_config_map, build_job, build_pvc, build_rendezvous_service, nodes
+from .children import build_job, build_pvc, build_rendezvous_service, config_too_large, nodes
 from .observe import STARTING_REASONS, JobObservation, Observed, Waiting
 from .progress import merge_progress, summary
 
@@ -111,7 +111,15 @@ def _stage_list(spec: RLHFRunSpec, old: list[StageStatus]) -> list[StageStatus]:
 
 
 def _with_job(st: StageStatus, job: JobObservation, now: str) -> StageStatus:
-    """Fold what the Job and its pods say into the stage's entry."""
+    """Fold what the Job and its pods say into the stage's entry.
+
+    A Pod's result (its termination message) counts once its Job has finished: a Pod ends a moment
+    before the Job controller marks its Job Complete or Failed, and folding the result in between
+    would write the status twice for one transition (issue 14); a retried attempt's result is not the
+    stage's either.
+    """
+    if not (job.complete or job.failed_condition):
+        job = replace(job, result=None)
     if job.completions > 1:
         # A gang's attempts are its starts, which the planner counts (_gang_restart): its Pods are one attempt.
         attempts = max(st.attempts, 1 if job.pods or job.active else 0)
@@ -150,6 +158,24 @@ def _exit_code(job: JobObservation) -> int | None:
 def _starting(st: StageStatus) -> StageStatus:
     """Pending through a normal start (cond.STARTING): one reason for all its steps, so no write per step."""
     return st.model_copy(update={"phase": "Pending", "reason": cond.STARTING, "message": cond.STARTING_MESSAGE})
+
+
+def _is_starting(st: StageStatus) -> bool:
+    return st.phase == "Pending" and st.reason == cond.STARTING
+
+
+def _quiet_start(listed: StageStatus, decided: StageStatus) -> StageStatus:
+    """The entry as written while a normal start goes on: what the Job and its Pod add meanwhile
+    (attempts, startTime) waits for the stage's next change (Running, or its end), which records it.
+
+    Why: every status write is one of the few API writes a transition may cost (issue 14), and a
+    start is one state for the user (cond.STARTING) from the Job's creation until its Pod runs, so a
+    start writes the status twice (the Job created, the Pod running), not three times. Nothing is
+    lost: attempts and startTime are read from the Job and its Pods again at that next change.
+    """
+    if _is_starting(listed) and _is_starting(decided) and listed.job_name == decided.job_name:
+        return listed
+    return decided
 
 
 def _failure_message(stage: str, job: JobObservation, restarts: int = 0) -> tuple[str, str]:
@@ -313,8 +339,8 @@ def _recorded_failure(st: StageStatus, job: JobObservation | None) -> tuple[str,
     """Why a stage already recorded as failed failed, for the run's Failed condition."""
     if job is not None and job.failed_condition:
         return _failure_message(st.name, job)
-    if st.reason == cond.START_TIMEOUT:  # the operator failed it (and, with Kueue, deleted its Job)
-        return cond.START_TIMEOUT, st.message or f"stage {st.name} failed"
+    if st.reason in (cond.START_TIMEOUT, cond.CONFIG_TOO_LARGE):  # the operator failed it (no Job, or suspended)
+        return st.reason, st.message or f"stage {st.name} failed"
     reason = cond.STAGE_LOST if job is None else (st.reason or cond.STAGE_FAILED)  # None: its Job is gone
     return reason, st.message or f"stage {st.name} failed"
 
@@ -340,14 +366,20 @@ def _start(st: StageStatus, p: _Pass) -> Decision:
     """No Job for the stage: create it, unless the run is suspended or finished."""
     spec = p.run.spec
     if not spec.suspend and p.old.phase not in ("Failed", "Succeeded"):
-        cfg = build_config_map(p.run.ref, spec, st.name)
+        too_large = config_too_large(p.run.ref, spec, st.name)
+        if too_large is not None:
+            # The API server would refuse the Job on every pass: fail the stage once, saying why.
+            update = {"phase": "Failed", "completion_time": p.ts, "reason": cond.CONFIG_TOO_LARGE, "message": too_large}
+            failed = st.model_copy(update=update)
+            return Decision(failed, stop=True, failure=(cond.CONFIG_TOO_LARGE, too_large), finished=True)
         job_manifest = build_job(p.run.ref, spec, st.name)
         name = job_manifest["metadata"]["name"]
         service = build_rendezvous_service(p.run.ref, spec, st.name)
-        actions: list[Action] = [CreateJob(cfg, job_manifest, service)]
+        actions: list[Action] = [CreateJob(job_manifest, service)]
+        # No event for the Job's creation: the stage's StageStarted tells the start (issue 14: one
+        # event per transition), and a start that stalls gets its StagePending or StageQueued.
         known = next((o for o in p.old.stages if o.name == st.name and o.phase == "Pending"), None)
         if known is None or known.job_name is None:
-            actions.append(PostEvent("Normal", "JobCreated", f"created Job {name} for stage {st.name}"))
             actions += _one_node_volume_warning(spec, st.name)
         created = st.model_copy(update={"job_name": name})
         # Starting from the Job's creation: its Pod's first steps are then no change.
@@ -479,7 +511,7 @@ def _walk(stages: list[StageStatus], jobs: Mapping[str, JobObservation], replaci
         st = listed if job is None or listed.phase == "Skipped" else _with_job(listed, job, p.ts)
         later_job = any(s.name in jobs for s in stages[i + 1 :])
         decision = decide(detect(st, job, listed.name in replacing, later_job), st, job, p)
-        stages[i] = decision.stage
+        stages[i] = _quiet_start(listed, decision.stage)
         actions += decision.actions
         if decision.finished:
             finished.append(decision.stage)
@@ -510,7 +542,8 @@ def plan(run: RunView, observed: Observed, now: datetime) -> Plan:
     walk = _walk(stages, jobs, replacing, _Pass(run, old, now, ts))
     status.stages = walk.stages
     _summarise(run, status, walk.current, walk.failure, ts)
-    actions += walk.actions + _events(run, old, status, ts)
+    told = retry is not None and retry.restarted  # its RetryRequested tells the run's restart
+    actions += walk.actions + _events(run, old, status, ts, told)
     return Plan(actions=actions, status=status, finished=walk.finished)
 
 
@@ -598,9 +631,17 @@ RUN_EVENTS = {
 }
 
 
-def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> list[Action]:
-    """One event per transition: of each stage's phase, of the run's phase, and of the spec while running."""
+def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str, told: bool = False) -> list[Action]:
+    """One event per transition: of each stage's phase, of the run's phase, and of the spec while running.
+
+    Each event is a write, and transitions are what the operator must serve fastest (issue 14), so a
+    pass tells one change once. The run's end replaces the event of the stage that ended it (its
+    message names that stage and, on success, carries what the stage said); a run's other phase
+    changes (Running, Suspended) are told by the stage event of the same pass, and get their own
+    event only when no stage changed phase and the pass said nothing else (``told``: a retry).
+    """
     out: list[Action] = []
+    by_stage: dict[str, PostEvent] = {}  # the phase events of this pass
     before = {s.name: s for s in old.stages}
     for st in new.stages:
         prev = before.get(st.name)
@@ -616,18 +657,40 @@ def _events(run: RunView, old: RLHFRunStatus, new: RLHFRunStatus, ts: str) -> li
             out.append(PostEvent("Warning", cond.REWARD_HACKING_SUSPECTED, f"stage {st.name}: {st.findings[0]}{kept}"))
         if prev is not None and prev.phase == st.phase:
             continue
-        if st.phase in STAGE_EVENTS:
+        if prev is not None and prev.phase == "Suspended" and st.phase in ("Pending", "Running"):
+            # Resumed: told once, when the run's suspend is lifted (its Pod may still have to start).
+            by_stage[st.name] = PostEvent("Normal", "StageResumed", f"stage {st.name} resumed")
+            out.append(by_stage[st.name])
+        elif st.phase in STAGE_EVENTS:
             kind, reason = STAGE_EVENTS[st.phase]
-            if st.phase == "Running" and prev is not None and prev.phase == "Suspended":
-                reason = "StageResumed"
-            out.append(PostEvent(kind, reason, st.message or f"stage {st.name} {st.phase.lower()}"))
+            by_stage[st.name] = PostEvent(kind, reason, st.message or f"stage {st.name} {st.phase.lower()}")
+            out.append(by_stage[st.name])
     if new.phase != old.phase and new.phase in RUN_EVENTS and (run.status is not None or new.phase != "Pending"):
         kind, reason = RUN_EVENTS[new.phase]
-        msg = next((c.message for c in new.conditions if c.type == cond.FAILED and c.status == "True"), "")
-        out.append(PostEvent(kind, reason, msg or f"run {new.phase.lower()} ({new.progress or ''})"))
+        ended = next((s for s in reversed(new.stages) if s.name in by_stage and s.phase == new.phase), None)
+        if new.phase in ("Succeeded", "Failed"):
+            if ended is not None:
+                out.remove(by_stage[ended.name])
+            out.append(PostEvent(kind, reason, _run_end_message(new, ended)))
+        elif not by_stage and not told:
+            out.append(PostEvent(kind, reason, f"run {new.phase.lower()} ({new.progress or ''})"))
     seen = old.observed_generation
     if seen is not None and seen != run.generation and old.phase in ("Running", "Suspended", "Pending"):
         out.append(
             PostEvent("Normal", "SpecChanged", f"generation {run.generation}: applies to stages not started yet")
         )
     return out
+
+
+def _run_end_message(new: RLHFRunStatus, ended: StageStatus | None) -> str:
+    """A finished run's event: why it failed (the Failed condition names the stage), or that it
+    succeeded, after what the last stage said (its own StageSucceeded is not posted)."""
+    failed = next((c.message for c in new.conditions if c.type == cond.FAILED and c.status == "True"), "")
+    if failed:
+        return failed
+    succeeded = next((c.message for c in new.conditions if c.type == cond.SUCCEEDED and c.status == "True"), "")
+    what = succeeded or f"run {new.phase.lower()} ({new.progress or ''})"
+    if ended is None:
+        return what
+    said = f"stage {ended.name} succeeded" + (f": {ended.message}" if ended.message else "")
+    return f"{said}; {what}"

@@ -8,15 +8,17 @@ import sys
 from typing import Any
 
 from rlhf_api.layout import RunRef
+from rlhf_api.names import STAGE_CONFIG_ANNOTATION
 from rlhf_api.run import RLHFRunSpec
 from rlhf_operator.children import (
-    build_config_map,
+    STAGE_CONFIG_LIMIT,
     build_job,
     build_pvc,
     build_rendezvous_service,
     labels,
     rendezvous_service_name,
     stage_command,
+    stage_config,
 )
 from tests.api.builders import load_example
 from tests.pythonpath import python_env
@@ -98,7 +100,12 @@ def test_job_carries_every_setting() -> None:
     assert mounts["/workspace"] == "workspace" and mounts["/etc/rlhf"] == "config"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["workspace"]["persistentVolumeClaim"]["claimName"] == "tiny-workspace"
-    assert volumes["config"]["configMap"]["name"] == "tiny-ppo"
+    # The config rides on the Pod template, projected as the config file: no ConfigMap to write.
+    item = {"path": "invocation.yaml", "fieldRef": {"fieldPath": "metadata.annotations['rlhf-operator.io/invocation']"}}
+    assert volumes["config"] == {"name": "config", "downwardAPI": {"items": [item]}}
+    assert jspec["template"]["metadata"]["annotations"]["rlhf-operator.io/invocation"] == stage_config(
+        RUN, full_spec(), "ppo"
+    )
 
 
 def test_the_entrypoint_is_the_command() -> None:
@@ -108,12 +115,14 @@ def test_the_entrypoint_is_the_command() -> None:
 def test_builders_are_deterministic() -> None:
     s = full_spec()
     assert build_job(RUN, s, "sft") == build_job(RUN, s, "sft")
-    assert build_config_map(RUN, s, "sft") == build_config_map(RUN, s, "sft")
 
 
-def test_config_map_holds_the_invocation() -> None:
-    text = build_config_map(RUN, spec(), "reward")["data"]["invocation.yaml"]
+def test_the_stage_config_holds_the_invocation_and_no_secret_value() -> None:
+    text = stage_config(RUN, full_spec(), "reward")
     assert "kind: StageInvocation" in text and "stage: reward" in text and "uid: uid-1" in text
+    # Secrets by reference only: the annotation names the Secret and key, as the env does.
+    assert "name: hf" in text and "key: token" in text
+    assert len(text.encode()) < STAGE_CONFIG_LIMIT // 10  # far from the limit the planner enforces
 
 
 def test_pvc_owned_unless_kept() -> None:
@@ -213,7 +222,7 @@ def test_the_run_overlay_reaches_every_stage_pod() -> None:
         meta, pod, container = pod_of(s, stage)
         assert meta["labels"]["team"] == "nlp" and meta["labels"]["tier"] == "run"
         assert meta["labels"]["rlhf-operator.io/stage"] == stage  # the operator's labels stay
-        assert meta["annotations"] == {"example.com/owner": "nlp"}
+        assert meta["annotations"] == {"example.com/owner": "nlp", STAGE_CONFIG_ANNOTATION: stage_config(RUN, s, stage)}
         env = {e["name"]: e for e in container["env"]}
         assert env["TEAM"] == {"name": "TEAM", "value": "nlp"}
         assert env["REGION"]["valueFrom"] == {"configMapKeyRef": {"name": "site", "key": "region"}}
@@ -255,7 +264,7 @@ def test_a_stage_overlay_is_merged_over_the_run_overlay() -> None:
 
 def test_no_overlay_adds_nothing_but_the_safe_defaults() -> None:
     meta, pod, container = pod_of(spec(), "sft")
-    assert "annotations" not in meta and "envFrom" not in container
+    assert list(meta["annotations"]) == [STAGE_CONFIG_ANNOTATION] and "envFrom" not in container
     # No spec.secrets: no token variables at all (an empty one would make the hub clients try it).
     assert {"HF_TOKEN", "ACTIVELOOP_TOKEN", "WANDB_API_KEY"}.isdisjoint(e["name"] for e in container["env"])
     assert "schedulerName" not in pod and "runtimeClassName" not in pod

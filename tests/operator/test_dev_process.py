@@ -51,3 +51,23 @@ def test_interpreter_under_the_tmp_mount_path_is_not_mapped_into_the_pod(
     # The container's own /tmp path still lands in the pod's emptyDir.
     scratch = proc.pod_dir / "volumes" / "tmp" / "scratch"
     assert scratch.read_text() == str(scratch)
+
+
+def test_the_stage_config_annotation_becomes_the_config_file(tmp_path: Path) -> None:
+    """The local kubelet implements the downwardAPI volume the stage config comes through (children.py),
+    with the invocation's workspace pointed at the local volume as for any mounted invocation."""
+    annotation = "rlhf-operator.io/invocation"
+    item = {"path": "invocation.yaml", "fieldRef": {"fieldPath": f"metadata.annotations['{annotation}']"}}
+    pod = _pod("/tmp")
+    pod["metadata"]["annotations"] = {annotation: "kind: StageInvocation\nstage: sft\nworkspace: /workspace\n"}
+    pod["spec"]["volumes"].append({"name": "config", "downwardAPI": {"items": [item]}})
+    container = pod["spec"]["containers"][0]
+    container["volumeMounts"].append({"name": "config", "mountPath": "/etc/rlhf", "readOnly": True})
+    container["command"] = ["python", "-c", "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])"]
+    container["args"] = ["/etc/rlhf/invocation.yaml", "/tmp/copy.yaml"]
+
+    proc = launch(pod, tmp_path / "pods", tmp_path / "volume", read=None)
+
+    assert proc.popen.wait(timeout=60) == 0, proc.log_file.read_text()
+    copied = (proc.pod_dir / "volumes" / "tmp" / "copy.yaml").read_text()
+    assert "stage: sft" in copied and f"workspace: {tmp_path / 'volume'}" in copied

@@ -9,6 +9,7 @@ import pytest
 
 from rlhf_api.layout import StageResult
 from rlhf_api.run import RLHFRunSpec, RLHFRunStatus, StageStatus
+from rlhf_operator import children
 from rlhf_operator.actions import CreateJob, DeleteJob, EnsurePVC, PostEvent, SetJobSuspend
 from rlhf_operator.observe import JobObservation, Observed, Progress, Waiting
 from rlhf_operator.planner import RETRY_ANNOTATION, RunView, plan
@@ -244,13 +245,36 @@ def test_progress_eta_reward_and_summary() -> None:
     assert next(s for s in final.stages if s.name == "ppo").metrics == {"reward_mean": 0.5}
 
 
-def test_events_on_transitions() -> None:
-    first = plan(view(), observed(running("sft")), NOW)
-    assert "Event:StageStarted" in kinds(first.actions)
+def _events(p: Any) -> list[tuple[str, str]]:
+    return [(a.reason, a.message) for a in p.actions if isinstance(a, PostEvent)]
+
+
+def test_one_event_per_transition() -> None:
+    """Issue 14: each transition of a run is told by one event, enough for `kubectl describe` to tell
+    the story (a stage started, succeeded, the run's end), and a pass that changes nothing tells nothing."""
+    created = plan(view(), observed(), NOW)
+    assert _events(created) == []  # the Job's creation: its start is told when its Pod runs
+    first = plan(view(created.status), observed(running("sft")), NOW)
+    assert _events(first) == [("StageStarted", "stage sft running")]  # not also RunRunning
     second = plan(view(first.status), observed(done("sft")), NOW)
-    assert {"Event:StageSucceeded", "Event:JobCreated"} <= set(kinds(second.actions))
+    assert kinds(second.actions) == ["CreateJob:tiny-reward", "Event:StageSucceeded"]  # no JobCreated
     quiet = plan(view(second.status), observed(done("sft"), running("reward")), NOW)
-    assert "Event:StageSucceeded" not in kinds(quiet.actions)
+    assert _events(quiet) == [("StageStarted", "stage reward running")]
+    status = settle(view(quiet.status), observed(done("sft"), done("reward"), done("ppo"), running("merge")))
+    last = plan(view(status), observed(*(done(s) for s in PIPELINE)), NOW)
+    # The last stage's success and the run's are one event.
+    assert _events(last) == [
+        ("RunSucceeded", "stage merge succeeded; all stages succeeded; output model runs/ns/tiny/merge/model")
+    ]
+    assert _events(plan(view(last.status), observed(*(done(s) for s in PIPELINE)), NOW)) == []
+
+
+def test_a_failed_stage_and_the_failed_run_are_one_warning() -> None:
+    status = settle(view(), observed(done("sft"), running("reward")))
+    p = plan(view(status), observed(done("sft"), failed("reward")), NOW)
+    [(reason, message)] = _events(p)
+    assert reason == "RunFailed" and message.startswith("stage reward failed (BackoffLimitExceeded, exit code 1)")
+    assert [a.type for a in p.actions if isinstance(a, PostEvent)] == ["Warning"]
 
 
 def test_retry_deletes_the_failed_job_then_recreates_it() -> None:
@@ -259,8 +283,7 @@ def test_retry_deletes_the_failed_job_then_recreates_it() -> None:
     retry = plan(view(failed_status, annotations=annotations), observed(done("sft"), failed("reward")), NOW)
     assert [k for k in kinds(retry.actions) if not k.startswith("Event:Stage")] == [
         "DeleteJob:tiny-reward",
-        "Event:RetryRequested",
-        "Event:RunRunning",
+        "Event:RetryRequested",  # it tells the run's restart: no RunRunning besides
     ]
     assert retry.status.phase == "Running" and retry.status.retry_token == "1"
     nxt = plan(view(retry.status, annotations=annotations), observed(done("sft")), NOW)
@@ -331,14 +354,17 @@ def test_starting_reasons_are_pending_without_a_warning() -> None:
 
 
 def test_the_steps_of_a_normal_start_rewrite_no_status() -> None:
-    # Writes of a start: the Job's creation, its Pod's appearance (attempts, startTime), running.
+    # Writes of a start: the Job's creation and its Pod running; its Pod's appearance (attempts,
+    # startTime) is recorded with the Pod running (issue 14: writes per transition).
     created = plan(view(), observed(), NOW)
     assert "CreateJob:tiny-sft" in kinds(created.actions)
     sft = created.status.stages[0]
     assert (sft.phase, sft.reason) == ("Pending", "Starting")
     assert plan(view(created.status), observed(job("sft")), NOW).status == created.status, "the Job, no Pod yet"
     scheduling = plan(view(created.status), observed(pulling(reason="Scheduling")), NOW)
-    assert scheduling.status.stages[0].reason == "Starting" and scheduling.status.stages[0].attempts == 1
+    assert scheduling.status == created.status, "the Pod seen"
+    ran = plan(view(scheduling.status), observed(running("sft")), NOW).status.stages[0]
+    assert (ran.phase, ran.attempts, ran.start_time) == ("Running", 1, "2026-01-01T11:50:00Z")
     for step in ("ContainerCreating", "PodInitializing"):
         again = plan(view(scheduling.status), observed(pulling(reason=step)), NOW)
         assert again.status == scheduling.status, f"{step} rewrote the status"
@@ -467,3 +493,27 @@ def test_start_timeout_of_a_queued_job_deletes_it_and_keeps_the_reason() -> None
     later = plan(view(p.status, **KUEUE), observed(), NOW)
     assert later.status.phase == "Failed" and later.actions == []
     assert cond(later.status, "Failed") == ("True", "StartTimeout"), "not StageLost: the operator deleted it"
+
+
+def test_a_config_too_large_for_the_job_fails_the_stage_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage config rides on its Job's annotation (256 KiB in all): one the API server would refuse
+    on every pass fails the stage, with the size and the fix, and no Job is attempted."""
+    monkeypatch.setattr(children, "STAGE_CONFIG_LIMIT", 1024)
+    p = plan(view(), observed(), NOW)
+    assert not [a for a in p.actions if isinstance(a, CreateJob)]
+    sft = p.status.stages[0]
+    assert (sft.phase, sft.reason, p.status.phase) == ("Failed", "ConfigTooLarge", "Failed")
+    assert sft.message is not None and "above the 1 KiB" in sft.message and "shorten the run's spec" in sft.message
+    assert cond(p.status, "Failed") == ("True", "ConfigTooLarge")
+    again = plan(view(p.status), observed(), NOW)  # no Job, ever: still this reason, nothing to write
+    assert again.status == p.status and again.actions == []
+
+
+def test_a_pod_that_ended_before_its_job_writes_nothing_until_the_job_ends() -> None:
+    """The Pod's termination message comes a moment before the Job controller marks the Job Complete:
+    folding it in then would be a second status write for one transition (issue 14)."""
+    running_status = settle(view(), observed(running("sft")))
+    ended_pod = JobObservation(**{**vars(running("sft")), "result": done("sft").result})
+    assert plan(view(running_status), observed(ended_pod), NOW).status == running_status
+    finished = plan(view(running_status), observed(done("sft")), NOW).status.stages[0]
+    assert (finished.phase, finished.artifact_path) == ("Succeeded", "runs/ns/tiny/sft")

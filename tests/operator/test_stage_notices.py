@@ -32,3 +32,13 @@ def test_warning_and_reuse_are_in_the_status_and_the_event() -> None:
     assert stages["ppo"].phase == "Succeeded" and stages["ppo"].message == TRAINED_AGAIN
     events = [a.message for a in step.actions if isinstance(a, PostEvent) and a.reason == "StageSucceeded"]
     assert events == [TRAINED_AGAIN]
+
+
+def test_the_last_stage_s_word_is_in_the_run_s_end_event() -> None:
+    """The last stage's StageSucceeded is folded into RunSucceeded (one event per transition): what it
+    said must not be lost there."""
+    said = "done; warning: trained again: the ppo stage's output it was made from was replaced"
+    before = settle(view(), observed(done("sft"), done("reward"), done("ppo")))
+    step = plan(view(before), observed(done("sft"), done("reward"), done("ppo"), _saying("merge", said)), NOW)
+    [event] = [a for a in step.actions if isinstance(a, PostEvent)]
+    assert event.reason == "RunSucceeded" and event.message.startswith(f"stage merge succeeded: {said}; all stages")

@@ -22,7 +22,6 @@ NEEDED = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},  # live progress: the stage prints it on stdout
-    ("", "configmaps"): {"create", "patch"},
     ("", "services"): {"create"},  # a multi-node stage's rendezvous Service; the run's deletion removes it
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create"},  # watched: the workspace cache
     ("", "events"): {"create", "patch"},
@@ -59,6 +58,8 @@ NAMESPACED_FORBIDDEN = [
     ("delete", "rlhfruns.rlhf-operator.io"),
     ("get", "configmaps"),
     ("list", "configmaps"),
+    ("create", "configmaps"),  # a stage's config rides on its Job (issue 14): no ConfigMap to write
+    ("patch", "configmaps"),
     ("delete", "configmaps"),
     ("delete", "persistentvolumeclaims"),
     ("update", "persistentvolumeclaims"),

@@ -117,9 +117,6 @@ name, which needs no right of the operator's.
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
-- apiGroups: [""]
-  resources: [configmaps]
-  verbs: [create, patch]
 # A multi-node stage's rendezvous Service, created once before its Job (AlreadyExists is success);
 # owned by the run, so the garbage collector, not the operator, deletes it.
 - apiGroups: [""]

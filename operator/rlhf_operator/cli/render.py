@@ -35,7 +35,6 @@ def objects_for(manifest: Any, namespace: str) -> list[dict[str, Any]]:
         section = spec.stage(stage)
         if section is None or not section.enabled:
             continue
-        objects.append(children.build_config_map(identity, spec, stage))
         objects.append(children.build_job(identity, spec, stage))
     return objects
 

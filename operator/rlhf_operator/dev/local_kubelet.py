@@ -329,6 +329,8 @@ class DevJobController:
                 "name": f"{meta['name']}-{suffix}",
                 "namespace": meta["namespace"],
                 "labels": labels,
+                # As the Job controller does: the stage's config arrives as one (a downwardAPI file).
+                "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
                 "ownerReferences": [
                     {
                         "apiVersion": "batch/v1",

@@ -1,7 +1,7 @@
 """Dev/test only: run a Pod's single container as a local process, the way a kubelet would run it.
 
 Volumes become local directories (every PersistentVolumeClaim is the one ``--volume-dir``;
-ConfigMaps and Secrets are written out as files; emptyDirs are fresh directories), container paths
+ConfigMaps, Secrets and downwardAPI fields are written out as files; emptyDirs are fresh directories), container paths
 in the command, args and env are rewritten to them, and a StageInvocation's ``workspace`` is
 pointed at the local volume. The termination log is a local file whose content becomes the
 container's termination message. Not shipped: a real cluster runs the image.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,20 +82,41 @@ def _rewrite(value: str, mounts: list[tuple[str, Path]]) -> str:
     return _rewrite_path(value, mounts)
 
 
-def _materialise(volume: dict[str, Any], target: Path, namespace: str, read: Any, volume_dir: Path) -> Path:
+def _write_text(path: Path, text: str, volume_dir: Path) -> None:
+    """A ConfigMap key or downwardAPI field as a file; a StageInvocation's workspace pointed at the local volume."""
+    body = yaml.safe_load(text) if path.name.endswith((".yaml", ".yml")) else None
+    if isinstance(body, dict) and body.get("kind") == INVOCATION_KIND:
+        body["workspace"] = str(volume_dir)  # the stage resolves every spec path against this
+        text = yaml.safe_dump(body, sort_keys=True)
+    path.write_text(text)
+
+
+_ANNOTATION_FIELD = re.compile(r"^metadata\.annotations\['([^']+)'\]$")
+
+
+def _pod_field(pod: dict[str, Any], path: str) -> str | None:
+    """A downwardAPI fieldRef of the pod's metadata (its name, namespace, or one annotation)."""
+    meta = pod["metadata"]
+    annotation = _ANNOTATION_FIELD.match(path)
+    if annotation:
+        return (meta.get("annotations") or {}).get(annotation.group(1))
+    return {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"]}.get(path)
+
+
+def _materialise(volume: dict[str, Any], target: Path, pod: dict[str, Any], read: Any, volume_dir: Path) -> Path:
     """A pod volume as a local directory (``read(kind, namespace, name)`` fetches ConfigMaps/Secrets)."""
     if "persistentVolumeClaim" in volume:
         return volume_dir
+    namespace = pod["metadata"]["namespace"]
     target.mkdir(parents=True, exist_ok=True)
     if "configMap" in volume:
         data = read("configmap", namespace, volume["configMap"]["name"]).get("data") or {}
         for key, text in data.items():
-            body = yaml.safe_load(text) if key.endswith((".yaml", ".yml")) else None
-            if isinstance(body, dict) and body.get("kind") == INVOCATION_KIND:
-                body["workspace"] = str(volume_dir)  # the stage resolves every spec path against this
-                (target / key).write_text(yaml.safe_dump(body, sort_keys=True))
-            else:
-                (target / key).write_text(text)
+            _write_text(target / key, text, volume_dir)
+    elif "downwardAPI" in volume:
+        for item in volume["downwardAPI"].get("items") or []:
+            value = _pod_field(pod, item["fieldRef"]["fieldPath"])
+            _write_text(target / item["path"], value or "", volume_dir)  # the kubelet writes a missing one empty
     elif "secret" in volume:
         data = read("secret", namespace, volume["secret"]["secretName"]).get("data") or {}
         for key, encoded in data.items():
@@ -115,8 +137,7 @@ def _env_value(var: dict[str, Any], pod: dict[str, Any], read: Any) -> str | Non
         ref = source["configMapKeyRef"]
         return (read("configmap", namespace, ref["name"]).get("data") or {}).get(ref["key"])
     if "fieldRef" in source:
-        path = source["fieldRef"]["fieldPath"]
-        return {"metadata.name": pod["metadata"]["name"], "metadata.namespace": namespace}.get(path)
+        return _pod_field(pod, source["fieldRef"]["fieldPath"])
     return None
 
 
@@ -132,7 +153,7 @@ def launch(
     mounts: list[tuple[str, Path]] = []
     for mount in container.get("volumeMounts") or []:
         volume = volumes[mount["name"]]
-        local = _materialise(volume, pod_dir / "volumes" / mount["name"], meta["namespace"], read, volume_dir)
+        local = _materialise(volume, pod_dir / "volumes" / mount["name"], pod, read, volume_dir)
         mounts.append((mount["mountPath"].rstrip("/"), local))
     mounts.sort(key=lambda m: len(m[0]), reverse=True)
 
