@@ -141,14 +141,20 @@ def test_tiny_pipeline_as_the_operator_identity_with_only_the_chart_rbac(install
 
 
 def rlhfrun_watches(installed: Installed) -> int:
-    """Open WATCH requests on rlhfruns, as the API server itself counts them: evidence that owes
-    nothing to the operator's own idea of its readiness."""
+    """Open WATCH requests on rlhfruns in one namespace, as the API server itself counts them: evidence
+    that owes nothing to the operator's own idea of its readiness.
+
+    Namespace-scoped only: kube-controller-manager's garbage collector opens a cluster-wide watch on
+    every resource it discovers, rlhfruns included, up to 30 s after the CRD is installed (its discovery
+    resync) and for good; counting it made the wait for "no watch" below time out whenever the tests
+    before took longer than that (a loaded CI machine). The scoped operator watches its namespaces."""
     metrics = installed.plane.kubectl("get", "--raw", "/metrics")
     return sum(
         int(float(line.rsplit(" ", 1)[1]))
         for line in metrics.splitlines()
         if line.startswith("apiserver_longrunning_requests{")
         and 'resource="rlhfruns"' in line
+        and 'scope="namespace"' in line
         and 'verb="WATCH"' in line
     )
 
@@ -170,8 +176,8 @@ def test_namespace_scoped_operator_is_ready_only_once_its_watches_are_open(
     env = Env(installed.plane, namespace, tmp_path)
     try:
         user, sa_namespace = scoped_user(installed)
-        # Nothing else watches runs, so the count below is ours. The operator of the test before
-        # exited at its end; the API server counts its watches until it sees their connections close.
+        # Nothing else watches runs in one namespace, so the count below is ours. The operator of the test
+        # before exited at its end; the API server counts its watches until it sees their connections close.
         env.wait_for("no watch on rlhfruns", lambda: rlhfrun_watches(installed) == 0, timeout=60, every=0.2)
         started = time.monotonic()
         operator, port = start_operator_as_the_chart_does(installed, env, "scoped", sa_namespace, user)
