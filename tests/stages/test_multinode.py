@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from tests.pythonpath import REPO
 
 from conftest import read_result, run_dir, stage_env, standin_reward_model, tiny_spec, write_invocation
 from rlhf_api.layout import service_host_env
+from rlhf_operator.dev.controlplane import free_port
 from rlhf_stages.runtime import launch
 from rlhf_stages.runtime.checkpoints import STEP_DELAY_ENV
 from rlhf_stages.runtime.entrypoint import main
@@ -49,12 +49,6 @@ PPO_REWARD_TOLERANCE = 0.3
 PPO_COMPARED = ("value_loss", "reward_mean")
 REWARD_MODEL = "assets-multinode/reward-model"
 OFF = {"enabled": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _node_env(rank: int, port: int, **extra: str) -> dict[str, str]:
@@ -130,7 +124,7 @@ def _interrupt_and_resume(workspace: Path, stage: str, run: str, spec: dict[str,
     Returns node 0's final result; asserts what both attempts wrote, and that they wrote it once."""
     config = write_invocation(workspace, stage, run, spec)
     checkpoints = run_dir(workspace, run) / f"{stage}.checkpoints"
-    first = Gang(stage, config, tmp / "first", _free_port(), **{STEP_DELAY_ENV: "1.0"})
+    first = Gang(stage, config, tmp / "first", free_port(), **{STEP_DELAY_ENV: "1.0"})
     _wait_for_step(run_dir(workspace, run) / f"{stage}.progress.json", 2, first)
     first.terminate()
     assert first.wait() == [143, 143], f"{first.log(0)}\n{first.log(1)}"
@@ -141,7 +135,7 @@ def _interrupt_and_resume(workspace: Path, stage: str, run: str, spec: dict[str,
     assert saved == [f"checkpoint-{stopped['step']}"], saved  # one checkpoint, by rank 0
     assert not (run_dir(workspace, run) / stage).exists()
 
-    second = Gang(stage, config, tmp / "second", _free_port())
+    second = Gang(stage, config, tmp / "second", free_port())
     assert second.wait() == [0, 0], f"{second.log(0)}\n{second.log(1)}"
     assert f"resuming {stage} from checkpoint-{stopped['step']}" in second.log(0, tail=10**7)
     manifest = json.loads((run_dir(workspace, run) / stage / "manifest.json").read_text())
@@ -174,7 +168,7 @@ def test_reward_on_two_nodes_matches_one_process(workspace: Path, tmp_path: Path
     one = _baseline(workspace, "reward", "mn-reward-1", spec, in_process)
     two_nodes = {**reward, "training": {**reward["training"], "perDeviceTrainBatchSize": 8}, "resources": {"nodes": 2}}
     config = write_invocation(workspace, "reward", "mn-reward-2", tiny_spec(sft=OFF, reward=two_nodes))
-    gang = Gang("reward", config, tmp_path, _free_port())
+    gang = Gang("reward", config, tmp_path, free_port())
     assert gang.wait() == [0, 0], f"{gang.log(0)}\n{gang.log(1)}"
     two = gang.result(0)
     assert two["succeeded"] and two["step"] == 10
@@ -223,7 +217,7 @@ def test_a_node_that_never_starts_fails_the_other_within_the_bound(workspace: Pa
         with open(tmp_path / f"node{rank}.log", "w") as log:
             # Node 1 through the CLI overrides (as by hand), node 0 through the Job's env.
             args = ["--node-rank", "1", "--master-addr", "127.0.0.1"] if rank else []
-            env = _node_env(0, _free_port(), **bound)
+            env = _node_env(0, free_port(), **bound)
             lonely.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "rlhf_stages", "sft", "--config", str(config), *args],

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from rlhf_api import layout
 from rlhf_api.layout import StageResult
 from rlhf_api.run import RLHFRun
 
+from ..dev.controlplane import free_port
 from .cluster import watch_lines
 from .validate import ManifestError, load_runs
 
@@ -129,9 +129,7 @@ def run_stage(
                     line.update(json.loads(progress_file.read_text()), time.monotonic() - started)
         status = "Succeeded" if gang.poll() == 0 else "Failed"
     except KeyboardInterrupt:
-        # The stage saves a checkpoint on SIGTERM; the next run-local resumes from it.
-        gang.stop()
-        status = "Interrupted"
+        status = "Interrupted"  # the stop below: each process saves a checkpoint on SIGTERM, run-local resumes
     finally:
         gang.stop()
         line.done()
@@ -163,7 +161,7 @@ class LocalGang:
         self.failed_node: int | None = None
 
     def start(self) -> None:
-        port = _free_port() if self.nodes > 1 else None
+        port = free_port() if self.nodes > 1 else None
         for rank, (result_file, log_file) in enumerate(zip(self.result_files, self.log_files, strict=True)):
             result_file.parent.mkdir(parents=True, exist_ok=True)
             result_file.unlink(missing_ok=True)
@@ -203,12 +201,6 @@ class LocalGang:
         if rank and result.get("message"):
             result = {**result, "message": f"node {rank}: {result['message']}"}
         return result
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_pipeline(
