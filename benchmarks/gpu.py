@@ -97,8 +97,10 @@ REAL = Sizes("1.3b", 8, 1024, 30, 64, 16, 4, 4, 64, 24, 8, 1024, 5)
 DRY = Sizes("tiny", 4, 64, 6, 8, 4, 1, 2, 8, 6, 2, 64, 2)
 
 # Synthetic text: the words are arbitrary, only the token counts matter.
-WORDS = ("the", "model", "reads", "a", "long", "text", "about", "rivers", "cities", "music", "science", "history")
-WORDS += ("and", "answers", "each", "question", "with", "care", "while", "the", "reader", "waits", "for", "reply")
+WORDS: tuple[str, ...] = (
+    *("the", "model", "reads", "a", "long", "text", "about", "rivers", "cities", "music", "science", "history"),
+    *("and", "answers", "each", "question", "with", "care", "while", "the", "reader", "waits", "for", "reply"),
+)
 
 
 def device_name(dry_run: bool) -> str:
@@ -269,25 +271,28 @@ def bench_sft(ws: Path, sizes: Sizes, dry_run: bool, params: dict[str, int], pea
     }
 
 
-def bench_ppo(ws: Path, sizes: Sizes, dry_run: bool, trl_python: str) -> dict[str, Any]:
+def bench_ppo_ours(ws: Path, sizes: Sizes, dry_run: bool) -> dict[str, Any]:
     section = ppo_section(sizes, dry_run)
     for name in ("ppo", "ppo.checkpoints", ".ppo.partial"):
         shutil.rmtree(ppo_vs_trl.run_dir(ws) / name, ignore_errors=True)
     wall = ppo_vs_trl.run_stage(ws, "ppo", run_spec(ppo=section))
     manifest = json.loads((ppo_vs_trl.run_dir(ws) / "ppo" / "manifest.json").read_text())
     step_s = [h["step_seconds"] for h in manifest["details"]["history"]]
-    result: dict[str, Any] = {
+    return {
         "batch": sizes.ppo_batch,
         "response": sizes.ppo_response,
         "ours": {"steps": len(step_s), "step_s": sum(step_s) / len(step_s), "stage_wall_s": wall},
         "trl": None,
     }
+
+
+def bench_ppo_trl(ws: Path, sizes: Sizes, dry_run: bool, trl_python: str) -> dict[str, Any]:
+    """TRL 1.12's PPOTrainer on the same model and section; raises when its venv is absent."""
     if trl_venv_version(trl_python) is None:
-        result["trl_note"] = (
+        raise RuntimeError(
             f"TRL 1.12 venv absent ({trl_python}): only ours measured; make it with benchmarks/setup_trl112_env.sh "
             "on a machine with network before the run (the GPU machine cannot pip install)"
         )
-        return result
     out = ws / "trl-out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -296,7 +301,7 @@ def bench_ppo(ws: Path, sizes: Sizes, dry_run: bool, trl_python: str) -> dict[st
     setup.write_text(
         json.dumps(
             {
-                "ppo": section,
+                "ppo": ppo_section(sizes, dry_run),
                 "policy_path": model,
                 "reward_path": model,
                 "use_cpu": dry_run,
@@ -306,12 +311,7 @@ def bench_ppo(ws: Path, sizes: Sizes, dry_run: bool, trl_python: str) -> dict[st
         )
     )
     timing = ppo_vs_trl.run_trl(ws, 0, out, trl_python, setup)
-    result["trl"] = {
-        "steps": sizes.ppo_steps,
-        "step_s": timing["train_s"] / sizes.ppo_steps,
-        "wall_s": timing["wall_s"],
-    }
-    return result
+    return {"steps": sizes.ppo_steps, "step_s": timing["train_s"] / sizes.ppo_steps, "wall_s": timing["wall_s"]}
 
 
 def bench_bnb(ws: Path, sizes: Sizes, dry_run: bool) -> dict[str, Any]:
@@ -426,7 +426,8 @@ def table(report: dict[str, Any]) -> str:
                 f"{p['trl']['steps']} steps (worker {p['trl']['wall_s']:.0f} s) |"
             )
         else:
-            lines.append(f"| PPO step time, TRL 1.12 PPOTrainer | not measured | {p['trl_note']} |")
+            why = report.get("errors", {}).get("ppo-trl", "not run")
+            lines.append(f"| PPO step time, TRL 1.12 PPOTrainer | not measured | {why[:300]} |")
     b = report.get("bnb")
     if b is not None and "error" in b:
         lines.append(f"| bitsandbytes 4-bit NF4 | failed | {b['error']} |")
@@ -445,6 +446,9 @@ def table(report: dict[str, Any]) -> str:
             f"fsync'd ({r['bytes'] / 1e6 / r['durable_s']:,.0f} MB/s) = {r['durable_s'] / c['grace_s'] * 100:.2f} % "
             f"of the {c['grace_s']} s grace period |"
         )
+    for part, error in report.get("errors", {}).items():
+        if part != "ppo-trl":
+            lines.append(f"| {part} | failed | {error[:300]} |")
     return "\n".join(lines)
 
 
@@ -488,21 +492,37 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PARTS)})")
     params = prepare(ws, sizes)
-    if "sft" in only:
-        report["sft"] = bench_sft(ws, sizes, args.dry_run, params, peak)
+
+    def save() -> None:
+        # After every part: a part that fails or a machine whose time runs out keeps the figures before it.
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2))
+
+    def attempt(part: str, key: str, measure: Any, into: dict[str, Any] | None = None) -> bool:
+        """``into[key] = measure()`` (``into``: the report), saved at once; a failure is recorded, not raised."""
+        target = report if into is None else into
+        try:
+            target[key] = measure()
+            return True
+        except (Exception, SystemExit) as exc:  # a stage's failure is SystemExit (ppo_vs_trl.run_stage)
+            report.setdefault("errors", {})[part] = f"{type(exc).__name__}: {exc}"[-2000:]
+            print(f"{part}: FAILED {report['errors'][part]}", flush=True)
+            return False
+        finally:
+            save()
+
+    if "sft" in only and attempt("sft", "sft", lambda: bench_sft(ws, sizes, args.dry_run, params, peak)):
         print(f"sft: {report['sft']['tokens_per_s']:,.0f} tokens/s", flush=True)
-    if "ppo" in only:
-        report["ppo"] = bench_ppo(ws, sizes, args.dry_run, args.trl_python)
+    if "ppo" in only and attempt("ppo", "ppo", lambda: bench_ppo_ours(ws, sizes, args.dry_run)):
         print(f"ppo: ours {report['ppo']['ours']['step_s']:.2f} s/step", flush=True)
+        attempt("ppo-trl", "trl", lambda: bench_ppo_trl(ws, sizes, args.dry_run, args.trl_python), report["ppo"])
     if "bnb" in only:
-        report["bnb"] = bench_bnb(ws, sizes, args.dry_run)
+        attempt("bnb", "bnb", lambda: bench_bnb(ws, sizes, args.dry_run))
     if "checkpoint" in only:
-        report["checkpoint"] = bench_checkpoint(ws, sizes, args.checkpoint_dir)
+        attempt("checkpoint", "checkpoint", lambda: bench_checkpoint(ws, sizes, args.checkpoint_dir))
     print()
     print(table(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0
+    return 1 if report.get("errors") else 0
 
 
 if __name__ == "__main__":

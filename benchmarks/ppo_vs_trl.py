@@ -38,10 +38,13 @@ TRL_PYTHON = "/root/.cache/rlhf-operator/venv-trl112/bin/python"
 RUN = "bench"
 
 
-def _env(result: Path) -> dict[str, str]:
+def stage_env(result: Path) -> dict[str, str]:
     return {
         **os.environ,
-        "PYTHONPATH": f"{REPO / 'operator'}{os.pathsep}{REPO / 'stages'}",
+        # The project first; a PYTHONPATH already set stays after it (an offline GPU machine's carried packages).
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "operator"), str(REPO / "stages"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
         "RLHF_TERMINATION_LOG": str(result),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -75,7 +78,7 @@ def run_stage(ws: Path, stage: str, spec: dict[str, Any]) -> float:
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_stages", stage, "--config", str(config)],
-        env=_env(ws / f"{stage}.result.json"),
+        env=stage_env(ws / f"{stage}.result.json"),
         cwd=REPO,
         capture_output=True,
         check=False,
@@ -116,7 +119,7 @@ def run_trl(ws: Path, seed: int, out: Path, python: str, setup: Path | None = No
     extra = ["--worker-setup", str(setup)] if setup is not None else []
     proc = subprocess.run(
         [python, __file__, "--trl-worker", "--workspace", str(ws), "--seed", str(seed), "--out", str(out), *extra],
-        env=_env(ws / "trl.result.json"),
+        env=stage_env(ws / "trl.result.json"),
         cwd=REPO,
         capture_output=True,
         check=False,

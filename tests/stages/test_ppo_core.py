@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from rlhf_stages.methods.ppo import checkpoint as ckpt  # noqa: E402
 from rlhf_stages.methods.ppo.advantages import (  # noqa: E402
+    global_sum,
     KLController,
     generalized_advantages,
     masked_mean,
@@ -73,6 +74,15 @@ def test_whitening_is_over_masked_entries() -> None:
     assert float(masked_mean(w, mask)) == pytest.approx(0.0, abs=1e-6)
     assert torch.all(w[1, 1:] == 0)
     assert float(((w * mask) ** 2).sum() / 3) == pytest.approx(1.0, abs=1e-5)  # unbiased var 1 over 4 entries
+
+
+def test_global_sum_takes_statistics_from_the_accelerator_with_cpu_counters() -> None:
+    # The trainer sums GPU statistics with counters made on the CPU (torch.tensor(batch size)); on the
+    # first GPU run that stack failed ("Expected all tensors to be on the same device"). The meta device
+    # stands in for the GPU here: stacking meta with CPU tensors fails the same way.
+    summed = global_sum(torch.ones((), device="meta"), torch.tensor(2.0))
+    assert [t.device.type for t in summed] == ["meta", "meta"]
+    assert [float(t) for t in global_sum(torch.tensor(1.0), torch.tensor(2.0))] == [1.0, 2.0]
 
 
 def test_policy_loss_clips_only_in_the_advantage_direction() -> None:

@@ -19,9 +19,21 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _common_device(values: tuple[torch.Tensor, ...]) -> torch.device:
+    """Where the stacked scalars go: the accelerator any of them lives on (callers mix GPU statistics with
+    CPU counters; stacking those fails, seen on the first GPU run), and NCCL reduces accelerator tensors only."""
+    for v in values:
+        if v.device.type != "cpu":
+            return v.device
+    if _distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def global_sum(*values: torch.Tensor) -> list[torch.Tensor]:
     """Sum scalars over all ranks (one all-reduce); identity in a single process."""
-    stacked = torch.stack([v.detach().float().reshape(()) for v in values])
+    device = _common_device(values)
+    stacked = torch.stack([v.detach().float().reshape(()).to(device) for v in values])
     if _distributed():
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
     return list(stacked.unbind())
