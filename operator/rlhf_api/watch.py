@@ -120,7 +120,7 @@ class Watch(ApiModel):
     min_reward_rise: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.5
     """rewardRiseWithCollapse: the mean reward-model score must have risen at least this much above the
     first evaluation's (in reward-model units) for a collapse to count as reward hacking."""
-    length_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
+    length_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7
     """rewardRiseWithCollapse: a collapse is a mean response length below this fraction of the first
     evaluation's, or ..."""
     distinct_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.35

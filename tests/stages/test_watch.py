@@ -91,10 +91,10 @@ def test_collapse_without_a_reward_rise_is_not_reward_hacking() -> None:
 
 
 def test_thresholds_come_from_the_spec() -> None:
-    history = [record(0), record(10, score_mean=-0.4, length_mean=7.0)]
-    assert kinds(history) == []  # rise 0.6 >= 0.5, but length 7/11 = 0.64 is above 0.6
-    assert kinds(history, Watch(length_ratio=0.7)) == [REWARD_WITH_COLLAPSE]
-    assert kinds(history, Watch(length_ratio=0.7, min_reward_rise=1.0)) == []
+    history = [record(0), record(10, score_mean=-0.4, length_mean=8.0)]
+    assert kinds(history) == []  # rise 0.6 >= 0.5, but length 8/11 = 0.73 is above 0.7
+    assert kinds(history, Watch(length_ratio=0.75)) == [REWARD_WITH_COLLAPSE]
+    assert kinds(history, Watch(length_ratio=0.75, min_reward_rise=1.0)) == []
 
 
 def test_kl_beyond_its_limit() -> None:

@@ -1,4 +1,4 @@
-"""PPO and ReST against a reward model with a hole built in on purpose: the watch raises the alarm, stops,
+"""PPO, ReST, GRPO and RLOO against a reward model with a hole built in on purpose: the watch raises the alarm, stops,
 and the output is a checkpoint from before the collapse, judged by the tiny task's ground truth.
 
 The hole: in the reward model's preference data, every pair whose rejected answer is a cut-off
@@ -231,3 +231,51 @@ def test_rest_watch_stop_ends_the_loop_at_the_alarm(workspace: Path, rest: dict[
     assert (out / "model" / "config.json").is_file() and (out / "final" / "model" / "config.json").is_file()
     merge = rest["stop/merge"]  # the merged model is the kept Improve step, and says so
     assert merge["selectedStep"] == stop["selectedStep"] and f"rest step {stop['selectedStep']}" in merge["message"]
+
+
+# ------------------------------------------------------------------ GRPO and RLOO on the same hole
+
+# examples/tiny-grpo.yaml / tiny-rloo.yaml's stage (60 steps, all weights) with the DEFAULT watch
+# (evaluations every 10 steps, action stop): what a user gets. Measured 2026-11-30 with evaluations
+# every 5 steps under warn (docs/watch.md): GRPO's answers collapse between steps 40 and 45, RLOO's
+# between 25 and 30 (length 9.6 -> 5.9 tokens, ground truth on the watch's own answers 0.41 -> 0.12).
+POLICY_RL = ("GRPO", "RLOO")
+
+
+@pytest.fixture(scope="module")
+def policy_rl(workspace: Path, hole: Path, logs: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for method in POLICY_RL:
+        stage, run = method.lower(), f"{RUN}-{method.lower()}"
+        same_sft_and_reward(workspace, hole, run)
+        hole_reward = spec("warn")["reward"]  # the reward section the hole was trained with
+        body = tiny_spec(method=method, reward=hole_reward, ppo=None, **{stage: example_spec(method)[stage]})
+        config = write_invocation(workspace, stage, run, body)
+        code, text = run_stage(stage, config, logs / f"{run}-{stage}.json", timeout=1200)
+        assert code == 0, text[-4000:]
+        out[method] = read_result(logs / f"{run}-{stage}.json")
+    return out
+
+
+@pytest.mark.parametrize("method", POLICY_RL)
+def test_policy_rl_default_watch_stops_and_keeps_a_policy_from_before_the_collapse(
+    workspace: Path, policy_rl: dict[str, dict[str, Any]], method: str
+) -> None:
+    result = policy_rl[method]
+    findings = result.get("findings", [])
+    assert findings and findings[0].startswith("rewardRiseWithCollapse"), result
+    alarm = alarm_step(findings[0])
+    assert result["step"] == alarm < result["totalSteps"], result  # stop: training ended at the alarm
+    assert result["selectedStep"] == alarm - 10 and "lastBeforeAlarm" in result["selection"], result
+
+    out = run_dir(workspace, f"{RUN}-{method.lower()}") / method.lower()
+    records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    table = [{k: r[k] for k in ("step", "score_mean", "length_mean", "distinct_2", "findings")} for r in records]
+    sft = ground_truth(workspace, None)
+    kept = ground_truth(workspace, out)  # the output: the evaluation before the alarm
+    at_alarm = ground_truth(workspace, out / "final")  # the policy that raised it
+    report = {"method": method, "sft": sft, "kept": kept, "at_alarm": at_alarm, "evaluations": table}
+    print(json.dumps(report, indent=1))
+    assert at_alarm["target_rate"] < sft["target_rate"], report  # the alarm came with the collapse
+    assert kept["target_rate"] >= sft["target_rate"] - 0.1, report  # the output had not collapsed
+    assert kept["target_rate"] >= at_alarm["target_rate"] + 0.15, report
