@@ -8,7 +8,8 @@ answers fail the ground truth (no full sentence), and PPO reaches them by ending
 reward-model score rises while the answers get shorter, which is what the watch looks for.
 
 examples/tiny.yaml's sound reward model under the same PPO raises no alarm on 3 seeds: asserted in
-test_ppo_learning.py, whose runs have the default watch on; for ReST in test_methods_rest.py.
+test_ppo_learning.py, whose runs have the default watch on; for ReST in test_methods_rest.py, for GRPO
+and RLOO in test_methods_policy_rl.py.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def test_rest_watch_keeps_an_improve_step_from_before_the_collapse(workspace: Pa
     final = ground_truth(workspace, out / "final")
     report = {"sft": sft, "kept": kept, "final": final, "evaluations": table}
     print(json.dumps(report, indent=1))
-    # Measured 2026-11-30: SFT 0.32, kept (improve step 17) 0.68, final 0.0 (3.0 tokens).
+    # Measured 2026-11-30 (lengthRatio 0.7): SFT 0.32, kept (improve step 15) 0.73, final 0.0 (3.0 tokens).
     assert final["target_rate"] <= 0.5 * sft["target_rate"], report  # the hole was found: a collapse
     assert kept["target_rate"] >= sft["target_rate"] - 0.1, report  # the kept policy did not collapse
     assert kept["target_rate"] >= final["target_rate"] + 0.15, report
@@ -239,6 +240,9 @@ def test_rest_watch_stop_ends_the_loop_at_the_alarm(workspace: Path, rest: dict[
 # (evaluations every 10 steps, action stop): what a user gets. Measured 2026-11-30 with evaluations
 # every 5 steps under warn (docs/watch.md): GRPO's answers collapse between steps 40 and 45, RLOO's
 # between 25 and 30 (length 9.6 -> 5.9 tokens, ground truth on the watch's own answers 0.41 -> 0.12).
+# RLOO's step 30 at 0.62 x the baseline's length is why lengthRatio is 0.7: at 0.6 the alarm came at
+# step 40 and the output was step 30, already collapsed (target rate 0.18, SFT 0.32). Both runs stop
+# at the alarm: 27 s together (GRPO 50 steps, RLOO 30).
 POLICY_RL = ("GRPO", "RLOO")
 
 
