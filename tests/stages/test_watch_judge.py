@@ -14,10 +14,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from conftest import tiny_spec
 from rlhf_api.judging import DEFAULT_JUDGE_TEMPLATE
+from rlhf_api.layout import RunRef, StageInvocation
 from rlhf_api.watch import JUDGE_FALLING, Watch, WatchJudge
 from rlhf_operator.cli.cluster import watch_lines
-from rlhf_stages.methods.watch_judge import BASELINE_FILE, AnswerJudge, win_rate
+from rlhf_stages.methods.watch_judge import BASELINE_FILE, AnswerJudge, check, win_rate
+from rlhf_stages.runtime.context import StageContext, StageInputMissing
 from rlhf_stages.sampling.watch import Answers, Watcher, detect, status_rows
 
 JUDGE = {"model": {"path": "assets/judge"}, "constitution": ["End the sentence."]}
@@ -128,3 +131,17 @@ def test_the_win_rate_goes_into_the_log_the_alarm_status_and_rlhfctl(tmp_path: P
     assert [r.judge_win_rate for r in rows] == [0.5, pytest.approx(0.1)]
     table = watch_lines(late["findings"], None, rows, 2)
     assert "JUDGE" in table[1] and table[-1].split()[-2:] == ["0.10", "ALARM"]
+
+
+def test_the_stage_refuses_to_start_without_the_judge_model_naming_the_field(tmp_path: Path) -> None:
+    def ctx(judge: dict[str, Any] | None) -> StageContext:
+        spec = tiny_spec(ppo={"watch": {"judge": judge}})
+        invocation = StageInvocation(stage="ppo", run=RunRef(name="j"), workspace=str(tmp_path), spec=spec)  # type: ignore[arg-type]
+        return StageContext.create(invocation)
+
+    with pytest.raises(StageInputMissing, match=r"ppo\.watch\.judge\.model: no saved model at assets/judge"):
+        check(ctx(JUDGE))
+    check(ctx(None))  # no judge: nothing to check
+    (tmp_path / "assets" / "judge").mkdir(parents=True)
+    (tmp_path / "assets" / "judge" / "config.json").write_text("{}")
+    check(ctx(JUDGE))
