@@ -7,6 +7,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from .base import ApiModel, Rule
+from .judging import (
+    DEFAULT_JUDGE_TEMPLATE,
+    MAX_PRINCIPLES,
+    JudgeDtype,
+    JudgeTemplate,
+    Principle,
+    judge_template_rule,
+)
 from .podtemplate import PodTemplate
 from .runtime import Resources
 from .sources import DatasetSource, ModelSource
@@ -14,8 +22,6 @@ from .training import LoRA, Quantization, TrainingSettings
 from .watch import ReSTWatch, Watch
 
 DEFAULT_PROMPT_TEMPLATE = "Question: {question}\n\nAnswer: {response}"
-DEFAULT_JUDGE_TEMPLATE = "Principles:\n{constitution}\n\n{prompt}\nA:{a}\nB:{b}\nBetter answer:"
-JUDGE_TEMPLATE_FIELDS = ("constitution", "prompt", "a", "b")
 
 
 def _quantization_needs_lora() -> Rule:
@@ -357,28 +363,19 @@ class RLAIFStage(StageBase):
             field_path=".constitution",
             check=lambda r: (r.constitution is None) != (r.constitution_config_map is None),
         ),
-        Rule(
-            cel="!has(self.judgeTemplate) || ("
-            + " && ".join(f"self.judgeTemplate.contains('{{{f}}}')" for f in JUDGE_TEMPLATE_FIELDS)
-            + ")",
-            message="judgeTemplate must contain " + ", ".join(f"{{{f}}}" for f in JUDGE_TEMPLATE_FIELDS),
-            field_path=".judgeTemplate",
-            check=lambda r: all(f"{{{f}}}" in r.judge_template for f in JUDGE_TEMPLATE_FIELDS),
-        ),
+        judge_template_rule("judgeTemplate", "judge_template"),
     )
 
     judge: ModelSource
     """The judge: a causal LM (hub id or a directory on the volume) that compares two answers."""
-    judge_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    judge_dtype: JudgeDtype = "bfloat16"
     """Dtype the judge is loaded in (it is only run forward)."""
-    constitution: list[Annotated[str, Field(min_length=1, max_length=2048)]] | None = Field(
-        default=None, min_length=1, max_length=64
-    )
+    constitution: list[Principle] | None = Field(default=None, min_length=1, max_length=MAX_PRINCIPLES)
     """Principles the judge applies, e.g. ``Prefer the answer that is kind and on topic.``"""
     constitution_config_map: Annotated[str, Field(max_length=253)] | None = None
     """ConfigMap in the run's namespace (key ``constitution``, one principle per line) holding the principles
     instead; mounted into the stage's pod."""
-    judge_template: PromptTemplate = DEFAULT_JUDGE_TEMPLATE
+    judge_template: JudgeTemplate = DEFAULT_JUDGE_TEMPLATE
     """The judge's prompt: ``{constitution}`` (the principles as a ``- `` list), ``{prompt}`` (the rendered
     question), ``{a}`` and ``{b}`` (the answers). It must end where the judge's next words are `` A``
     or `` B``."""

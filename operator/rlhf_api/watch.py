@@ -13,7 +13,15 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 
 from .base import ApiModel, Rule
-from .sources import DatasetSource
+from .judging import (
+    DEFAULT_JUDGE_TEMPLATE,
+    MAX_PRINCIPLES,
+    JudgeDtype,
+    JudgeTemplate,
+    Principle,
+    judge_template_rule,
+)
+from .sources import DatasetSource, ModelSource
 
 # Names of the detectors, as findings and docs spell them.
 REWARD_WITH_COLLAPSE = "rewardRiseWithCollapse"
@@ -21,7 +29,15 @@ KL_BEYOND_LIMIT = "klBeyondLimit"
 SCORE_OUT_OF_RANGE = "scoreOutOfRange"
 PREFERENCE_FALLING = "preferenceAccuracyFalling"
 CHECKS_FAILING = "checkPassRateFalling"
-DETECTORS = (REWARD_WITH_COLLAPSE, KL_BEYOND_LIMIT, SCORE_OUT_OF_RANGE, PREFERENCE_FALLING, CHECKS_FAILING)
+JUDGE_FALLING = "judgeWinRateFalling"
+DETECTORS = (
+    REWARD_WITH_COLLAPSE,
+    KL_BEYOND_LIMIT,
+    SCORE_OUT_OF_RANGE,
+    PREFERENCE_FALLING,
+    CHECKS_FAILING,
+    JUDGE_FALLING,
+)
 
 WatchAction = Literal["warn", "stop", "rollback"]
 CheckpointSelection = Literal["lastBeforeAlarm", "last", "bestReward"]
@@ -78,6 +94,25 @@ class AnswerCheck(ApiModel):
     max_tokens: Annotated[int, Field(ge=0, le=1000000)] | None = None
     """The answer must have at most this many tokens (the policy's tokenizer, EOS excluded). An answer
     cut off at ``responseLength.max`` without EOS fails it too when the limit is below that budget."""
+
+
+class WatchJudge(ApiModel):
+    """A judge model that compares each held-out answer with the starting policy's answer to the same
+    prompt, under a written constitution, at every evaluation (docs/watch.md: its cost and what it
+    cannot see). Asked the way the RLAIF stage asks its judge: both orders, the next-token
+    probabilities of `` A`` and `` B``."""
+
+    rules = (judge_template_rule("template", "template"),)
+
+    model: ModelSource
+    """The judge: a causal LM (hub id or a directory on the volume), e.g. the one rlaif.judge names."""
+    dtype: JudgeDtype = "bfloat16"
+    """Dtype the judge is loaded in (it is only run forward)."""
+    constitution: list[Principle] = Field(min_length=1, max_length=MAX_PRINCIPLES)
+    """Principles the judge applies, e.g. ``Prefer the answer that is kind and on topic.``"""
+    template: JudgeTemplate = DEFAULT_JUDGE_TEMPLATE
+    """The judge's prompt, as rlaif.judgeTemplate: ``{constitution}``, ``{prompt}``, ``{a}`` and ``{b}``;
+    it must end where the judge's next words are `` A`` or `` B``."""
 
 
 class Watch(ApiModel):
@@ -151,6 +186,13 @@ class Watch(ApiModel):
     check_drop: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     """checkPassRateFalling: fires when the share of answers passing every check fell this much below
     the first evaluation's."""
+    judge: WatchJudge | None = None
+    """A judge model comparing every held-out answer with the first evaluation's answer to the same
+    prompt (the starting policy's): each evaluation records its win rate, the mean probability that
+    the current answer is the better one (0.5 at the first evaluation). Unset: not measured,
+    judgeWinRateFalling off. A second model in memory on the evaluating process."""
+    judge_drop: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.15
+    """judgeWinRateFalling: fires when the judge's win rate is below 0.5 minus this."""
 
 
 class ReSTWatch(Watch):
@@ -184,6 +226,8 @@ class EvaluationRow(ApiModel):
     """The policy's preference accuracy on watch.preferenceSet, when set."""
     check_pass_rate: float | None = None
     """Share of answers passing every watch.checks check, when checks are set."""
+    judge_win_rate: float | None = None
+    """The watch.judge's win rate of the answers over the first evaluation's, when a judge is set."""
     alarm: bool = False
     """A detector fired at this evaluation."""
     selected: bool = False

@@ -124,6 +124,7 @@ WATCH_CURVES = (
     ("distinct_2", "held-out distinct-2"),
     ("preference_accuracy", "held-out preference accuracy"),
     ("check_pass_rate", "held-out answers passing every check"),
+    ("judge_win_rate", "judge's win rate over the starting policy's answers"),
 )
 
 
@@ -257,8 +258,9 @@ WATCH_TABLE = {
     "distinct_2": "distinct-2",
     "preference_accuracy": "preference accuracy",
     "check_pass_rate": "checks passed",
+    "judge_win_rate": "judge win rate",
 }
-WATCH_OPTIONAL = ("preference_accuracy", "check_pass_rate")
+WATCH_OPTIONAL = ("preference_accuracy", "check_pass_rate", "judge_win_rate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

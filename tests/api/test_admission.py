@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from rlhf_api import RLHFRunSpec
+from rlhf_api.judging import DEFAULT_JUDGE_TEMPLATE
 from rlhf_api.validation import validate_manifest
 
 from .builders import EXAMPLES, kubectl_create, minimal_run, patched
@@ -152,6 +153,13 @@ INVALID: list[tuple[str, str, Any, str]] = [
         "watch.checks",
     ),
     ("watch check name with capitals", "spec.ppo.watch", {"checks": [{"name": "NoLinks", "maxChars": 9}]}, "name"),
+    (
+        "watch judge template without {b}",
+        "spec.ppo.watch",
+        {"judge": {"model": {"path": "j"}, "constitution": ["Be kind."], "template": "{constitution} {prompt} {a}"}},
+        "template",
+    ),
+    ("watch judge without a constitution", "spec.ppo.watch", {"judge": {"model": {"path": "j"}}}, "constitution"),
     ("DPO unknown loss type", "spec.dpo", {"dataset": {"name": "a/b"}, "lossType": "kto"}, "lossType"),
     ("reward stage without a dataset", "spec.reward", {"maxLength": 256}, "reward.dataset"),
     (
@@ -473,6 +481,16 @@ def test_grpo_and_rloo_rollback_with_a_kl_penalty_are_admitted(control_plane, na
         doc["metadata"]["namespace"] = namespace
         control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
         assert validate_manifest(doc)[1] == []
+
+
+def test_a_watch_judge_is_admitted_and_its_model_is_an_input(control_plane, namespace):
+    judge = {"model": {"name": "a/judge"}, "dtype": "float32", "constitution": ["Be kind.", "Be brief."]}
+    doc = patched(minimal_run("judge-ok"), "spec.ppo.watch", {"judge": judge, "judgeDrop": 0.2})
+    doc["metadata"]["namespace"] = namespace
+    control_plane.kubectl("create", "-f", "-", input=json.dumps(doc))
+    model, errors = validate_manifest(doc)
+    assert errors == [] and model is not None and model.spec.ppo.watch.judge.template == DEFAULT_JUDGE_TEMPLATE
+    assert ("ppo.watch.judge.model", model.spec.ppo.watch.judge.model) in model.spec.input_sources()  # staged
 
 
 @pytest.mark.parametrize("spec", list(REWARD_SOURCES.values()), ids=list(REWARD_SOURCES))

@@ -25,8 +25,11 @@ def assets(env: Env) -> None:
 
 def shortened(manifest: dict) -> dict:
     """The tiny example with its training cut short: this test is about orchestration with the real
-    stages (learning is asserted by tests/cli/test_quickstart.py and the stage tests)."""
+    stages (learning is asserted by tests/cli/test_quickstart.py and the stage tests). Its SFT stage is
+    a gang of two Pods (resources.nodes 2), which the dev Job controller runs as two local processes
+    meeting on this machine, as `rlhfctl dev` runs a multi-node spec."""
     spec = manifest["spec"]
+    spec["sft"]["resources"]["nodes"] = 2
     spec["sft"]["training"]["maxSteps"] = 30
     spec["reward"]["training"]["maxSteps"] = 30
     spec["ppo"].update(totalSteps=4, saveFreq=2)
@@ -46,6 +49,14 @@ def test_tiny_example_runs_to_succeeded(env: Env, assets: None) -> None:
         assert stage["phase"] == "Succeeded" and stage["metrics"], stage
     assert status["reward"] is not None
     assert status["progress"] == "4/4"
+    # The gang: one Pod per index, both ran to completion, one rendezvous (node 1 joined node 0's).
+    pods = env.items("pods", "rlhf-operator.io/stage=sft")
+    indexes = sorted(p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") for p in pods)
+    assert indexes == ["0", "1"], [p["metadata"]["name"] for p in pods]
+    assert all(p["status"]["phase"] == "Succeeded" for p in pods), [p["status"]["phase"] for p in pods]
+    node_1 = next(p for p in pods if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1")
+    log = (env.root / "pods" / env.namespace / node_1["metadata"]["name"] / "container.log").read_text()
+    assert "as node 1 of 2" in log and "--master-addr=127.0.0.1" in log, log[-2000:]
 
 
 def test_corrupt_model_exhausts_retries(env: Env, assets: None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_api.stages import DEFAULT_JUDGE_TEMPLATE
+from rlhf_api.judging import DEFAULT_JUDGE_TEMPLATE
 from rlhf_stages.methods.judge import (
     Verdict,
     missing_template_fields,

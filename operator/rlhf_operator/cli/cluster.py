@@ -84,10 +84,14 @@ def watch_lines(
         ("length", "LENGTH", ".3g"),
         ("distinct2", "DIST-2", ".2f"),
     ]
-    # Only the signals this run measured (a preference set, checks): the others would be columns of '-'.
+    # Only the signals this run measured (a preference set, checks, a judge): the others would be columns of '-'.
     columns += [
         (key, head, ".2f")
-        for key, head in (("preference_accuracy", "PREF-ACC"), ("check_pass_rate", "CHECKS"))
+        for key, head in (
+            ("preference_accuracy", "PREF-ACC"),
+            ("check_pass_rate", "CHECKS"),
+            ("judge_win_rate", "JUDGE"),
+        )
         if any(getattr(r, key) is not None for r in rows)
     ]
     lines.append(pad + f"{'EVAL STEP':>9}" + "".join(f" {head:>8}" for _, head, _ in columns))

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rlhf_api.stages import JUDGE_TEMPLATE_FIELDS
+from rlhf_api.judging import JUDGE_TEMPLATE_FIELDS
 
 CHOICES = (" A", " B")
 

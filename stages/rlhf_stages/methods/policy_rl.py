@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rlhf_api import TrainingSettings
-from rlhf_stages.methods import common
+from rlhf_stages.methods import common, watch_judge
 from rlhf_stages.runtime import data, interrupt, models
 from rlhf_stages.runtime.context import StageContext, StageOutcome
 
@@ -87,6 +87,7 @@ def validate(ctx: StageContext) -> None:
     common.check_reward_input(ctx)
     common.check_generation_extra(ctx)
     common.check_preference_set(ctx)
+    watch_judge.check(ctx)
 
 
 def training_settings(cfg: Any) -> TrainingSettings:

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rlhf_stages.methods import common
+from rlhf_stages.methods import common, watch_judge
 from rlhf_stages.methods.rest_improve import GrowRow, improve, quantile
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.atomic import write_json_atomic, write_jsonl_atomic
@@ -59,6 +59,7 @@ def validate(ctx: StageContext) -> None:
     common.check_policy_input(ctx)
     common.check_reward_input(ctx)
     common.check_preference_set(ctx)
+    watch_judge.check(ctx)
     if cfg.resources.gpus > 1:  # the Grow/Improve loop is single-process: N ranks would each run all of it
         raise StageConfigError("rest.resources.gpus: ReST runs in one process; use at most 1 GPU")
     if cfg.generation.extra:

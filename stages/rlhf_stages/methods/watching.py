@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from transformers import TrainerCallback
 
 from rlhf_api.watch import EvaluationRow
-from rlhf_stages.methods import common
+from rlhf_stages.methods import common, watch_judge
 from rlhf_stages.runtime import data
 from rlhf_stages.runtime.checkpoints import rank_max
 from rlhf_stages.runtime.context import StageContext
@@ -50,6 +50,7 @@ def make_watcher(ctx: StageContext, kl_target: float | None, total_steps: int | 
         kl_target=kl_target,
         score_max=reward_score_max(ctx),
         total_steps=cfg.total_steps if total_steps is None else total_steps,
+        judge=watch_judge.make(ctx),
     )
 
 

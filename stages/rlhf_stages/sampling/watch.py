@@ -27,13 +27,14 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from rlhf_api.watch import (
     CHECKS_FAILING,
     EVALUATION_ROWS,
+    JUDGE_FALLING,
     KL_BEYOND_LIMIT,
     PREFERENCE_FALLING,
     REWARD_WITH_COLLAPSE,
@@ -48,6 +49,7 @@ CANDIDATE_FILE = "watch-candidate.pt"
 KL_TARGET_FACTOR = 3.0  # kl_limit default: this many times the adaptive controller's target
 MAX_FINDINGS = 4  # what a StageResult carries (the log keeps every one)
 EVAL_SEED = 20231  # every evaluation samples with this seed: two evaluations differ only by the policy
+JUDGE_EVEN = 0.5  # the judge's win rate of answers as good as the starting policy's (the baseline's own)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Answers:
     prompts: Sequence[str]
     preference_accuracy: float | None = None
     """The policy's preference accuracy on the held-out pairs (``preference_accuracy``); None: no set."""
+    judge_win_rate: float | None = None
+    """The watch's judge: mean P(this answer beats the first evaluation's); None: no judge."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,8 @@ def summarize(
     }
     if answers.preference_accuracy is not None:
         record["preference_accuracy"] = answers.preference_accuracy
+    if answers.judge_win_rate is not None:
+        record["judge_win_rate"] = answers.judge_win_rate
     if score_max is not None:
         record["above_score_range"] = _mean([float(s > score_max) for s in scores])
     failed = run_checks(checks, answers) if checks else []
@@ -314,6 +320,11 @@ def detect(history: Sequence[dict[str, Any]], watch: Watch, limit: float | None)
         found.append(
             Finding(CHECKS_FAILING, step, f"answers passing every check {base_passed:.2f} -> {passed:.2f}{detail}")
         )
+    won = now.get("judge_win_rate")
+    if won is not None and won < JUDGE_EVEN - watch.judge_drop:
+        found.append(
+            Finding(JUDGE_FALLING, step, f"the judge prefers the starting policy's answers: win rate {won:.2f}")
+        )
     above = now.get("above_score_range")
     if above is not None and above >= watch.out_of_range_fraction:
         found.append(
@@ -388,6 +399,7 @@ def status_rows(table: Sequence[dict[str, Any]], selected_step: int | None) -> l
             distinct2=_shown(e.get("distinct_2")),
             preference_accuracy=_shown(e.get("preference_accuracy")),
             check_pass_rate=_shown(e.get("check_pass_rate")),
+            judge_win_rate=_shown(e.get("judge_win_rate")),
             alarm=bool(e.get("alarm")),
             selected=int(e["step"]) == selected_step,
         )
@@ -410,8 +422,12 @@ class Watcher:
         kl_target: float | None,
         score_max: float | None,
         total_steps: int,
+        judge: Callable[[int, Answers], float] | None = None,
     ) -> None:
+        """``judge(step, answers)``: the win rate of ``answers`` over the first evaluation's (the
+        watch's judge, ``methods.watch_judge``); None: no judge."""
         self.watch = watch
+        self.judge = judge
         self.directory = directory
         self.limit = kl_limit(watch, kl_target)
         self.score_max = score_max
@@ -493,6 +509,8 @@ class Watcher:
 
     def record(self, step: int, answers: Answers, weights: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Summarise, detect, append to the log, keep the candidate's weights; returns the record."""
+        if self.judge is not None:
+            answers = replace(answers, judge_win_rate=self.judge(step, answers))
         record = {"step": step, **summarize(answers, self.score_max, self.watch.samples_kept, self.watch.checks)}
         alarmed_before = self.alarmed
         self.history.append(record)
@@ -552,6 +570,7 @@ class Watcher:
             "distinct_2",
             "preference_accuracy",
             "check_pass_rate",
+            "judge_win_rate",
         )
         return {
             "evalEvery": self.watch.eval_every,

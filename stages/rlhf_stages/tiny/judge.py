@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_api.stages import DEFAULT_JUDGE_TEMPLATE
+from rlhf_api.judging import DEFAULT_JUDGE_TEMPLATE
 from rlhf_stages.methods.judge import CHOICES, Verdict, choice_log_probs, probability_first, render_judge_prompt
 from rlhf_stages.methods.judge import summarise as summarise_verdicts
 from rlhf_stages.tiny.assets import TinyAssets, read_jsonl, tiny_llama

@@ -31,7 +31,7 @@ import os
 import time
 from typing import Any
 
-from rlhf_stages.methods import common
+from rlhf_stages.methods import common, watch_judge
 from rlhf_stages.runtime import data, models
 from rlhf_stages.runtime.context import StageConfigError, StageContext, StageInterrupted, StageOutcome
 
@@ -65,6 +65,7 @@ def validate(ctx: StageContext) -> None:
     common.check_policy_input(ctx)
     common.check_reward_input(ctx)
     common.check_preference_set(ctx)
+    watch_judge.check(ctx)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world or cfg.mini_batch_size % world:
         raise StageConfigError(
