@@ -58,7 +58,11 @@ class Controller:
         self.namespaces = namespaces or []
         self.resync_seconds = resync_seconds
         self.reconciler = Reconciler(cluster, cache, metrics, defaults=defaults, progress_interval=progress_interval)
-        self.queue = WorkQueue(self._process, workers=workers, waited=metrics.queue_wait.observe)
+        self.queue = WorkQueue(
+            self._process,
+            workers=workers,
+            waited=lambda lane, seconds: metrics.queue_wait.labels(lane).observe(seconds),
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._resync_task: asyncio.Task[None] | None = None
 

@@ -52,7 +52,8 @@ class Metrics:
         wait_buckets = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, float("inf"))
         self.queue_wait = Histogram(
             "rlhf_workqueue_wait_seconds",
-            "A run's key in the work queue: added -> a worker starts its pass",
+            "A run's key in the work queue: added -> a worker starts its pass, by lane (urgent: a transition)",
+            ["lane"],
             buckets=wait_buckets,
             registry=self.registry,
         )

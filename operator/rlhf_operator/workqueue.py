@@ -64,9 +64,10 @@ class WorkQueue:
         process: Callable[[Key], Awaitable[None]],
         workers: int = 4,
         backoff: Backoff | None = None,
-        waited: Callable[[float], None] | None = None,
+        waited: Callable[[str, float], None] | None = None,
     ) -> None:
-        """``waited`` is told, for each pass, how long its key waited in the queue for a worker."""
+        """``waited`` is told, for each pass, its lane ("urgent", "normal") and how long its key
+        waited in the queue for a worker."""
         self._process = process
         self._waited = waited
         self._added_at: dict[Key, float] = {}
@@ -142,10 +143,10 @@ class WorkQueue:
         while True:
             await self._ready.get()
             key = self._next()
-            del self._queued[key]
+            lane = "urgent" if self._queued.pop(key) else "normal"
             added = self._added_at.pop(key, None)
             if self._waited is not None and added is not None:
-                self._waited(time.monotonic() - added)
+                self._waited(lane, time.monotonic() - added)
             self._processing.add(key)
             try:
                 await self._process(key)

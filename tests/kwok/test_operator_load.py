@@ -49,7 +49,7 @@ def test_benchmark_reports_every_figure_for_a_tiny_burst(tmp_path: Path) -> None
     assert len(parts) == 5 and parts["total"][0] > 0
     medians = [v[0] for k, v in parts.items() if k != "total"]
     assert all(m > -1 for m in medians), parts  # a segment may be slightly negative: two watches, two clocks
-    assert result["operator_waits"]["rlhf_workqueue_wait_seconds"][0] > 0
+    assert result["operator_waits"]['rlhf_workqueue_wait_seconds{lane="urgent"}'][0] > 0
     assert result["operator_waits"]['rlhf_api_rate_limit_wait_seconds{priority="normal"}'][0] > 0
     assert result["peak_rss_first_mib"] > 30 and result["peak_rss_restart_mib"] > 30
     # The restarted operator opened its RLHFRun watch (audit log) before it called itself ready.

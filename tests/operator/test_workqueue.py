@@ -77,7 +77,7 @@ def test_resync_leaves_settled_runs_alone_but_not_edited_or_moving_ones() -> Non
 
 def test_urgent_keys_are_passed_first_and_a_waiting_key_can_become_urgent() -> None:
     order: list[str] = []
-    waits: list[float] = []
+    waits: list[tuple[str, float]] = []
 
     async def scenario() -> None:
         release = asyncio.Event()
@@ -87,7 +87,7 @@ def test_urgent_keys_are_passed_first_and_a_waiting_key_can_become_urgent() -> N
             if key[1] == "busy":
                 await release.wait()
 
-        queue = WorkQueue(process, workers=1, waited=waits.append)
+        queue = WorkQueue(process, workers=1, waited=lambda lane, seconds: waits.append((lane, seconds)))
         queue.start()
         queue.add(("ns", "busy"))
         await asyncio.sleep(0.01)  # the one worker is held
@@ -107,7 +107,8 @@ def test_urgent_keys_are_passed_first_and_a_waiting_key_can_become_urgent() -> N
 
     asyncio.run(scenario())
     assert order == ["busy", "finished", "pod-2", "busy", "pod-1", "pod-3"]
-    assert len(waits) == 6 and min(waits[1:]) >= 0.02, "each pass reports its wait in the queue"
+    assert [lane for lane, _ in waits] == ["normal", "urgent", "urgent", "urgent", "normal", "normal"]
+    assert min(seconds for _, seconds in waits[1:]) >= 0.02, "each pass reports its wait in the queue"
 
 
 def test_a_finished_job_and_a_new_or_edited_run_are_urgent() -> None:
