@@ -422,9 +422,15 @@ class Operator:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def histograms(self) -> dict[str, list[float]]:
-        """Its wait histograms (name -> [count, mean seconds, share over 1 s]), from /metrics."""
+        """Its wait histograms (name -> [count, mean seconds, share over 1 s]) and the Events it dropped
+        (``rlhf_events_dropped_total`` -> [count]), from /metrics."""
         status, text = self.http("/metrics")
-        return parse_histograms(text) if status == 200 else {}
+        if status != 200:
+            return {}
+        dropped = [
+            float(line.split()[-1]) for line in text.splitlines() if line.startswith("rlhf_events_dropped_total ")
+        ]
+        return {**parse_histograms(text), **({"rlhf_events_dropped_total": dropped} if dropped else {})}
 
     def runs_known(self) -> int:
         """The runs the operator reports (its rlhf_runs gauge, every phase)."""
@@ -969,7 +975,10 @@ ROWS: list[tuple[str, Any]] = [
         "requests/s once every run finished (without the Events queued while they ran)",
         lambda r: f"{r.idle_requests_per_s} ({r.idle_other_requests_per_s})",
     ),
-    ("Events posted after every run finished", lambda r: r.events_after_runs),
+    (
+        "Events posted after every run finished / dropped (queue full)",
+        lambda r: f"{r.events_after_runs} / {r.operator_waits.get('rlhf_events_dropped_total', ['-'])[0]}",
+    ),
     (
         "peak RSS, first start / after a restart",
         lambda r: f"{r.peak_rss_first_mib:.0f} / {r.peak_rss_restart_mib:.0f} MiB",
@@ -988,7 +997,7 @@ def _triple(values: list[float] | None) -> str:
 
 
 def _waits(waits: dict[str, list[float]]) -> str:
-    return "; ".join(f"{k}: {v[0]:.0f} / {v[1]} s / {v[2]:.1%}" for k, v in sorted(waits.items())) or "-"
+    return "; ".join(f"{k}: {v[0]:.0f} / {v[1]} s / {v[2]:.1%}" for k, v in sorted(waits.items()) if len(v) == 3) or "-"
 
 
 def _seconds(value: float | None) -> str:
