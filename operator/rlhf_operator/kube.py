@@ -233,8 +233,11 @@ class EventPoster:
                 namespace, body = self._queue.popleft()
             if not self._may_act():
                 continue
-            with spare_capacity(None):
-                self._send(namespace, body)
+            try:
+                with spare_capacity(None):
+                    self._send(namespace, body)
+            except Exception as exc:  # an API server outage (connection refused): drop it, keep posting
+                log.warning("could not post event %s: %s", body.get("reason"), exc)
 
 
 class NotLeading(RuntimeError):

@@ -336,6 +336,9 @@ def test_the_event_poster_sends_in_order_drops_the_oldest_and_nothing_when_not_l
     done = threading.Event()
 
     def send(namespace: str, body: dict[str, Any]) -> None:
+        if body["reason"] == "b":
+            sent.append("b")
+            raise ConnectionRefusedError("the API server is down")  # the poster goes on
         sent.append(body["reason"])
         if body["reason"] == "last":
             done.set()
