@@ -634,7 +634,12 @@ def create_unrelated(cluster: Cluster, count: int) -> None:
         cluster.plane.kubectl("create", "-f", "-", input=yaml.safe_dump_all(docs[start : start + 1000]))
 
 
-HISTOGRAMS = ("rlhf_workqueue_wait_seconds", "rlhf_api_rate_limit_wait_seconds", "rlhf_reconcile_duration_seconds")
+HISTOGRAMS = (
+    "rlhf_workqueue_wait_seconds",
+    "rlhf_api_rate_limit_wait_seconds",
+    "rlhf_reconcile_duration_seconds",
+    "rlhf_event_loop_lag_seconds",
+)
 
 
 def parse_histograms(text: str) -> dict[str, list[float]]:

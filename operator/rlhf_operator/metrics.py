@@ -65,6 +65,12 @@ class Metrics:
             buckets=wait_buckets,
             registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            "rlhf_event_loop_lag_seconds",
+            "How late the operator's event loop woke a sleeping task (sampled every 0.25 s)",
+            buckets=wait_buckets,
+            registry=self.registry,
+        )
         self.events_dropped = Counter(
             "rlhf_events_dropped_total",
             "Events not posted: the queue of events waiting for spare request capacity was full",
