@@ -11,7 +11,11 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None) -> int:
     from rlhf_stages.runtime.entrypoint import main as entrypoint_main
+    from rlhf_stages.runtime.libraries import leave_out_unused
 
+    # This is the stage's own process (python -m rlhf_stages, rlhf-stage, torchrun's workers): what
+    # the spec never uses can be left out before anything imports it (runtime/libraries.py).
+    leave_out_unused(sys.argv[1:] if argv is None else argv)
     return entrypoint_main(argv)
 
 

@@ -3,10 +3,12 @@ Service, torchrun across the two Pods over the real Pod network (gloo, 1 process
 admitting the two Pods as one Workload or not at all, and one Pod killed restarting the whole gang
 from its checkpoint.
 
-The run trains SFT only, 160 steps with a checkpoint every 20: long enough to kill a Pod past the
-first checkpoint, short enough to keep the tier's added time small. That the two-Pod run reaches
-the losses of a one-process run with the same global batch is shown by tests/stages (two launchers
-on one machine, no Pod network), which is cheaper than a second run here."""
+The run's SFT trains 160 steps with a checkpoint every 20: long enough to kill a Pod past the first
+checkpoint, short enough to keep the tier's added time small. Then the reward model and PPO train on
+two Pods each too, briefly (10 and 4 steps): every multi-node stage kind with a loop of its own
+(Trainer-based, and PPO's) rendezvouses over the Pod network and reports once. That two-Pod runs
+reach the losses of a one-process run with the same global batch is shown by tests/stages (two
+launchers on one machine, no Pod network), which is cheaper than second runs here."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from tests.kueue.manager import Kueue
 from .kube import NodeEnv, sft_only_run
 from .queues import QUEUE, apply_cluster_queue, apply_local_queue, delete_cluster_queue
 
-pytestmark = [pytest.mark.node, pytest.mark.training, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.node, pytest.mark.training, pytest.mark.timeout(1800)]
 
 STAGE_MEMORY_MI = 4096  # tiny.yaml's SFT request, per Pod
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
@@ -66,9 +68,13 @@ def test_two_pods_train_as_one_gang_admitted_together_and_restarted_together(
 ) -> None:
     claim = env.workspace("ws", assets=tiny_assets)
     run = sft_only_run("mn", claim, 160, queueName=QUEUE, backoffLimit=2)
-    resources = run["spec"]["sft"]["resources"]
-    assert resources["memory"] == f"{STAGE_MEMORY_MI // 1024}Gi"
-    resources["nodes"] = 2
+    spec = run["spec"]
+    for name in ("sft", "reward", "ppo"):
+        assert spec[name]["resources"]["memory"] == f"{STAGE_MEMORY_MI // 1024}Gi"
+        spec[name]["resources"]["nodes"] = 2
+    spec["reward"]["enabled"] = True
+    spec["reward"]["training"].update(maxSteps=10, saveSteps=10)
+    spec["ppo"].update(enabled=True, totalSteps=4, saveFreq=2)
     env.apply(run)
 
     # An Indexed Job for two Pods and the Service that finds index 0.
@@ -97,10 +103,19 @@ def test_two_pods_train_as_one_gang_admitted_together_and_restarted_together(
 
     # Kill one Pod of the gang: the whole gang starts again, from the checkpoint.
     env.kubectl("delete", "pod", pods["1"]["metadata"]["name"], "--grace-period=5", "--wait=false")
-    done = env.wait_phase("mn", "Succeeded", 900)
+    done = env.wait_phase("mn", "Succeeded", 1200)
     assert stage(done)["attempts"] >= 2, stage(done)
     last = [p for p in gang_pods(env, "mn") if p["metadata"]["name"] not in first]
     assert sorted(p["metadata"]["labels"].get(INDEX_LABEL) for p in last) == ["0", "1"], "not the whole gang again"
     leader = next(p for p in last if p["metadata"]["labels"].get(INDEX_LABEL) == "0")
     resumed = re.search(r"resuming sft from checkpoint-(\d+)", env.kubectl("logs", leader["metadata"]["name"]))
     assert resumed and int(resumed.group(1)) >= 40, "the restarted gang did not start from its checkpoint"
+
+    # The reward model and PPO trained as gangs of two too: both indexes ran to completion, and the
+    # stage's result (node 0's termination message) reached status once.
+    for name in ("reward", "ppo"):
+        done_stage = next(s for s in done["status"]["stages"] if s["name"] == name)
+        assert done_stage["phase"] == "Succeeded" and done_stage["metrics"], done_stage
+        pods = env.items("pods", f"rlhf-operator.io/run=mn,rlhf-operator.io/stage={name}")
+        assert sorted(p["metadata"]["labels"].get(INDEX_LABEL) for p in pods) == ["0", "1"], name
+        assert all(p["status"].get("phase") == "Succeeded" for p in pods), [p["status"].get("phase") for p in pods]

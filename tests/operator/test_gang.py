@@ -191,3 +191,27 @@ def test_the_operator_creates_the_rendezvous_service_before_the_job_owned_by_the
     assert [(o["uid"], o["controller"]) for o in service["metadata"]["ownerReferences"]] == [(run_uid, True)]
     assert service["spec"]["selector"]["batch.kubernetes.io/job-completion-index"] == "0"
     assert service["spec"]["clusterIP"] and service["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_the_dev_job_controller_fails_a_gang_at_its_first_failed_pod_and_the_operator_restarts_it(env: Env) -> None:
+    """`rlhfctl dev`'s Job controller with a gang (fake stages): node 1 fails at once, so the Job fails,
+    node 0 is stopped instead of training on alone, and the operator restarts the whole gang until
+    runtime.backoffLimit; the stage's failure names the Pod that failed first."""
+    env.fake_behaviour({"sft": {"steps": 200, "stepSeconds": 0.25, "failIndex": 1}})
+    manifest = tiny_run("gang")
+    manifest["spec"]["sft"]["resources"] = {"nodes": 2, "gpus": 0, "memory": "1Gi"}
+    manifest["spec"]["runtime"] = {"backoffLimit": 1}
+    env.start_kubelet()
+    env.start_operator()
+    env.apply(manifest)
+    run = env.wait_phase("gang", "Failed", timeout=120)
+    sft = next(s for s in run["status"]["stages"] if s["name"] == "sft")
+    assert sft["phase"] == "Failed" and sft["attempts"] == 2, sft
+    assert "node 1 of 2" in sft["message"] and "lost its peers" in sft["message"], sft["message"]
+    starts = env.starts("gang")  # "<stage> <resume step>" per Pod start: two Pods, twice
+    # (The resume steps are not compared: the fake's node 0 writes a checkpoint every step, so a node 1
+    # started a moment after it may already see one; the real stages' resume is tested in tests/stages.)
+    assert len(starts) == 4 and starts[0] == "sft 0", starts
+    # Node 0 was stopped long before its 50 s of training: no output, and its Pods are gone.
+    assert not (env.run_dir("gang") / "sft" / "manifest.json").exists()
+    assert not [p for p in env.items("pods", "rlhf-operator.io/stage=sft") if p["status"].get("phase") == "Running"]

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 
 from rlhf_stages.methods.ppo import checkpoint as ckpt  # noqa: E402
 from rlhf_stages.methods.ppo.advantages import (  # noqa: E402
-    global_sum,
     KLController,
     generalized_advantages,
+    global_sum,
     masked_mean,
     masked_whiten,
     shaped_rewards,

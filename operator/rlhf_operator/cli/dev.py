@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rlhf_api.names import CRD_NAME
 from rlhf_operator.dev import controlplane
 
 from .local import SOURCE_ROOT, stage_env
@@ -116,7 +117,7 @@ def run(args: Any) -> int:
     processes: list[subprocess.Popen[bytes]] = []
     try:
         plane.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-        _wait_established(plane, "crd/rlhfruns.rlhf-operator.io")
+        _wait_established(plane, f"crd/{CRD_NAME}")
         kubeconfig = plane.kubeconfig(path=workdir / "kubeconfig")
         processes.append(
             _spawn(

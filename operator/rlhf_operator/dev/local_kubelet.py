@@ -7,7 +7,13 @@ suspend (the pod is terminated and deleted, it does not count as failed; resume 
 resets startTime), backoffLimit (``BackoffLimitExceeded``), activeDeadlineSeconds
 (``DeadlineExceeded``), podFailurePolicy (FailJob on exit codes: ``PodFailurePolicy``),
 ttlSecondsAfterFinished, and the conditions FailureTarget/Failed, SuccessCriteriaMet/Complete,
-Suspended. On SIGTERM or SIGINT it stops like a node going away: its running containers get
+Suspended. An Indexed Job of N completions (a multi-node stage's gang) runs N local Pods at once, each
+with its index (label and ``JOB_COMPLETION_INDEX``) and the gang's rendezvous on this machine: the
+Service's host env var points at 127.0.0.1 and every gang gets its own free port; the Job completes
+when all N succeeded and fails at the first failed Pod (the operator sets backoffLimit 0 for gangs),
+its other Pods then stopped, as the Job controller does.
+
+On SIGTERM or SIGINT it stops like a node going away: its running containers get
 SIGTERM, then SIGKILL after ``--grace-seconds``.
 
 Live progress: on a real cluster the operator reads it from the stage container's log (the stage's
@@ -37,9 +43,17 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from rlhf_api.layout import run_dir, stage_progress_file
+from rlhf_api.layout import (
+    JOB_COMPLETION_INDEX_ENV,
+    RENDEZVOUS_PORT_ENV,
+    RENDEZVOUS_SERVICE_ENV,
+    run_dir,
+    service_host_env,
+    stage_progress_file,
+)
 from rlhf_api.names import (
     CONTROLLER_UID_LABEL,
+    JOB_COMPLETION_INDEX_LABEL,
     JOB_NAME_LABEL,
     LABEL_MANAGED_BY,
     LABEL_RUN,
@@ -51,6 +65,7 @@ from rlhf_api.names import (
 )
 from rlhf_api.timestamps import format_timestamp, parse_timestamp
 
+from .controlplane import free_port
 from .process import LocalProcess, launch
 
 log = logging.getLogger("rlhf-local-kubelet")
@@ -111,7 +126,7 @@ class DevJobController:
         self.core, self.batch = client.CoreV1Api(api), client.BatchV1Api(api)
         self.volume_dir, self.work_dir, self.python_path = volume_dir, work_dir, python_path
         self.backoff_seconds, self.grace_seconds = backoff_seconds, grace_seconds
-        self.procs: dict[str, LocalProcess] = {}  # by Job uid
+        self.procs: dict[str, list[LocalProcess]] = {}  # a Job's running Pods (a gang's: index order), by Job uid
         self.last_failure: dict[str, float] = {}
         self.progress_seen: dict[str, float] = {}
 
@@ -134,7 +149,7 @@ class DevJobController:
 
         Containers run in their own sessions, so without this they would outlive the local kubelet.
         """
-        procs = [proc for proc in self.procs.values() if proc.poll() is None]
+        procs = [proc for pods in self.procs.values() for proc in pods if proc.poll() is None]
         self.procs.clear()
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -157,10 +172,10 @@ class DevJobController:
             resp = self.batch.list_job_for_all_namespaces(label_selector=selector, _preload_content=False)
         jobs = _json(resp).get("items") or []
         live = {j["metadata"]["uid"] for j in jobs}
-        for uid in [u for u in self.procs if u not in live]:  # the Job was deleted: kill its pod
-            proc = self.procs.pop(uid)
-            log.info("job of %s/%s deleted: terminating", proc.namespace, proc.pod)
-            proc.terminate(self.grace_seconds)
+        for uid in [u for u in self.procs if u not in live]:  # the Job was deleted: kill its pods
+            for proc in self.procs.pop(uid):
+                log.info("job of %s/%s deleted: terminating", proc.namespace, proc.pod)
+                proc.terminate(self.grace_seconds)
         self._finish_pod_deletions(selector)
         for job in jobs:
             try:
@@ -173,14 +188,13 @@ class DevJobController:
         meta, spec = job["metadata"], job["spec"]
         status = dict(job.get("status") or {})
         uid = meta["uid"]
-        proc = self.procs.get(uid)
+        procs = self.procs.get(uid, [])
         if _finished(status):
             self._expire(job, status)
             return
         before = json.dumps(status, sort_keys=True)
         if spec.get("suspend"):
-            if proc is not None:  # suspending deletes the active pod; it does not count as a failure
-                self.procs.pop(uid)
+            for proc in self.procs.pop(uid, []):  # suspending deletes the active pods; not counted as failures
                 proc.terminate(self.grace_seconds)
                 self._delete_pod(proc)
             status.update(active=0, ready=0)
@@ -194,20 +208,34 @@ class DevJobController:
         status.setdefault("startTime", format_timestamp())
         deadline, started = spec.get("activeDeadlineSeconds"), parse_timestamp(status["startTime"])
         if deadline and started is not None and _now() > started + timedelta(seconds=deadline):
-            if proc is not None:
-                self.procs.pop(uid)
+            for proc in self.procs.pop(uid, []):
                 proc.terminate(self.grace_seconds)
                 self._pod_terminated(proc, 143, "DeadlineExceeded")
             self._fail(status, "DeadlineExceeded", "Job was active longer than specified deadline")
-        elif proc is not None and proc.poll() is None:
-            self._report_progress(job, proc)
-            status.update(active=1, ready=1)
-        elif proc is not None:
-            self.procs.pop(uid)
-            self._exited(job, status, proc)
+        elif procs:
+            self._observe(job, status, procs)
         else:
             self._maybe_start(job, status)
         self._write(job, status, before)
+
+    def _observe(self, job: dict[str, Any], status: dict[str, Any], procs: list[LocalProcess]) -> None:
+        """The Job's running Pods: count those that exited; a failed Job stops the rest."""
+        uid = job["metadata"]["uid"]
+        running = [proc for proc in procs if proc.poll() is None]
+        for proc in procs:
+            if proc.poll() is not None:
+                self._exited(job, status, proc)
+        if running and _finished(status):  # a gang's Pod failed: the Job controller deletes the others
+            for proc in running:
+                proc.terminate(self.grace_seconds)
+                self._delete_pod(proc)
+            running = []
+        if running:
+            self.procs[uid] = running
+            self._report_progress(job, running[0])  # node 0 while it runs: its progress is the stage's
+            status.update(active=len(running), ready=len(running))
+        else:
+            self.procs.pop(uid, None)
 
     def _finish_pod_deletions(self, selector: str) -> None:
         """The kubelet's part of a graceful pod deletion: stop the containers, then remove the pod."""
@@ -219,10 +247,12 @@ class DevJobController:
             meta = pod["metadata"]
             if not meta.get("deletionTimestamp"):
                 continue
-            for uid, proc in list(self.procs.items()):
-                if (proc.namespace, proc.pod) == (meta["namespace"], meta["name"]):
-                    self.procs.pop(uid)
+            for uid, procs in list(self.procs.items()):
+                for proc in [p for p in procs if (p.namespace, p.pod) == (meta["namespace"], meta["name"])]:
+                    procs.remove(proc)
                     proc.terminate(self.grace_seconds)
+                if not procs:
+                    self.procs.pop(uid)
             try:
                 self.core.delete_namespaced_pod(meta["name"], meta["namespace"], grace_period_seconds=0)
             except ApiException as exc:
@@ -236,6 +266,8 @@ class DevJobController:
         status.update(active=0, ready=0)
         if code == 0:
             status["succeeded"] = int(status.get("succeeded") or 0) + 1
+            if status["succeeded"] < int(job["spec"].get("completions") or 1):
+                return  # a gang: complete when every index succeeded
             _set_cond(
                 status, "SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of succeeded pods"
             )
@@ -270,21 +302,40 @@ class DevJobController:
         uid = job["metadata"]["uid"]
         if status.get("failed") and time.monotonic() - self.last_failure.get(uid, 0) < self.backoff_seconds:
             return  # the Job controller's retry back-off (shortened for tests)
-        pod = self._create_pod(job)
-        self.procs[uid] = launch(pod, self.work_dir, self.volume_dir, self.read, self.python_path)
-        self._patch_pod_status(
-            pod["metadata"]["namespace"],
-            pod["metadata"]["name"],
-            {
-                "phase": "Running",
-                "startTime": format_timestamp(),
-                "containerStatuses": [
-                    self._container_status(pod, {"running": {"startedAt": format_timestamp()}}, ready=True)
-                ],
-            },
-        )
-        log.info("started pod %s/%s", pod["metadata"]["namespace"], pod["metadata"]["name"])
-        status.update(active=1, ready=0)
+        completions = int(job["spec"].get("completions") or 1)
+        indexed = job["spec"].get("completionMode") == "Indexed"
+        gang_env = self._gang_env(job) if completions > 1 else {}
+        self.procs[uid] = []
+        for index in range(completions):
+            pod = self._create_pod(job, index if indexed else None)
+            extra = {**gang_env, JOB_COMPLETION_INDEX_ENV: str(index)} if indexed else gang_env
+            self.procs[uid].append(launch(pod, self.work_dir, self.volume_dir, self.read, self.python_path, extra))
+            self._patch_pod_status(
+                pod["metadata"]["namespace"],
+                pod["metadata"]["name"],
+                {
+                    "phase": "Running",
+                    "startTime": format_timestamp(),
+                    "containerStatuses": [
+                        self._container_status(pod, {"running": {"startedAt": format_timestamp()}}, ready=True)
+                    ],
+                },
+            )
+            log.info("started pod %s/%s", pod["metadata"]["namespace"], pod["metadata"]["name"])
+        status.update(active=completions, ready=0)
+
+    @staticmethod
+    def _gang_env(job: dict[str, Any]) -> dict[str, str]:
+        """Node 0 of a gang on this machine: the rendezvous Service's host env var (which the kubelet
+        sets for a Service of the namespace) at 127.0.0.1, and a port of its own, so gangs of several
+        runs never meet on one port."""
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        env = {var["name"]: var.get("value") for var in container.get("env") or []}
+        out = {RENDEZVOUS_PORT_ENV: str(free_port())}
+        service = env.get(RENDEZVOUS_SERVICE_ENV)
+        if service:
+            out[service_host_env(service)] = "127.0.0.1"
+        return out
 
     def _expire(self, job: dict[str, Any], status: dict[str, Any]) -> None:
         """ttlSecondsAfterFinished: the TTL-after-finished controller's job."""
@@ -310,10 +361,14 @@ class DevJobController:
         }
         self.batch.replace_namespaced_job_status(job["metadata"]["name"], job["metadata"]["namespace"], _body(body))
 
-    def _create_pod(self, job: dict[str, Any]) -> dict[str, Any]:
+    def _create_pod(self, job: dict[str, Any], index: int | None = None) -> dict[str, Any]:
         meta, template = job["metadata"], job["spec"]["template"]
         suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5))
+        name = f"{meta['name']}-{suffix}" if index is None else f"{meta['name']}-{index}-{suffix}"
         labels = dict((template.get("metadata") or {}).get("labels") or {})
+        annotations = dict((template.get("metadata") or {}).get("annotations") or {})
+        if index is not None:  # as the Job controller marks an Indexed Job's Pods
+            labels[JOB_COMPLETION_INDEX_LABEL] = annotations[JOB_COMPLETION_INDEX_LABEL] = str(index)
         labels.update(
             {
                 CONTROLLER_UID_LABEL: meta["uid"],
@@ -326,11 +381,11 @@ class DevJobController:
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
-                "name": f"{meta['name']}-{suffix}",
+                "name": name,
                 "namespace": meta["namespace"],
                 "labels": labels,
                 # As the Job controller does: the stage's config arrives as one (a downwardAPI file).
-                "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
+                "annotations": annotations,
                 "ownerReferences": [
                     {
                         "apiVersion": "batch/v1",

@@ -142,9 +142,15 @@ def _env_value(var: dict[str, Any], pod: dict[str, Any], read: Any) -> str | Non
 
 
 def launch(
-    pod: dict[str, Any], work_dir: Path, volume_dir: Path, read: Any, python_path: list[str] | None = None
+    pod: dict[str, Any],
+    work_dir: Path,
+    volume_dir: Path,
+    read: Any,
+    python_path: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> LocalProcess:
-    """Start the pod's (only) container as a local process group."""
+    """Start the pod's (only) container as a local process group. ``extra_env``: what the cluster would
+    have added (a gang's index and where to find its node 0 on this machine)."""
     meta, spec = pod["metadata"], pod["spec"]
     container = spec["containers"][0]
     pod_dir = work_dir / meta["namespace"] / meta["name"]
@@ -175,6 +181,7 @@ def launch(
     paths = [*(python_path or []), str(REPO / "operator"), str(REPO / "stages")]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.setdefault("HOME", str(pod_dir))
+    env.update(extra_env or {})
     log_file = pod_dir / "container.log"
     with log_file.open("ab") as out:
         popen = subprocess.Popen(

@@ -1,6 +1,8 @@
 """``python -m rlhf_stages <stage> --config FILE`` for tests: behaviour per stage from ``<volume>/fake-stages.json``.
 
-{"ppo": {"steps": 20, "stepSeconds": 0.2, "fail": "retryable" | "config"}} (all optional).
+{"ppo": {"steps": 20, "stepSeconds": 0.2, "fail": "retryable" | "config", "failIndex": 1}} (all optional;
+failIndex: in a gang, only the Pod of that index fails, at once, with the retryable error). In a gang
+only index 0 writes the output and the result, as the real stages' node 0 does.
 Every start is appended to ``<run dir>/fake-starts.log`` as ``<stage> <resume step>``.
 """
 
@@ -47,6 +49,9 @@ def main() -> int:
     step = done[-1] if done else 0
     with (run / "fake-starts.log").open("a") as log:
         log.write(f"{stage} {step}\n")
+    index = os.environ.get("JOB_COMPLETION_INDEX")
+    if index is not None and behaviour.get("failIndex") is not None and int(index) == int(behaviour["failIndex"]):
+        return finish(1, 0, f"{stage}: node {index} lost its peers (fake)")
     if behaviour.get("fail") == "config":
         return finish(2, 0, f"{stage}: invalid configuration (fake)")
     if behaviour.get("fail") == "retryable":
@@ -65,6 +70,9 @@ def main() -> int:
         tmp = run / f".{stage}.progress.json.tmp"
         tmp.write_text(json.dumps(progress))
         os.replace(tmp, run / f"{stage}.progress.json")
+    if index not in (None, "0"):
+        term_log.write_text(f"node {index} exited 0")
+        return 0
     metrics = {"loss": 1.0 / steps}
     if stage == "ppo":
         metrics["reward_mean"] = 0.75
