@@ -73,7 +73,8 @@ class TokenBucket:
         """Take a token only if the bucket would still hold half its burst after: never waits, never
         goes into debt. Why: requests nothing waits on (events, progress log reads) must not queue
         ahead of the writes that move runs on (a Job, a status) when the operator is at its limit
-        (issue 14: at 10 transitions/s every pass waited seconds behind other passes' events).
+        (issue 14: at 10 transitions/s it sent 50 requests/s, its limit, for most of a run; a third
+        of them events).
         The half burst kept is headroom for those writes; what is left over is the spare."""
         with self._lock:
             now = self._clock()
@@ -181,8 +182,8 @@ class EventPoster:
 
     Why: events are best effort and nothing waits on them, yet they were a third of the operator's
     requests. Posted inline, each pass's events held its worker and took tokens ahead of the next
-    pass's Job and status writes: at 10 transitions/s the operator sat at its rate limit and every
-    transition queued behind events (issue 14). Here a pass only queues them; they go out in order
+    pass's Job and status writes: at 10 transitions/s the operator sat at its rate limit, or its
+    workers were all busy (issue 14). Here a pass only queues them; they go out in order
     when the limit has room, late under load, and past ``limit`` queued the oldest are dropped
     (counted by ``dropped``) rather than holding memory or requests. A replica that stops leading
     drops what it had queued: the new leader's passes post their own.
