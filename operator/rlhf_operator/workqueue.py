@@ -96,16 +96,20 @@ class WorkQueue:
                 pending.cancel()
             self._timers[key] = loop.call_later(delay, self._fire, key)
             return
+        now = time.monotonic()
         if key in self._processing:
+            if urgent and not self._dirty.get(key, False):
+                self._added_at[key] = now  # an urgent wait counts from when it became urgent
             self._dirty[key] = self._dirty.get(key, False) or urgent
-            self._added_at.setdefault(key, time.monotonic())  # its wait starts now, not when re-queued
+            self._added_at.setdefault(key, now)  # its wait starts now, not when re-queued
         elif key not in self._queued:
             self._queued[key] = urgent
-            self._added_at.setdefault(key, time.monotonic())
+            self._added_at.setdefault(key, now)
             (self._urgent if urgent else self._normal).append(key)
             self._ready.put_nowait(None)
         elif urgent and not self._queued[key]:
             self._queued[key] = True  # moves up; its normal-lane entry is now stale
+            self._added_at[key] = now
             self._urgent.append(key)
 
     def waiting(self) -> tuple[int, int]:

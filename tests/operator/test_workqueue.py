@@ -93,6 +93,7 @@ def test_urgent_keys_are_passed_first_and_a_waiting_key_can_become_urgent() -> N
         await asyncio.sleep(0.01)  # the one worker is held
         for name in ("pod-1", "pod-2", "pod-3"):
             queue.add(("ns", name))
+        await asyncio.sleep(0.05)
         queue.add(("ns", "finished"), urgent=True)
         queue.add(("ns", "pod-2"), urgent=True)  # its Job finished while it waited: moves up, passed once
         queue.add(("ns", "busy"), urgent=True)  # while being passed: once more, urgent
@@ -109,6 +110,8 @@ def test_urgent_keys_are_passed_first_and_a_waiting_key_can_become_urgent() -> N
     assert order == ["busy", "finished", "pod-2", "busy", "pod-1", "pod-3"]
     assert [lane for lane, _ in waits] == ["normal", "urgent", "urgent", "urgent", "normal", "normal"]
     assert min(seconds for _, seconds in waits[1:]) >= 0.02, "each pass reports its wait in the queue"
+    pod_1, pod_2 = waits[4][1], waits[2][1]
+    assert pod_1 >= pod_2 + 0.04, "an urgent wait counts from when the key became urgent"
 
 
 def test_a_finished_job_and_a_new_or_edited_run_are_urgent() -> None:
