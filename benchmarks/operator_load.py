@@ -53,7 +53,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,6 +415,23 @@ class Operator:
         except OSError:
             return 0, ""
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the operator process has used so far."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def histograms(self) -> dict[str, list[float]]:
+        """Its wait histograms (name -> [count, mean seconds, share over 1 s]) and the Events it dropped
+        (``rlhf_events_dropped_total`` -> [count]), from /metrics."""
+        status, text = self.http("/metrics")
+        if status != 200:
+            return {}
+        dropped = [
+            float(line.split()[-1]) for line in text.splitlines() if line.startswith("rlhf_events_dropped_total ")
+        ]
+        return {**parse_histograms(text), **({"rlhf_events_dropped_total": dropped} if dropped else {})}
+
     def runs_known(self) -> int:
         """The runs the operator reports (its rlhf_runs gauge, every phase)."""
         status, text = self.http("/metrics")
@@ -432,9 +449,17 @@ class Operator:
                 self.proc.wait()
 
 
-def install_operator(cluster: Cluster, scope: str) -> Operator:
-    """The chart's RBAC and the operator's command line and environment from its Deployment."""
+def install_operator(cluster: Cluster, scope: str, overrides: Sequence[str] = ()) -> Operator:
+    """The chart's RBAC and the operator's command line and environment from its Deployment
+    (``overrides``: chart values as ``operator.workers=16``, for experiments)."""
     values: dict[str, Any] = {"watchNamespaces": [RUNS_NAMESPACE] if scope == "namespace" else []}
+    for override in overrides:
+        path, _, text = override.partition("=")
+        *parents, leaf = path.split(".")
+        node = values
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = yaml.safe_load(text)
     (cluster.workdir / "helm").mkdir(exist_ok=True)
     docs = Helm(cluster.workdir / "helm").template(values, "rlhf-operator", OPERATOR_NAMESPACE)
     rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
@@ -541,6 +566,20 @@ class Tracker:
                         )
             return out
 
+    def transition_jobs(self) -> list[tuple[str, float, float]]:
+        """(next Job's name, previous Job seen Complete, next Job seen created) for every transition."""
+        with self.lock:
+            by_run: dict[str, list[str]] = {}
+            for job, (run, _) in self.job_run.items():
+                by_run.setdefault(run, []).append(job)
+            out = []
+            for jobs in by_run.values():
+                jobs.sort(key=lambda j: self.job_added[j])
+                for previous, following in itertools.pairwise(jobs):
+                    if previous in self.job_complete:
+                        out.append((following, self.job_complete[previous], self.job_added[following]))
+            return out
+
     def stop(self) -> None:
         self.stopping.set()
 
@@ -595,6 +634,46 @@ def create_unrelated(cluster: Cluster, count: int) -> None:
         cluster.plane.kubectl("create", "-f", "-", input=yaml.safe_dump_all(docs[start : start + 1000]))
 
 
+HISTOGRAMS = (
+    "rlhf_workqueue_wait_seconds",
+    "rlhf_api_rate_limit_wait_seconds",
+    "rlhf_reconcile_duration_seconds",
+    "rlhf_event_loop_lag_seconds",
+)
+
+
+def parse_histograms(text: str) -> dict[str, list[float]]:
+    """``name{labels}`` -> [observations, mean seconds, share of them over 1 s], from a Prometheus
+    exposition, for the HISTOGRAMS (one entry per label set)."""
+    parts: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        metric, _, value = line.rpartition(" ")
+        for name in HISTOGRAMS:
+            for part in ("count", "sum", "bucket"):
+                prefix = f"{name}_{part}"
+                if not metric.startswith(prefix) or metric[len(prefix) : len(prefix) + 1] not in ("", "{"):
+                    continue
+                labels, field_name = metric[len(prefix) :].strip("{}"), part
+                if part == "bucket":
+                    le = next((x for x in labels.split(",") if x.startswith("le=")), "")
+                    if le != 'le="1.0"':
+                        continue
+                    labels, field_name = ",".join(x for x in labels.split(",") if not x.startswith("le=")), "le1"
+                parts.setdefault(f"{name}{{{labels}}}" if labels else name, {})[field_name] = float(value)
+    return {
+        key: [v["count"], round(v["sum"] / v["count"], 4), round(1 - v.get("le1", v["count"]) / v["count"], 4)]
+        for key, v in parts.items()
+        if v.get("count")
+    }
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores so far, from /proc/stat."""
+    cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = cpu[3] + cpu[4]  # idle + iowait
+    return sum(cpu) - idle, sum(cpu)
+
+
 # --- the audit log ----------------------------------------------------------------------------------
 
 
@@ -603,6 +682,8 @@ class Request:
     at: float
     verb: str
     resource: str  # "jobs", "rlhfruns/status", ...
+    name: str = ""
+    received: float = 0.0  # when the API server received it (``at``: when it answered)
 
 
 def operator_requests(audit_log: Path) -> list[Request]:
@@ -618,13 +699,70 @@ def operator_requests(audit_log: Path) -> list[Request]:
                 continue
             ref = event.get("objectRef") or {}
             resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-            stamp = datetime.datetime.fromisoformat(event["stageTimestamp"].replace("Z", "+00:00"))
-            out.append(Request(stamp.timestamp(), event["verb"], resource))
+            stamp, received = (
+                datetime.datetime.fromisoformat(event[k].replace("Z", "+00:00")).timestamp()
+                for k in ("stageTimestamp", "requestReceivedTimestamp")
+            )
+            out.append(Request(stamp, event["verb"], resource, ref.get("name", ""), received))
     return out
 
 
 def between(requests: list[Request], start: float, end: float) -> list[Request]:
     return [r for r in requests if start <= r.at < end]
+
+
+def decided_at(operator_log: Path) -> dict[str, float]:
+    """Job name -> when the operator's pass decided to create it (its ``CreateJob <name>`` log line)."""
+    out: dict[str, float] = {}
+    for line in operator_log.read_text(errors="replace").splitlines():
+        head, sep, job = line.partition(": CreateJob ")
+        if sep:
+            stamp = datetime.datetime.strptime(head[:23], "%Y-%m-%d %H:%M:%S,%f")  # local time, as logged
+            out.setdefault(job.strip(), stamp.timestamp())
+    return out
+
+
+SEGMENTS = (
+    ("operator: Complete seen -> pass decides", "seen_complete", "decided"),
+    ("client: decided -> API server received (rate limit)", "decided", "received"),
+    ("API server: received -> answered", "received", "answered"),
+    ("watch: answered -> Job seen created", "answered", "seen_created"),
+)
+
+
+def latency_breakdown(
+    transitions: list[tuple[str, float, float]], decided: dict[str, float], requests: list[Request]
+) -> dict[str, list[float]]:
+    """For each segment of a transition (SEGMENTS): [p50, p99, mean over the slowest 1 % of transitions].
+
+    ``transitions``: (next Job's name, previous Job seen Complete, next Job seen created). Transitions
+    whose Job has no log line or no audit entry (none, unless a log was cut) are left out."""
+    creates = {r.name: r for r in requests if r.verb == "create" and r.resource == "jobs"}
+    rows = []
+    for job, complete, created in transitions:
+        if job in decided and job in creates:
+            points = {
+                "seen_complete": complete,
+                "decided": decided[job],
+                "received": creates[job].received,
+                "answered": creates[job].at,
+                "seen_created": created,
+            }
+            rows.append((created - complete, points))
+    if not rows:
+        return {}
+    rows.sort(key=lambda row: row[0])
+    slowest = rows[-max(1, len(rows) // 100) :]
+    out: dict[str, list[float]] = {}
+    for label, start, end in (("total", "seen_complete", "seen_created"), *SEGMENTS):
+        values = [p[end] - p[start] for _, p in rows]
+        tail = [p[end] - p[start] for _, p in slowest]
+        out[label] = [
+            round(percentile(values, 0.5), 3),
+            round(percentile(values, 0.99), 3),
+            round(sum(tail) / len(tail), 3),
+        ]
+    return out
 
 
 # --- one case ---------------------------------------------------------------------------------------
@@ -648,6 +786,13 @@ class Result:
     events_per_stage: float = 0.0
     requests_by_kind: dict[str, int] = field(default_factory=dict)  # "verb resource" while the runs ran
     idle_requests_per_s: float = 0.0
+    # Where a transition's time went (paced and burst): per segment, p50 / p99 / mean over the slowest 1 %.
+    latency_breakdown: dict[str, list[float]] = field(default_factory=dict)
+    operator_waits: dict[str, list[float]] = field(default_factory=dict)  # histogram: count, mean, share > 1 s
+    idle_other_requests_per_s: float = 0.0  # the same without Events (queued while the runs ran, posted late)
+    events_after_runs: int = 0  # Events the operator posted once every run had finished (queued late)
+    operator_cpu_share: float = 0.0  # of one core, while the runs ran
+    machine_cpu_busy: float = 0.0  # of all cores, while the runs ran
     first_start_ready_s: float | None = None
     peak_rss_first_mib: float = 0.0
     peak_rss_restart_mib: float = 0.0
@@ -677,7 +822,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         if args.unrelated:
             log(f"creating {args.unrelated} unrelated Pods and Jobs")
             create_unrelated(cluster, args.unrelated)
-        operator = install_operator(cluster, args.scope)
+        operator = install_operator(cluster, args.scope, args.set)
         log("cluster up; starting the operator")
         tracker = Tracker(cluster.api)
         started = time.time()
@@ -690,6 +835,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         stage_ms = int(args.stage_seconds * 1000)
         stages = ["sft", "reward", "ppo", "merge"]
         t0 = time.time()
+        cpu0, busy0 = operator.cpu_seconds(), machine_busy()
         if mode == "paced":
             cluster.apply([pod_succeeded_stage("bench-pod-succeeded", stages, stage_ms)])
             create_runs(cluster, names, interval=3.0 / args.rate)
@@ -710,6 +856,10 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         wait_until(f"{size} runs Succeeded", lambda: runs_succeeded(cluster.api) >= size, args.timeout, 1.0)
         done = time.time()
         result.all_runs_s = round(done - t0, 1)
+        result.operator_cpu_share = round((operator.cpu_seconds() - cpu0) / (done - t0), 2)
+        busy1 = machine_busy()
+        result.machine_cpu_busy = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 2)
+        result.operator_waits = operator.histograms()
         log(f"{size} runs ({mode}) finished in {result.all_runs_s} s; idle for {args.idle_seconds} s")
         time.sleep(args.idle_seconds)
         result.peak_rss_first_mib = round(operator.peak_rss_mib(), 1)
@@ -721,6 +871,9 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
             result.latency_p99_s = round(percentile(latencies, 0.99), 2)
             result.latency_max_s = round(max(latencies), 2)
         requests = operator_requests(cluster.audit_log)
+        result.latency_breakdown = latency_breakdown(
+            tracker.transition_jobs(), decided_at(cluster.workdir / "operator.log"), requests
+        )
         active = between(requests, t0, done)
         verbs = Counter(r.verb for r in active)
         result.requests_by_kind = dict(Counter(f"{r.verb} {r.resource}" for r in active).most_common())
@@ -730,6 +883,9 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         result.requests_per_run = round(len(active) / size, 1)
         result.writes_per_stage = round(sum(verbs[v] for v in WRITE_VERBS) / (4 * size), 2)
         result.lists_per_stage = round(verbs["list"] / (4 * size), 2)
+        result.events_after_runs = sum(1 for r in requests if r.at >= done and r.resource == "events")
+        idle = between(requests, done, done + args.idle_seconds)
+        result.idle_other_requests_per_s = round(sum(1 for r in idle if r.resource != "events") / args.idle_seconds, 2)
         result.idle_requests_per_s = round(
             len(between(requests, done, done + args.idle_seconds)) / args.idle_seconds, 2
         )
@@ -811,7 +967,23 @@ ROWS: list[tuple[str, Any]] = [
         lambda r: f"{r.writes_per_stage} ({r.events_per_stage}) / {r.lists_per_stage}",
     ),
     ("writes per stage, by kind", _writes_by_kind),
-    ("requests/s once every run finished", lambda r: r.idle_requests_per_s),
+    *(
+        (f"latency: {label} p50 / p99 / slowest 1 %", lambda r, k=label: _triple(r.latency_breakdown.get(k)))
+        for label in ("total", *(segment for segment, _, _ in SEGMENTS))
+    ),
+    ("operator histograms: count / mean / share over 1 s", lambda r: _waits(r.operator_waits)),
+    (
+        "CPU while running: operator (of one core) / machine (of all)",
+        lambda r: f"{r.operator_cpu_share} / {r.machine_cpu_busy}",
+    ),
+    (
+        "requests/s once every run finished (without the Events queued while they ran)",
+        lambda r: f"{r.idle_requests_per_s} ({r.idle_other_requests_per_s})",
+    ),
+    (
+        "Events posted after every run finished / dropped (queue full)",
+        lambda r: f"{r.events_after_runs} / {r.operator_waits.get('rlhf_events_dropped_total', ['-'])[0]}",
+    ),
     (
         "peak RSS, first start / after a restart",
         lambda r: f"{r.peak_rss_first_mib:.0f} / {r.peak_rss_restart_mib:.0f} MiB",
@@ -823,6 +995,14 @@ ROWS: list[tuple[str, Any]] = [
     ),
     ("restart: status writes", lambda r: r.restart_status_writes),
 ]
+
+
+def _triple(values: list[float] | None) -> str:
+    return " / ".join(f"{v} s" for v in values) if values else "-"
+
+
+def _waits(waits: dict[str, list[float]]) -> str:
+    return "; ".join(f"{k}: {v[0]:.0f} / {v[1]} s / {v[2]:.1%}" for k, v in sorted(waits.items()) if len(v) == 3) or "-"
 
 
 def _seconds(value: float | None) -> str:
@@ -871,6 +1051,13 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, help="keep logs and the audit log here (default: a temporary directory, removed)"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a chart value other than its default (e.g. operator.workers=16); repeatable; say so with the figures",
+    )
     args = parser.parse_args(argv)
     results = []
     for size in (int(s) for s in args.sizes.split(",")):

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from .controller import Controller
     from .defaults import OperatorDefaults
     from .health import Health, serve
-    from .kube import Cluster, limit_client
+    from .kube import Cluster, EventPoster, limit_client
     from .leader import LeaseElector
     from .metrics import Metrics
 
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         args.api_qps,
         args.api_burst,
         count=lambda request: metrics.api_requests.labels(request).inc(),
+        waited=lambda priority, seconds: metrics.rate_limit_wait.labels(priority).observe(seconds),
     )
     lease_client = _api_client(args.kubeconfig)
     # Ready once kopf streams every watched resource in every watched namespace (one cluster-wide)
@@ -115,8 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             args.identity,
             args.lease_duration,
         )
+    cluster = Cluster(api_client, args.identity, may_act=elector.acting if elector is not None else None)
+    # Events leave the passes: posted from their own thread with spare request capacity only.
+    cluster.events = EventPoster(cluster.send_event, cluster.may_act, dropped=metrics.events_dropped.inc)
+    cluster.events.start()
     controller = Controller(
-        Cluster(api_client, args.identity, may_act=elector.acting if elector is not None else None),
+        cluster,
         cache,
         metrics,
         health,

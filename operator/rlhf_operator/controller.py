@@ -58,13 +58,18 @@ class Controller:
         self.namespaces = namespaces or []
         self.resync_seconds = resync_seconds
         self.reconciler = Reconciler(cluster, cache, metrics, defaults=defaults, progress_interval=progress_interval)
-        self.queue = WorkQueue(self._process, workers=workers)
+        self.queue = WorkQueue(
+            self._process,
+            workers=workers,
+            waited=lambda lane, seconds: metrics.queue_wait.labels(lane).observe(seconds),
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._resync_task: asyncio.Task[None] | None = None
 
     async def wait_for_leadership(self) -> None:
         # The heartbeat starts first: a standby replica is alive (liveness) while it waits to lead.
         self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        self._tasks.append(asyncio.create_task(self._loop_lag(), name="loop-lag"))
         if self.elector is None:  # --no-leader-election: a single replica by construction
             self.health.leading = True
             return
@@ -144,6 +149,15 @@ class Controller:
                 meta = run["metadata"]
                 self.queue.add((meta["namespace"], meta["name"]))
             await asyncio.sleep(self.resync_seconds)
+
+    async def _loop_lag(self, every: float = 0.25) -> None:
+        """How late the event loop wakes a task (kopf's watch events, the workers' hand-offs all go
+        through it): a sleep of ``every`` seconds, measured (issue 14: where a transition waits)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(every)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - start - every))
 
     async def _heartbeat(self) -> None:
         while True:

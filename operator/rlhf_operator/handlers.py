@@ -19,6 +19,7 @@ import kopf
 from rlhf_api.names import GROUP, LABEL_MANAGED_BY, LABEL_RUN, MANAGER, PLURAL, VERSION
 
 from .controller import Controller
+from .observe import job_finished
 
 log = logging.getLogger(__name__)
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
@@ -78,17 +79,28 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await _runtime(memo).stop()
 
 
+def run_is_new_or_edited(run: Mapping[str, Any]) -> bool:
+    """A run whose status does not answer its spec yet (just created, or edited): its pass starts or
+    changes stages, so it goes before the passes that only follow progress (the urgent lane)."""
+    observed = (run.get("status") or {}).get("observedGeneration")
+    return observed is None or observed != (run.get("metadata") or {}).get("generation")
+
+
 @kopf.on.event(*RESOURCES[0])
-async def run_event(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def run_event(namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     # kopf types namespace as optional (for cluster-scoped kinds); every kind watched here is namespaced.
     if namespace is not None:
-        _runtime(memo).queue.add((namespace, name))
+        _runtime(memo).queue.add((namespace, name), urgent=run_is_new_or_edited(body))
 
 
 @kopf.on.event(*RESOURCES[1], labels=MANAGED)
-async def job_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+async def job_event(
+    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    # A finished Job is a transition: the next stage's Job (or the run's end) must not wait behind
+    # the passes that only follow Pods and progress (workqueue.WorkQueue).
     if namespace is not None and LABEL_RUN in labels:
-        _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
+        _runtime(memo).queue.add((namespace, labels[LABEL_RUN]), urgent=job_finished(dict(body)))
 
 
 @kopf.on.event(*RESOURCES[2], labels=MANAGED)

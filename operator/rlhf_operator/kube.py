@@ -8,13 +8,15 @@ resourceVersion, so a stale writer gets a Conflict instead of overwriting newer 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 import secrets
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import urllib3
@@ -60,10 +62,61 @@ class TokenBucket:
             self._tokens -= 1  # may go negative: the debt is what later callers wait for
             return 0.0 if self._tokens >= 0 else -self._tokens / self.qps
 
-    def wait(self) -> None:
+    def wait(self) -> float:
+        """Take a token, sleeping until it may be used; returns the seconds slept."""
         delay = self.reserve()
         if delay > 0:
             time.sleep(delay)
+        return delay
+
+    def take_spare(self) -> bool:
+        """Take a token only if the bucket would still hold half its burst after: never waits, never
+        goes into debt. Why: requests nothing waits on (events, progress log reads) must not queue
+        ahead of the writes that move runs on (a Job, a status) when the operator is at its limit
+        (issue 14: at 10 transitions/s it sent 50 requests/s, its limit, for most of a run; a third
+        of them events).
+        The half burst kept is headroom for those writes; what is left over is the spare."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.qps)
+            self._at = now
+            if self._tokens - 1 < self.burst / 2:
+                return False
+            self._tokens -= 1
+            return True
+
+    def wait_spare(self, max_wait: float | None, sleep: Callable[[float], None] = time.sleep) -> float:
+        """Take a spare token (:meth:`take_spare`), trying every 1/qps seconds; returns the seconds
+        waited, or raises :class:`Deferred` once ``max_wait`` has passed (None: wait for ever)."""
+        waited = 0.0
+        while not self.take_spare():
+            if max_wait is not None and waited >= max_wait:
+                raise Deferred(f"no spare request capacity within {max_wait:g} s")
+            sleep(1 / self.qps)
+            waited += 1 / self.qps
+        return waited
+
+
+class Deferred(RuntimeError):
+    """A low-priority request not sent: the client-side rate limit had no spare capacity."""
+
+
+_lane = threading.local()  # this thread's priority, read by limit_client's wrapper
+
+
+@contextlib.contextmanager
+def spare_capacity(max_wait: float | None) -> Iterator[None]:
+    """Requests made by this thread inside the ``with`` use only the rate limit's spare capacity
+    (:meth:`TokenBucket.take_spare`) and raise :class:`Deferred` after ``max_wait`` seconds without it."""
+    before = getattr(_lane, "max_wait", _NORMAL)
+    _lane.max_wait = max_wait
+    try:
+        yield
+    finally:
+        _lane.max_wait = before
+
+
+_NORMAL = object()
 
 
 def request_name(method: str, url: str) -> str:
@@ -82,9 +135,11 @@ def limit_client(
     qps: float = DEFAULT_QPS,
     burst: int = DEFAULT_BURST,
     count: Callable[[str], None] | None = None,
+    waited: Callable[[str, float], None] | None = None,
 ) -> client.ApiClient:
     """Every request of ``api_client`` goes through a token bucket and has a timeout (and is counted
-    by :func:`request_name` when ``count`` is given).
+    by :func:`request_name` when ``count`` is given; ``waited`` is told each request's priority,
+    "normal" or "spare" (:func:`spare_capacity`), and its wait in the bucket).
 
     Wrapped at the REST layer, the one place all generated API methods pass, so no call can forget
     either (a call that names its own ``_request_timeout``, like the log read's, keeps it).
@@ -94,9 +149,15 @@ def limit_client(
     request = rest.request
 
     def limited(method: str, url: str, **kwargs: Any) -> Any:  # the client passes all else by keyword
+        max_wait = getattr(_lane, "max_wait", _NORMAL)
+        if max_wait is _NORMAL:
+            delay, priority = bucket.wait(), "normal"
+        else:  # raises Deferred: not sent, not counted
+            delay, priority = bucket.wait_spare(max_wait), "spare"  # type: ignore[arg-type]
         if count is not None:
             count(request_name(method, url))
-        bucket.wait()
+        if waited is not None:
+            waited(priority, delay)
         kwargs["_request_timeout"] = kwargs.get("_request_timeout") or REQUEST_TIMEOUT
         return request(method, url, **kwargs)
 
@@ -113,6 +174,73 @@ def _body(manifest: Mapping[str, Any]) -> Any:
     return manifest
 
 
+MAX_QUEUED_EVENTS = 1000  # as client-go's event broadcaster: past that, the oldest are dropped
+
+
+class EventPoster:
+    """Posts the operator's events from a thread of its own, with the rate limit's spare capacity.
+
+    Why: events are best effort and nothing waits on them, yet they were a third of the operator's
+    requests. Posted inline, each pass's events held its worker and took tokens ahead of the next
+    pass's Job and status writes: at 10 transitions/s the operator sat at its rate limit, or its
+    workers were all busy (issue 14). Here a pass only queues them; they go out in order
+    when the limit has room, late under load, and past ``limit`` queued the oldest are dropped
+    (counted by ``dropped``) rather than holding memory or requests. A replica that stops leading
+    drops what it had queued: the new leader's passes post their own.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[str, dict[str, Any]], None],
+        may_act: Callable[[], bool] = lambda: True,
+        limit: int = MAX_QUEUED_EVENTS,
+        dropped: Callable[[], None] | None = None,
+    ) -> None:
+        self._send, self._may_act, self._dropped = send, may_act, dropped
+        self._queue: collections.deque[tuple[str, dict[str, Any]]] = collections.deque(maxlen=limit)
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def post(self, namespace: str, body: dict[str, Any]) -> None:
+        with self._ready:
+            if len(self._queue) == self._queue.maxlen and self._dropped is not None:
+                self._dropped()
+            self._queue.append((namespace, body))
+            self._ready.notify()
+
+    def pending(self) -> int:
+        with self._ready:
+            return len(self._queue)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="event-poster", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._stopping:
+                    self._ready.wait()
+                if self._stopping:
+                    return
+                namespace, body = self._queue.popleft()
+            if not self._may_act():
+                continue
+            try:
+                with spare_capacity(None):
+                    self._send(namespace, body)
+            except Exception as exc:  # an API server outage (connection refused): drop it, keep posting
+                log.warning("could not post event %s: %s", body.get("reason"), exc)
+
+
 class NotLeading(RuntimeError):
     """A write refused because this replica may not act now (it lost the Lease during the pass)."""
 
@@ -121,8 +249,14 @@ class Cluster:
     """A thin, synchronous facade over the client for one operator process (thread-safe for reads)."""
 
     def __init__(
-        self, api_client: client.ApiClient, identity: str = COMPONENT, may_act: Callable[[], bool] | None = None
+        self,
+        api_client: client.ApiClient,
+        identity: str = COMPONENT,
+        may_act: Callable[[], bool] | None = None,
+        events: EventPoster | None = None,
     ) -> None:
+        """``events``: post events through it (:class:`EventPoster`, built on :meth:`send_event`);
+        None posts each at once, from the pass."""
         self.api_client = api_client
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
@@ -131,6 +265,7 @@ class Cluster:
         # The leader's fence, asked before every write: a pass already running in its worker thread
         # when the Lease is lost cannot be cancelled, so its remaining writes are refused here.
         self.may_act = may_act or (lambda: True)
+        self.events = events
 
     def _fence(self) -> None:
         if not self.may_act():
@@ -140,18 +275,23 @@ class Cluster:
     def pod_log_tail(self, namespace: str, pod: str, lines: int = LOG_TAIL_LINES) -> str | None:
         """The last lines of a pod's stage container log (``get pods/log``), or None when it cannot
         be read: no right (403), pod gone (404), container not started (400), node unreachable
-        (500, timeout). Never raises for those: live progress is best effort and simply stays as it
-        was."""
+        (500, timeout), or no spare request capacity. Never raises for those: live progress is best
+        effort and simply stays as it was."""
         try:
-            resp: Any = self.core.read_namespaced_pod_log(  # typed str; raw with _preload_content off
-                pod,
-                namespace,
-                container=CONTAINER_NAME,
-                tail_lines=lines,
-                _preload_content=False,
-                _request_timeout=LOG_TIMEOUT,
-            )
+            # Progress only: skipped, not queued, when the rate limit has no spare capacity (then
+            # the last progress stands until the next read is due).
+            with spare_capacity(0):
+                resp: Any = self.core.read_namespaced_pod_log(  # typed str; raw with _preload_content off
+                    pod,
+                    namespace,
+                    container=CONTAINER_NAME,
+                    tail_lines=lines,
+                    _preload_content=False,
+                    _request_timeout=LOG_TIMEOUT,
+                )
             return bytes(resp.data).decode("utf-8", errors="replace")
+        except Deferred as exc:
+            log.debug("%s/%s: log not read for progress: %s", namespace, pod, exc)
         except ApiException as exc:
             log.debug("%s/%s: cannot read the log for progress: %s %s", namespace, pod, exc.status, exc.reason)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -219,10 +359,16 @@ class Cluster:
             "lastTimestamp": now,
             "count": 1,
         }
+        if self.events is not None:
+            self.events.post(meta["namespace"], body)
+        else:
+            self.send_event(meta["namespace"], body)
+
+    def send_event(self, namespace: str, body: dict[str, Any]) -> None:
         try:
-            self.core.create_namespaced_event(meta["namespace"], _body(body))
-        except ApiException as exc:  # events are best effort: never fail a reconcile over one
-            log.warning("could not post event %s on %s: %s", event.reason, meta["name"], exc.reason)
+            self.core.create_namespaced_event(namespace, _body(body))
+        except (ApiException, Deferred) as exc:  # events are best effort: never fail a reconcile over one
+            log.warning("could not post event %s on %s: %s", body["reason"], body["involvedObject"]["name"], exc)
 
     def write_status(self, run: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         """Replace the status subresource, guarded by the resourceVersion the plan was made from;

@@ -47,6 +47,35 @@ class Metrics:
             ["request"],
             registry=self.registry,
         )
+        # Where a transition's time goes under load (issue 14): waiting for a worker, then for the
+        # client-side rate limit. Buckets from 1 ms (an idle operator) to a minute (a backlog).
+        wait_buckets = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, float("inf"))
+        self.queue_wait = Histogram(
+            "rlhf_workqueue_wait_seconds",
+            "A run's key in the work queue: added -> a worker starts its pass, by lane (urgent: a transition)",
+            ["lane"],
+            buckets=wait_buckets,
+            registry=self.registry,
+        )
+        self.rate_limit_wait = Histogram(
+            "rlhf_api_rate_limit_wait_seconds",
+            "An API request held by the client-side rate limit before it was sent, by priority"
+            " (normal: writes and reads a pass needs; spare: events, progress log reads)",
+            ["priority"],
+            buckets=wait_buckets,
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "rlhf_event_loop_lag_seconds",
+            "How late the operator's event loop woke a sleeping task (sampled every 0.25 s)",
+            buckets=wait_buckets,
+            registry=self.registry,
+        )
+        self.events_dropped = Counter(
+            "rlhf_events_dropped_total",
+            "Events not posted: the queue of events waiting for spare request capacity was full",
+            registry=self.registry,
+        )
         self._phases: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
         for phase in PHASES:

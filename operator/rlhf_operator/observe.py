@@ -97,6 +97,11 @@ def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+def job_finished(job: dict[str, Any]) -> bool:
+    """The Job controller has marked the Job Complete or Failed: its stage has ended."""
+    return _condition(job, "Complete") is not None or _condition(job, "Failed") is not None
+
+
 def parse_result(message: str | None) -> StageResult | None:
     """A termination message as a StageResult, or None when it is not one (e.g. a log tail)."""
     if not message:

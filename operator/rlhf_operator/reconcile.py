@@ -143,7 +143,9 @@ class Reconciler:
             if isinstance(action, PostEvent):
                 events.append(action)
             else:
-                log.info("%s/%s: %s", namespace, name, type(action).__name__)
+                # The Job's name: the load benchmark times each transition's pass from this line.
+                what = f" {action.job['metadata']['name']}" if isinstance(action, CreateJob) else ""
+                log.info("%s/%s: %s%s", namespace, name, type(action).__name__, what)
                 created = self.cluster.perform(body, action)
                 if created is not None and isinstance(action, CreateJob):
                     self.reads.created("jobs", created)

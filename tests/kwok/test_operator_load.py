@@ -43,6 +43,14 @@ def test_benchmark_reports_every_figure_for_a_tiny_burst(tmp_path: Path) -> None
     assert kinds["create jobs"] == RUNS * 4 and not [k for k in kinds if "configmaps" in k]
     assert kinds["create persistentvolumeclaims"] == RUNS
     assert result["writes_per_stage"] >= 2 and result["requests_per_run"] > result["writes_per_stage"] * 4
+    # Where the time went: each transition split in segments (the operator's log line, the audit log,
+    # the watch), and the operator's queue and rate-limit histograms read from its /metrics.
+    parts = result["latency_breakdown"]
+    assert len(parts) == 5 and parts["total"][0] > 0
+    medians = [v[0] for k, v in parts.items() if k != "total"]
+    assert all(m > -1 for m in medians), parts  # a segment may be slightly negative: two watches, two clocks
+    assert result["operator_waits"]['rlhf_workqueue_wait_seconds{lane="urgent"}'][0] > 0
+    assert result["operator_waits"]['rlhf_api_rate_limit_wait_seconds{priority="normal"}'][0] > 0
     assert result["peak_rss_first_mib"] > 30 and result["peak_rss_restart_mib"] > 30
     # The restarted operator opened its RLHFRun watch (audit log) before it called itself ready.
     assert result["restart_watch_open_s"] is not None and result["restart_ready_s"] is not None

@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import threading
+import time
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +20,7 @@ from kubernetes.client.rest import ApiException
 
 from rlhf_api.names import CONTROLLER_UID_LABEL, LABEL_RUN, LABEL_STAGE, PROGRESS_ANNOTATION
 from rlhf_operator.cache import JOBS, PODS, PVCS, RUNS, WatchCache, tap_watch_streams, trim_job, trim_pod, trim_run
-from rlhf_operator.kube import TokenBucket, request_name
+from rlhf_operator.kube import Deferred, EventPoster, TokenBucket, limit_client, request_name, spare_capacity
 from rlhf_operator.metrics import Metrics
 from rlhf_operator.observe import log_readable, observe
 from rlhf_operator.reconcile import Reconciler
@@ -289,3 +292,75 @@ def test_a_conflict_waits_for_the_newer_versions_event_instead_of_backing_off() 
     metrics = Metrics()
     assert Reconciler(world, world, metrics).reconcile("ns", "tiny") is None  # type: ignore[arg-type]
     assert metrics.reconcile_errors.labels("Conflict")._value.get() == 1
+
+
+# --- priorities under the rate limit (issue 14) ----------------------------------------------------
+def test_spare_requests_never_take_the_headroom_kept_for_writes() -> None:
+    now = [0.0]
+    bucket = TokenBucket(qps=4, burst=4, clock=lambda: now[0])  # 0.25 s a token: exact in floats
+    assert [bucket.take_spare() for _ in range(3)] == [True, True, False], "half the burst is kept"
+    assert bucket.reserve() == 0.0 and bucket.reserve() == 0.0, "the kept half still serves writes at once"
+    assert not bucket.take_spare() and bucket.reserve() == pytest.approx(0.25), "a write may go into debt"
+    with pytest.raises(Deferred):
+        bucket.wait_spare(0)
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the clock moves as the poster sleeps
+        slept.append(seconds)
+        now[0] += seconds
+
+    # 4 tokens' time: the write's debt paid back, then the kept half (2) and one spare refilled.
+    assert bucket.wait_spare(None, sleep) == pytest.approx(1.0) and slept == [0.25] * 4
+
+
+def test_a_request_without_spare_capacity_is_deferred_unsent_and_uncounted() -> None:
+    sent: list[str] = []
+    counted: list[str] = []
+    waits: list[tuple[str, float]] = []
+    api = types.SimpleNamespace(rest_client=types.SimpleNamespace(request=lambda m, u, **kw: sent.append(m)))
+    limit_client(api, qps=1, burst=2, count=counted.append, waited=lambda p, s: waits.append((p, s)))  # type: ignore[arg-type]
+    url = "https://h/api/v1/namespaces/ns/pods/p/log"
+    with spare_capacity(0):
+        api.rest_client.request("GET", url)  # 2 tokens: one spare
+        with pytest.raises(Deferred):
+            api.rest_client.request("GET", url)
+    api.rest_client.request("POST", "https://h/api/v1/namespaces/ns/events")  # a normal request still goes
+    assert sent == ["GET", "POST"] and counted == ["GET pods/log", "POST events"]
+    assert [p for p, _ in waits] == ["spare", "normal"]
+
+
+def test_the_event_poster_sends_in_order_drops_the_oldest_and_nothing_when_not_leading() -> None:
+    sent: list[str] = []
+    dropped: list[int] = []
+    leading = [True]
+    done = threading.Event()
+
+    def send(namespace: str, body: dict[str, Any]) -> None:
+        if body["reason"] == "b":
+            sent.append("b")
+            raise ConnectionRefusedError("the API server is down")  # the poster goes on
+        sent.append(body["reason"])
+        if body["reason"] == "last":
+            done.set()
+
+    asked: list[bool] = []
+
+    def may_act() -> bool:
+        asked.append(leading[0])
+        return leading[0]
+
+    poster = EventPoster(send, may_act, limit=2, dropped=lambda: dropped.append(1))
+    for reason in ("a", "b", "c"):  # queued before the thread runs: "a" is dropped
+        poster.post("ns", {"reason": reason})
+    poster.start()
+    poster.post("ns", {"reason": "last"})
+    assert done.wait(5)
+    assert sent == ["b", "c", "last"] and len(dropped) == 1
+    leading[0] = False
+    poster.post("ns", {"reason": "not-leading"})
+    for _ in range(500):
+        if len(asked) == 4:  # the poster has looked at it
+            break
+        time.sleep(0.01)
+    poster.stop()
+    assert asked == [True, True, True, False] and sent == ["b", "c", "last"]

@@ -73,3 +73,58 @@ def test_resync_leaves_settled_runs_alone_but_not_edited_or_moving_ones() -> Non
     assert not settled(run("Succeeded", 4, 3)), "an edited finished run must be reconciled"
     assert not settled(run("Running", 1, 1))
     assert not settled(run(None, 1, None)), "a new run has no status yet"
+
+
+def test_urgent_keys_are_passed_first_and_a_waiting_key_can_become_urgent() -> None:
+    order: list[str] = []
+    waits: list[tuple[str, float]] = []
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def process(key: Key) -> None:
+            order.append(key[1])
+            if key[1] == "busy":
+                await release.wait()
+
+        queue = WorkQueue(process, workers=1, waited=lambda lane, seconds: waits.append((lane, seconds)))
+        queue.start()
+        queue.add(("ns", "busy"))
+        await asyncio.sleep(0.01)  # the one worker is held
+        for name in ("pod-1", "pod-2", "pod-3"):
+            queue.add(("ns", name))
+        await asyncio.sleep(0.05)
+        queue.add(("ns", "finished"), urgent=True)
+        queue.add(("ns", "pod-2"), urgent=True)  # its Job finished while it waited: moves up, passed once
+        queue.add(("ns", "busy"), urgent=True)  # while being passed: once more, urgent
+        assert queue.waiting() == (2, 2)
+        await asyncio.sleep(0.02)  # what the waiting keys wait
+        release.set()
+        for _ in range(100):
+            if len(order) == 6:
+                break
+            await asyncio.sleep(0.01)
+        await queue.stop()
+
+    asyncio.run(scenario())
+    assert order == ["busy", "finished", "pod-2", "busy", "pod-1", "pod-3"]
+    assert [lane for lane, _ in waits] == ["normal", "urgent", "urgent", "urgent", "normal", "normal"]
+    assert min(seconds for _, seconds in waits[1:]) >= 0.02, "each pass reports its wait in the queue"
+    pod_1, pod_2 = waits[4][1], waits[2][1]
+    assert pod_1 >= pod_2 + 0.04, "an urgent wait counts from when the key became urgent"
+
+
+def test_a_finished_job_and_a_new_or_edited_run_are_urgent() -> None:
+    from rlhf_operator.handlers import run_is_new_or_edited
+    from rlhf_operator.observe import job_finished
+
+    def job(kind: str, status: str = "True") -> dict[str, object]:
+        return {"status": {"conditions": [{"type": kind, "status": status}]}}
+
+    assert job_finished(job("Complete")) and job_finished(job("Failed"))
+    assert not job_finished(job("Complete", "False")) and not job_finished(job("Suspended"))
+    assert not job_finished({"status": {"active": 1}})
+    run = {"metadata": {"generation": 2}, "status": {"observedGeneration": 2}}
+    assert not run_is_new_or_edited(run), "its own status write coming back is not urgent"
+    assert run_is_new_or_edited({"metadata": {"generation": 1}})
+    assert run_is_new_or_edited({"metadata": {"generation": 3}, "status": {"observedGeneration": 2}})
