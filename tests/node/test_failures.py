@@ -32,8 +32,12 @@ def test_missing_image_shows_pending_with_the_pull_error(env: NodeEnv) -> None:
     env.apply(run)
     status = env.wait_run("noimage", pending_with(("ErrImagePull", "ImagePullBackOff")), "sft Pending on the pull", 90)
     assert status["status"]["phase"] != "Running", status["status"]
-    events = env.kubectl("get", "events", "--field-selector", "involvedObject.kind=RLHFRun")
-    assert "StagePending" in events, events
+    # The operator posts events from a queue of their own, moments after the status it wrote.
+    env.wait_for(
+        "the StagePending event",
+        lambda: "StagePending" in env.kubectl("get", "events", "--field-selector", "involvedObject.kind=RLHFRun"),
+        30,
+    )
 
 
 def test_missing_secret_shows_pending_with_the_config_error(env: NodeEnv) -> None:

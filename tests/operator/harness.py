@@ -186,6 +186,17 @@ class Env:
             if e["involvedObject"]["name"] == name and e["involvedObject"]["kind"] == "RLHFRun"
         ]
 
+    def wait_events(self, name: str, *reasons: str, timeout: float = 30.0) -> list[str]:
+        """The run's event reasons once each of ``reasons`` is among them (as often as it is listed):
+        the operator posts events from a queue of their own, moments after the status they tell of."""
+        needed = {r: reasons.count(r) for r in reasons}
+
+        def check() -> list[str] | None:
+            events = self.events(name)
+            return events if all(events.count(r) >= n for r, n in needed.items()) else None
+
+        return self.wait_for(f"events {', '.join(reasons)} of {name}", check, timeout)
+
     def stop_all(self) -> None:
         for proc in reversed(self.processes):
             proc.stop()

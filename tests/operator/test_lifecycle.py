@@ -36,7 +36,7 @@ def test_pipeline_succeeds_and_reapply_changes_nothing(env: Env) -> None:
         "Failed": ("False", "NoFailure"),
     }
     assert env.starts("tiny") == ["sft 0", "reward 0", "ppo 0", "merge 0"]
-    events = env.events("tiny")
+    events = env.wait_events("tiny", "StageSucceeded", "StageSucceeded", "StageSucceeded", "RunSucceeded")
     # Fast stages may skip Running (no StageStarted); the last stage's success is told by RunSucceeded.
     assert events.count("StageSucceeded") == 3 and events.count("RunSucceeded") == 1
 
@@ -109,7 +109,7 @@ def test_failing_stage_exhausts_retries_then_retry_resumes(env: Env) -> None:
     assert run["status"]["currentStage"] == "reward"
     assert env.stage(run, "reward")["phase"] == "Failed" and env.stage(run, "reward")["attempts"] == 2
     assert env.starts("tiny") == ["sft 0", "reward 0", "reward 0"]
-    assert "RunFailed" in env.events("tiny")
+    assert "RunFailed" in env.wait_events("tiny", "RunFailed")
     time.sleep(3)  # a failed run stays failed: nothing is retried on its own
     assert env.starts("tiny") == ["sft 0", "reward 0", "reward 0"]
 
@@ -121,7 +121,7 @@ def test_failing_stage_exhausts_retries_then_retry_resumes(env: Env) -> None:
     run = env.wait_phase("tiny", "Succeeded", timeout=90)
     assert env.starts("tiny") == ["sft 0", "reward 0", "reward 0", "reward 0", "ppo 0", "merge 0"]
     assert run["status"]["retryToken"] == "1"
-    assert "RetryRequested" in env.events("tiny")
+    assert "RetryRequested" in env.wait_events("tiny", "RetryRequested")
 
 
 def test_config_error_fails_fast(env: Env) -> None:
@@ -165,7 +165,7 @@ def test_suspend_and_resume_mid_stage(env: Env) -> None:
     ppo_starts = [s for s in env.starts("tiny") if s.startswith("ppo")]
     assert len(ppo_starts) == 2 and ppo_starts[0] == "ppo 0" and int(ppo_starts[1].split()[1]) >= 3
     assert env.stage(run, "ppo")["attempts"] == 1  # a suspension is not an attempt (as for the Job)
-    events = env.events("tiny")
+    events = env.wait_events("tiny", "StageSuspended", "StageResumed")
     assert "StageSuspended" in events and "StageResumed" in events, " ".join(
         events
     )  # they tell the suspend and the resume

@@ -80,7 +80,11 @@ def test_recreated_run_reuses_identical_outputs_and_retrains_changed_ones(env: E
     assert env.starts("tiny")[4:] == ["ppo 0", "merge 0"]
     aside = sorted(p.name.split("-")[0] for p in (env.run_dir("tiny") / "superseded").iterdir())
     assert aside == ["merge", "ppo"]
-    events = [
-        e for e in env.items("events") if e["involvedObject"]["name"] == "tiny" and e["reason"] == "StageSucceeded"
-    ]
-    assert any("spec.ppo.initKlCoef: 0.3 -> 0.1" in e["message"] for e in events)
+
+    def retrained_told() -> bool:  # events are posted from their own queue, moments after the status
+        events = [
+            e for e in env.items("events") if e["involvedObject"]["name"] == "tiny" and e["reason"] == "StageSucceeded"
+        ]
+        return any("spec.ppo.initKlCoef: 0.3 -> 0.1" in e["message"] for e in events)
+
+    env.wait_for("the StageSucceeded event naming the changed setting", retrained_told, 30)

@@ -108,6 +108,7 @@ def test_tiny_pipeline_as_the_operator_identity_with_only_the_chart_rbac(install
     assert lease["spec"]["holderIdentity"] == "rlhf-operator-7d9f8-abcde"
 
     # GitOps: the same manifest applied again server-side is a no-op for the run, its Jobs and stages.
+    world.wait_events("tiny", "RunSucceeded")  # events trail the status a moment (their own queue): all posted
     jobs = {j["metadata"]["name"]: j["metadata"]["uid"] for j in world.items("jobs")}
     version, generation = run["metadata"]["resourceVersion"], run["metadata"]["generation"]
     starts, events = world.starts("tiny"), len(world.items("events"))
