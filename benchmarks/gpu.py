@@ -92,7 +92,7 @@ class Sizes:
 
 
 # On one H200 (2026-11-30) the parts took 47 s (bnb, with the model's build), 67 s (sft), 230 s (ppo with the
-# TRL baseline) and 81 s (checkpoint); peak GPU memory well inside 80 GB (NF4 part: 30.6 GiB).
+# TRL baseline) and 81 s (checkpoint) on its 141 GiB; peak GPU memory was measured in the NF4 part only (30.6 GiB).
 REAL = Sizes("1.3b", 8, 1024, 30, 64, 16, 4, 4, 64, 24, 8, 1024, 5)
 DRY = Sizes("tiny", 4, 64, 6, 8, 4, 1, 2, 8, 6, 2, 64, 2)
 
