@@ -53,12 +53,16 @@ class TokenBucket:
         self._at = clock()
         self._lock = threading.Lock()
 
+    def _refill(self) -> None:
+        """The tokens earned since the last take, up to the burst (called holding the lock)."""
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.qps)
+        self._at = now
+
     def reserve(self) -> float:
         """Take a token; returns how long to wait before using it (0: at once)."""
         with self._lock:
-            now = self._clock()
-            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.qps)
-            self._at = now
+            self._refill()
             self._tokens -= 1  # may go negative: the debt is what later callers wait for
             return 0.0 if self._tokens >= 0 else -self._tokens / self.qps
 
@@ -77,9 +81,7 @@ class TokenBucket:
         of them events).
         The half burst kept is headroom for those writes; what is left over is the spare."""
         with self._lock:
-            now = self._clock()
-            self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.qps)
-            self._at = now
+            self._refill()
             if self._tokens - 1 < self.burst / 2:
                 return False
             self._tokens -= 1
