@@ -39,13 +39,12 @@ RUN = "bench"
 
 
 def stage_env(result: Path) -> dict[str, str]:
+    """``rlhfctl run-local``'s stage environment (the project's source roots before any PYTHONPATH already
+    set, such as an offline GPU machine's carried packages; the result file), offline and quiet."""
+    from rlhf_operator.cli.local import stage_env as local_stage_env
+
     return {
-        **os.environ,
-        # The project first; a PYTHONPATH already set stays after it (an offline GPU machine's carried packages).
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO / "operator"), str(REPO / "stages"), *filter(None, [os.environ.get("PYTHONPATH")])]
-        ),
-        "RLHF_TERMINATION_LOG": str(result),
+        **local_stage_env(result),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
