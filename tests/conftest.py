@@ -19,6 +19,9 @@ from rlhf_operator.dev import controlplane
 # (this line lived in tests/stages/conftest.py, which only a run collecting tests/stages imports).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# CPU per test at the end of the run: on the saturated CI machine, what a test really costs.
+pytest_plugins = ["tests.cputime"]
+
 REPO = Path(__file__).resolve().parents[1]
 CRD_FILE = REPO / "crds" / "rlhfruns.rlhf-operator.io.yaml"
 

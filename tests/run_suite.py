@@ -50,6 +50,14 @@ def parts(pytest_args: list[str]) -> list[Part]:
     ]
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of this machine spent on anything but idle and I/O wait since boot
+    (/proc/stat): with the containers and the cluster's daemons, which no rusage of ours counts."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logs", type=Path, default=Path(".pytest-logs"))
@@ -58,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args.logs.mkdir(parents=True, exist_ok=True)
     # The slowest tests are listed at the end of each part: where the suite's time goes (issue 15).
     pytest = [sys.executable, "-m", "pytest", "--durations=30", *args.pytest_args]
-    started = time.monotonic()
+    started, busy_before = time.monotonic(), machine_busy_seconds()
     running: dict[str, tuple[subprocess.Popen[bytes], Path, Part]] = {}
     codes: dict[str, int] = {}
     try:
@@ -88,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     took = time.monotonic() - started
     print(f"run_suite: every part done in {took:.0f} s ({', '.join(f'{n}: exit {c}' for n, c in codes.items())})")
+    busy = machine_busy_seconds() - busy_before
+    cores = os.cpu_count() or 1
+    print(f"run_suite: the machine's CPUs were busy {busy:.0f} s of {took * cores:.0f} s ({cores} cores x wall time)")
     # pytest exits 5 when a selection is empty (e.g. PYTEST_ARGS naming only non-node tests): not a failure.
     failed = [c for c in codes.values() if c not in (0, 5)]
     return failed[0] if failed else (0 if 0 in codes.values() else 5)

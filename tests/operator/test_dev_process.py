@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,25 @@ def test_the_stage_config_annotation_becomes_the_config_file(tmp_path: Path) -> 
     assert proc.popen.wait(timeout=60) == 0, proc.log_file.read_text()
     copied = (proc.pod_dir / "volumes" / "tmp" / "copy.yaml").read_text()
     assert "stage: sft" in copied and f"workspace: {tmp_path / 'volume'}" in copied
+
+
+def test_only_thread_counts_and_basics_pass_from_the_host_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local Pod sees the host's OMP_NUM_THREADS (several local Pods share the machine's cores) but,
+    as under a kubelet, none of the host's other variables, such as a credential in the shell."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("RLHF_TEST_HOST_SECRET", "hunter2")
+    pod = _pod("/scratch")
+    pod["spec"]["containers"][0]["command"] = [
+        "python",
+        "-c",
+        "import json, os, sys; open(sys.argv[1], 'w').write(json.dumps(dict(os.environ)))",
+    ]
+
+    proc = launch(pod, tmp_path / "pods", tmp_path / "volume", read=None)
+
+    assert proc.popen.wait(timeout=60) == 0, proc.log_file.read_text()
+    seen = json.loads((proc.pod_dir / "volumes" / "tmp" / "scratch").read_text())
+    assert seen["OMP_NUM_THREADS"] == "1"
+    assert "RLHF_TEST_HOST_SECRET" not in seen

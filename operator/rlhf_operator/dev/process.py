@@ -26,6 +26,8 @@ import yaml
 from rlhf_api.layout import INVOCATION_KIND, TERMINATION_LOG_ENV, TERMINATION_MESSAGE_LIMIT
 
 REPO = Path(__file__).resolve().parents[3]
+# What a local Pod's process takes from this machine's environment (see launch()).
+_HOST_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass
@@ -171,7 +173,11 @@ def launch(
     elif argv and argv[0] == "torchrun":
         argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
 
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
+    # A kubelet passes none of its own environment; these few keep a local process usable, and the
+    # thread counts let a developer (and the tests) size torch's pool for processes that share the
+    # machine's cores: with no CPU limit torch takes every core, and several local Pods training at
+    # once then spend most of their CPU spinning (benchmarks/thread_oversubscription.py).
+    env = {k: v for k, v in os.environ.items() if k in _HOST_ENV}
     for var in container.get("env") or []:
         value = _env_value(var, pod, read)
         if value is not None:
