@@ -67,11 +67,18 @@ def test_tiny_example_runs_on_the_node(env: NodeEnv) -> None:
         message = json.loads(state["state"]["terminated"]["message"])
         assert message["succeeded"] is True and message["stage"] == stage, message
 
-    # The merged model is on the claim: read it back through another Pod of the stage image.
+    # The merged model is on the claim: read it back through another Pod of the stage image. That
+    # Pod also says whether the image carries compiled modules: its root filesystem is read-only, so
+    # without them every stage start compiles the training stack again (+10 s of CPU).
     model = status["outputModel"]
     load = f"import transformers as t; m = t.AutoModelForCausalLM.from_pretrained('/workspace/{model}')"
-    env.tool_job("read-model", claim, ["python", "-c", f"{load}; print('params', m.num_parameters())"])
-    assert "params" in env.kubectl("logs", "job/read-model")
+    compiled = (
+        "import importlib.util as u, os, torch, peft, rlhf_stages; "
+        "print('compiled', [os.path.exists(u.cache_from_source(x.__file__)) for x in (t, torch, peft, rlhf_stages)])"
+    )
+    env.tool_job("read-model", claim, ["python", "-c", f"{load}; print('params', m.num_parameters()); {compiled}"])
+    logs = env.kubectl("logs", "job/read-model")
+    assert "params" in logs and "compiled [True, True, True, True]" in logs, logs
 
     # The operator ran as the chart's Pod and held the leader Lease.
     (operator_pod,) = env.operator_pods()
