@@ -1,15 +1,20 @@
-"""Run the whole suite as three pytest processes at once: the node tier, the stage tests, and the rest.
+"""Run the whole suite as four pytest processes at once: the node tier, the stage tests in two
+parts, and the rest.
 
-Why: the node tier spends most of its time waiting on a real kubelet, containerd and the Job
-controller (Pods starting, a Lease changing hands, a Pod being evicted). The other tests train
-tiny models with one thread each (``OMP_NUM_THREADS=1``, tests/stages/conftest.py) or wait on a
-real API server, so one pytest process keeps about one core busy: in one process they took 31
-minutes while the whole job used 1.0 core of 2 (``/usr/bin/time``, 2026-11-30). Split in two,
-by a line that also splits the work about evenly (tests/stages: the stage trainings; everything
-else: the operator, the CLI's quickstart, the API and chart tests), they fill the second core.
+Why: the suite is CPU-bound on the 2-core CI machine, and most of it cannot use more than one core
+per process: the node tier spends most of its time waiting on a real kubelet, containerd and the
+Job controller (Pods starting, a Lease changing hands, a Pod being evicted), and the other tests
+train tiny models with one thread each (``OMP_NUM_THREADS=1``, tests/conftest.py) or wait on a
+real API server. In one process they took 31 minutes while the whole job used 1.0 core of 2
+(``/usr/bin/time``, 2026-11-30). The parts are cut where the CPU splits about evenly (each part's
+summary lists its tests by CPU, tests/cputime.py): the learning tests of the methods, which share
+one trained starting point (tests/stages/methods_support.py, so they stay in one process and it is
+trained at most once), the other stage tests, and everything else (the operator, the CLI's
+quickstart, the API and chart tests). With three parts the stage tests, one process, ended last,
+2.5 minutes after the others (23 min 48 s, c002453).
 
 Each process writes its output to a log file under ``--logs``, printed whole once it ends, so
-the three never interleave; the exit status is the first non-zero one. Arguments after ``--`` go
+they never interleave; the exit status is the first non-zero one. Arguments after ``--`` go
 to every process; when they name test paths themselves, only the node tier and one other process
 run (a split by path would then select nothing or everything twice).
 
@@ -29,6 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STAGE_TESTS = "tests/stages"
+# The stage tests that start from methods_support's trained SFT policy and reward model.
+METHOD_TESTS = ("test_methods_*.py", "test_watch_hacking.py", "test_watch_judge_hacking.py")
+
+
+def method_test_files() -> list[str]:
+    return sorted(str(path) for pattern in METHOD_TESTS for path in Path(STAGE_TESTS).glob(pattern))
 
 
 @dataclass(frozen=True)
@@ -38,14 +49,16 @@ class Part:
 
 
 def parts(pytest_args: list[str]) -> list[Part]:
-    """The node tier, then the rest in one or two parts (see the module's docstring)."""
+    """The node tier, then the rest in one or three parts (see the module's docstring)."""
     node = Part("node", ("-m", "node"))
     names_paths = any(not a.startswith("-") and Path(a.split("::")[0]).exists() for a in pytest_args)
     if names_paths:
         return [node, Part("rest", ("-m", "not node"))]
+    methods = method_test_files()
     return [
         node,
-        Part("stages", ("-m", "not node", STAGE_TESTS)),
+        Part("methods", ("-m", "not node", *methods)),
+        Part("stages", ("-m", "not node", STAGE_TESTS, *(f"--ignore={path}" for path in methods))),
         Part("rest", ("-m", "not node", f"--ignore={STAGE_TESTS}")),
     ]
 

@@ -35,7 +35,7 @@ def tiny_run(name: str, claim: str, **spec: Any) -> dict[str, Any]:
     run["spec"]["storage"] = {"existingClaim": claim}
     # One torch thread per stage process, as a platform team sets for stages that share a node's
     # cores (tiny.yaml sets no CPU limit, so torch would size its pool by the node's 2 cores).
-    # Here the node shares those cores with the two other test processes of tests/run_suite.py: a
+    # Here the node shares those cores with the other test processes of tests/run_suite.py: a
     # tiny training step with 2 threads under that load took 2.4x the CPU of 1 thread and was
     # slower too (benchmarks/thread_oversubscription.py).
     run["spec"]["podTemplate"] = {"env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}
