@@ -158,6 +158,7 @@ class WatchCache:
         self._jobs: dict[Key, dict[str, dict[str, Any]]] = {}  # (namespace, run) -> uid -> Job
         self._pods: dict[Key, dict[str, dict[str, Any]]] = {}
         self._pvcs: set[Key] = set()
+        self._writing: dict[Key, dict[str, Any]] = {}  # run -> the status a write of ours is sending
         self.expected_streams = 0  # set by tap_watch_streams: one per watched kind and namespace
         self.listed: set[str] = set()  # the streams whose listing has been applied
         self.synced = asyncio.Event()  # created in the loop's thread; set once every stream has listed
@@ -180,9 +181,14 @@ class WatchCache:
             if plural == RUNS:
                 key = (namespace, name)
                 old = self._runs.pop(key, None) if deleted else self._runs.get(key)
+                sending = self._writing.pop(key, None) if deleted else self._writing.get(key)
                 if deleted:
                     return Change(key)
                 new = self._runs[key] = trim_run(body)
+                if old is not None and sending is not None and not _differs({**old, "status": sending}, new):
+                    # Our status write, its event here before its answer reached wrote_run.
+                    del self._writing[key]
+                    return Change(None, OWN_WRITE)
                 return self._change(key, old, new, version)
             run = (meta.get("labels") or {}).get(LABEL_RUN)
             if plural == PVCS:
@@ -262,7 +268,15 @@ class WatchCache:
         with self._lock:
             return list(self._runs.values())
 
-    # --- what a write returned (any thread) ---------------------------------------------------
+    # --- what a write sends and returns (any thread) ------------------------------------------
+    def writing_status(self, before: dict[str, Any], status: dict[str, Any]) -> None:
+        """A status write of ours is about to be sent: its watch event may arrive before its answer
+        (the API server sends both; under load either may be read first), and is then known as our
+        own by its content (the run as cached, with this status)."""
+        meta = before["metadata"]
+        with self._lock:
+            self._writing[(meta["namespace"], meta["name"])] = status
+
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None:
         """The run as our own status write left it, unless a watch event already brought something
         newer: the next pass (before that write's own event arrives) then plans from what it wrote,
@@ -270,6 +284,7 @@ class WatchCache:
         meta = before["metadata"]
         key = (meta["namespace"], meta["name"])
         with self._lock:
+            self._writing.pop(key, None)
             current = self._runs.get(key)
             if current is not None and current["metadata"].get("resourceVersion") == meta.get("resourceVersion"):
                 self._runs[key] = trim_run(after)

@@ -43,6 +43,7 @@ class Reads(Protocol):
 
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def children(self, namespace: str, run: str, want_pvc: bool) -> tuple[list[dict], list[dict], bool]: ...
+    def writing_status(self, before: dict[str, Any], status: dict[str, Any]) -> None: ...
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None: ...
     def created(self, plural: str, body: dict[str, Any]) -> None: ...
 
@@ -159,6 +160,7 @@ class Reconciler:
                 self.reads.created("persistentvolumeclaims", action.manifest)
         new_status = result.status.to_wire()
         if new_status != (body.get("status") or {}):
+            self.reads.writing_status(body, new_status)
             self.reads.wrote_run(body, self.cluster.write_status(body, new_status))
             acted = True
         for event in events:
@@ -177,6 +179,7 @@ class Reconciler:
         if status == (body.get("status") or {}):
             return False
         log.warning("%s/%s: the stored spec is invalid: %s", meta["namespace"], meta["name"], error)
+        self.reads.writing_status(body, status)
         self.reads.wrote_run(body, self.cluster.write_status(body, status))
         message = next(c["message"] for c in status["conditions"] if c["type"] == cond.FAILED)
         self.cluster.perform(body, PostEvent("Warning", cond.INVALID_SPEC, message))

@@ -356,6 +356,9 @@ class Recorder:
         version = str(int(run["metadata"]["resourceVersion"]) + 1)
         return {**run, "metadata": {**run["metadata"], "resourceVersion": version}, "status": status}
 
+    def writing_status(self, before: dict[str, Any], status: dict[str, Any]) -> None:
+        pass
+
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None:
         self.run = after
 
@@ -438,6 +441,26 @@ def test_a_passs_own_writes_coming_back_cause_no_pass_and_passes_count_whether_t
     count = "rlhf_reconcile_duration_seconds_count"
     passes = {w: metrics.registry.get_sample_value(count, {"wrote": w}) for w in ("yes", "no")}
     assert passes == {"yes": 1, "no": 1}
+
+
+def test_a_status_writes_event_read_before_its_answer_is_still_known_as_our_own() -> None:
+    cache = WatchCache()
+    cache.apply(RUNS, "ADDED", stored_run())
+    seen: list[Any] = []
+
+    class EventFirst(Hands):
+        def write_status(self, run: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+            after = super().write_status(run, status)
+            seen.append(cache.apply(RUNS, "MODIFIED", after))  # the watch event, taken in before the answer
+            return after
+
+    hands = EventFirst()
+    Reconciler(hands, cache, Metrics()).reconcile("ns", "tiny")  # type: ignore[arg-type]
+    assert seen == [(None, OWN_WRITE)]
+    other = copy.deepcopy(hands.returned["run"])
+    other["metadata"]["resourceVersion"] = "3"
+    other["status"]["phase"] = "Failed"  # not ours: another writer's status
+    assert cache.apply(RUNS, "MODIFIED", other) == (("ns", "tiny"), None)
 
 
 # --- priorities under the rate limit (issue 14) ----------------------------------------------------
