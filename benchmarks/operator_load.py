@@ -421,16 +421,17 @@ class Operator:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def histograms(self) -> dict[str, list[float]]:
+    def histograms(self) -> tuple[dict[str, list[float]], dict[str, float]]:
         """Its wait histograms (name -> [count, mean seconds, share over 1 s]) and the Events it dropped
-        (``rlhf_events_dropped_total`` -> [count]), from /metrics."""
+        (``rlhf_events_dropped_total`` -> [count]); its COUNTERS (``name{labels}`` -> value); from /metrics."""
         status, text = self.http("/metrics")
         if status != 200:
-            return {}
+            return {}, {}
         dropped = [
             float(line.split()[-1]) for line in text.splitlines() if line.startswith("rlhf_events_dropped_total ")
         ]
-        return {**parse_histograms(text), **({"rlhf_events_dropped_total": dropped} if dropped else {})}
+        waits = {**parse_histograms(text), **({"rlhf_events_dropped_total": dropped} if dropped else {})}
+        return waits, parse_counters(text)
 
     def runs_known(self) -> int:
         """The runs the operator reports (its rlhf_runs gauge, every phase)."""
@@ -642,6 +643,21 @@ HISTOGRAMS = (
 )
 
 
+# Why passes happen, or not (issue 14: most passes under load wrote nothing).
+COUNTERS = ("rlhf_reconcile_total", "rlhf_watch_events_ignored_total", "rlhf_workqueue_delayed_passes_cancelled_total")
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value of the COUNTERS, from a Prometheus exposition."""
+    out = {}
+    for line in text.splitlines():
+        metric, _, value = line.rpartition(" ")
+        name = metric.split("{", 1)[0]
+        if name in COUNTERS:
+            out[metric] = float(value)
+    return out
+
+
 def parse_histograms(text: str) -> dict[str, list[float]]:
     """``name{labels}`` -> [observations, mean seconds, share of them over 1 s], from a Prometheus
     exposition, for the HISTOGRAMS (one entry per label set)."""
@@ -789,6 +805,7 @@ class Result:
     # Where a transition's time went (paced and burst): per segment, p50 / p99 / mean over the slowest 1 %.
     latency_breakdown: dict[str, list[float]] = field(default_factory=dict)
     operator_waits: dict[str, list[float]] = field(default_factory=dict)  # histogram: count, mean, share > 1 s
+    operator_counters: dict[str, float] = field(default_factory=dict)  # COUNTERS, at the end of the runs
     idle_other_requests_per_s: float = 0.0  # the same without Events (queued while the runs ran, posted late)
     events_after_runs: int = 0  # Events the operator posted once every run had finished (queued late)
     operator_cpu_share: float = 0.0  # of one core, while the runs ran
@@ -859,7 +876,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         result.operator_cpu_share = round((operator.cpu_seconds() - cpu0) / (done - t0), 2)
         busy1 = machine_busy()
         result.machine_cpu_busy = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 2)
-        result.operator_waits = operator.histograms()
+        result.operator_waits, result.operator_counters = operator.histograms()
         log(f"{size} runs ({mode}) finished in {result.all_runs_s} s; idle for {args.idle_seconds} s")
         time.sleep(args.idle_seconds)
         result.peak_rss_first_mib = round(operator.peak_rss_mib(), 1)
@@ -953,6 +970,26 @@ def _writes_by_kind(r: Result) -> str:
     return ", ".join(f"{kind} {n / stages:.2f}" for kind, n in kinds) or "-"
 
 
+def _passes(r: Result) -> str:
+    total = r.operator_counters.get("rlhf_reconcile_total")
+    idle = r.operator_waits.get('rlhf_reconcile_duration_seconds{wrote="no"}')
+    return f"{total:.0f} / {idle[0]:.0f}" if total is not None and idle else f"{total or '-'} / -"
+
+
+def _ignored(counters: dict[str, float]) -> str:
+    """``pods unchanged 9120, ...``, and the delayed passes (progress polls) dropped."""
+    prefix = "rlhf_watch_events_ignored_total{"
+    parts = []
+    for metric, value in sorted(counters.items()):
+        if metric.startswith(prefix):
+            labels = dict(kv.split("=", 1) for kv in metric[len(prefix) : -1].split(","))
+            parts.append(f"{labels['resource'].strip(chr(34))} {labels['cause'].strip(chr(34))} {value:.0f}")
+    cancelled = counters.get("rlhf_workqueue_delayed_passes_cancelled_total")
+    if cancelled is not None:
+        parts.append(f"delayed passes dropped {cancelled:.0f}")
+    return ", ".join(parts) or "-"
+
+
 ROWS: list[tuple[str, Any]] = [
     ("transitions measured", lambda r: r.transitions),
     ("transition latency p50 / p99 / max", lambda r: f"{r.latency_p50_s} / {r.latency_p99_s} / {r.latency_max_s} s"),
@@ -972,6 +1009,8 @@ ROWS: list[tuple[str, Any]] = [
         for label in ("total", *(segment for segment, _, _ in SEGMENTS))
     ),
     ("operator histograms: count / mean / share over 1 s", lambda r: _waits(r.operator_waits)),
+    ("passes: all / wrote nothing", _passes),
+    ("watch events passed over (no pass), by resource and cause", lambda r: _ignored(r.operator_counters)),
     (
         "CPU while running: operator (of one core) / machine (of all)",
         lambda r: f"{r.operator_cpu_share} / {r.machine_cpu_busy}",

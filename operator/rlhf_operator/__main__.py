@@ -104,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         if controller is not None:
             controller.queue.add(key)
 
-    tap_watch_streams(cache, streams, health.streams.add, changed)
+    tap_watch_streams(
+        cache,
+        streams,
+        health.streams.add,
+        changed,
+        on_ignored=lambda resource, cause: metrics.watch_events_ignored.labels(resource, cause).inc(),
+    )
     server = serve(health, metrics, args.health_host, args.health_port)
     logging.getLogger(__name__).info("probes and metrics on port %d", server.server_port)
     elector = None

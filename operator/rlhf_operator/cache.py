@@ -28,7 +28,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from rlhf_api.names import (
     CONTROLLER_UID_LABEL,
@@ -42,13 +42,38 @@ from rlhf_api.names import (
 )
 
 from .children import CONTAINER_NAME, pvc_name
+from .observe import JOB_CONDITIONS
 from .workqueue import Backoff
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, name)
 RUNS, JOBS, PODS, PVCS = PLURAL, "jobs", "pods", "persistentvolumeclaims"
+CACHED = (RUNS, JOBS, PODS, PVCS)
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+# Why a watch event is not passed on to a handler (``rlhf_watch_events_ignored_total{resource,cause}``):
+OWN_WRITE = "own-write"  # the version the cache holds already: our own write (a status, a Job, a PVC) coming back
+UNCHANGED = "unchanged"  # a new version, but nothing a pass reads changed (a finalizer, Ready, podIP, ...)
+NOT_A_CHILD = "not-a-child"  # a Job or Pod no run's label names (another controller's, in a watched namespace)
+
+
+class Change(NamedTuple):
+    """What one watch event changed for the passes: the run to pass over, or why none is needed."""
+
+    run: Key | None
+    ignored: str | None = None  # the cause, when ``run`` is None
+
+
+def _differs(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether two trimmed bodies differ in anything but their resourceVersion (what a pass reads)."""
+    if old is None:
+        return True
+    if old.keys() != new.keys() or any(old[k] != new[k] for k in old if k != "metadata"):
+        return True
+    before, after = old["metadata"], new["metadata"]
+    keys = (before.keys() | after.keys()) - {"resourceVersion"}
+    return any(before.get(k) != after.get(k) for k in keys)
 
 
 def _pick(source: dict[str, Any] | None, *keys: str) -> dict[str, Any]:
@@ -84,7 +109,11 @@ def trim_job(body: dict[str, Any]) -> dict[str, Any]:
     meta["ownerReferences"] = [_pick(o, "uid", "controller") for o in owners]
     status = body.get("status") or {}
     out_status = _pick(status, "active", "succeeded", "failed", "startTime", "completionTime")
-    out_status["conditions"] = [_pick(c, "type", "status", "reason", "message") for c in status.get("conditions") or []]
+    out_status["conditions"] = [
+        _pick(c, "type", "status", "reason", "message")
+        for c in status.get("conditions") or []
+        if c.get("type") in JOB_CONDITIONS  # not SuccessCriteriaMet, FailureTarget: set just before these
+    ]
     # completions: a multi-node stage's gang size (its Indexed Job's Pods).
     return {"metadata": meta, "spec": _pick(body.get("spec"), "suspend", "completions"), "status": out_status}
 
@@ -129,14 +158,21 @@ class WatchCache:
         self._jobs: dict[Key, dict[str, dict[str, Any]]] = {}  # (namespace, run) -> uid -> Job
         self._pods: dict[Key, dict[str, dict[str, Any]]] = {}
         self._pvcs: set[Key] = set()
+        self._writing: dict[Key, dict[str, Any]] = {}  # run -> the status a write of ours is sending
         self.expected_streams = 0  # set by tap_watch_streams: one per watched kind and namespace
         self.listed: set[str] = set()  # the streams whose listing has been applied
         self.synced = asyncio.Event()  # created in the loop's thread; set once every stream has listed
 
     # --- feeding (event loop) -----------------------------------------------------------------
-    def apply(self, plural: str, kind: str | None, body: dict[str, Any]) -> Key | None:
-        """One watch event (kind None: an item of a listing). Returns the run it concerns when it
-        changed what the cache held (new, another resourceVersion, or gone), else None."""
+    def apply(self, plural: str, kind: str | None, body: dict[str, Any]) -> Change:
+        """One watch event (kind None: an item of a listing), taken in. Returns the run it concerns when
+        it changed what a pass reads of the cache (new, gone, or another trimmed body), else why not.
+
+        Why decide here: most watch events under load change nothing a pass reads (a Pod's finalizer
+        removed, its Ready condition, our own status write and Job create coming back), and each used
+        to cost a pass (issue 14: 8,540 passes for 1,000 runs, most of them writing nothing). kopf's
+        own handling decides its causes (create, update, delete) before it calls a handler, too.
+        """
         meta = body.get("metadata") or {}
         namespace, name = meta.get("namespace") or "", meta.get("name") or ""
         deleted = kind == "DELETED"
@@ -145,15 +181,24 @@ class WatchCache:
             if plural == RUNS:
                 key = (namespace, name)
                 old = self._runs.pop(key, None) if deleted else self._runs.get(key)
-                if not deleted:
-                    self._runs[key] = trim_run(body)
-                return key if old is None or deleted or old["metadata"].get("resourceVersion") != version else None
-            if plural == PVCS:
-                (self._pvcs.discard if deleted else self._pvcs.add)((namespace, name))
-                return None
+                sending = self._writing.pop(key, None) if deleted else self._writing.get(key)
+                if deleted:
+                    return Change(key)
+                new = self._runs[key] = trim_run(body)
+                if old is not None and sending is not None and not _differs({**old, "status": sending}, new):
+                    # Our status write, its event here before its answer reached wrote_run.
+                    del self._writing[key]
+                    return Change(None, OWN_WRITE)
+                return self._change(key, old, new, version)
             run = (meta.get("labels") or {}).get(LABEL_RUN)
+            if plural == PVCS:
+                known = (namespace, name) in self._pvcs
+                (self._pvcs.discard if deleted else self._pvcs.add)((namespace, name))
+                if known != deleted:  # it exists as the cache knew: a status or metadata update, our own create
+                    return Change(None, OWN_WRITE if kind == "ADDED" else UNCHANGED)
+                return Change((namespace, run) if run else None, None if run else NOT_A_CHILD)
             if not run or plural not in (JOBS, PODS):
-                return None
+                return Change(None, NOT_A_CHILD)
             index = self._jobs if plural == JOBS else self._pods
             uid = meta.get("uid") or name
             objects = index.get((namespace, run))
@@ -162,10 +207,16 @@ class WatchCache:
                     objects.pop(uid, None)
                     if not objects:
                         del index[(namespace, run)]
-                return (namespace, run)
+                return Change((namespace, run))
             old = (objects or {}).get(uid)
-            index.setdefault((namespace, run), {})[uid] = (trim_job if plural == JOBS else trim_pod)(body)
-            return (namespace, run) if old is None or old["metadata"].get("resourceVersion") != version else None
+            new = index.setdefault((namespace, run), {})[uid] = (trim_job if plural == JOBS else trim_pod)(body)
+            return self._change((namespace, run), old, new, version)
+
+    @staticmethod
+    def _change(key: Key, old: dict[str, Any] | None, new: dict[str, Any], version: str | None) -> Change:
+        if old is not None and old["metadata"].get("resourceVersion") == version:
+            return Change(None, OWN_WRITE)  # what our write returned is cached already (wrote_run, created)
+        return Change(key) if _differs(old, new) else Change(None, UNCHANGED)
 
     def relisted(self, plural: str, namespace: str | None, seen: set[str]) -> list[Key]:
         """After a re-listing (a watch that expired, 410 Gone): drop what it no longer holds (deleted
@@ -217,7 +268,15 @@ class WatchCache:
         with self._lock:
             return list(self._runs.values())
 
-    # --- what a write returned (any thread) ---------------------------------------------------
+    # --- what a write sends and returns (any thread) ------------------------------------------
+    def writing_status(self, before: dict[str, Any], status: dict[str, Any]) -> None:
+        """A status write of ours is about to be sent: its watch event may arrive before its answer
+        (the API server sends both; under load either may be read first), and is then known as our
+        own by its content (the run as cached, with this status)."""
+        meta = before["metadata"]
+        with self._lock:
+            self._writing[(meta["namespace"], meta["name"])] = status
+
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None:
         """The run as our own status write left it, unless a watch event already brought something
         newer: the next pass (before that write's own event arrives) then plans from what it wrote,
@@ -225,15 +284,20 @@ class WatchCache:
         meta = before["metadata"]
         key = (meta["namespace"], meta["name"])
         with self._lock:
+            self._writing.pop(key, None)
             current = self._runs.get(key)
             if current is not None and current["metadata"].get("resourceVersion") == meta.get("resourceVersion"):
                 self._runs[key] = trim_run(after)
 
     def created(self, plural: str, body: dict[str, Any]) -> None:
-        """A Job we just created, so that a pass before its ADDED event does not create it again."""
+        """A Job we just created, so that a pass before its ADDED event does not create it again (and
+        that event, the same version, is known as our own); a PVC we made sure of, likewise."""
         meta = body.get("metadata") or {}
         run = (meta.get("labels") or {}).get(LABEL_RUN)
-        if plural == JOBS and run:
+        if plural == PVCS:
+            with self._lock:
+                self._pvcs.add((meta.get("namespace") or "", meta.get("name") or ""))
+        elif plural == JOBS and run:
             with self._lock:
                 self._jobs.setdefault((meta.get("namespace") or "", run), {}).setdefault(
                     meta.get("uid") or meta.get("name") or "", trim_job(body)
@@ -258,7 +322,11 @@ def _identity(plural: str, body: dict[str, Any]) -> str:
 
 
 def tap_watch_streams(
-    cache: WatchCache, expected: int, on_stream_listed: Callable[[str], None], on_changed: Callable[[Key], None]
+    cache: WatchCache,
+    expected: int,
+    on_stream_listed: Callable[[str], None],
+    on_changed: Callable[[Key], None],
+    on_ignored: Callable[[str, str], None] | None = None,
 ) -> None:
     """Feed ``cache`` from kopf's watch-streams, and report each stream once its listing is applied.
 
@@ -271,6 +339,9 @@ def tap_watch_streams(
     API (read in kopf 1.45): if it moves, tests/rbac/test_e2e.py and tests/operator/test_cache.py fail.
     ``on_changed``: a run one of whose objects changed or vanished while nothing watched (found by a
     re-listing; the first listing is followed by the controller's own enqueueing instead).
+    A watch event of a cached kind that changes nothing a pass reads (:meth:`WatchCache.apply`) is
+    not passed on to kopf: no handler, no pass; ``on_ignored`` is told its resource and cause.
+    Other kinds (kopf's own Namespace and CRD watches, cluster-wide) are passed on untouched.
     """
     import aiohttp
     from kopf._cogs.clients import errors, watching
@@ -301,13 +372,20 @@ def tap_watch_streams(
                 if not isinstance(event, dict) or event.get("type") == "BOOKMARK":
                     yield event
                     continue
+                if plural not in CACHED:
+                    yield event
+                    continue
                 body = cast(dict[str, Any], event.get("object") or {})
-                changed = cache.apply(plural, event.get("type"), body)
+                change = cache.apply(plural, event.get("type"), body)
                 if listing and event.get("type") is None:
                     seen.add(_identity(plural, body))
-                    if relisting and changed is not None:
-                        on_changed(changed)
+                    if relisting and change.run is not None:
+                        on_changed(change.run)
                     continue  # the listing: the controller enqueues from the cache once synced (module doc)
+                if change.run is None:
+                    if on_ignored is not None:
+                        on_ignored(plural, change.ignored or UNCHANGED)
+                    continue
                 yield event
         except (errors.APIError, aiohttp.ClientError, TimeoutError) as exc:
             # kopf lets a watch request's error (a 503 from an API server still starting after an

@@ -127,6 +127,8 @@ class Controller:
         again = await asyncio.to_thread(self.reconciler.reconcile, *key)
         if again is not None:  # a stage is running: pass again to read its progress (one timer per run)
             self.queue.add(key, again)
+        elif self.queue.cancel_delayed(key):  # nothing to poll any more (nor to retry: this pass succeeded)
+            self.metrics.polls_cancelled.inc()
 
     async def _resync(self) -> None:
         """Start the workers once every watch cache has listed, then, every interval, enqueue every

@@ -1,7 +1,8 @@
 """kopf handlers: thin. They turn watch events into queued run keys and start the machinery.
 
 No handler decides anything: RLHFRun, Job, Pod and PVC events all just enqueue the run they concern
-(the watch caches have taken the event's object in before: cache.py),
+(the watch caches have taken the event's object in before, and kept from kopf the events that change
+nothing a pass reads, our own writes coming back among them: cache.py),
 and a periodic resync enqueues every run (level-triggered: a missed event delays a pass by one
 resync interval, it never loses one). Only event-watching handlers are used, so kopf writes nothing
 onto runs (no finalizers, no annotations): re-applying a manifest is a true no-op, and deleting a

@@ -171,6 +171,13 @@ def _json(resp: Any) -> dict[str, Any]:
     return json.loads(resp.data)
 
 
+def _unread(resp: Any) -> None:
+    """An answer asked for raw (``_preload_content=False``) and not needed: its body is still read,
+    which hands its connection back to the pool. Why raw: the client's model classes cost
+    milliseconds of the interpreter the passes share for each answer (issue 14)."""
+    resp.data  # noqa: B018 - reading it is the point
+
+
 def _body(manifest: Mapping[str, Any]) -> Any:
     """A plain-dict manifest as a request body: the client sends dicts as they are (its hints name only models)."""
     return manifest
@@ -306,11 +313,21 @@ class Cluster:
         self._fence()
         namespace = run["metadata"]["namespace"]
         if isinstance(action, EnsurePVC):
-            self._create(lambda: self.core.create_namespaced_persistent_volume_claim(namespace, _body(action.manifest)))
+            self._create(
+                lambda: _unread(
+                    self.core.create_namespaced_persistent_volume_claim(
+                        namespace, _body(action.manifest), _preload_content=False
+                    )
+                )
+            )
         elif isinstance(action, CreateJob):
             service = action.service
             if service is not None:
-                self._create(lambda: self.core.create_namespaced_service(namespace, _body(service)))
+                self._create(
+                    lambda: _unread(
+                        self.core.create_namespaced_service(namespace, _body(service), _preload_content=False)
+                    )
+                )
             created = self._create(
                 lambda: self.batch.create_namespaced_job(namespace, _body(action.job), _preload_content=False)
             )
@@ -368,7 +385,7 @@ class Cluster:
 
     def send_event(self, namespace: str, body: dict[str, Any]) -> None:
         try:
-            self.core.create_namespaced_event(namespace, _body(body))
+            _unread(self.core.create_namespaced_event(namespace, _body(body), _preload_content=False))
         except (ApiException, Deferred) as exc:  # events are best effort: never fail a reconcile over one
             log.warning("could not post event %s on %s: %s", body["reason"], body["involvedObject"]["name"], exc)
 

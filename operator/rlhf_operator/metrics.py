@@ -39,7 +39,23 @@ class Metrics:
             "rlhf_reconcile_errors_total", "Reconcile passes that raised", ["error"], registry=self.registry
         )
         self.reconcile_seconds = Histogram(
-            "rlhf_reconcile_duration_seconds", "Duration of one reconcile pass", registry=self.registry
+            "rlhf_reconcile_duration_seconds",
+            "Duration of one reconcile pass, by whether it wrote anything (an action, the status, an event)",
+            ["wrote"],
+            registry=self.registry,
+        )
+        # Under load most watch events change nothing a pass reads (issue 14): not passed on, by cause.
+        self.watch_events_ignored = Counter(
+            "rlhf_watch_events_ignored_total",
+            "Watch events that caused no pass: own-write (our own write coming back), unchanged (nothing"
+            " a pass reads changed), not-a-child (no run's label), by resource",
+            ["resource", "cause"],
+            registry=self.registry,
+        )
+        self.polls_cancelled = Counter(
+            "rlhf_workqueue_delayed_passes_cancelled_total",
+            "Delayed passes (a progress poll, a retry) dropped because a later pass found none due",
+            registry=self.registry,
         )
         self.api_requests = Counter(
             "rlhf_api_requests_total",

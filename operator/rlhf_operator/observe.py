@@ -90,6 +90,10 @@ class Observed:
     pvc_exists: bool = True
 
 
+# The Job conditions read here (the watch cache keeps no others).
+JOB_CONDITIONS = ("Complete", "Failed", "Suspended")
+
+
 def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
     for cond in (job.get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind and cond.get("status") == "True":

@@ -27,7 +27,7 @@ from rlhf_api.run import RLHFRunSpec, RLHFRunStatus
 from rlhf_api.timestamps import format_timestamp
 
 from . import conditions as cond
-from .actions import CreateJob, PostEvent
+from .actions import CreateJob, EnsurePVC, PostEvent
 from .defaults import OperatorDefaults
 from .kube import Cluster
 from .metrics import Metrics
@@ -43,6 +43,7 @@ class Reads(Protocol):
 
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def children(self, namespace: str, run: str, want_pvc: bool) -> tuple[list[dict], list[dict], bool]: ...
+    def writing_status(self, before: dict[str, Any], status: dict[str, Any]) -> None: ...
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None: ...
     def created(self, plural: str, body: dict[str, Any]) -> None: ...
 
@@ -105,8 +106,11 @@ class Reconciler:
         events and resyncs; always so for a run that is gone, finished, suspended or pending)."""
         started = time.monotonic()
         self.metrics.reconciles.inc()
+        wrote = "failed"
         try:
-            return self._reconcile(namespace, name)
+            again, did_write = self._reconcile(namespace, name)
+            wrote = "yes" if did_write else "no"
+            return again
         except ApiException as exc:
             if exc.status == 409:
                 # Conflict: the cache held an older version of the run than the API server. No retry
@@ -121,56 +125,66 @@ class Reconciler:
             self.metrics.reconcile_errors.labels(type(exc).__name__).inc()
             raise
         finally:
-            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+            self.metrics.reconcile_seconds.labels(wrote).observe(time.monotonic() - started)
 
-    def _reconcile(self, namespace: str, name: str) -> float | None:
+    def _reconcile(self, namespace: str, name: str) -> tuple[float | None, bool]:
+        """(when to pass again, whether the pass wrote anything: an action, the status or an event)."""
         body = self.reads.get_run(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             # Deleted: the garbage collector removes the children through their owner references.
             self.metrics.run_phase(namespace, name, None)
             self.log_reads.forget((namespace, name))
-            return None
+            return None, False
         try:
             view = self._view(body)
         except InvalidSpec as exc:
-            self._refuse(body, exc)
-            return None
+            return None, self._refuse(body, exc)
         jobs, pods, pvc = self.reads.children(namespace, name, want_pvc=view.spec.storage.existing_claim is None)
         logged = self._read_progress(namespace, name, pods)
         result = plan(view, observe(view.uid, jobs, pods, pvc, logged), self.clock())
         events: list[PostEvent] = []
+        acted = False
         for action in result.actions:
             if isinstance(action, PostEvent):
                 events.append(action)
-            else:
-                # The Job's name: the load benchmark times each transition's pass from this line.
-                what = f" {action.job['metadata']['name']}" if isinstance(action, CreateJob) else ""
-                log.info("%s/%s: %s%s", namespace, name, type(action).__name__, what)
-                created = self.cluster.perform(body, action)
-                if created is not None and isinstance(action, CreateJob):
-                    self.reads.created("jobs", created)
+                continue
+            # The Job's name: the load benchmark times each transition's pass from this line.
+            what = f" {action.job['metadata']['name']}" if isinstance(action, CreateJob) else ""
+            log.info("%s/%s: %s%s", namespace, name, type(action).__name__, what)
+            created = self.cluster.perform(body, action)
+            acted = True
+            # What we made, in the cache before its watch event: that event is then known as our own.
+            if created is not None and isinstance(action, CreateJob):
+                self.reads.created("jobs", created)
+            elif isinstance(action, EnsurePVC):
+                self.reads.created("persistentvolumeclaims", action.manifest)
         new_status = result.status.to_wire()
         if new_status != (body.get("status") or {}):
+            self.reads.writing_status(body, new_status)
             self.reads.wrote_run(body, self.cluster.write_status(body, new_status))
+            acted = True
         for event in events:
             self.cluster.perform(body, event)
         for stage in result.finished:
             self.metrics.stage_finished(stage)
         self.metrics.run_phase(namespace, name, result.status.phase)
-        return poll_after(result.status, self.log_reads.next_read_in((namespace, name)))
+        return poll_after(result.status, self.log_reads.next_read_in((namespace, name))), acted or bool(events)
 
-    def _refuse(self, body: dict[str, Any], error: InvalidSpec) -> None:
-        """Status and a Warning event, once per generation: a pass over the same spec writes nothing."""
+    def _refuse(self, body: dict[str, Any], error: InvalidSpec) -> bool:
+        """Status and a Warning event, once per generation: a pass over the same spec writes nothing.
+        Returns whether it wrote."""
         meta = body["metadata"]
         self.metrics.reconcile_errors.labels("InvalidSpec").inc()
         status = refused_status(body, error, format_timestamp(self.clock()))
         if status == (body.get("status") or {}):
-            return
+            return False
         log.warning("%s/%s: the stored spec is invalid: %s", meta["namespace"], meta["name"], error)
+        self.reads.writing_status(body, status)
         self.reads.wrote_run(body, self.cluster.write_status(body, status))
         message = next(c["message"] for c in status["conditions"] if c["type"] == cond.FAILED)
         self.cluster.perform(body, PostEvent("Warning", cond.INVALID_SPEC, message))
         self.metrics.run_phase(meta["namespace"], meta["name"], "Failed")
+        return True
 
     def _read_progress(self, namespace: str, name: str, pods: list[dict[str, Any]]) -> dict[str, Progress]:
         """Live progress from the logs of the run's running stage pods, by pod name (read when due)."""

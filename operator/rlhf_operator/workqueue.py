@@ -112,6 +112,18 @@ class WorkQueue:
             self._added_at[key] = now
             self._urgent.append(key)
 
+    def cancel_delayed(self, key: Key) -> bool:
+        """Drop ``key``'s delayed pass, if one is pending; returns whether one was.
+
+        Why: a running stage's pass asks for a progress poll ten seconds on, and under load the stage
+        has ended long before (issue 14: 1-second Pods): the poll was a pass with nothing to do,
+        one per stage seen running. A pass that needs no poll says so, and the pending one goes."""
+        timer = self._timers.pop(key, None)
+        if timer is None:
+            return False
+        timer.cancel()
+        return True
+
     def waiting(self) -> tuple[int, int]:
         """Keys waiting: (urgent, normal)."""
         urgent = sum(1 for u in self._queued.values() if u)

@@ -64,6 +64,9 @@ class ApiReads:
                 pvc = exc.status != 404
         return jobs["items"], pods["items"], pvc
 
+    def writing_status(self, before: dict[str, Any], status: dict[str, Any]) -> None:
+        pass
+
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None:
         pass
 

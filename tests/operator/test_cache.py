@@ -19,7 +19,20 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from rlhf_api.names import CONTROLLER_UID_LABEL, LABEL_RUN, LABEL_STAGE, PROGRESS_ANNOTATION
-from rlhf_operator.cache import JOBS, PODS, PVCS, RUNS, WatchCache, tap_watch_streams, trim_job, trim_pod, trim_run
+from rlhf_operator.cache import (
+    JOBS,
+    NOT_A_CHILD,
+    OWN_WRITE,
+    PODS,
+    PVCS,
+    RUNS,
+    UNCHANGED,
+    WatchCache,
+    tap_watch_streams,
+    trim_job,
+    trim_pod,
+    trim_run,
+)
 from rlhf_operator.kube import Deferred, EventPoster, TokenBucket, limit_client, request_name, spare_capacity
 from rlhf_operator.metrics import Metrics
 from rlhf_operator.observe import log_readable, observe
@@ -126,8 +139,8 @@ def test_a_run_keeps_what_the_reconciler_reads_without_kubectls_copies() -> None
 def test_the_cache_indexes_children_by_run_and_follows_deletes() -> None:
     cache = WatchCache()
     job, pod = full_job(), full_pod("p1", "Running")
-    assert cache.apply(JOBS, None, job) == ("ns", "tiny")
-    assert cache.apply(JOBS, "MODIFIED", job) is None  # same resourceVersion: nothing changed
+    assert cache.apply(JOBS, None, job).run == ("ns", "tiny")
+    assert cache.apply(JOBS, "MODIFIED", job) == (None, OWN_WRITE)  # same resourceVersion: nothing changed
     cache.apply(PODS, "ADDED", pod)
     cache.apply(PODS, "ADDED", {"metadata": {"name": "stray", "namespace": "ns", "uid": "s"}})  # no run label
     cache.apply(PVCS, "ADDED", {"metadata": {"name": "tiny-workspace", "namespace": "ns"}})
@@ -140,6 +153,72 @@ def test_the_cache_indexes_children_by_run_and_follows_deletes() -> None:
     assert len(cache) == 1
 
 
+def _version(body: dict[str, Any], version: int, status: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
+    """``body`` as a later watch event brings it: another resourceVersion, its status and metadata changed."""
+    out = copy.deepcopy(body)
+    out["metadata"].update(resourceVersion=str(version), **meta)
+    out["status"].update(status or {})
+    return out
+
+
+def test_watch_events_that_change_nothing_a_pass_reads_cause_no_pass() -> None:
+    """A stage's Job and Pod under the real Job controller and a kubelet: of their ~10 updates, the
+    ones that change nothing a pass reads, and our own writes coming back, are told apart from the
+    ones a pass must see (issue 14: each used to cost a pass)."""
+    cache, key = WatchCache(), ("ns", "tiny")
+    run = stored_run()
+    assert cache.apply(RUNS, "ADDED", run) == (key, None)
+    written = {**run, "metadata": {**run["metadata"], "resourceVersion": "2"}, "status": {"phase": "Pending"}}
+    cache.wrote_run(run, written)
+    assert cache.apply(RUNS, "MODIFIED", written) == (None, OWN_WRITE), "our status write coming back"
+    retried = copy.deepcopy(written)
+    retried["metadata"].update(resourceVersion="3", annotations={"rlhf-operator.io/retry": "1"})
+    assert cache.apply(RUNS, "MODIFIED", retried) == (key, None), "a user's annotation: a pass reads it"
+
+    job = full_job()
+    job["status"] = {}
+    cache.created(JOBS, job)  # what our create returned
+    job_events = [
+        ("ADDED", job, OWN_WRITE),
+        ("MODIFIED", _version(job, 11, {"active": 1, "startTime": "t"}), None),
+        ("MODIFIED", _version(job, 12, {"active": 1, "startTime": "t", "ready": 1}), UNCHANGED),
+        ("MODIFIED", _version(job, 13, {"active": 1, "startTime": "t", "ready": 1,
+                                        "conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]}), UNCHANGED),
+        ("MODIFIED", _version(job, 14, {"active": 0, "succeeded": 1, "startTime": "t", "conditions": [
+            {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}), None),
+        ("DELETED", _version(job, 15), None),
+    ]  # fmt: skip
+    pod = full_pod("p1", "Pending")
+    pod["spec"].pop("nodeName")
+    pod["metadata"]["finalizers"] = ["batch.kubernetes.io/job-tracking"]
+    running = {"phase": "Running", "containerStatuses": [{"name": "stage", "state": {"running": {"startedAt": "t"}}}]}
+    pod_events = [
+        ("ADDED", pod, None),
+        ("MODIFIED", _version(pod, 21, {"conditions": [{"type": "PodScheduled", "status": "True"}]}), None),
+        ("MODIFIED", _version(pod, 22, {"conditions": [{"type": "PodScheduled", "status": "True"},
+                                                       {"type": "Initialized", "status": "True"}]}), UNCHANGED),
+        ("MODIFIED", _version(pod, 23, {"hostIP": "10.0.0.2", **running, "conditions": [
+            {"type": "PodScheduled", "status": "True"}]}), None),
+        ("MODIFIED", _version(pod, 24, {"hostIP": "10.0.0.2", **running, "conditions": [
+            {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}]}), UNCHANGED),
+        ("MODIFIED", _version(pod, 25, {"phase": "Succeeded", **terminated(json.dumps(RESULT))}), None),
+        ("MODIFIED", _version(pod, 26, {"phase": "Succeeded", **terminated(json.dumps(RESULT))}, finalizers=[]),
+         UNCHANGED),
+    ]  # fmt: skip
+    for plural, events in ((JOBS, job_events), (PODS, pod_events)):
+        for kind, body, cause in events:
+            assert cache.apply(plural, kind, body) == ((None, cause) if cause else (key, None)), (plural, body)
+    stray = {"metadata": {"name": "stray", "namespace": "ns", "uid": "s", "resourceVersion": "1"}}
+    assert cache.apply(PODS, "ADDED", stray) == (None, NOT_A_CHILD)
+
+    pvc = {"metadata": {"name": "tiny-workspace", "namespace": "ns", "labels": {LABEL_RUN: "tiny"}}}
+    cache.created(PVCS, pvc)  # the pass that made sure of it
+    assert cache.apply(PVCS, "ADDED", pvc) == (None, OWN_WRITE)
+    assert cache.apply(PVCS, "MODIFIED", pvc) == (None, UNCHANGED), "bound, resized: a pass reads only that it exists"
+    assert cache.apply(PVCS, "DELETED", pvc) == (key, None)
+    assert cache.children("ns", "tiny", want_pvc=True) == ([], [trim_pod(pod_events[-1][1])], False)
+
+
 def test_the_tap_fills_the_cache_hides_the_listing_and_a_relisting_finds_what_changed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -150,12 +229,14 @@ def test_the_tap_fills_the_cache_hides_the_listing_and_a_relisting_finds_what_ch
     run["metadata"].update(namespace="ns", uid="run-1", resourceVersion="1")
     other = copy.deepcopy(run)
     other["metadata"].update(name="other", uid="run-2")
+    edited = {**run, "metadata": {**run["metadata"], "resourceVersion": "2"}, "spec": {**run["spec"], "suspend": True}}
+    # A new version that changes nothing a pass reads (only kubectl's bookkeeping): not passed on.
+    touched = {**edited, "metadata": {**edited["metadata"], "resourceVersion": "3", "managedFields": MANAGED_FIELDS}}
     rounds = [
         [{"type": None, "object": run}, {"type": None, "object": other}, watching.Bookmark.LISTED,
-         {"type": "MODIFIED", "object": {**run, "metadata": {**run["metadata"], "resourceVersion": "2"}}}],
+         {"type": "MODIFIED", "object": edited}, {"type": "MODIFIED", "object": touched}],
         # A re-listing (410 Gone): "other" was deleted meanwhile, "tiny" did not change.
-        [{"type": None, "object": {**run, "metadata": {**run["metadata"], "resourceVersion": "2"}}},
-         watching.Bookmark.LISTED],
+        [{"type": None, "object": touched}, watching.Bookmark.LISTED],
     ]  # fmt: skip
 
     async def fake_watch(**_: Any) -> AsyncIterator[Any]:
@@ -163,8 +244,8 @@ def test_the_tap_fills_the_cache_hides_the_listing_and_a_relisting_finds_what_ch
             yield event
 
     monkeypatch.setattr(watching, "continuous_watch", fake_watch)
-    cache, listed, changed = WatchCache(), [], []
-    tap_watch_streams(cache, 1, listed.append, changed.append)
+    cache, listed, changed, ignored = WatchCache(), [], [], []
+    tap_watch_streams(cache, 1, listed.append, changed.append, lambda *why: ignored.append(why))
     resource = references.Resource(group="rlhf-operator.io", version="v1alpha1", plural=RUNS)
 
     async def consume() -> list[Any]:
@@ -179,8 +260,33 @@ def test_the_tap_fills_the_cache_hides_the_listing_and_a_relisting_finds_what_ch
         watching.Bookmark.LISTED,
     ]
     assert [r["metadata"]["name"] for r in cache.runs()] == ["tiny"]
-    assert cache.get_run("ns", "tiny")["metadata"]["resourceVersion"] == "2"  # type: ignore[index]
+    assert cache.get_run("ns", "tiny")["metadata"]["resourceVersion"] == "3"  # type: ignore[index]
     assert changed == [("ns", "other")] and len(listed) == 2
+    assert ignored == [(RUNS, "unchanged")]
+
+
+def test_the_tap_passes_kopfs_own_watches_on_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cluster-wide, kopf watches Namespaces to find where to watch: none of its events may be taken
+    for a change that needs no pass (they name no run)."""
+    from kopf._cogs.clients import watching
+    from kopf._cogs.structs import references
+
+    events = [watching.Bookmark.LISTED, {"type": "ADDED", "object": {"metadata": {"name": "team-a"}}},
+              {"type": "MODIFIED", "object": {"metadata": {"name": "team-a"}}}]  # fmt: skip
+
+    async def fake_watch(**_: Any) -> AsyncIterator[Any]:
+        for event in events:
+            yield event
+
+    monkeypatch.setattr(watching, "continuous_watch", fake_watch)
+    ignored: list[Any] = []
+    tap_watch_streams(WatchCache(), 1, lambda _: None, lambda _: None, lambda *why: ignored.append(why))
+    resource = references.Resource(group="", version="v1", plural="namespaces")
+
+    async def consume() -> list[Any]:
+        return [e async for e in watching.continuous_watch(resource=resource, namespace=None)]
+
+    assert asyncio.run(consume()) == events and ignored == []
 
 
 def test_a_failed_watch_request_ends_the_stream_for_kopf_to_list_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,6 +356,9 @@ class Recorder:
         version = str(int(run["metadata"]["resourceVersion"]) + 1)
         return {**run, "metadata": {**run["metadata"], "resourceVersion": version}, "status": status}
 
+    def writing_status(self, before: dict[str, Any], status: dict[str, Any]) -> None:
+        pass
+
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None:
         self.run = after
 
@@ -292,6 +401,66 @@ def test_a_conflict_waits_for_the_newer_versions_event_instead_of_backing_off() 
     metrics = Metrics()
     assert Reconciler(world, world, metrics).reconcile("ns", "tiny") is None  # type: ignore[arg-type]
     assert metrics.reconcile_errors.labels("Conflict")._value.get() == 1
+
+
+class Hands:
+    """The API server's side of a pass's writes: what a create and a status write return."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+        self.returned: dict[str, dict[str, Any]] = {}
+
+    def perform(self, run: dict[str, Any], action: Any) -> dict[str, Any] | None:
+        self.writes.append(type(action).__name__)
+        if type(action).__name__ == "EnsurePVC":
+            self.returned["pvc"] = action.manifest
+        if type(action).__name__ != "CreateJob":
+            return None
+        job = copy.deepcopy(action.job)
+        job["metadata"].update(uid="job-1", resourceVersion="5")
+        self.returned["job"] = {**job, "status": {}}
+        return self.returned["job"]
+
+    def write_status(self, run: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        self.writes.append("status")
+        self.returned["run"] = {**run, "metadata": {**run["metadata"], "resourceVersion": "2"}, "status": status}
+        return self.returned["run"]
+
+
+def test_a_passs_own_writes_coming_back_cause_no_pass_and_passes_count_whether_they_wrote() -> None:
+    cache, hands, metrics = WatchCache(), Hands(), Metrics()
+    cache.apply(RUNS, "ADDED", stored_run())
+    rec = Reconciler(hands, cache, metrics)  # type: ignore[arg-type]
+    rec.reconcile("ns", "tiny")
+    assert hands.writes == ["EnsurePVC", "CreateJob", "status"]
+    assert cache.apply(RUNS, "MODIFIED", hands.returned["run"]) == (None, OWN_WRITE)
+    assert cache.apply(JOBS, "ADDED", hands.returned["job"]) == (None, OWN_WRITE)
+    assert cache.apply(PVCS, "ADDED", hands.returned["pvc"]) == (None, OWN_WRITE)
+    rec.reconcile("ns", "tiny")  # as if one of them had been passed on: nothing to do
+    assert hands.writes == ["EnsurePVC", "CreateJob", "status"]
+    count = "rlhf_reconcile_duration_seconds_count"
+    passes = {w: metrics.registry.get_sample_value(count, {"wrote": w}) for w in ("yes", "no")}
+    assert passes == {"yes": 1, "no": 1}
+
+
+def test_a_status_writes_event_read_before_its_answer_is_still_known_as_our_own() -> None:
+    cache = WatchCache()
+    cache.apply(RUNS, "ADDED", stored_run())
+    seen: list[Any] = []
+
+    class EventFirst(Hands):
+        def write_status(self, run: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+            after = super().write_status(run, status)
+            seen.append(cache.apply(RUNS, "MODIFIED", after))  # the watch event, taken in before the answer
+            return after
+
+    hands = EventFirst()
+    Reconciler(hands, cache, Metrics()).reconcile("ns", "tiny")  # type: ignore[arg-type]
+    assert seen == [(None, OWN_WRITE)]
+    other = copy.deepcopy(hands.returned["run"])
+    other["metadata"]["resourceVersion"] = "3"
+    other["status"]["phase"] = "Failed"  # not ours: another writer's status
+    assert cache.apply(RUNS, "MODIFIED", other) == (("ns", "tiny"), None)
 
 
 # --- priorities under the rate limit (issue 14) ----------------------------------------------------

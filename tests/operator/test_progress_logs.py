@@ -287,6 +287,9 @@ class FakeCluster:
         self.run = {**run, "status": new}
         return self.run
 
+    def writing_status(self, before: dict[str, Any], status: dict[str, Any]) -> None:
+        pass
+
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None:
         pass  # write_status already holds it
 

@@ -128,3 +128,35 @@ def test_a_finished_job_and_a_new_or_edited_run_are_urgent() -> None:
     assert not run_is_new_or_edited(run), "its own status write coming back is not urgent"
     assert run_is_new_or_edited({"metadata": {"generation": 1}})
     assert run_is_new_or_edited({"metadata": {"generation": 3}, "status": {"observedGeneration": 2}})
+
+
+def test_a_pass_that_needs_no_poll_drops_the_pending_one() -> None:
+    """A running stage's pass asks for a progress poll; the stage's end comes first (a 1-second Pod
+    under load): the poll would be a pass with nothing to do, one per stage seen running."""
+    from rlhf_operator.cache import WatchCache
+    from rlhf_operator.controller import Controller
+    from rlhf_operator.health import Health
+    from rlhf_operator.metrics import Metrics
+
+    passes: list[float | None] = []
+    answers = [0.3, None]  # running (poll in 0.3 s), then finished (nothing to poll)
+
+    class Reconciler:
+        def reconcile(self, namespace: str, name: str) -> float | None:
+            passes.append(answers[len(passes)] if len(passes) < len(answers) else None)
+            return passes[-1]
+
+    async def scenario() -> None:
+        metrics = Metrics()
+        controller = Controller(None, WatchCache(), metrics, Health(), None)  # type: ignore[arg-type]
+        controller.reconciler = Reconciler()  # type: ignore[assignment]
+        controller.queue.start()
+        controller.queue.add(KEY)
+        await asyncio.sleep(0.1)
+        controller.queue.add(KEY, urgent=True)  # its Job finished
+        await asyncio.sleep(0.5)  # past the poll's time
+        await controller.queue.stop()
+        assert metrics.polls_cancelled._value.get() == 1
+
+    asyncio.run(scenario())
+    assert passes == [0.3, None], "no third pass: the poll was dropped"
