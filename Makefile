@@ -45,7 +45,7 @@ setup: venv controlplane charttools s3server ## everything the demo and the test
 demo: venv ## run a complete tiny RLHF pipeline locally on the CPU and write a report
 	$(PY) -m rlhf_operator.cli quickstart --workdir $(or $(WORKDIR),$(CURDIR)/.quickstart)
 
-test: setup ## run the whole test suite: the node tier, tests/stages in two parts and the rest side by side (tests/run_suite.py)
+test: setup ## run the whole test suite: the node tier, tests/stages in two parts, tests/operator and the rest side by side
 	$(PY) -m tests.run_suite -- $(PYTEST_ARGS)
 
 test-serial: setup ## the whole suite in one pytest process (as plain `pytest` from the root runs it)

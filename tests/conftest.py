@@ -14,7 +14,7 @@ import pytest
 from rlhf_operator.dev import controlplane
 
 # One torch thread in this process and every stage process it starts: tiny models gain nothing from
-# more, the CI machine has 2 cores shared by four pytest processes (tests/run_suite.py), and a
+# more, the CI machine has 2 cores shared by five pytest processes (tests/run_suite.py), and a
 # learning test's numbers must not depend on which other tests happened to be collected with it
 # (this line lived in tests/stages/conftest.py, which only a run collecting tests/stages imports).
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,6 +1,6 @@
 """A pytest plugin that reports where the suite's CPU goes, test by test (issue 15).
 
-Why CPU and not ``--durations``: tests/run_suite.py runs four pytest processes on a 2-core
+Why CPU and not ``--durations``: tests/run_suite.py runs five pytest processes on a 2-core
 machine that they keep saturated, so a test's wall time mostly says how busy the others were.
 The CPU a test costs is what it takes from all of them: the sum over the suite is what bounds the
 suite's wall time from below (total CPU / cores).

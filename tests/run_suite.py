@@ -1,5 +1,5 @@
-"""Run the whole suite as four pytest processes at once: the node tier, the stage tests in two
-parts, and the rest.
+"""Run the whole suite as five pytest processes at once: the node tier, the stage tests in two
+parts, the operator's tests, and the rest.
 
 Why: the suite is CPU-bound on the 2-core CI machine, and most of it cannot use more than one core
 per process: the node tier spends most of its time waiting on a real kubelet, containerd and the
@@ -7,11 +7,13 @@ Job controller (Pods starting, a Lease changing hands, a Pod being evicted), and
 train tiny models with one thread each (``OMP_NUM_THREADS=1``, tests/conftest.py) or wait on a
 real API server. In one process they took 31 minutes while the whole job used 1.0 core of 2
 (``/usr/bin/time``, 2026-11-30). The parts are cut where the CPU splits about evenly (each part's
-summary lists its tests by CPU, tests/cputime.py): the learning tests of the methods, which share
-one trained starting point (tests/stages/methods_support.py, so they stay in one process and it is
-trained at most once), the other stage tests, and everything else (the operator, the CLI's
-quickstart, the API and chart tests). With three parts the stage tests, one process, ended last,
-2.5 minutes after the others (23 min 48 s, c002453).
+summary lists its tests by CPU, tests/cputime.py), or where a part mostly waits: the learning tests
+of the methods, which share one trained starting point (tests/stages/methods_support.py, so they
+stay in one process and it is trained at most once), the other stage tests, the operator's tests
+(most of their time is spent waiting on a real API server, an operator process and the dev kubelet),
+and everything else (the CLI's quickstart, the API, chart and RBAC tests). With three parts the stage
+tests, one process, ended last, 2.5 minutes after the others (23 min 48 s, c002453); with four, the
+rest ended 4.6 minutes after the next (21 min 19 s, 0469f23, with 381 s of the 2 cores idle).
 
 Each process writes its output to a log file under ``--logs``, printed whole once it ends, so
 they never interleave; the exit status is the first non-zero one. Arguments after ``--`` go
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STAGE_TESTS = "tests/stages"
+OPERATOR_TESTS = "tests/operator"
 # The stage tests that start from methods_support's trained SFT policy and reward model.
 METHOD_TESTS = ("test_methods_*.py", "test_watch_hacking.py", "test_watch_judge_hacking.py")
 
@@ -49,7 +52,7 @@ class Part:
 
 
 def parts(pytest_args: list[str]) -> list[Part]:
-    """The node tier, then the rest in one or three parts (see the module's docstring)."""
+    """The node tier, then the rest in one or four parts (see the module's docstring)."""
     node = Part("node", ("-m", "node"))
     names_paths = any(not a.startswith("-") and Path(a.split("::")[0]).exists() for a in pytest_args)
     if names_paths:
@@ -59,7 +62,8 @@ def parts(pytest_args: list[str]) -> list[Part]:
         node,
         Part("methods", ("-m", "not node", *methods)),
         Part("stages", ("-m", "not node", STAGE_TESTS, *(f"--ignore={path}" for path in methods))),
-        Part("rest", ("-m", "not node", f"--ignore={STAGE_TESTS}")),
+        Part("operator", ("-m", "not node", OPERATOR_TESTS)),
+        Part("rest", ("-m", "not node", f"--ignore={STAGE_TESTS}", f"--ignore={OPERATOR_TESTS}")),
     ]
 
 
