@@ -27,7 +27,7 @@ from kubernetes import client, config, watch
 
 from .harness import Env, Process, http_get, tiny_run
 
-pytestmark = pytest.mark.controlplane
+pytestmark = [pytest.mark.controlplane, pytest.mark.faults]
 
 STAGES = ["sft", "reward", "ppo", "merge"]
 
