@@ -153,3 +153,18 @@ def test_fsdp_on_a_pod_without_cuda_is_refused_before_training(workspace: Path, 
     result = read_result(in_process)
     assert "spec.sft.resources.sharding" in result["message"] and "no CUDA device" in result["message"], result
     assert result["step"] == 0
+
+
+def test_fsdp_on_one_process_still_starts_torchrun(
+    workspace: Path, in_process: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Trainer shards only inside a torch.distributed process group ("Using fsdp only works in
+    distributed training" in a lone process), so a one-GPU FSDP stage is launched like a gang of one."""
+    from rlhf_stages.runtime import entrypoint, training
+
+    launched: list[int] = []
+    monkeypatch.setattr(training, "cuda_available", lambda: True)  # as on a GPU Pod
+    monkeypatch.setattr(launch, "run", lambda stage, config, processes, gang, log: launched.append(processes) or 0)
+    config = write_invocation(workspace, "sft", "fsdp-one", tiny_spec(sft=FSDP))
+    assert entrypoint.main(["sft", "--config", str(config)]) == 0
+    assert launched == [1], "one process, under torchrun"

@@ -242,7 +242,14 @@ def _attempt(ctx: StageContext, nproc: int | None, config: Path, gang: launch.Ga
             _warn(ctx, checkpoint_notice)
     processes = _requested_nproc(ctx, nproc)
     _limit_threads(ctx, processes)
-    if processes > 1 or (gang.nodes > 1 and not launch.launched_child()):
+    fsdp = launch.sharding(ctx) == "FSDP"
+    if fsdp:
+        from rlhf_stages.runtime.training import check_fsdp_placement  # imports torch: only when asked
+
+        check_fsdp_placement(ctx)
+    if not launch.launched_child() and (processes > 1 or gang.nodes > 1 or fsdp):
+        # FSDP even for one process: the Trainer shards only inside a torch.distributed process group
+        # (in a lone process it refuses: "Using fsdp only works in distributed training").
         return launch.run(stage, config, processes, gang, log)
     _install_sigterm(ctx)
     outputs.prepare_staging(ctx)

@@ -91,6 +91,20 @@ def trainer_kwargs(ctx: StageContext, t: TrainingSettings, *, has_eval: bool) ->
     }
 
 
+def check_fsdp_placement(ctx: StageContext) -> None:
+    """Refuse ``sharding: FSDP`` where it cannot shard: a stage that does not train through the
+    Trainer, or a Pod without a CUDA device. Called by the entrypoint before it starts torchrun, so
+    the refusal is one exit 2 naming the field rather than one per launched process."""
+    where = f"spec.{ctx.stage}.resources.sharding"
+    if "FSDP" not in STAGE_KINDS[ctx.stage].shardings:  # the method table's word (admission refuses it too)
+        raise StageConfigError(f"{where}: {ctx.stage} does not train with FSDP; use DDP")
+    if not cuda_available():
+        raise StageConfigError(
+            f"{where}: FSDP needs GPUs, and this Pod has no CUDA device (resources.gpus is "
+            f"{ctx.config.resources.gpus}); give the stage GPUs, or use sharding: DDP"
+        )
+
+
 def fsdp_kwargs(ctx: StageContext, model: Any, t: TrainingSettings) -> dict[str, Any]:
     """``resources.sharding: FSDP`` as Trainer arguments (accelerate does the wrapping).
 
@@ -108,14 +122,7 @@ def fsdp_kwargs(ctx: StageContext, model: Any, t: TrainingSettings) -> dict[str,
     the CPU the Trainer would quietly train with DDP instead (transformers 5.23 ignores ``fsdp`` with
     ``use_cpu``; torch's own FSDP2 runs on gloo, but the Trainer does not offer it).
     """
-    where = f"spec.{ctx.stage}.resources.sharding"
-    if "FSDP" not in STAGE_KINDS[ctx.stage].shardings:  # the method table's word (admission refuses it too)
-        raise StageConfigError(f"{where}: {ctx.stage} does not train with FSDP; use DDP")
-    if not cuda_available():
-        raise StageConfigError(
-            f"{where}: FSDP needs GPUs, and this Pod has no CUDA device (resources.gpus is "
-            f"{ctx.config.resources.gpus}); give the stage GPUs, or use sharding: DDP"
-        )
+    check_fsdp_placement(ctx)
     layers = sorted(set(getattr(model, "_no_split_modules", None) or ()))
     if not layers:
         raise StageConfigError(
