@@ -113,6 +113,9 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_
     assert code == 0, out[-3000:]
     manifest = json.loads((run_dir(workspace, straight) / "ppo" / "manifest.json").read_text())
     assert manifest["completed"] and manifest["step"] == 6 and len(manifest["details"]["history"]) == 6
+    for step in manifest["details"]["history"]:  # where each step's time went: three phases within the step
+        phases = [step[k] for k in ("sampling_seconds", "scoring_seconds", "update_seconds")]
+        assert all(p > 0 for p in phases) and sum(phases) <= step["step_seconds"], step
     assert (run_dir(workspace, straight) / "ppo" / "adapter" / "tokenizer.json").is_file()
     adapter_config = json.loads((run_dir(workspace, straight) / "ppo" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == f"runs/default/{straight}/sft/model"

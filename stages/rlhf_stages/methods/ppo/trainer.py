@@ -45,6 +45,14 @@ from rlhf_stages.sampling.generate import eos_ids
 
 log = logging.getLogger(__name__)
 
+
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work: CUDA runs asynchronously, so without the
+    synchronisation a phase's time would land in whichever later phase first waits for a result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
 # What the watch's evaluate() tells the loop (PPOTrainer.train).
 CONTINUE, END, ROLLBACK = 0, 1, 2
 
@@ -89,6 +97,9 @@ class PPOTrainer:
         torch.manual_seed(seed)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        # Where the last step's time went (seconds): generation, then the forward passes that score
+        # it (log-probs of policy and reference, values, reward), then the PPO updates.
+        self.phase_seconds: dict[str, float] = {}
 
     # ---------------------------------------------------------------- data
 
@@ -119,12 +130,18 @@ class PPOTrainer:
                     self.generators["budgets"], len(prompts), st.response_length.min, st.response_length.max
                 )
                 policy = self.module.policy
+                began = _clock(self.acc.device)
                 batch = self.sample(policy, prompts, budgets)
+                sampled = _clock(self.acc.device)
                 logprobs, entropy = token_logprobs(policy, batch, gen.temperature, with_entropy=True)
                 with self.models.reference_context():
                     ref_logprobs, _ = token_logprobs(self.models.reference_model(), batch, gen.temperature)
                 values = token_values(self.module.value, batch)
                 raw_scores = self.models.reward.score(batch, self.tokenizer)
+                self.phase_seconds = {
+                    "sampling_seconds": sampled - began,
+                    "scoring_seconds": _clock(self.acc.device) - sampled,
+                }
         except StepAborted as exc:
             aborted = exc
         if rng is not None:
@@ -219,7 +236,9 @@ class PPOTrainer:
         started = time.perf_counter()
         batch, data = self.rollout(self._batch_prompts(self.step))
         kl_coef = self.kl.value
+        updating = _clock(self.acc.device)
         stats = self.optimise(batch, data)
+        update_seconds = _clock(self.acc.device) - updating
         mask, n = batch.response_mask, torch.tensor(float(self.local_batch))
         seq_kl = data["kl"].sum(1)
         s_sum, s_sq, raw, kl_sum, nsr, length, eos, ent, tokens, count = global_sum(
@@ -250,6 +269,8 @@ class PPOTrainer:
             response_length=float(length / count),
             eos_rate=float(eos / count),
             step_seconds=time.perf_counter() - started,
+            update_seconds=update_seconds,
+            **self.phase_seconds,
         )
         self.step += 1
         self.history.append({"step": self.step, **stats})
