@@ -271,17 +271,27 @@ def bench_sft(ws: Path, sizes: Sizes, dry_run: bool, params: dict[str, int], pea
     }
 
 
+PPO_PHASES = ("sampling", "scoring", "update")  # the PPO trainer's step phases, in order
+
+
 def bench_ppo_ours(ws: Path, sizes: Sizes, dry_run: bool) -> dict[str, Any]:
     section = ppo_section(sizes, dry_run)
     for name in ("ppo", "ppo.checkpoints", ".ppo.partial"):
         shutil.rmtree(ppo_vs_trl.run_dir(ws) / name, ignore_errors=True)
     wall = ppo_vs_trl.run_stage(ws, "ppo", run_spec(ppo=section))
     manifest = json.loads((ppo_vs_trl.run_dir(ws) / "ppo" / "manifest.json").read_text())
-    step_s = [h["step_seconds"] for h in manifest["details"]["history"]]
+    history = manifest["details"]["history"]
+    step_s = [h["step_seconds"] for h in history]
+    # Where a step's time goes (the trainer's phase clocks; absent from manifests before them).
+    phases = {
+        phase: sum(h[f"{phase}_seconds"] for h in history) / len(history)
+        for phase in PPO_PHASES
+        if all(f"{phase}_seconds" in h for h in history)
+    }
     return {
         "batch": sizes.ppo_batch,
         "response": sizes.ppo_response,
-        "ours": {"steps": len(step_s), "step_s": sum(step_s) / len(step_s), "stage_wall_s": wall},
+        "ours": {"steps": len(step_s), "step_s": sum(step_s) / len(step_s), "stage_wall_s": wall, "phases": phases},
         "trl": None,
     }
 
@@ -420,6 +430,10 @@ def table(report: dict[str, Any]) -> str:
             f"| PPO step time, ours | {p['ours']['step_s']:.2f} s | {shape}, mean of {p['ours']['steps']} steps "
             f"(stage {p['ours']['stage_wall_s']:.0f} s) |"
         )
+        for phase, seconds in p["ours"].get("phases", {}).items():
+            lines.append(
+                f"| PPO step, ours: {phase} | {seconds:.2f} s | {seconds / p['ours']['step_s'] * 100:.0f} % of a step |"
+            )
         if p["trl"] is not None:
             lines.append(
                 f"| PPO step time, TRL 1.12 PPOTrainer | {p['trl']['step_s']:.2f} s | {shape}, train() / "

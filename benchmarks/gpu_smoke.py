@@ -7,7 +7,7 @@ ReST, RLAIF) with ``rlhfctl run-local``, side by side, with ``resources.gpus: 1`
 reports each stage's outcome and the processes nvidia-smi saw on the GPU. Not a learning check
 (the suite's CPU tests are): steps are cut to keep a GPU machine's time short.
 
-    PYTHONPATH=operator:stages python benchmarks/gpu_smoke.py --out DIR [--assets DIR] [--only PPO,DPO]
+    PYTHONPATH=operator:stages python benchmarks/gpu_smoke.py --out DIR [--assets DIR] [--only PPO,DPO] [--sharding FSDP]
 
 ``--assets``: the output of ``python -m rlhf_stages.tiny --out DIR --judge`` (built here when absent).
 Without CUDA it runs on the CPU, which checks the script only (exit 2 unless --allow-cpu).
@@ -36,14 +36,18 @@ SHORT_TRAINER_STEPS = 6  # Trainer-based stages (sft, reward, dpo, rest's improv
 SHORT_POLICY_STEPS = 4  # PPO, GRPO, RLOO
 
 
-def shortened(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The example on one GPU per stage, with few steps."""
+def shortened(manifest: dict[str, Any], sharding: str = "DDP") -> dict[str, Any]:
+    """The example on one GPU per stage, with few steps; ``sharding`` on the stages that offer it."""
+    from rlhf_api.methods import STAGE_KINDS
+
     spec = manifest["spec"]
-    for section in spec.values():
+    for name, section in spec.items():
         if not isinstance(section, dict):
             continue
         if "resources" in section:
             section["resources"]["gpus"] = 1
+            if name in STAGE_KINDS and sharding in STAGE_KINDS[name].shardings:
+                section["resources"]["sharding"] = sharding
         if "training" in section:
             section["training"].pop("numTrainEpochs", None)
             section["training"]["maxSteps"] = SHORT_TRAINER_STEPS
@@ -56,8 +60,8 @@ def shortened(manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def run_example(example: Path, work: Path, assets: Path) -> dict[str, Any]:
-    manifest = shortened(yaml.safe_load(example.read_text()))
+def run_example(example: Path, work: Path, assets: Path, sharding: str) -> dict[str, Any]:
+    manifest = shortened(yaml.safe_load(example.read_text()), sharding)
     method = manifest["spec"]["method"]
     root = work / method.lower()
     volume = root / "volume"
@@ -105,6 +109,9 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/rlhf-gpu-smoke"))
     parser.add_argument("--assets", type=Path, default=None, help="tiny assets (built with --judge when absent)")
     parser.add_argument("--only", default="", help="comma-separated methods (default: every examples/tiny*.yaml)")
+    parser.add_argument(
+        "--sharding", default="DDP", choices=["DDP", "FSDP"], help="resources.sharding where a stage offers it"
+    )
     parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (checks the script only)")
     args = parser.parse_args()
     import torch
@@ -127,7 +134,7 @@ def main() -> int:
         sampler = threading.Thread(target=sample_gpu_processes, args=(stop, seen), daemon=True)
         sampler.start()
     with ThreadPoolExecutor(len(examples)) as pool:
-        results = list(pool.map(lambda e: run_example(e, args.work, assets), examples))
+        results = list(pool.map(lambda e: run_example(e, args.work, assets, args.sharding), examples))
     stop.set()
     if sampler is not None:
         sampler.join()

@@ -10,7 +10,7 @@
 #   benchmarks/gpu_wheels.sh [DEST]     # default .devsite (git ignores it through .git/info/exclude)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-DEST=${1:-$repo/.devsite}
+DEST=$(realpath -m "${1:-$repo/.devsite}")  # absolute: the unzip below runs in another folder
 PYVER=${PYVER:-3.12}
 BNB_CUDA=${BNB_CUDA:-130}  # torch.version.cuda of the machine's torch, without the dot
 py="$repo/.venv/bin/python"
