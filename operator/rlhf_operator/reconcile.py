@@ -45,6 +45,7 @@ class Reads(Protocol):
     def children(self, namespace: str, run: str, want_pvc: bool) -> tuple[list[dict], list[dict], bool]: ...
     def writing_status(self, before: dict[str, Any], status: dict[str, Any]) -> None: ...
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None: ...
+    def creating(self, plural: str, body: dict[str, Any], sent: bool) -> None: ...
     def created(self, plural: str, body: dict[str, Any]) -> None: ...
 
 
@@ -151,13 +152,20 @@ class Reconciler:
             # The Job's name: the load benchmark times each transition's pass from this line.
             what = f" {action.job['metadata']['name']}" if isinstance(action, CreateJob) else ""
             log.info("%s/%s: %s%s", namespace, name, type(action).__name__, what)
-            created = self.cluster.perform(body, action)
+            # What we make, known to the cache as ours before its watch event (which may arrive before
+            # the answer), then in the cache with the answer: that event is then known as our own.
+            if isinstance(action, CreateJob):
+                self.reads.creating("jobs", action.job, sent=False)
+            try:
+                created = self.cluster.perform(body, action)
+                if created is not None and isinstance(action, CreateJob):
+                    self.reads.created("jobs", created)
+                elif isinstance(action, EnsurePVC):
+                    self.reads.created("persistentvolumeclaims", action.manifest)
+            finally:
+                if isinstance(action, CreateJob):
+                    self.reads.creating("jobs", action.job, sent=True)
             acted = True
-            # What we made, in the cache before its watch event: that event is then known as our own.
-            if created is not None and isinstance(action, CreateJob):
-                self.reads.created("jobs", created)
-            elif isinstance(action, EnsurePVC):
-                self.reads.created("persistentvolumeclaims", action.manifest)
         new_status = result.status.to_wire()
         if new_status != (body.get("status") or {}):
             self.reads.writing_status(body, new_status)

@@ -70,6 +70,9 @@ class ApiReads:
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None:
         pass
 
+    def creating(self, plural: str, body: dict[str, Any], sent: bool) -> None:
+        pass
+
     def created(self, plural: str, body: dict[str, Any]) -> None:
         pass
 

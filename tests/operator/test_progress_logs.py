@@ -293,6 +293,9 @@ class FakeCluster:
     def wrote_run(self, before: dict[str, Any], after: dict[str, Any]) -> None:
         pass  # write_status already holds it
 
+    def creating(self, plural: str, body: dict[str, Any], sent: bool) -> None:
+        pass
+
     def created(self, plural: str, body: dict[str, Any]) -> None:
         pass
 
