@@ -7,7 +7,7 @@ ReST, RLAIF) with ``rlhfctl run-local``, side by side, with ``resources.gpus: 1`
 reports each stage's outcome and the processes nvidia-smi saw on the GPU. Not a learning check
 (the suite's CPU tests are): steps are cut to keep a GPU machine's time short.
 
-    PYTHONPATH=operator:stages python benchmarks/gpu_smoke.py --out DIR [--assets DIR] [--only PPO,DPO] [--sharding FSDP]
+    PYTHONPATH=operator:stages python benchmarks/gpu_smoke.py --out DIR [--assets DIR] [--only PPO] [--sharding FSDP]
 
 ``--assets``: the output of ``python -m rlhf_stages.tiny --out DIR --judge`` (built here when absent).
 Without CUDA it runs on the CPU, which checks the script only (exit 2 unless --allow-cpu).

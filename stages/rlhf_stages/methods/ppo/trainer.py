@@ -53,6 +53,7 @@ def _clock(device: torch.device) -> float:
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
+
 # What the watch's evaluate() tells the loop (PPOTrainer.train).
 CONTINUE, END, ROLLBACK = 0, 1, 2
 
