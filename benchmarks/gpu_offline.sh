@@ -31,7 +31,9 @@ df -h /tmp "$repo" | tail -2; grep -E " / | /tmp " /proc/mounts
 for part_limit in ${PARTS:-bnb:150 sft:120 ppo:260 checkpoint:90 smoke:210}; do
   part=${part_limit%%:*} limit=${part_limit##*:}
   echo "== $part (limit $limit s) at $((SECONDS - started)) s"
-  if [[ $part == smoke ]]; then  # every method's tiny example on the GPU (benchmarks/gpu_smoke.py)
+  if [[ $part == fsdp ]]; then  # resources.sharding FSDP: SIGTERM, resume, next stages (benchmarks/gpu_fsdp.py)
+    timeout --kill-after=10 "$limit" "$py" "$repo/benchmarks/gpu_fsdp.py" --out "$out" --assets "$site/tiny-assets"
+  elif [[ $part == smoke ]]; then  # every method's tiny example on the GPU (benchmarks/gpu_smoke.py)
     timeout --kill-after=10 "$limit" "$py" "$repo/benchmarks/gpu_smoke.py" --out "$out" --assets "$site/tiny-assets" \
       ${SMOKE_ARGS:-}
   else
