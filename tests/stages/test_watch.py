@@ -577,6 +577,50 @@ def test_ppo_loop_rolls_back_on_every_rank_and_trains_on(tmp_path: Path) -> None
     assert done is True and trained == [1, 2, 3, 4, 5, 6] and rolled == [3, 5]
 
 
+def _restore_on_rank(rank: int, port: int, out: Path, other_weights_on_rank_1: bool) -> None:
+    """One of two gloo ranks after a rollback: the candidate put back, then the ranks compared."""
+    import os
+
+    import torch.distributed as dist
+
+    from rlhf_stages.methods.watching import check_ranks_restored
+    from rlhf_stages.runtime.context import StageError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    policy = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        policy.weight.fill_(0.5)
+        policy.bias.fill_(1.0 if other_weights_on_rank_1 and rank == 1 else 0.0)
+    try:
+        check_ranks_restored(policy)
+        (out / f"rank{rank}").write_text("agreed")
+    except StageError as exc:
+        (out / f"rank{rank}").write_text(str(exc))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_a_rollback_stops_when_the_ranks_put_back_different_weights(tmp_path: Path, differ: bool) -> None:
+    """Each rank reads the kept candidate itself and DDP averages gradients, not weights: ranks that
+    restored different policies must stop the stage (on every rank), not train on apart."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    import rlhf_stages.methods.watching  # noqa: F401  (imported once here: the forked ranks inherit it)
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    mp.start_processes(_restore_on_rank, args=(port, tmp_path, differ), nprocs=2, start_method="fork")
+    said = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
+    if differ:
+        assert all("ranks hold different policies" in s for s in said), said
+    else:
+        assert said == ["agreed", "agreed"]
+
+
 def test_rollback_is_refused_where_it_is_not_implemented() -> None:
     from pydantic import ValidationError
 

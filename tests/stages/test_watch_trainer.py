@@ -114,7 +114,9 @@ def test_alarm_keeps_the_checkpoint_before_it(volume: Path, tmp_path: Path, stag
 def test_ppo_rollback_restores_strengthens_the_kl_and_finally_stops(volume: Path, tmp_path: Path) -> None:
     """PPO with action rollback under the same forced alarm: every evaluation after step 0 fires, so
     it rolls back twice (KL coefficient 0.3 -> 0.6 -> 1.2, fixed controller), then the third alarm
-    ends training at the budget and the output is the step-0 policy."""
+    ends training at the budget and the output is the step-0 policy. On two processes: rank 0
+    evaluates and decides, both ranks put back the candidate (compared after each rollback) and
+    train on together."""
     run = "watch-ppo-rollback"
     ppo = {
         "dataset": {"format": "jsonl", "path": "assets/data/prompts.jsonl", "maxSamples": 32, "evalFraction": 0.25},
@@ -135,8 +137,9 @@ def test_ppo_rollback_restores_strengthens_the_kl_and_finally_stops(volume: Path
     }
     body = tiny_spec(sft={"enabled": False}, reward={"enabled": False}, ppo=ppo)
     config = write_invocation(volume, "ppo", run, body)
-    code, out = run_stage("ppo", config, tmp_path / "result.json", timeout=600)
+    code, out = run_stage("ppo", config, tmp_path / "result.json", "--nproc", "2", timeout=600)
     assert code == 0, out[-4000:]
+    assert out.count("ppo watch: rollback ") == 2, "rank 0 records each rollback, once"
     result = read_result(tmp_path / "result.json")
     assert result["step"] == 3 * EVERY and len(result["findings"]) == 3, result
     assert result["selectedStep"] == 0 and "rolled back 2x, last at step 4 to step 0" in result["selection"]

@@ -326,11 +326,13 @@ def watch_callback(
 def trainer_rollback(trainer: Any, beta: float, factor: float) -> Any:
     """``watch.action: rollback`` on a TRL trainer (see :func:`watch_callback`): restore the policy's
     trainable weights and clear the optimizer's moments; after ``n`` rollbacks ``beta`` x factor ** n."""
-    from rlhf_stages.methods.watching import Rollback
+    from rlhf_stages.methods.watching import Rollback, check_ranks_restored
 
     def restore(state: dict[str, Any]) -> None:
-        models.load_trainable_state(trainer.accelerator.unwrap_model(trainer.model), state)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        models.load_trainable_state(policy, state)
         trainer.optimizer.state.clear()
+        check_ranks_restored(policy)
 
     def strengthen(rollbacks: int) -> dict[str, Any]:
         trainer.beta = beta * factor**rollbacks

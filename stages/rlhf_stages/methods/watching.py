@@ -21,8 +21,8 @@ from transformers import TrainerCallback
 from rlhf_api.watch import EvaluationRow
 from rlhf_stages.methods import common, watch_judge
 from rlhf_stages.runtime import data
-from rlhf_stages.runtime.checkpoints import rank_max
-from rlhf_stages.runtime.context import StageContext
+from rlhf_stages.runtime.checkpoints import rank_max, ranks_agree
+from rlhf_stages.runtime.context import StageContext, StageError
 from rlhf_stages.runtime.outputs import completed_manifest
 from rlhf_stages.sampling.watch import MAX_FINDINGS, Answers, Watcher, preference_accuracy, status_rows
 
@@ -150,6 +150,20 @@ class Rollback:
     strengthen: Callable[[int], dict[str, Any]]
     """Set the KL penalty for after ``n`` rollbacks (the spec's times ``rollbackKlFactor`` ** n);
     returns what the evaluation log records of it."""
+
+
+def check_ranks_restored(module: Any) -> None:
+    """After a rollback every rank must train from the same weights (collective). Each rank reads
+    the kept candidate from the shared volume itself, and DDP averages gradients, not weights: a
+    rank that put back other weights (or none) would go on training another policy, unseen, and
+    the output, rank 0's, would not be what the others trained. Compared by a fingerprint (the sum
+    of the trainable weights), once per rollback."""
+    fingerprint = sum(float(p.detach().double().sum()) for p in module.parameters() if p.requires_grad)
+    if not ranks_agree(fingerprint):
+        raise StageError(
+            "watch rollback: the ranks hold different policies after putting back the kept candidate "
+            "(a rank read another file from the shared volume?); restart the stage to resume from its checkpoint"
+        )
 
 
 _CONTINUE, _ROLLBACK, _STOP = 0.0, 1.0, 2.0  # the verdict every rank agrees on (the largest wins)

@@ -47,6 +47,11 @@ def rank_max(value: float) -> float:
     return float(tensor.item())
 
 
+def ranks_agree(value: float) -> bool:
+    """Whether every rank holds the same ``value`` (every rank must call it)."""
+    return rank_max(value) == -rank_max(-value)
+
+
 def any_rank(flag: bool) -> bool:
     """True when the flag is set on any rank, so every rank stops at the same step."""
     return rank_max(1.0 if flag else 0.0) > 0

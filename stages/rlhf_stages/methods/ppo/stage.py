@@ -160,6 +160,7 @@ def run(ctx: StageContext) -> StageOutcome:
         verdict was shared) and a stronger KL penalty; rank 0 records it on the alarm's evaluation."""
         restored, state = watcher.load_candidate()
         trainer.restore_policy(state, cfg.watch.rollback_kl_factor)
+        watching.check_ranks_restored(trainer.module.policy)
         if ctx.is_main:
             note = watcher.note_rollback(
                 restored, {"klCoef": trainer.kl.value, "klTarget": trainer.kl.effective_target}
