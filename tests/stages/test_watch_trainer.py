@@ -65,14 +65,19 @@ def spec(stage: str, action: str) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize(("stage", "action"), [("grpo", "stop"), ("rloo", "rollback")])
-def test_alarm_keeps_the_checkpoint_before_it(volume: Path, tmp_path: Path, stage: str, action: str) -> None:
+@pytest.mark.parametrize(("stage", "action", "processes"), [("grpo", "stop", 1), ("rloo", "rollback", 2)])
+def test_alarm_keeps_the_checkpoint_before_it(
+    volume: Path, tmp_path: Path, stage: str, action: str, processes: int
+) -> None:
+    """RLOO's rollback on two processes: rank 0 decides, both ranks put back the candidate (their
+    weights compared afterwards) and train on together."""
     from safetensors.torch import load_file
 
     run = f"watch-{stage}"
     config = write_invocation(volume, stage, run, spec(stage, action))
-    code, out = run_stage(stage, config, tmp_path / "result.json", timeout=600)
+    code, out = run_stage(stage, config, tmp_path / "result.json", "--nproc", str(processes), timeout=600)
     assert code == 0, out[-4000:]
+    assert out.count(f"{stage} watch: rollback ") == (1 if action == "rollback" else 0), "recorded once, by rank 0"
     result = read_result(tmp_path / "result.json")
     assert result["findings"] and result["findings"][0].startswith(f"klBeyondLimit at step {EVERY}"), result
     assert result["step"] == (EVERY if action == "stop" else TOTAL)
