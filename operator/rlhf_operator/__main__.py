@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     health.streams_expected = streams
     controller: Controller | None = None
 
-    def changed(key: tuple[str, str]) -> None:  # found by a re-listing; the controller exists by then
+    def changed(key: tuple[str, str], urgent: bool) -> None:  # the streams open after the controller exists
         if controller is not None:
-            controller.queue.add(key)
+            controller.queue.add(key, urgent=urgent)
 
     tap_watch_streams(
         cache,
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         health.streams.add,
         changed,
         on_ignored=lambda resource, cause: metrics.watch_events_ignored.labels(resource, cause).inc(),
+        urgent=handlers.urgent,
     )
     server = serve(health, metrics, args.health_host, args.health_port)
     logging.getLogger(__name__).info("probes and metrics on port %d", server.server_port)

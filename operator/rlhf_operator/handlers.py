@@ -1,12 +1,13 @@
-"""kopf handlers: thin. They turn watch events into queued run keys and start the machinery.
+"""kopf's part: the startup (settings, leadership, the machinery), login, cleanup, and the watches.
 
-No handler decides anything: RLHFRun, Job, Pod and PVC events all just enqueue the run they concern
-(the watch caches have taken the event's object in before, and kept from kopf the events that change
-nothing a pass reads, our own writes coming back among them: cache.py),
-and a periodic resync enqueues every run (level-triggered: a missed event delays a pass by one
-resync interval, it never loses one). Only event-watching handlers are used, so kopf writes nothing
-onto runs (no finalizers, no annotations): re-applying a manifest is a true no-op, and deleting a
-run never waits for the operator. Children go with the run through their owner references.
+No handler decides anything, and kopf handles no watch event: RLHFRun, Job, Pod and PVC events are
+taken by the watch caches' tap (cache.tap_watch_streams) before kopf sees them; the tap keeps the
+ones that change nothing a pass reads (our own writes coming back among them) and enqueues the run
+any other concerns, urgent or not (:func:`urgent`); a periodic resync enqueues every run
+(level-triggered: a missed event delays a pass by one resync interval, it never loses one). Only
+event-watching handlers are registered, so kopf writes nothing onto runs (no finalizers, no
+annotations): re-applying a manifest is a true no-op, and deleting a run never waits for the
+operator. Children go with the run through their owner references.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from typing import Any
 
 import kopf
 
-from rlhf_api.names import GROUP, LABEL_MANAGED_BY, LABEL_RUN, MANAGER, PLURAL, VERSION
+from rlhf_api.names import GROUP, PLURAL, VERSION
 
 from .controller import Controller
 from .observe import job_finished
 
 log = logging.getLogger(__name__)
-MANAGED = {LABEL_MANAGED_BY: MANAGER}
 LIST_PAGE = 100  # objects per page of a watch's initial LIST
 # Every resource the operator watches, for readiness: one kopf watch-stream each per watched namespace.
 RESOURCES = (
@@ -87,30 +87,19 @@ def run_is_new_or_edited(run: Mapping[str, Any]) -> bool:
     return observed is None or observed != (run.get("metadata") or {}).get("generation")
 
 
-@kopf.on.event(*RESOURCES[0])
-async def run_event(namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    # kopf types namespace as optional (for cluster-scoped kinds); every kind watched here is namespaced.
-    if namespace is not None:
-        _runtime(memo).queue.add((namespace, name), urgent=run_is_new_or_edited(body))
+def urgent(plural: str, body: dict[str, Any]) -> bool:
+    """Whether the pass a watch event causes goes in the urgent lane (workqueue.WorkQueue): a new or
+    edited run, or a finished Job (a transition: the next stage's Job, or the run's end, must not
+    wait behind the passes that only follow Pods and progress)."""
+    if plural == PLURAL:
+        return run_is_new_or_edited(body)
+    return plural == "jobs" and job_finished(body)
 
 
-@kopf.on.event(*RESOURCES[1], labels=MANAGED)
-async def job_event(
-    namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: kopf.Memo, **_: Any
-) -> None:
-    # A finished Job is a transition: the next stage's Job (or the run's end) must not wait behind
-    # the passes that only follow Pods and progress (workqueue.WorkQueue).
-    if namespace is not None and LABEL_RUN in labels:
-        _runtime(memo).queue.add((namespace, labels[LABEL_RUN]), urgent=job_finished(dict(body)))
+async def _watched(**_: Any) -> None:
+    """Never called: cache.tap_watch_streams takes every event of these resources before kopf's
+    handling and enqueues the run itself. A handler is how kopf is told to watch a resource."""
 
 
-@kopf.on.event(*RESOURCES[2], labels=MANAGED)
-async def pod_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
-    if namespace is not None and LABEL_RUN in labels:
-        _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
-
-
-@kopf.on.event(*RESOURCES[3], labels=MANAGED)
-async def pvc_event(namespace: str | None, labels: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
-    if namespace is not None and LABEL_RUN in labels:
-        _runtime(memo).queue.add((namespace, labels[LABEL_RUN]))
+for _group, _version, _plural in RESOURCES:
+    kopf.on.event(_group, _version, _plural, id=f"watch-{_plural}")(_watched)

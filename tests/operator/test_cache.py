@@ -245,7 +245,8 @@ def test_the_tap_fills_the_cache_hides_the_listing_and_a_relisting_finds_what_ch
 
     monkeypatch.setattr(watching, "continuous_watch", fake_watch)
     cache, listed, changed, ignored = WatchCache(), [], [], []
-    tap_watch_streams(cache, 1, listed.append, changed.append, lambda *why: ignored.append(why))
+    urgent = lambda plural, body: body["spec"].get("suspend", False)  # noqa: E731  (edited: urgent)
+    tap_watch_streams(cache, 1, listed.append, lambda *c: changed.append(c), lambda *why: ignored.append(why), urgent)
     resource = references.Resource(group="rlhf-operator.io", version="v1alpha1", plural=RUNS)
 
     async def consume() -> list[Any]:
@@ -254,14 +255,12 @@ def test_the_tap_fills_the_cache_hides_the_listing_and_a_relisting_finds_what_ch
         return seen + [e async for e in watching.continuous_watch(resource=resource, namespace="ns")]
 
     passed_on = asyncio.run(consume())
-    assert [e if e is watching.Bookmark.LISTED else e["type"] for e in passed_on] == [
-        watching.Bookmark.LISTED,
-        "MODIFIED",
-        watching.Bookmark.LISTED,
-    ]
+    # kopf sees only the markers: the edit enqueued its run from the tap (urgent), the re-listing the
+    # deleted one (not urgent); kopf never holds a memory of a cached object (tap_watch_streams).
+    assert passed_on == [watching.Bookmark.LISTED, watching.Bookmark.LISTED]
     assert [r["metadata"]["name"] for r in cache.runs()] == ["tiny"]
     assert cache.get_run("ns", "tiny")["metadata"]["resourceVersion"] == "3"  # type: ignore[index]
-    assert changed == [("ns", "other")] and len(listed) == 2
+    assert changed == [(("ns", "tiny"), True), (("ns", "other"), False)] and len(listed) == 2
     assert ignored == [(RUNS, "unchanged")]
 
 
@@ -280,7 +279,7 @@ def test_the_tap_passes_kopfs_own_watches_on_untouched(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(watching, "continuous_watch", fake_watch)
     ignored: list[Any] = []
-    tap_watch_streams(WatchCache(), 1, lambda _: None, lambda _: None, lambda *why: ignored.append(why))
+    tap_watch_streams(WatchCache(), 1, lambda _: None, lambda *_: None, lambda *why: ignored.append(why))
     resource = references.Resource(group="", version="v1", plural="namespaces")
 
     async def consume() -> list[Any]:
@@ -305,7 +304,7 @@ def test_a_failed_watch_request_ends_the_stream_for_kopf_to_list_again(monkeypat
 
     monkeypatch.setattr(watching, "continuous_watch", failing_watch)
     monkeypatch.setattr(asyncio, "sleep", no_wait)
-    tap_watch_streams(WatchCache(), 1, lambda _: None, lambda _: None)
+    tap_watch_streams(WatchCache(), 1, lambda _: None, lambda *_: None)
     resource = references.Resource(group="batch", version="v1", plural=JOBS)
 
     async def consume() -> list[Any]:
