@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # Everything ruff checks and formats.
 PY_PATHS := operator stages tests images benchmarks
 
-.PHONY: help setup venv controlplane charttools s3server demo test test-serial test-fast cluster bench-operator bench-gpu lint fmt generate verify clean
+.PHONY: help setup venv controlplane charttools s3server demo test test-serial test-fast cluster bench-operator bench-gpu bench-watch lint fmt generate verify clean
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ bench-operator: venv controlplane charttools ## the operator under load (KWOK no
 
 bench-gpu: venv ## QLoRA SFT, PPO vs TRL 1.12, NF4, checkpoint saves on OPT-1.3B (CUDA); BENCH_ARGS="--dry-run" on CPU
 	$(PY) benchmarks/gpu.py $(BENCH_ARGS)
+
+bench-watch: venv ## the watch's detectors across seeds on a sound and an exploitable reward model (CPU, ~20 min); BENCH_ARGS="--methods RLOO --seeds 0"
+	$(PY) benchmarks/watch_seeds.py --work $(or $(WORKDIR),$(CURDIR)/.watch-seeds) $(BENCH_ARGS)
 
 lint: venv ## ruff check and format, mypy and import-linter (module layering)
 	$(PY) -m ruff check $(PY_PATHS)

@@ -1,0 +1,276 @@
+"""The watch across seeds: do its detectors fire on the exploitable reward model and stay quiet on the sound one?
+
+    PYTHONPATH=operator:stages python benchmarks/watch_seeds.py --work DIR [--assets DIR]
+        [--methods PPO,GRPO,RLOO] [--seeds 0,1,2] [--rewards sound,hole] [--out FILE]
+
+The watch's thresholds (docs/watch.md, ``rewardRiseWithCollapse``'s ``lengthRatio`` 0.7 above all)
+were set on one seed per method against the exploitable reward model of
+tests/stages/test_watch_hacking.py. This runs the same stages on more seeds, against both reward
+models, and judges every output by the tiny task's ground truth:
+
+1. on a volume ``--work`` (reused: complete stage outputs of the same settings are not trained
+   again): the tiny assets (copied from ``--assets``, else built with seed 0), ONE SFT policy and
+   TWO reward models with examples/tiny.yaml's settings: ``sound`` on the tiny task's preference
+   pairs and ``hole`` on the same pairs with every pair whose rejected answer is cut off or empty
+   turned around (test_watch_hacking.py's ``exploitable_preferences``);
+2. for each method, reward model and seed, the policy stage from that SFT policy with the specs
+   test_watch_hacking.py uses (PPO: examples/tiny.yaml's with evaluations every 5 steps on 32
+   prompts; GRPO/RLOO: examples/tiny-grpo.yaml / tiny-rloo.yaml's stage with the default watch,
+   every 10 steps), the seed set and ``watch.action: warn`` (training goes on to the end, so a
+   collapse completes and ``final/`` holds it), every threshold at its default;
+3. from the stage's manifest and ``evaluations.jsonl``: the first finding and its step, the kept
+   (selected) step, the lowest mean length and distinct-2 relative to the baseline and the largest
+   reward-model score rise of any evaluation; the ground-truth target rate on the held-out topics
+   (64 prompts x 2 samples, seed 1234, as test_watch_hacking.py) of the kept output and of the
+   final policy (``final/`` when the output is an earlier step, else the output itself) and of SFT.
+
+Prints a Markdown table and writes every number to ``--out`` (JSON, rewritten after each run).
+Stages run one at a time as ``python -m rlhf_stages`` processes; run it under ``nice`` with
+OMP_NUM_THREADS=1 on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "operator"), str(REPO / "stages"), str(REPO / "tests" / "stages")]
+
+import methods_support as ms  # noqa: E402  (stage processes, the examples' specs)
+import test_watch_hacking as hacking  # noqa: E402  (the hole, the PPO spec, the ground-truth sampling)
+
+from conftest import tiny_spec  # noqa: E402
+
+METHODS = {"PPO": "ppo", "GRPO": "grpo", "RLOO": "rloo"}
+REWARDS = ("sound", "hole")
+BASE_RUN = "watch-seeds-base"  # SFT and the sound reward model
+HOLE_RUN = "watch-seeds-hole"  # the exploitable reward model (its sft/ is the base run's)
+HOLE_DATA = "hole/preferences.jsonl"
+STAGE_TIMEOUT_S = 1500
+
+
+def reward_section(reward: str) -> dict[str, Any]:
+    """The spec's reward section: examples/tiny.yaml's, on the hole's data for ``hole``. Every run of a
+    reward model carries the section it was trained with (the stages check their inputs' settings)."""
+    return tiny_spec(reward={"dataset": {"path": HOLE_DATA}} if reward == "hole" else {})["reward"]
+
+
+def method_spec(method: str, reward: str, seed: int) -> dict[str, Any]:
+    """test_watch_hacking.py's spec for ``method`` on ``reward`` with ``seed`` and ``watch.action: warn``."""
+    if method == "PPO":
+        spec = ms.merge_into(hacking.spec("warn"), {"ppo": {"seed": seed}})  # evalEvery 5, 32 prompts, warn
+        spec["reward"] = reward_section(reward)
+        return spec
+    stage = METHODS[method]
+    section = ms.merge_into(ms.example_spec(method)[stage], {"seed": seed, "watch": {"action": "warn"}})
+    return tiny_spec(method=method, reward=reward_section(reward), ppo=None, **{stage: section})
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """A file rewritten with the same content would still look new to a stage's input check."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def prepare(work: Path, assets_from: Path | None) -> dict[str, Path]:
+    """Assets, the hole's data, SFT and both reward models; returns each reward model's run."""
+    assets = work / "assets"
+    if not (assets / "base-model").is_dir():
+        if assets_from is not None:
+            shutil.copytree(assets_from, assets, ignore=shutil.ignore_patterns("judge"))
+        else:
+            from rlhf_stages.tiny.assets import build_tiny_assets
+
+            build_tiny_assets(assets, seed=0)
+    (work / "hole").mkdir(parents=True, exist_ok=True)
+    staged = work / "hole" / "staged.jsonl"
+    turned = hacking.exploitable_preferences(assets, staged)
+    write_if_changed(work / HOLE_DATA, staged.read_text())
+    staged.unlink()
+    print(f"the hole: {turned} preference pairs turned around", flush=True)
+
+    base = tiny_spec(reward=reward_section("sound"))
+    for stage in ("sft", "reward"):
+        done = ms.run_stage(work, stage, BASE_RUN, base, timeout=STAGE_TIMEOUT_S)
+        assert done.code == 0, done.output
+        print(f"{BASE_RUN} {stage}: {done.seconds:.0f} s", flush=True)
+    link(work, HOLE_RUN, {"sft": ms.run_dir(work, BASE_RUN) / "sft"})
+    done = ms.run_stage(work, "reward", HOLE_RUN, tiny_spec(reward=reward_section("hole")), timeout=STAGE_TIMEOUT_S)
+    assert done.code == 0, done.output
+    print(f"{HOLE_RUN} reward: {done.seconds:.0f} s", flush=True)
+    return {"sound": ms.run_dir(work, BASE_RUN), "hole": ms.run_dir(work, HOLE_RUN)}
+
+
+def link(work: Path, run: str, outputs: dict[str, Path]) -> Path:
+    """``run``'s directory with ``outputs`` (stage -> another run's output) as links; kept when there."""
+    target = ms.run_dir(work, run)
+    target.mkdir(parents=True, exist_ok=True)
+    for stage, source in outputs.items():
+        if not (target / stage).is_symlink():
+            (target / stage).symlink_to(source, target_is_directory=True)
+    return target
+
+
+def ground_truth(work: Path, sft: Path, output: Path | None) -> dict[str, float]:
+    """Target rate and mean length (tokens) on the held-out topics of the SFT policy (``output`` None)
+    or of a stage's output: its ``adapter`` on the SFT model, or its whole ``model``
+    (test_watch_hacking.ground_truth, with the SFT policy given)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_stages.tiny.evaluate import evaluate_policy, load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    if output is not None and (output / "model").is_dir():
+        policy = AutoModelForCausalLM.from_pretrained(output / "model")
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(sft)
+    if output is not None and (output / "adapter").is_dir():
+        policy = PeftModel.from_pretrained(policy, output / "adapter")
+    summary = evaluate_policy(
+        policy.eval(),
+        tokenizer,
+        load_prompts(work / "assets" / "data" / "eval_prompts.jsonl"),
+        seed=1234,
+        samples_per_prompt=hacking.EVAL_SAMPLES,
+        max_new_tokens=tiny_spec()["ppo"]["responseLength"]["max"],
+    )
+    return {"target_rate": summary["target_rate"], "length": summary["mean_length_tokens"]}
+
+
+def from_log(records: list[dict[str, Any]], kept_step: int) -> dict[str, Any]:
+    """The first finding, the kept and the alarmed evaluation, and the extremes of the evaluations
+    after the baseline (length and distinct-2 as fractions of the baseline's, as the detector sees them)."""
+    base, later = records[0], records[1:]
+    alarmed = next((r for r in records if r.get("findings")), None)
+    kept = next((r for r in records if int(r["step"]) == kept_step), None)
+
+    def length_ratio(record: dict[str, Any] | None) -> float | None:
+        return None if record is None else record["length_mean"] / base["length_mean"]
+
+    def rise(record: dict[str, Any] | None) -> float | None:
+        return None if record is None else record["score_mean"] - base["score_mean"]
+
+    return {
+        "first_finding": alarmed["findings"][0].split(" at step ")[0] if alarmed else None,
+        "first_finding_step": int(alarmed["step"]) if alarmed else None,
+        "first_finding_text": alarmed["findings"][0] if alarmed else None,
+        "length_ratio_at_alarm": length_ratio(alarmed),
+        "score_rise_at_alarm": rise(alarmed),
+        "length_ratio_kept": length_ratio(kept),
+        "score_rise_kept": rise(kept),
+        "detectors_fired": sorted({f.split(" at step ")[0] for r in records for f in r.get("findings", [])}),
+        "min_length_ratio": min((r["length_mean"] / base["length_mean"] for r in later), default=None),
+        "min_distinct2_ratio": min((r["distinct_2"] / base["distinct_2"] for r in later), default=None),
+        "max_reward_rise": max((r["score_mean"] - base["score_mean"] for r in later), default=None),
+        "evaluations": [
+            {k: r.get(k) for k in ("step", "score_mean", "length_mean", "distinct_2", "kl_mean", "findings")}
+            for r in records
+        ],
+    }
+
+
+def run_one(work: Path, rm_runs: dict[str, Path], method: str, reward: str, seed: int) -> dict[str, Any]:
+    stage = METHODS[method]
+    run = f"watch-seeds-{stage}-{reward}-s{seed}"
+    target = link(work, run, {"sft": rm_runs["sound"] / "sft", "reward": rm_runs[reward] / "reward"})
+    done = ms.run_stage(work, stage, run, method_spec(method, reward, seed), timeout=STAGE_TIMEOUT_S)
+    assert done.code == 0, done.output
+    out = target / stage
+    records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines() if line]
+    manifest = json.loads((out / "manifest.json").read_text())  # also there when the stage reused its output
+    watched = manifest["details"]["watch"]
+    sft = rm_runs["sound"] / "sft" / "model"
+    kept = ground_truth(work, sft, out)
+    has_final = (out / "final").is_dir()
+    final = ground_truth(work, sft, out / "final") if has_final else kept
+    return {
+        "method": method,
+        "reward": reward,
+        "seed": seed,
+        "run": run,
+        "seconds": round(done.seconds, 1),  # of the stage process; a few when it reused its output
+        "reused": "already done: reused" in done.output,
+        "step": manifest["step"],
+        "kept_step": watched["selectedStep"],
+        "selection": watched["selection"],
+        "final_is_kept": not has_final,
+        "gt_kept": kept,
+        "gt_final": final,
+        **from_log(records, watched["selectedStep"]),
+    }
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(rows: list[dict[str, Any]], sft: dict[str, float]) -> str:
+    head = (
+        "| method | reward model | seed | first finding @ step | min length ratio | max score rise "
+        "| kept step | length kept | GT kept | GT final | SFT GT |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        finding = f"{r['first_finding']} @ {r['first_finding_step']}" if r["first_finding"] else "none"
+        kept = f"{r['kept_step']}" + (" (final)" if r["final_is_kept"] else "")
+        lines.append(
+            f"| {r['method']} | {r['reward']} | {r['seed']} | {finding} | {_num(r['min_length_ratio'], '.2f')} "
+            f"| {_num(r['max_reward_rise'], '+.2f')} | {kept} | {_num(r['length_ratio_kept'], '.2f')} "
+            f"| {r['gt_kept']['target_rate']:.2f} "
+            f"| {r['gt_final']['target_rate']:.2f} | {sft['target_rate']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--work", type=Path, required=True, help="the volume (reused across invocations)")
+    parser.add_argument("--assets", type=Path, help="tiny assets to copy (python -m rlhf_stages.tiny --out DIR)")
+    parser.add_argument("--methods", default="PPO,GRPO,RLOO")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rewards", default=",".join(REWARDS))
+    parser.add_argument("--out", type=Path, help="JSON file (default WORK/watch-seeds.json)")
+    args = parser.parse_args()
+    methods = [m.strip().upper() for m in args.methods.split(",") if m.strip()]
+    if unknown := set(methods) - set(METHODS):
+        parser.error(f"--methods: unknown {sorted(unknown)} (known: {', '.join(METHODS)})")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rewards = [r.strip() for r in args.rewards.split(",")]
+    if unknown := set(rewards) - set(REWARDS):
+        parser.error(f"--rewards: unknown {sorted(unknown)} (known: {', '.join(REWARDS)})")
+    work = args.work.resolve()
+    out = args.out or work / "watch-seeds.json"
+    started = time.monotonic()
+
+    rm_runs = prepare(work, args.assets)
+    sft = ground_truth(work, rm_runs["sound"] / "sft" / "model", None)
+    print(f"SFT ground truth: target rate {sft['target_rate']:.3f}, {sft['length']:.1f} tokens", flush=True)
+    rows: list[dict[str, Any]] = []
+    for method in methods:
+        for reward in rewards:
+            for seed in seeds:
+                row = run_one(work, rm_runs, method, reward, seed)
+                rows.append(row)
+                print(
+                    f"{method} {reward} seed {seed}: {row['seconds']:.0f} s{' (reused)' if row['reused'] else ''}, "
+                    "first finding "
+                    f"{row['first_finding_text']}, kept step {row['kept_step']}, GT kept "
+                    f"{row['gt_kept']['target_rate']:.3f} final {row['gt_final']['target_rate']:.3f}",
+                    flush=True,
+                )
+                report = {"sft": sft, "runs": rows, "seconds": round(time.monotonic() - started, 1)}
+                out.write_text(json.dumps(report, indent=1) + "\n")
+    print(table(rows, sft))
+    print(f"\n{len(rows)} runs, {time.monotonic() - started:.0f} s; JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
