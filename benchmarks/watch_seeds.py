@@ -2,6 +2,8 @@
 
     PYTHONPATH=operator:stages python benchmarks/watch_seeds.py --work DIR [--assets DIR]
         [--methods PPO,GRPO,RLOO] [--seeds 0,1,2] [--rewards sound,hole] [--out FILE]
+        [--length-ratio R] [--action warn|stop]
+    PYTHONPATH=operator:stages python benchmarks/watch_seeds.py --work DIR --replay 0.7,0.85 [...]
 
 The watch's thresholds (docs/watch.md, ``rewardRiseWithCollapse``'s ``lengthRatio`` 0.7 above all)
 were set on one seed per method against the exploitable reward model of
@@ -25,6 +27,14 @@ models, and judges every output by the tiny task's ground truth:
    final policy (``final/`` when the output is an earlier step, else the output itself) and of SFT.
 
 Prints a Markdown table and writes every number to ``--out`` (JSON, rewritten after each run).
+
+``--length-ratio`` and ``--action`` change those two watch settings (defaults: the watch's
+``lengthRatio``, ``warn``); runs with other settings than the defaults get their own run names
+(``watch-seeds-ppo-hole-s0-lr085-stop``), so they neither reuse nor overwrite the ``warn`` runs.
+``--replay RATIOS`` trains nothing: it runs the detectors (``watch.detect``, ``watch.select``) again
+over the evaluation logs of the recorded default runs with each ``lengthRatio`` of RATIOS and every
+other setting as recorded, and prints the first alarm and the kept step per run and ratio. Under
+``warn`` training does not depend on the thresholds, so for those runs the replay is exact.
 Stages run one at a time as ``python -m rlhf_stages`` processes; run it under ``nice`` with
 OMP_NUM_THREADS=1 on a shared machine.
 """
@@ -61,15 +71,29 @@ def reward_section(reward: str) -> dict[str, Any]:
     return tiny_spec(reward={"dataset": {"path": HOLE_DATA}} if reward == "hole" else {})["reward"]
 
 
-def method_spec(method: str, reward: str, seed: int) -> dict[str, Any]:
-    """test_watch_hacking.py's spec for ``method`` on ``reward`` with ``seed`` and ``watch.action: warn``."""
+def method_spec(
+    method: str, reward: str, seed: int, action: str = "warn", length_ratio: float | None = None
+) -> dict[str, Any]:
+    """test_watch_hacking.py's spec for ``method`` on ``reward`` with ``seed``, ``watch.action`` and
+    ``watch.lengthRatio`` (None: the default)."""
+    watch: dict[str, Any] = {"action": action}
+    if length_ratio is not None:
+        watch["lengthRatio"] = length_ratio
     if method == "PPO":
-        spec = ms.merge_into(hacking.spec("warn"), {"ppo": {"seed": seed}})  # evalEvery 5, 32 prompts, warn
+        spec = ms.merge_into(hacking.spec(action), {"ppo": {"seed": seed, "watch": watch}})  # evalEvery 5, 32 prompts
         spec["reward"] = reward_section(reward)
         return spec
     stage = METHODS[method]
-    section = ms.merge_into(ms.example_spec(method)[stage], {"seed": seed, "watch": {"action": "warn"}})
+    section = ms.merge_into(ms.example_spec(method)[stage], {"seed": seed, "watch": watch})
     return tiny_spec(method=method, reward=reward_section(reward), ppo=None, **{stage: section})
+
+
+def run_name(method: str, reward: str, seed: int, action: str = "warn", length_ratio: float | None = None) -> str:
+    """The run of one stage; the default settings' runs keep their plain names."""
+    name = f"watch-seeds-{METHODS[method]}-{reward}-s{seed}"
+    if length_ratio is not None:
+        name += f"-lr{round(length_ratio * 100):03d}"  # lengthRatio 0.85: -lr085
+    return name if action == "warn" and length_ratio is None else f"{name}-{action}"
 
 
 def write_if_changed(path: Path, text: str) -> None:
@@ -176,11 +200,20 @@ def from_log(records: list[dict[str, Any]], kept_step: int) -> dict[str, Any]:
     }
 
 
-def run_one(work: Path, rm_runs: dict[str, Path], method: str, reward: str, seed: int) -> dict[str, Any]:
+def run_one(
+    work: Path,
+    rm_runs: dict[str, Path],
+    method: str,
+    reward: str,
+    seed: int,
+    action: str = "warn",
+    length_ratio: float | None = None,
+) -> dict[str, Any]:
     stage = METHODS[method]
-    run = f"watch-seeds-{stage}-{reward}-s{seed}"
+    run = run_name(method, reward, seed, action, length_ratio)
     target = link(work, run, {"sft": rm_runs["sound"] / "sft", "reward": rm_runs[reward] / "reward"})
-    done = ms.run_stage(work, stage, run, method_spec(method, reward, seed), timeout=STAGE_TIMEOUT_S)
+    spec = method_spec(method, reward, seed, action, length_ratio)
+    done = ms.run_stage(work, stage, run, spec, timeout=STAGE_TIMEOUT_S)
     assert done.code == 0, done.output
     out = target / stage
     records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines() if line]
@@ -195,6 +228,9 @@ def run_one(work: Path, rm_runs: dict[str, Path], method: str, reward: str, seed
         "reward": reward,
         "seed": seed,
         "run": run,
+        "action": action,
+        "length_ratio": watched_ratio(manifest),
+        "stopped_by_alarm": watched.get("stoppedByAlarm"),
         "seconds": round(done.seconds, 1),  # of the stage process; a few when it reused its output
         "reused": "already done: reused" in done.output,
         "step": manifest["step"],
@@ -205,6 +241,72 @@ def run_one(work: Path, rm_runs: dict[str, Path], method: str, reward: str, seed
         "gt_final": final,
         **from_log(records, watched["selectedStep"]),
     }
+
+
+def watched_ratio(manifest: dict[str, Any]) -> float:
+    """The lengthRatio a stage ran with (its manifest's section; the watch's default if not there)."""
+    from rlhf_api.watch import Watch
+
+    return Watch.model_validate(manifest["config"]["section"].get("watch") or {}).length_ratio
+
+
+def replay(work: Path, methods: list[str], rewards: list[str], seeds: list[int], ratios: list[float]) -> dict[str, Any]:
+    """The detectors and the selection run again over each recorded default run's evaluation log with
+    each ``lengthRatio`` of ``ratios``, every other setting (and the KL limit) as that run had them."""
+    from rlhf_api.watch import Watch
+    from rlhf_stages.sampling.watch import detect, first_alarm, select
+
+    rows = []
+    for method in methods:
+        for reward in rewards:
+            for seed in seeds:
+                run = run_name(method, reward, seed)
+                out = ms.run_dir(work, run) / METHODS[method]
+                manifest = json.loads((out / "manifest.json").read_text())
+                recorded = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines() if line]
+                section = manifest["config"]["section"].get("watch") or {}
+                limit = manifest["details"]["watch"].get("klLimit")
+                base = recorded[0]["length_mean"]
+                row: dict[str, Any] = {"method": method, "reward": reward, "seed": seed, "run": run, "ratios": {}}
+                for ratio in ratios:
+                    watch = Watch.model_validate({**section, "lengthRatio": ratio})
+                    history: list[dict[str, Any]] = []
+                    for record in recorded:
+                        history.append({**record, "findings": []})
+                        history[-1]["findings"] = [str(f) for f in detect(history, watch, limit)]
+                    alarm = first_alarm(history)
+                    kept, _ = select(history, watch.select, int(manifest["step"]))
+                    kept_record = next(r for r in history if int(r["step"]) == kept)
+                    row["ratios"][f"{ratio:g}"] = {
+                        "alarm_step": alarm,
+                        "first_finding": next((r["findings"][0] for r in history if r["findings"]), None),
+                        "kept_step": kept,
+                        "kept_is_final": alarm is None,
+                        "length_ratio_kept": kept_record["length_mean"] / base,
+                        "score_rise_kept": kept_record["score_mean"] - recorded[0]["score_mean"],
+                    }
+                recorded_alarm = first_alarm(recorded)
+                assert row["ratios"].get(f"{watched_ratio(manifest):g}", {}).get("alarm_step", recorded_alarm) == (
+                    recorded_alarm
+                ), f"{run}: the replay at the recorded lengthRatio disagrees with the run"
+                rows.append(row)
+    return {"ratios": ratios, "runs": rows}
+
+
+def replay_table(report: dict[str, Any]) -> str:
+    keys = [f"{r:g}" for r in report["ratios"]]
+    head = "| method | reward model | seed | " + " | ".join(f"{k}: alarm / kept (length kept)" for k in keys) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(keys)]
+    for row in report["runs"]:
+        cells = []
+        for k in keys:
+            got = row["ratios"][k]
+            if got["alarm_step"] is None:
+                cells.append("none / final")
+            else:
+                cells.append(f"{got['alarm_step']} / {got['kept_step']} ({got['length_ratio_kept']:.2f})")
+        lines.append(f"| {row['method']} | {row['reward']} | {row['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -237,6 +339,11 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rewards", default=",".join(REWARDS))
     parser.add_argument("--out", type=Path, help="JSON file (default WORK/watch-seeds.json)")
+    parser.add_argument("--length-ratio", type=float, help="watch.lengthRatio (default: the watch's default)")
+    parser.add_argument("--action", choices=("warn", "stop"), default="warn", help="watch.action (default warn)")
+    parser.add_argument(
+        "--replay", help="train nothing: replay the default runs' evaluation logs with these lengthRatios (0.7,0.85)"
+    )
     args = parser.parse_args()
     methods = [m.strip().upper() for m in args.methods.split(",") if m.strip()]
     if unknown := set(methods) - set(METHODS):
@@ -246,6 +353,14 @@ def main() -> int:
     if unknown := set(rewards) - set(REWARDS):
         parser.error(f"--rewards: unknown {sorted(unknown)} (known: {', '.join(REWARDS)})")
     work = args.work.resolve()
+    if args.replay:
+        report = replay(work, methods, rewards, seeds, [float(r) for r in args.replay.split(",")])
+        print(replay_table(report))
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
+    if args.length_ratio is not None and not 0.0 <= args.length_ratio <= 1.0:
+        parser.error("--length-ratio: between 0 and 1")
     out = args.out or work / "watch-seeds.json"
     started = time.monotonic()
 
@@ -256,7 +371,7 @@ def main() -> int:
     for method in methods:
         for reward in rewards:
             for seed in seeds:
-                row = run_one(work, rm_runs, method, reward, seed)
+                row = run_one(work, rm_runs, method, reward, seed, args.action, args.length_ratio)
                 rows.append(row)
                 print(
                     f"{method} {reward} seed {seed}: {row['seconds']:.0f} s{' (reused)' if row['reused'] else ''}, "
