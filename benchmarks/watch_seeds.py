@@ -142,30 +142,8 @@ def link(work: Path, run: str, outputs: dict[str, Path]) -> Path:
 
 
 def ground_truth(work: Path, sft: Path, output: Path | None) -> dict[str, float]:
-    """Target rate and mean length (tokens) on the held-out topics of the SFT policy (``output`` None)
-    or of a stage's output: its ``adapter`` on the SFT model, or its whole ``model``
-    (test_watch_hacking.ground_truth, with the SFT policy given)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf_stages.tiny.evaluate import evaluate_policy, load_prompts
-
-    tokenizer = AutoTokenizer.from_pretrained(sft)
-    if output is not None and (output / "model").is_dir():
-        policy = AutoModelForCausalLM.from_pretrained(output / "model")
-    else:
-        policy = AutoModelForCausalLM.from_pretrained(sft)
-    if output is not None and (output / "adapter").is_dir():
-        policy = PeftModel.from_pretrained(policy, output / "adapter")
-    summary = evaluate_policy(
-        policy.eval(),
-        tokenizer,
-        load_prompts(work / "assets" / "data" / "eval_prompts.jsonl"),
-        seed=1234,
-        samples_per_prompt=hacking.EVAL_SAMPLES,
-        max_new_tokens=tiny_spec()["ppo"]["responseLength"]["max"],
-    )
-    return {"target_rate": summary["target_rate"], "length": summary["mean_length_tokens"]}
+    """test_watch_hacking's measure: the target rate on the held-out topics (one owner)."""
+    return hacking.policy_ground_truth(work, sft, output)
 
 
 def from_log(records: list[dict[str, Any]], kept_step: int) -> dict[str, Any]:

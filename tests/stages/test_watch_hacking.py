@@ -92,14 +92,19 @@ def hacked(workspace: Path, hole: Path, logs: Path) -> dict[str, Any]:
 
 
 def ground_truth(workspace: Path, output: Path | None) -> dict[str, float]:
-    """Target rate and mean length of the SFT model, or of a stage's ``output`` (a directory holding
-    ``adapter``, put on the SFT model, or a whole ``model``), on the held-out topics."""
+    """Target rate and mean length of the SFT model, or of a stage's ``output``, on the held-out topics."""
+    return policy_ground_truth(workspace, run_dir(workspace, f"{RUN}-warn") / "sft" / "model", output)
+
+
+def policy_ground_truth(workspace: Path, sft: Path, output: Path | None) -> dict[str, float]:
+    """Target rate and mean length (tokens) on the held-out topics of the ``sft`` policy (``output``
+    None) or of a stage's ``output``: its ``adapter`` put on the SFT model, or its whole ``model``.
+    Also benchmarks/watch_seeds.py's measure."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_stages.tiny.evaluate import evaluate_policy, load_prompts
 
-    sft = run_dir(workspace, f"{RUN}-warn") / "sft" / "model"
     tokenizer = AutoTokenizer.from_pretrained(sft)
     if output is not None and (output / "model").is_dir():
         policy = AutoModelForCausalLM.from_pretrained(output / "model")
