@@ -78,7 +78,9 @@ def test_pipeline_succeeds_and_reapply_changes_nothing(env: Env) -> None:
     # A restart adopts the finished run from its caches: no request at all, so no status rewrite.
     operator.stop()
     _, port = env.start_operator()
-    env.wait_for("the restarted operator to be ready", lambda: http_get(port, "/readyz")[0] == 200, timeout=30)
+    # The harness's default wait: this checks what a restart writes, not how fast it starts (on a CI
+    # machine busy building images the new process spent 27 s importing, and the wait used to be 30 s).
+    env.wait_for("the restarted operator to be ready", lambda: http_get(port, "/readyz")[0] == 200)
     time.sleep(5)  # two resync periods
     assert env.run("tiny")["metadata"]["resourceVersion"] == version
     text = http_get(port, "/metrics")[1]
