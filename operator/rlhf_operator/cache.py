@@ -37,8 +37,10 @@ from rlhf_api.names import (
     GROUP,
     JOB_COMPLETION_INDEX_LABEL,
     KUEUE_QUEUE_LABEL,
+    LABEL_MANAGED_BY,
     LABEL_RUN,
     LABEL_STAGE,
+    MANAGER,
     PLURAL,
     PROGRESS_ANNOTATION,
 )
@@ -57,7 +59,7 @@ LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 # Why a watch event is not passed on to a handler (``rlhf_watch_events_ignored_total{resource,cause}``):
 OWN_WRITE = "own-write"  # the version the cache holds already: our own write (a status, a Job, a PVC) coming back
 UNCHANGED = "unchanged"  # a new version, but nothing a pass reads changed (a finalizer, Ready, podIP, ...)
-NOT_A_CHILD = "not-a-child"  # a Job or Pod no run's label names (another controller's, in a watched namespace)
+NOT_A_CHILD = "not-a-child"  # a Job or Pod we did not make (no run label or not managed by us: another controller's)
 
 
 class Change(NamedTuple):
@@ -215,7 +217,7 @@ class WatchCache:
                     del self._writing[key]
                     return Change(None, OWN_WRITE)
                 return self._change(key, old, new, version)
-            run = (meta.get("labels") or {}).get(LABEL_RUN)
+            run = _our_run(meta)
             if plural == PVCS:
                 known = (namespace, name) in self._pvcs
                 (self._pvcs.discard if deleted else self._pvcs.add)((namespace, name))
@@ -337,7 +339,7 @@ class WatchCache:
         """A Job we just created, so that a pass before its ADDED event does not create it again (and
         that event, the same version, is known as our own); a PVC we made sure of, likewise."""
         meta = body.get("metadata") or {}
-        run = (meta.get("labels") or {}).get(LABEL_RUN)
+        run = _our_run(meta)
         if plural == PVCS:
             with self._lock:
                 self._pvcs.add((meta.get("namespace") or "", meta.get("name") or ""))
@@ -355,6 +357,14 @@ class WatchCache:
                 + sum(map(len, self._pods.values()))
                 + len(self._pvcs)
             )
+
+
+def _our_run(meta: dict[str, Any]) -> str | None:
+    """The run a Job, Pod or PVC belongs to, if this operator made it: the run label alone is not
+    enough, anyone can copy it onto their own Job, and a pass would then plan with that Job as a
+    stage's (as kopf's ``labels=`` filter kept such objects out before the tap took the events)."""
+    labels = meta.get("labels") or {}
+    return labels.get(LABEL_RUN) if labels.get(LABEL_MANAGED_BY) == MANAGER else None
 
 
 def _identity(plural: str, body: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ import kopf
 
 from rlhf_api.names import GROUP, PLURAL, VERSION
 
+from .cache import JOBS, PODS, PVCS
 from .controller import Controller
 from .observe import job_finished
 
@@ -28,9 +29,9 @@ LIST_PAGE = 100  # objects per page of a watch's initial LIST
 # Every resource the operator watches, for readiness: one kopf watch-stream each per watched namespace.
 RESOURCES = (
     (GROUP, VERSION, PLURAL),
-    ("batch", "v1", "jobs"),
-    ("", "v1", "pods"),
-    ("", "v1", "persistentvolumeclaims"),  # the workspaces: the cache knows whether each exists
+    ("batch", "v1", JOBS),
+    ("", "v1", PODS),
+    ("", "v1", PVCS),  # the workspaces: the cache knows whether each exists
 )
 
 
@@ -93,7 +94,7 @@ def urgent(plural: str, body: dict[str, Any]) -> bool:
     wait behind the passes that only follow Pods and progress)."""
     if plural == PLURAL:
         return run_is_new_or_edited(body)
-    return plural == "jobs" and job_finished(body)
+    return plural == JOBS and job_finished(body)
 
 
 async def _watched(**_: Any) -> None:

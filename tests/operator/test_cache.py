@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from kubernetes.client.rest import ApiException
 
-from rlhf_api.names import CONTROLLER_UID_LABEL, LABEL_RUN, LABEL_STAGE, PROGRESS_ANNOTATION
+from rlhf_api.names import CONTROLLER_UID_LABEL, LABEL_MANAGED_BY, LABEL_RUN, LABEL_STAGE, MANAGER, PROGRESS_ANNOTATION
 from rlhf_operator.cache import (
     JOBS,
     NOT_A_CHILD,
@@ -54,7 +54,8 @@ def full_job(name: str = "tiny-sft", uid: str = "job-1", **status: Any) -> dict[
             "namespace": "ns",
             "uid": uid,
             "resourceVersion": "10",
-            "labels": {LABEL_RUN: "tiny", LABEL_STAGE: "sft", "app.kubernetes.io/name": "rlhf-stage"},
+            "labels": {LABEL_RUN: "tiny", LABEL_STAGE: "sft", LABEL_MANAGED_BY: MANAGER,
+                       "app.kubernetes.io/name": "rlhf-stage"},
             "ownerReferences": [{"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "RLHFRun", "name": "tiny",
                                  "uid": "run-1", "controller": True, "blockOwnerDeletion": True}],
             "managedFields": MANAGED_FIELDS,
@@ -78,7 +79,12 @@ def full_pod(name: str, phase: str, job_uid: str = "job-1", **status: Any) -> di
             "uid": f"pod-{name}",
             "resourceVersion": "11",
             "creationTimestamp": "2026-01-01T11:00:01Z",
-            "labels": {LABEL_RUN: "tiny", CONTROLLER_UID_LABEL: job_uid, "job-name": "tiny-sft"},
+            "labels": {
+                LABEL_RUN: "tiny",
+                LABEL_MANAGED_BY: MANAGER,
+                CONTROLLER_UID_LABEL: job_uid,
+                "job-name": "tiny-sft",
+            },
             "annotations": {PROGRESS_ANNOTATION: json.dumps({"step": 3, "totalSteps": 10}), "other": "x" * 500},
             "managedFields": MANAGED_FIELDS,
         },
@@ -210,8 +216,18 @@ def test_watch_events_that_change_nothing_a_pass_reads_cause_no_pass() -> None:
             assert cache.apply(plural, kind, body) == ((None, cause) if cause else (key, None)), (plural, body)
     stray = {"metadata": {"name": "stray", "namespace": "ns", "uid": "s", "resourceVersion": "1"}}
     assert cache.apply(PODS, "ADDED", stray) == (None, NOT_A_CHILD)
+    # The run's label copied onto someone else's Job: neither a pass nor a child the planner reads.
+    lookalike = full_job("tiny-lookalike", uid="job-x")
+    del lookalike["metadata"]["labels"][LABEL_MANAGED_BY]
+    assert cache.apply(JOBS, "ADDED", lookalike) == (None, NOT_A_CHILD)
 
-    pvc = {"metadata": {"name": "tiny-workspace", "namespace": "ns", "labels": {LABEL_RUN: "tiny"}}}
+    pvc = {
+        "metadata": {
+            "name": "tiny-workspace",
+            "namespace": "ns",
+            "labels": {LABEL_RUN: "tiny", LABEL_MANAGED_BY: MANAGER},
+        }
+    }
     cache.created(PVCS, pvc)  # the pass that made sure of it
     assert cache.apply(PVCS, "ADDED", pvc) == (None, OWN_WRITE)
     assert cache.apply(PVCS, "MODIFIED", pvc) == (None, UNCHANGED), "bound, resized: a pass reads only that it exists"
