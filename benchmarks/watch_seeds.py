@@ -253,7 +253,7 @@ def replay(work: Path, methods: list[str], rewards: list[str], seeds: list[int],
                         history.append({**record, "findings": []})
                         history[-1]["findings"] = [str(f) for f in detect(history, watch, limit)]
                     alarm = first_alarm(history)
-                    kept, _ = select(history, watch.select, int(manifest["step"]))
+                    kept, _ = select(history, watch, int(manifest["step"]))
                     kept_record = next(r for r in history if int(r["step"]) == kept)
                     row["ratios"][f"{ratio:g}"] = {
                         "alarm_step": alarm,

@@ -151,7 +151,16 @@ class Watch(ApiModel):
     select: CheckpointSelection = "lastBeforeAlarm"
     """Which evaluated checkpoint becomes the output: ``lastBeforeAlarm`` (the last evaluation before
     any detector fired; the final policy when none did), ``last`` (the final policy, always) or
-    ``bestReward`` (the highest mean reward-model score among the evaluations before any alarm)."""
+    ``bestReward`` (the highest mean reward-model score among the evaluations before any alarm).
+    Either way only an evaluation that had not begun to drift counts (``candidateLengthRatio``)."""
+    candidate_length_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+    """Which evaluations before an alarm can become the output (``select``) or be rolled back to: not
+    one whose mean length had already fallen below this fraction of the first evaluation's while its
+    reward-model score had risen by ``minRewardRise``, a policy on its way to the collapse the alarm
+    names (on the tiny task's hole the last evaluation above ``lengthRatio``, at 0.74-0.83 x, had often
+    lost ground truth already; sound runs stayed at 0.91 x or more; docs/watch.md). 0 (or at most
+    ``lengthRatio``) keeps every evaluation before the alarm eligible. Only matters once an alarm
+    fires: with none, the output is the final policy."""
     min_reward_rise: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.5
     """rewardRiseWithCollapse: the mean reward-model score must have risen at least this much above the
     first evaluation's (in reward-model units) for a collapse to count as reward hacking."""

@@ -172,12 +172,39 @@ def test_selection_criteria() -> None:
         alarmed(30, score_mean=3.0),
         record(40, score_mean=4.0),
     ]
-    assert select(history, "lastBeforeAlarm", 40)[0] == 20
-    assert "alarm at step 30" in select(history, "lastBeforeAlarm", 40)[1]
-    assert select(history, "bestReward", 40)[0] == 10  # the alarmed step 30 and later do not count
-    assert select(history, "last", 40)[0] == 40
+    assert select(history, Watch(select="lastBeforeAlarm"), 40)[0] == 20
+    assert "alarm at step 30" in select(history, Watch(select="lastBeforeAlarm"), 40)[1]
+    assert select(history, Watch(select="bestReward"), 40)[0] == 10  # the alarmed step 30 and later do not count
+    assert select(history, Watch(select="last"), 40)[0] == 40
     quiet = [record(0), record(10, score_mean=0.5)]
-    assert select(quiet, "lastBeforeAlarm", 12)[0] == 12  # no alarm: the final policy
+    assert select(quiet, Watch(select="lastBeforeAlarm"), 12)[0] == 12  # no alarm: the final policy
+
+
+def test_an_evaluation_already_drifting_is_never_the_output_of_an_alarmed_run(tmp_path: Path) -> None:
+    """The last evaluation before the alarm can be on its way to the collapse: shorter answers and a
+    risen score, just above lengthRatio (PPO on the tiny task's hole: 0.74 x, target rate 0.20
+    against the SFT policy's 0.34). The output is the last one that had not begun to drift."""
+    history = [
+        record(0),  # score -1.0, length 11
+        record(10, score_mean=-0.2, length_mean=10.0),  # score up 0.8, length 0.91 x: sound
+        record(20, score_mean=1.0, length_mean=8.0),  # 0.73 x with the score up 2.0: drifting
+        record(30, score_mean=-0.8, length_mean=8.0),  # 0.73 x, but the score barely moved: not drifting
+        record(40, score_mean=2.0, length_mean=8.0),  # drifting
+        alarmed(50, score_mean=4.0, length_mean=4.0),
+    ]
+    step, why = select(history, Watch(), 50)
+    assert step == 30 and "steps 40 were drifting (length below 0.9 x" in why, why
+    assert select(history, Watch(select="bestReward"), 50)[0] == 10  # step 40 scored higher, but drifted
+    assert select(history, Watch(candidate_length_ratio=0.0), 50)[0] == 40  # the gate off: the old choice
+    assert select(history[:2] + history[4:], Watch(), 50)[0] == 10
+
+    # The watcher keeps on disk what the selection will pick, and a rollback puts back the same.
+    w = Watcher(Watch(eval_every=10, action="rollback"), tmp_path, kl_target=None, score_max=None, total_steps=60)
+    for r in history[:5]:
+        answers = FakeAnswers.of(r["score_mean"], int(r["length_mean"]))
+        w.record(r["step"], answers, lambda s=r["step"]: {"s": s})
+    assert not w.alarmed, w.history
+    assert w.candidate_step == 30 and w.load_candidate()[0] == 30
 
 
 class FakeAnswers:
@@ -523,8 +550,10 @@ def test_rollback_restores_the_candidate_at_most_max_rollbacks_times(tmp_path: P
 def test_rollback_selection_never_picks_a_rolled_back_policy(tmp_path: Path) -> None:
     history = [record(0), alarmed(10, score_mean=5.0), record(20, score_mean=0.5)]
     history[1]["rollback"] = {"restoredStep": 0, "number": 1}
-    assert select(history, "bestReward", 30)[0] == 20  # the alarmed step 10 scored higher but was thrown away
-    assert select(history, "lastBeforeAlarm", 30)[0] == 30  # no standing alarm: the final policy
+    assert (
+        select(history, Watch(select="bestReward"), 30)[0] == 20
+    )  # the alarmed step 10 scored higher but was thrown away
+    assert select(history, Watch(select="lastBeforeAlarm"), 30)[0] == 30  # no standing alarm: the final policy
     w = Watcher(Watch(eval_every=5, action="rollback", select="last"), tmp_path, kl_target=None, score_max=None,
                 total_steps=9)  # fmt: skip
     w.record(0, HEALTHY, lambda: {"w": torch.zeros(1)})

@@ -345,25 +345,47 @@ def first_alarm(history: Sequence[dict[str, Any]]) -> int | None:
     return next((int(r["step"]) for r in history if r.get("findings") and not r.get("rollback")), None)
 
 
-def select(history: Sequence[dict[str, Any]], criterion: str, final_step: int) -> tuple[int, str]:
-    """(step whose weights become the output, why) among the evaluations of ``history``.
+def drifting(record: dict[str, Any], base: dict[str, Any], watch: Watch) -> bool:
+    """Whether an evaluation had begun to drift toward a collapse though no detector fired yet: its
+    score risen by minRewardRise while its mean length fell below candidateLengthRatio x the
+    baseline's (Watch.candidate_length_ratio says why). Such a policy is never the output of an
+    alarmed run nor the one a rollback puts back."""
+    return (
+        record["score_mean"] - base["score_mean"] >= watch.min_reward_rise
+        and record["length_mean"] < watch.candidate_length_ratio * base["length_mean"]
+    )
+
+
+def select(history: Sequence[dict[str, Any]], watch: Watch, final_step: int) -> tuple[int, str]:
+    """(step whose weights become the output, why) among the evaluations of ``history``, by
+    ``watch.select``.
 
     Only evaluations without findings are eligible (after a rollback, the alarm that caused it
-    stays in the history but its policy was thrown away)."""
+    stays in the history but its policy was thrown away), and none that was drifting."""
+    criterion = watch.select
     alarm = first_alarm(history)
     before = [r for r in history if not r.get("findings") and (alarm is None or int(r["step"]) < alarm)]
+    eligible = [r for r in before if not drifting(r, history[0], watch)]
+    last_eligible = int(eligible[-1]["step"]) if eligible else -1
+    skipped = [int(r["step"]) for r in before if int(r["step"]) > last_eligible]  # drifting, every one
+    drift = (
+        f"; steps {', '.join(map(str, skipped))} were drifting (length below {watch.candidate_length_ratio:g} x "
+        "the baseline's while the score rose)"
+        if skipped
+        else ""
+    )
     if criterion == "last":
         return final_step, "select: last (the final policy)"
-    if criterion == "bestReward" and before:
-        best = max(before, key=lambda r: r["score_mean"])
+    if criterion == "bestReward" and eligible:
+        best = max(eligible, key=lambda r: r["score_mean"])
         why = f"select: bestReward (score {best['score_mean']:+.2f}"
         return int(best["step"]), why + (f", evaluations before the alarm at step {alarm})" if alarm else ")")
     if alarm is None:
         return final_step, f"select: {criterion}; no alarm, the final policy"
-    if not before:  # only possible if the baseline itself alarmed, which detect() never does
+    if not eligible:  # only possible if the baseline itself alarmed, which detect() never does
         return final_step, f"select: {criterion}; no evaluation before the alarm, the final policy"
-    step = int(before[-1]["step"])
-    return step, f"select: {criterion} (the last evaluation before the alarm at step {alarm})"
+    step = int(eligible[-1]["step"])
+    return step, f"select: {criterion} (the last evaluation before the alarm at step {alarm}{drift})"
 
 
 # ------------------------------------------------------------------ what status shows
@@ -526,8 +548,15 @@ class Watcher:
         return record
 
     def _is_candidate(self, record: dict[str, Any]) -> bool:
+        base = self.history[0]
+        if drifting(record, base, self.watch):
+            return False
         if self.watch.select == "bestReward":
-            healthy = [r for r in self.history if r is not record and not r.get("findings")]
+            healthy = [
+                r
+                for r in self.history
+                if r is not record and not r.get("findings") and not drifting(r, base, self.watch)
+            ]
             return all(record["score_mean"] >= r["score_mean"] for r in healthy)
         # A rollback restores the candidate, so one is kept under action rollback whatever the selection.
         return self.watch.select == "lastBeforeAlarm" or self.watch.action == "rollback"
@@ -537,7 +566,7 @@ class Watcher:
         return self.decision() != "continue"
 
     def selection(self, final_step: int) -> tuple[int, str]:
-        step, why = select(self.history, self.watch.select, final_step)
+        step, why = select(self.history, self.watch, final_step)
         done = self.rollbacks()
         if done:  # status shows this line: the rollbacks belong in it
             last = done[-1]
