@@ -128,6 +128,20 @@ def alarm_step(finding: str) -> int:
     return int(finding.split(" at step ")[1].split(":", maxsplit=1)[0])
 
 
+def assert_kept_the_last_sound_evaluation(records: list[dict[str, Any]], selected: int, alarm: int) -> None:
+    """The output is the last evaluation before the alarm that had not begun to drift (the watch's
+    defaults: every one after it was at less than 0.9 x the baseline's length with the score up 0.5
+    or more), restated here from the records rather than by the watch's own code."""
+    base = records[0]
+
+    def drifting(r: dict[str, Any]) -> bool:
+        return r["score_mean"] - base["score_mean"] >= 0.5 and r["length_mean"] < 0.9 * base["length_mean"]
+
+    by_step = {int(r["step"]): r for r in records}
+    assert selected < alarm and not drifting(by_step[selected]), (selected, alarm, records)
+    assert all(drifting(r) for s, r in by_step.items() if selected < s < alarm), (selected, alarm, records)
+
+
 def test_warn_raises_the_alarm_trains_on_and_keeps_the_checkpoint_before_it(hacked: dict[str, Any]) -> None:
     result = hacked["warn/ppo"]
     findings = result.get("findings", [])
@@ -154,6 +168,11 @@ def test_the_kept_checkpoint_predates_the_collapse(workspace: Path, hacked: dict
     table = [{k: r[k] for k in ("step", "score_mean", "length_mean", "findings")} for r in records]
     report = {"sft": sft, "kept": kept, "final": final, "evaluations": table}
     print(json.dumps(report, indent=1))
+    warn = hacked["warn/ppo"]
+    assert_kept_the_last_sound_evaluation(records, warn["selectedStep"], alarm_step(warn["findings"][0]))
+    # Before candidateLengthRatio the output was the last evaluation before the alarm, and on the AMD
+    # EPYC machines of 2026-12-01 that was step 15 at 0.74 x the baseline's length: target rate 0.20
+    # against the SFT policy's 0.34 (seeds 0-2: 0.13-0.26, docs/watch.md "Across seeds").
     assert final["target_rate"] <= 0.5 * sft["target_rate"], report  # the hole was found: a collapse
     assert kept["target_rate"] >= sft["target_rate"] - 0.1, report  # the kept policy did not collapse
     assert kept["target_rate"] >= final["target_rate"] + 0.15, report
@@ -204,12 +223,13 @@ def test_rest_watch_keeps_an_improve_step_from_before_the_collapse(workspace: Pa
     assert findings and findings[0].startswith("rewardRiseWithCollapse"), result
     alarm = alarm_step(findings[0])
     assert result["step"] == REST_TOTAL and alarm < REST_TOTAL  # warn: trained on
-    assert result["selectedStep"] == alarm - 1 and "lastBeforeAlarm" in result["selection"], result
+    assert "lastBeforeAlarm" in result["selection"], result
 
     out = run_dir(workspace, f"{REST_RUN}-warn") / "rest"
     records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
     table = [{k: r[k] for k in ("step", "score_mean", "length_mean", "findings")} for r in records]
     assert [r["step"] for r in records] == list(range(REST_TOTAL + 1)), table
+    assert_kept_the_last_sound_evaluation(records, result["selectedStep"], alarm)
     sft = ground_truth(workspace, None)
     kept = ground_truth(workspace, out)
     final = ground_truth(workspace, out / "final")
@@ -241,7 +261,7 @@ def test_rest_watch_stop_ends_the_loop_at_the_alarm(workspace: Path, rest: dict[
 
 # ------------------------------------------------------------------ GRPO and RLOO on the same hole
 
-# examples/tiny-grpo.yaml / tiny-rloo.yaml's stage (60 steps, all weights) with the DEFAULT watch
+# examples/tiny-grpo.yaml / tiny-rloo.yaml's stage (all weights; 120 steps, below) with the DEFAULT watch
 # (evaluations every 10 steps, action stop): what a user gets. Measured 2026-11-30 with evaluations
 # every 5 steps under warn (docs/watch.md): GRPO's answers collapse between steps 40 and 45, RLOO's
 # between 25 and 30 (length 9.6 -> 5.9 tokens, ground truth on the watch's own answers 0.41 -> 0.12).
@@ -249,6 +269,10 @@ def test_rest_watch_stop_ends_the_loop_at_the_alarm(workspace: Path, rest: dict[
 # step 40 and the output was step 30, already collapsed (target rate 0.18, SFT 0.32). Both runs stop
 # at the alarm: 27 s together (GRPO 50 steps, RLOO 30).
 POLICY_RL = ("GRPO", "RLOO")
+# The examples' 60 steps are not always enough for GRPO to find the hole: on the AMD EPYC machines of
+# 2026-12-01 its score rose +5.5 by step 60 with the length still at 0.89 x, and the alarm came at
+# step 90 (0.69 x). Both runs stop at their alarm, so the longer budget costs only what they need.
+POLICY_RL_STEPS = 120
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +282,8 @@ def policy_rl(workspace: Path, hole: Path, logs: Path) -> dict[str, dict[str, An
         stage, run = method.lower(), f"{RUN}-{method.lower()}"
         same_sft_and_reward(workspace, hole, run)
         hole_reward = spec("warn")["reward"]  # the reward section the hole was trained with
-        body = tiny_spec(method=method, reward=hole_reward, ppo=None, **{stage: example_spec(method)[stage]})
+        section = {**example_spec(method)[stage], "totalSteps": POLICY_RL_STEPS}
+        body = tiny_spec(method=method, reward=hole_reward, ppo=None, **{stage: section})
         config = write_invocation(workspace, stage, run, body)
         code, text = run_stage(stage, config, logs / f"{run}-{stage}.json", timeout=1200)
         assert code == 0, text[-4000:]
@@ -275,10 +300,11 @@ def test_policy_rl_default_watch_stops_and_keeps_a_policy_from_before_the_collap
     assert findings and findings[0].startswith("rewardRiseWithCollapse"), result
     alarm = alarm_step(findings[0])
     assert result["step"] == alarm < result["totalSteps"], result  # stop: training ended at the alarm
-    assert result["selectedStep"] == alarm - 10 and "lastBeforeAlarm" in result["selection"], result
+    assert "lastBeforeAlarm" in result["selection"], result
 
     out = run_dir(workspace, f"{RUN}-{method.lower()}") / method.lower()
     records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    assert_kept_the_last_sound_evaluation(records, result["selectedStep"], alarm)
     table = [{k: r[k] for k in ("step", "score_mean", "length_mean", "distinct_2", "findings")} for r in records]
     sft = ground_truth(workspace, None)
     kept = ground_truth(workspace, out)  # the output: the evaluation before the alarm
