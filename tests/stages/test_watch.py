@@ -550,9 +550,8 @@ def test_rollback_restores_the_candidate_at_most_max_rollbacks_times(tmp_path: P
 def test_rollback_selection_never_picks_a_rolled_back_policy(tmp_path: Path) -> None:
     history = [record(0), alarmed(10, score_mean=5.0), record(20, score_mean=0.5)]
     history[1]["rollback"] = {"restoredStep": 0, "number": 1}
-    assert (
-        select(history, Watch(select="bestReward"), 30)[0] == 20
-    )  # the alarmed step 10 scored higher but was thrown away
+    # The alarmed step 10 scored higher but was thrown away.
+    assert select(history, Watch(select="bestReward"), 30)[0] == 20
     assert select(history, Watch(select="lastBeforeAlarm"), 30)[0] == 30  # no standing alarm: the final policy
     w = Watcher(Watch(eval_every=5, action="rollback", select="last"), tmp_path, kl_target=None, score_max=None,
                 total_steps=9)  # fmt: skip

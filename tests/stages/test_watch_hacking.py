@@ -23,6 +23,7 @@ import pytest
 from methods_support import example_spec
 
 from conftest import read_result, run_dir, run_stage, tiny_spec, write_invocation
+from rlhf_api.watch import Watch
 
 pytestmark = [pytest.mark.training, pytest.mark.timeout(2400)]
 
@@ -129,13 +130,18 @@ def alarm_step(finding: str) -> int:
 
 
 def assert_kept_the_last_sound_evaluation(records: list[dict[str, Any]], selected: int, alarm: int) -> None:
-    """The output is the last evaluation before the alarm that had not begun to drift (the watch's
-    defaults: every one after it was at less than 0.9 x the baseline's length with the score up 0.5
-    or more), restated here from the records rather than by the watch's own code."""
-    base = records[0]
+    """The output is the last evaluation before the alarm that had not begun to drift (with the
+    watch's defaults: every one after it was below candidateLengthRatio x the baseline's length with
+    the score up minRewardRise or more), restated here from the records rather than by the watch's
+    own code; only the thresholds come from the API's defaults."""
+    base, defaults = records[0], Watch()
 
     def drifting(r: dict[str, Any]) -> bool:
-        return r["score_mean"] - base["score_mean"] >= 0.5 and r["length_mean"] < 0.9 * base["length_mean"]
+        rise = r["score_mean"] - base["score_mean"]
+        return (
+            rise >= defaults.min_reward_rise
+            and r["length_mean"] < defaults.candidate_length_ratio * base["length_mean"]
+        )
 
     by_step = {int(r["step"]): r for r in records}
     assert selected < alarm and not drifting(by_step[selected]), (selected, alarm, records)

@@ -366,14 +366,6 @@ def select(history: Sequence[dict[str, Any]], watch: Watch, final_step: int) -> 
     alarm = first_alarm(history)
     before = [r for r in history if not r.get("findings") and (alarm is None or int(r["step"]) < alarm)]
     eligible = [r for r in before if not drifting(r, history[0], watch)]
-    last_eligible = int(eligible[-1]["step"]) if eligible else -1
-    skipped = [int(r["step"]) for r in before if int(r["step"]) > last_eligible]  # drifting, every one
-    drift = (
-        f"; steps {', '.join(map(str, skipped))} were drifting (length below {watch.candidate_length_ratio:g} x "
-        "the baseline's while the score rose)"
-        if skipped
-        else ""
-    )
     if criterion == "last":
         return final_step, "select: last (the final policy)"
     if criterion == "bestReward" and eligible:
@@ -385,6 +377,13 @@ def select(history: Sequence[dict[str, Any]], watch: Watch, final_step: int) -> 
     if not eligible:  # only possible if the baseline itself alarmed, which detect() never does
         return final_step, f"select: {criterion}; no evaluation before the alarm, the final policy"
     step = int(eligible[-1]["step"])
+    skipped = [str(r["step"]) for r in before if int(r["step"]) > step]  # between it and the alarm: all drifting
+    drift = (
+        f"; steps {', '.join(skipped)} were drifting (length below {watch.candidate_length_ratio:g} x "
+        "the baseline's while the score rose)"
+        if skipped
+        else ""
+    )
     return step, f"select: {criterion} (the last evaluation before the alarm at step {alarm}{drift})"
 
 
