@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .cache import WatchCache
@@ -63,6 +64,12 @@ class Controller:
             workers=workers,
             waited=lambda lane, seconds: metrics.queue_wait.labels(lane).observe(seconds),
         )
+        # Why its own pool, one thread per worker: asyncio's default executor grows to
+        # min(32, cores + 4) threads, and os.cpu_count() is the node's cores, not the Pod's CPU
+        # limit. Every thread that allocates under contention gets its own glibc arena, and an
+        # arena keeps what its thread freed: on a 64-core node the passes would spread over 32
+        # threads' arenas. The workers bound the passes anyway (one pass per worker at a time).
+        self._passes = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pass")
         self._tasks: list[asyncio.Task[None]] = []
         self._resync_task: asyncio.Task[None] | None = None
 
@@ -124,7 +131,8 @@ class Controller:
             self._act()
 
     async def _process(self, key: Key) -> None:
-        again = await asyncio.to_thread(self.reconciler.reconcile, *key)
+        loop = asyncio.get_running_loop()
+        again = await loop.run_in_executor(self._passes, self.reconciler.reconcile, *key)
         if again is not None:  # a stage is running: pass again to read its progress (one timer per run)
             self.queue.add(key, again)
         elif self.queue.cancel_delayed(key):  # nothing to poll any more (nor to retry: this pass succeeded)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 
 from rlhf_operator.workqueue import Backoff, Key, WorkQueue
 
@@ -160,3 +161,40 @@ def test_a_pass_that_needs_no_poll_drops_the_pending_one() -> None:
 
     asyncio.run(scenario())
     assert passes == [0.3, None], "no third pass: the poll was dropped"
+
+
+def test_passes_run_on_one_thread_per_worker() -> None:
+    """Passes run on the controller's own pool, as many threads as workers: asyncio's default
+    executor would grow with the node's cores (each thread a glibc arena kept by the process)."""
+    import threading
+
+    from rlhf_operator.cache import WatchCache
+    from rlhf_operator.controller import Controller
+    from rlhf_operator.health import Health
+    from rlhf_operator.metrics import Metrics
+
+    threads: list[str] = []
+    lock = threading.Lock()
+
+    class Reconciler:
+        def reconcile(self, namespace: str, name: str) -> None:
+            with lock:
+                threads.append(threading.current_thread().name)
+            time.sleep(0.05)  # long enough that every worker is busy at once
+
+    async def scenario() -> None:
+        controller = Controller(None, WatchCache(), Metrics(), Health(), None, workers=3)  # type: ignore[arg-type]
+        controller.reconciler = Reconciler()  # type: ignore[assignment]
+        controller.queue.start()
+        for index in range(30):
+            controller.queue.add(("ns", f"run-{index}"))
+        for _ in range(500):
+            if len(threads) == 30:
+                break
+            await asyncio.sleep(0.02)
+        await controller.queue.stop()
+
+    asyncio.run(scenario())
+    assert len(threads) == 30, "every key passed once"
+    assert len(set(threads)) == 3, set(threads)
+    assert all(name.startswith("pass_") for name in threads), threads
