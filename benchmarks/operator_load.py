@@ -20,7 +20,9 @@ Modes:
 Measured (every figure from this process's own watch or from the audit log, never from the operator's
 word, except "adopted", which is its rlhf_runs gauge):
   transition latency   a stage Job seen Complete -> the run's next stage Job seen created (p50, p99, max)
-  wave served          burst: release of a wave -> the last next-stage Job created
+  wave served          burst: a wave's first Job seen Complete -> the last next-stage Job seen created
+  wave completed over  burst: a wave's first Job seen Complete -> its last one (the Job controller's and the
+                       simulated kubelet's part of "served": a transition starts when its Job is Complete)
   requests per run     the operator's API requests while the runs ran, / N (writes and LISTs apart)
   idle requests/s      the operator's requests per second over --idle-seconds once every run finished
   peak RSS             the operator's VmHWM on first start (after the runs) and after a restart
@@ -795,6 +797,7 @@ class Result:
     latency_p99_s: float = 0.0
     latency_max_s: float = 0.0
     wave_served_s: list[float] = field(default_factory=list)
+    wave_completed_s: list[float] = field(default_factory=list)
     all_runs_s: float = 0.0
     requests_per_run: float = 0.0
     writes_per_stage: float = 0.0
@@ -870,6 +873,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
                         f"{size} {following} Jobs", lambda f=following: _jobs_of(tracker, f) >= size, args.timeout, 0.2
                     )
                     result.wave_served_s.append(round(_wave_served(tracker, stage, following), 2))
+                    result.wave_completed_s.append(round(_wave_completed(tracker, stage), 2))
         wait_until(f"{size} runs Succeeded", lambda: runs_succeeded(cluster.api) >= size, args.timeout, 1.0)
         done = time.time()
         result.all_runs_s = round(done - t0, 1)
@@ -950,6 +954,14 @@ def _wave_served(tracker: Tracker, stage: str, following: str) -> float:
     return last - first
 
 
+def _wave_completed(tracker: Tracker, stage: str) -> float:
+    """A burst wave: its first Job seen Complete -> its last one (the Job controller's and the
+    simulated kubelet's part: no transition can be served before its Job is seen Complete)."""
+    with tracker.lock:
+        seen = [t for j, t in tracker.job_complete.items() if tracker.job_run[j][1] == stage]
+    return max(seen) - min(seen)
+
+
 def _jobs_of(tracker: Tracker, stage: str) -> int:
     with tracker.lock:
         return sum(1 for _, s in tracker.job_run.values() if s == stage)
@@ -996,6 +1008,10 @@ ROWS: list[tuple[str, Any]] = [
     (
         "burst: wave served (first Complete -> last next Job)",
         lambda r: ", ".join(f"{w} s" for w in r.wave_served_s) or "-",
+    ),
+    (
+        "burst: the wave's Jobs seen Complete over (first -> last)",
+        lambda r: ", ".join(f"{w} s" for w in r.wave_completed_s) or "-",
     ),
     ("all runs done after", lambda r: f"{r.all_runs_s} s"),
     ("API requests per run", lambda r: r.requests_per_run),

@@ -37,6 +37,9 @@ def test_benchmark_reports_every_figure_for_a_tiny_burst(tmp_path: Path) -> None
     assert 0 < result["latency_p50_s"] <= result["latency_p99_s"] <= result["latency_max_s"] < 120
     # Three waves were released together (sft, reward, ppo); each was served after it began.
     assert len(result["wave_served_s"]) == 3 and all(0 < w < 120 for w in result["wave_served_s"])
+    # A wave is served after its last Job is seen Complete: its completions' spread is a part of it.
+    assert len(result["wave_completed_s"]) == 3
+    assert all(0 <= c <= w for c, w in zip(result["wave_completed_s"], result["wave_served_s"], strict=True))
     # The audit log saw the operator's own requests: one Job per stage (carrying its config: no
     # ConfigMap) and one PVC per run.
     kinds = result["requests_by_kind"]
