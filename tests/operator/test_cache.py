@@ -551,6 +551,33 @@ def test_a_request_without_spare_capacity_is_deferred_unsent_and_uncounted() -> 
     assert [p for p, _ in waits] == ["spare", "normal"]
 
 
+def test_a_full_event_queue_drops_normal_events_before_warnings() -> None:
+    """Under load the queue overflows; a Warning (a failure, suspected hacking) outlives the older
+    progress events, and only a queue of nothing but Warnings drops a Warning (its oldest)."""
+
+    def posted(limit: int, events: list[tuple[str, str]]) -> tuple[list[str], int]:
+        sent: list[str] = []
+        dropped: list[int] = []
+        poster = EventPoster(
+            lambda ns, body: sent.append(body["reason"]), limit=limit, dropped=lambda: dropped.append(1)
+        )
+        for reason, kind in events:  # all queued before the poster's thread runs
+            poster.post("ns", {"reason": reason, "type": kind})
+        expected = poster.pending()
+        poster.start()
+        for _ in range(500):
+            if len(sent) == expected:
+                break
+            time.sleep(0.01)
+        poster.stop()
+        return sent, len(dropped)
+
+    mixed = [("w1", "Warning"), ("n1", "Normal"), ("n2", "Normal"), ("n3", "Normal"), ("w2", "Warning")]
+    assert posted(3, mixed) == (["w1", "n3", "w2"], 2)  # n1, then n2 went; the older w1 stayed
+    warnings = [("w1", "Warning"), ("w2", "Warning"), ("w3", "Warning")]
+    assert posted(2, warnings) == (["w2", "w3"], 1)
+
+
 def test_the_event_poster_sends_in_order_drops_the_oldest_and_nothing_when_not_leading() -> None:
     sent: list[str] = []
     dropped: list[int] = []
