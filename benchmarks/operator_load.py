@@ -946,20 +946,22 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         cluster.stop()
 
 
+def _seen(tracker: Tracker, times: dict[str, float], stage: str) -> list[float]:
+    """When each of ``stage``'s Jobs was seen (``times``: the tracker's job_added or job_complete)."""
+    with tracker.lock:
+        return [t for j, t in times.items() if tracker.job_run[j][1] == stage]
+
+
 def _wave_served(tracker: Tracker, stage: str, following: str) -> float:
     """A burst wave: the first of its Jobs seen Complete -> the last next-stage Job seen created."""
-    with tracker.lock:
-        first = min(t for j, t in tracker.job_complete.items() if tracker.job_run[j][1] == stage)
-        last = max(t for j, t in tracker.job_added.items() if tracker.job_run[j][1] == following)
-    return last - first
+    return max(_seen(tracker, tracker.job_added, following)) - min(_seen(tracker, tracker.job_complete, stage))
 
 
 def _wave_completed(tracker: Tracker, stage: str) -> float:
     """A burst wave: its first Job seen Complete -> its last one (the Job controller's and the
     simulated kubelet's part: no transition can be served before its Job is seen Complete)."""
-    with tracker.lock:
-        seen = [t for j, t in tracker.job_complete.items() if tracker.job_run[j][1] == stage]
-    return max(seen) - min(seen)
+    completed = _seen(tracker, tracker.job_complete, stage)
+    return max(completed) - min(completed)
 
 
 def _jobs_of(tracker: Tracker, stage: str) -> int:
