@@ -24,6 +24,8 @@ word, except "adopted", which is its rlhf_runs gauge):
   wave completed over  burst: a wave's first Job seen Complete -> its last one (the Job controller's and the
                        simulated kubelet's part of "served": a transition starts when its Job is Complete)
   requests per run     the operator's API requests while the runs ran, / N (writes and LISTs apart)
+  writes per pass      each writing pass's own count (its rlhf_reconcile_writes histogram, by what it
+                       created: start, job = a stage transition, none), beside the audit log's total
   idle requests/s      the operator's requests per second over --idle-seconds once every run finished
   peak RSS             the operator's VmHWM on first start (after the runs) and after a restart
   restart              SIGTERM, start again: seconds until its first RLHFRun watch opened (audit log), until
@@ -435,6 +437,11 @@ class Operator:
         waits = {**parse_histograms(text), **({"rlhf_events_dropped_total": dropped} if dropped else {})}
         return waits, parse_counters(text)
 
+    def pass_writes(self) -> dict[str, list[float]]:
+        """Its own count of each pass's writes (parse_pass_writes), from /metrics."""
+        status, text = self.http("/metrics")
+        return parse_pass_writes(text) if status == 200 else {}
+
     def runs_known(self) -> int:
         """The runs the operator reports (its rlhf_runs gauge, every phase)."""
         status, text = self.http("/metrics")
@@ -685,6 +692,32 @@ def parse_histograms(text: str) -> dict[str, list[float]]:
     }
 
 
+def parse_pass_writes(text: str) -> dict[str, list[float]]:
+    """rlhf_reconcile_writes by ``created`` label -> [writing passes, mean writes, share over 3, most
+    writes]: the operator's own count of each pass's writes (its buckets are whole numbers up to 6, so
+    the most is exact up to 6; above, the bucket's bound)."""
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        metric, _, value = line.rpartition(" ")
+        if metric.startswith("rlhf_reconcile_writes_bucket{"):
+            labels = dict(kv.split("=", 1) for kv in metric[len("rlhf_reconcile_writes_bucket{") : -1].split(","))
+            created, le = labels["created"].strip('"'), labels["le"].strip('"')
+            buckets.setdefault(created, []).append((float(le), float(value)))
+        elif metric.startswith("rlhf_reconcile_writes_sum{"):
+            sums[metric.split('"')[1]] = float(value)
+    out = {}
+    for created, cumulative in buckets.items():
+        cumulative.sort()
+        passes = cumulative[-1][1]
+        if not passes:
+            continue
+        over_three = passes - next(count for bound, count in cumulative if bound >= 3)
+        most = next(bound for bound, count in cumulative if count == passes)
+        out[created] = [passes, round(sums.get(created, 0.0) / passes, 2), round(over_three / passes, 4), most]
+    return out
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of all cores so far, from /proc/stat."""
     cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -809,6 +842,9 @@ class Result:
     latency_breakdown: dict[str, list[float]] = field(default_factory=dict)
     operator_waits: dict[str, list[float]] = field(default_factory=dict)  # histogram: count, mean, share > 1 s
     operator_counters: dict[str, float] = field(default_factory=dict)  # COUNTERS, at the end of the runs
+    # rlhf_reconcile_writes by what the pass created: [writing passes, mean writes, share over 3, most]
+    pass_writes: dict[str, list[float]] = field(default_factory=dict)
+    writes_while_running: int = 0  # the audit log's count, beside the passes' own (Events queued later count there)
     idle_other_requests_per_s: float = 0.0  # the same without Events (queued while the runs ran, posted late)
     events_after_runs: int = 0  # Events the operator posted once every run had finished (queued late)
     operator_cpu_share: float = 0.0  # of one core, while the runs ran
@@ -881,6 +917,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         busy1 = machine_busy()
         result.machine_cpu_busy = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 2)
         result.operator_waits, result.operator_counters = operator.histograms()
+        result.pass_writes = operator.pass_writes()
         log(f"{size} runs ({mode}) finished in {result.all_runs_s} s; idle for {args.idle_seconds} s")
         time.sleep(args.idle_seconds)
         result.peak_rss_first_mib = round(operator.peak_rss_mib(), 1)
@@ -902,7 +939,8 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
             sum(1 for r in active if r.verb == "create" and r.resource == "events") / (4 * size), 2
         )
         result.requests_per_run = round(len(active) / size, 1)
-        result.writes_per_stage = round(sum(verbs[v] for v in WRITE_VERBS) / (4 * size), 2)
+        result.writes_while_running = sum(verbs[v] for v in WRITE_VERBS)
+        result.writes_per_stage = round(result.writes_while_running / (4 * size), 2)
         result.lists_per_stage = round(verbs["list"] / (4 * size), 2)
         result.events_after_runs = sum(1 for r in requests if r.at >= done and r.resource == "events")
         idle = between(requests, done, done + args.idle_seconds)
@@ -984,6 +1022,16 @@ def _writes_by_kind(r: Result) -> str:
     return ", ".join(f"{kind} {n / stages:.2f}" for kind, n in kinds) or "-"
 
 
+def _pass_writes(r: Result) -> str:
+    """``job: 4000 passes, 2.99 / 0.0% / 3; ...`` and the passes' total beside the audit log's."""
+    parts = [
+        f"{created}: {passes:.0f} passes, {mean} / {over:.1%} / {most:g}"
+        for created, (passes, mean, over, most) in sorted(r.pass_writes.items())
+    ]
+    total = sum(passes * mean for passes, mean, _, _ in r.pass_writes.values())
+    return "; ".join(parts) + f" (passes' total {total:.0f}, audit log {r.writes_while_running})" if parts else "-"
+
+
 def _passes(r: Result) -> str:
     total = r.operator_counters.get("rlhf_reconcile_total")
     idle = r.operator_waits.get('rlhf_reconcile_duration_seconds{wrote="no"}')
@@ -1022,6 +1070,7 @@ ROWS: list[tuple[str, Any]] = [
         lambda r: f"{r.writes_per_stage} ({r.events_per_stage}) / {r.lists_per_stage}",
     ),
     ("writes per stage, by kind", _writes_by_kind),
+    ("writes per writing pass, by what it created: mean / over 3 / most", _pass_writes),
     *(
         (f"latency: {label} p50 / p99 / slowest 1 %", lambda r, k=label: _triple(r.latency_breakdown.get(k)))
         for label in ("total", *(segment for segment, _, _ in SEGMENTS))

@@ -44,6 +44,18 @@ class Metrics:
             ["wrote"],
             registry=self.registry,
         )
+        # Issue 14's goal is at most 3 writes per stage transition: each writing pass counts its own,
+        # by what it created (start: the run's volume claim, its first pass; job: a stage's Job, a
+        # transition; none: a status or an event only, such as a Pod seen Running). Events count when
+        # queued: a full queue may drop one later (rlhf_events_dropped_total), so this is an upper bound.
+        self.pass_writes = Histogram(
+            "rlhf_reconcile_writes",
+            "API writes one reconcile pass made (creates, patches, deletes, its status write, the events it"
+            " queued), for passes that wrote, by what it created: start (the volume claim), job, none",
+            ["created"],
+            buckets=(1, 2, 3, 4, 5, 6, 8, float("inf")),
+            registry=self.registry,
+        )
         # Under load most watch events change nothing a pass reads (issue 14): not passed on, by cause.
         self.watch_events_ignored = Counter(
             "rlhf_watch_events_ignored_total",

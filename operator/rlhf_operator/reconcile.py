@@ -49,6 +49,14 @@ class Reads(Protocol):
     def created(self, plural: str, body: dict[str, Any]) -> None: ...
 
 
+def _created(actions: list[Any]) -> str:
+    """What a pass created, for rlhf_reconcile_writes: its writes are the run's start (the volume
+    claim, with the first stage's Job), a stage transition (a Job) or neither."""
+    if any(isinstance(a, EnsurePVC) for a in actions):
+        return "start"
+    return "job" if any(isinstance(a, CreateJob) for a in actions) else "none"
+
+
 class InvalidSpec(ValueError):
     """A stored spec that fails validation: permanent until the spec is edited (a new generation)."""
 
@@ -144,7 +152,7 @@ class Reconciler:
         logged = self._read_progress(namespace, name, pods)
         result = plan(view, observe(view.uid, jobs, pods, pvc, logged), self.clock())
         events: list[PostEvent] = []
-        acted = False
+        writes = 0
         for action in result.actions:
             if isinstance(action, PostEvent):
                 events.append(action)
@@ -165,18 +173,21 @@ class Reconciler:
             finally:
                 if isinstance(action, CreateJob):
                     self.reads.creating("jobs", action.job, sent=True)
-            acted = True
+            writes += 2 if isinstance(action, CreateJob) and action.service is not None else 1
         new_status = result.status.to_wire()
         if new_status != (body.get("status") or {}):
             self.reads.writing_status(body, new_status)
             self.reads.wrote_run(body, self.cluster.write_status(body, new_status))
-            acted = True
+            writes += 1
         for event in events:
             self.cluster.perform(body, event)
+        writes += len(events)
+        if writes:
+            self.metrics.pass_writes.labels(_created(result.actions)).observe(writes)
         for stage in result.finished:
             self.metrics.stage_finished(stage)
         self.metrics.run_phase(namespace, name, result.status.phase)
-        return poll_after(result.status, self.log_reads.next_read_in((namespace, name))), acted or bool(events)
+        return poll_after(result.status, self.log_reads.next_read_in((namespace, name))), writes > 0
 
     def _refuse(self, body: dict[str, Any], error: InvalidSpec) -> bool:
         """Status and a Warning event, once per generation: a pass over the same spec writes nothing.
@@ -191,6 +202,7 @@ class Reconciler:
         self.reads.wrote_run(body, self.cluster.write_status(body, status))
         message = next(c["message"] for c in status["conditions"] if c["type"] == cond.FAILED)
         self.cluster.perform(body, PostEvent("Warning", cond.INVALID_SPEC, message))
+        self.metrics.pass_writes.labels("none").observe(2)
         self.metrics.run_phase(meta["namespace"], meta["name"], "Failed")
         return True
 

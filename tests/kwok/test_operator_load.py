@@ -46,6 +46,11 @@ def test_benchmark_reports_every_figure_for_a_tiny_burst(tmp_path: Path) -> None
     assert kinds["create jobs"] == RUNS * 4 and not [k for k in kinds if "configmaps" in k]
     assert kinds["create persistentvolumeclaims"] == RUNS
     assert result["writes_per_stage"] >= 2 and result["requests_per_run"] > result["writes_per_stage"] * 4
+    # The passes' own count of their writes (issue 14: at most 3 per transition): each run's first pass
+    # (claim, Job, status), one pass per later stage's Job, each of them at most 3 writes.
+    writes = result["pass_writes"]
+    assert writes["start"][0] == RUNS and writes["job"][0] >= RUNS * TRANSITIONS_PER_RUN, writes
+    assert writes["start"][3] <= 3 and writes["job"][3] <= 3, writes
     # Where the time went: each transition split in segments (the operator's log line, the audit log,
     # the watch), and the operator's queue and rate-limit histograms read from its /metrics.
     parts = result["latency_breakdown"]

@@ -461,6 +461,40 @@ def test_a_passs_own_writes_coming_back_cause_no_pass_and_passes_count_whether_t
     assert passes == {"yes": 1, "no": 1}
 
 
+def _pass_writes(metrics: Metrics, created: str) -> tuple[float | None, float | None]:
+    """(passes, writes) of rlhf_reconcile_writes for one label."""
+    get = metrics.registry.get_sample_value
+    labels = {"created": created}
+    return get("rlhf_reconcile_writes_count", labels), get("rlhf_reconcile_writes_sum", labels)
+
+
+def test_each_writing_pass_counts_its_writes_at_most_three_for_a_transition() -> None:
+    """Issue 14's goal, counted by the pass itself: the run's start (claim, Job, status), the stage's Pod
+    seen Running (status, event) and the transition to the next stage (Job, status, event)."""
+    cache, hands, metrics = WatchCache(), Hands(), Metrics()
+    cache.apply(RUNS, "ADDED", stored_run())
+    rec = Reconciler(hands, cache, metrics)  # type: ignore[arg-type]
+    rec.reconcile("ns", "tiny")
+    assert _pass_writes(metrics, "start") == (1, 3)
+    for plural, body in ((RUNS, hands.returned["run"]), (PVCS, hands.returned["pvc"])):
+        cache.apply(plural, "MODIFIED" if plural == RUNS else "ADDED", body)
+    for phase, (jobs, pods) in (("running", WORLDS["running"]), ("succeeded", WORLDS["succeeded"])):
+        for job in jobs:
+            cache.apply(JOBS, "MODIFIED", job)
+        for pod in pods:
+            cache.apply(PODS, "ADDED", pod)
+        hands.writes.clear()
+        rec.reconcile("ns", "tiny")
+        cache.apply(RUNS, "MODIFIED", hands.returned["run"])
+        if phase == "running":
+            assert hands.writes == ["status", "PostEvent"] and _pass_writes(metrics, "none") == (1, 2)
+    assert hands.writes == ["CreateJob", "status", "PostEvent"], hands.writes
+    assert _pass_writes(metrics, "job") == (1, 3)
+    cache.apply(JOBS, "ADDED", hands.returned["job"])
+    rec.reconcile("ns", "tiny")  # nothing changed: no observation
+    assert metrics.registry.get_sample_value("rlhf_reconcile_writes_count", {"created": "job"}) == 1
+
+
 def test_a_status_writes_event_read_before_its_answer_is_still_known_as_our_own() -> None:
     cache = WatchCache()
     cache.apply(RUNS, "ADDED", stored_run())
