@@ -16,6 +16,9 @@ Modes:
          (3 transitions per run: sft -> reward -> ppo -> merge).
   burst  all runs at once, and each stage's Pods are held Running until every run has one, then released
          together (a KWOK Stage created at that moment): N simultaneous transitions per wave.
+  --failing K (paced): K of the runs fail in their first stage (their Pods exit 1 with a failed
+         StageResult); once the idle window has ended the benchmark counts which of them got their
+         Warning event, the one a user looks for first, while the event queue is full of others.
 
 Measured (every figure from this process's own watch or from the audit log, never from the operator's
 word, except "adopted", which is its rlhf_runs gauge):
@@ -177,16 +180,19 @@ containerStatuses:
     return _stage("bench-pod-running", "Pod", fresh, template)
 
 
-def pod_succeeded_stage(name: str, stages: list[str], delay_ms: int) -> dict[str, Any]:
+def pod_succeeded_stage(
+    name: str, stages: list[str], delay_ms: int, failing: Sequence[str] = (), fail: bool = False
+) -> dict[str, Any]:
     """Running stage Pods of the given stages exit 0 after ``delay_ms``, with the StageResult a real stage
-    writes to its termination log."""
+    writes to its termination log. The Pods of the runs in ``failing`` are left alone; with ``fail``,
+    only those, and they exit 1 with a failed StageResult (--failing's runs)."""
     label = f'.metadata.labels["{LABEL_STAGE}"]'
     # Inside `range`, `$` is the Pod; printf's %q quotes a stage name as JSON does.
-    result = (
-        f'printf "{{\\"stage\\": %q, \\"succeeded\\": true, \\"step\\": 1}}" (index $.metadata.labels "{LABEL_STAGE}")'
-    )
+    outcome = r"\"succeeded\": false, \"message\": \"simulated failure\"" if fail else r"\"succeeded\": true"
+    result = f'printf "{{\\"stage\\": %q, {outcome}, \\"step\\": 1}}" (index $.metadata.labels "{LABEL_STAGE}")'
+    phase, reason, code = ("Failed", "Error", 1) if fail else ("Succeeded", "Completed", 0)
     template = f"""
-phase: Succeeded
+phase: {phase}
 conditions:
 - type: Ready
   status: "False"
@@ -205,8 +211,8 @@ containerStatuses:
   restartCount: 0
   state:
     terminated:
-      exitCode: 0
-      reason: Completed
+      exitCode: {code}
+      reason: {reason}
       message: {{{{ {result} | Quote }}}}
       startedAt: {{{{ Now | Quote }}}}
       finishedAt: {{{{ Now | Quote }}}}
@@ -217,6 +223,9 @@ containerStatuses:
         {"key": ".status.phase", "operator": "In", "values": ["Running"]},
         {"key": label, "operator": "In", "values": stages},
     ]
+    if failing:
+        run_label = f'.metadata.labels["{LABEL_RUN}"]'
+        running.append({"key": run_label, "operator": "In" if fail else "NotIn", "values": list(failing)})
     return _stage(name, "Pod", running, template, delay_ms)
 
 
@@ -594,10 +603,25 @@ class Tracker:
         self.stopping.set()
 
 
-def runs_succeeded(api: client.ApiClient) -> int:
+def runs_in(api: client.ApiClient, *phases: str) -> int:
     custom = client.CustomObjectsApi(api)
     runs = custom.list_namespaced_custom_object("rlhf-operator.io", "v1alpha1", RUNS_NAMESPACE, "rlhfruns")
-    return sum(1 for r in runs["items"] if (r.get("status") or {}).get("phase") == "Succeeded")
+    return sum(1 for r in runs["items"] if (r.get("status") or {}).get("phase") in phases)
+
+
+def failing_runs(names: list[str], count: int) -> list[str]:
+    """``count`` of the runs, spread evenly over the creation order (--failing)."""
+    return names[:: max(1, len(names) // count)][:count] if count else []
+
+
+def warnings_by_run(api: client.ApiClient) -> tuple[dict[str, set[str]], int]:
+    """The Warning events on RLHFRuns in the runs' namespace: run -> reasons, and how many such events."""
+    events = client.CoreV1Api(api).list_namespaced_event(RUNS_NAMESPACE, field_selector="type=Warning").items
+    by_run: dict[str, set[str]] = {}
+    for event in events:
+        if event.involved_object.kind == "RLHFRun":
+            by_run.setdefault(event.involved_object.name, set()).add(event.reason)
+    return by_run, len(events)
 
 
 def create_runs(cluster: Cluster, names: list[str], interval: float) -> None:
@@ -856,6 +880,11 @@ class Result:
     restart_ready_s: float | None = None
     restart_adopted_s: float | None = None
     restart_status_writes: int = 0
+    failing_runs: int = 0  # --failing: runs whose first stage's Pods exit 1
+    failed_runs: int = 0  # runs in phase Failed once every run finished
+    failing_runs_warned: int = 0  # of the failing runs, those with a Warning event once the idle window ended
+    warning_reasons: dict[str, int] = field(default_factory=dict)  # of those Warnings, by reason
+    warning_events: int = 0  # every Warning event in the runs' namespace then
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -892,8 +921,17 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         stages = ["sft", "reward", "ppo", "merge"]
         t0 = time.time()
         cpu0, busy0 = operator.cpu_seconds(), machine_busy()
+        failing = failing_runs(names, args.failing)
         if mode == "paced":
-            cluster.apply([pod_succeeded_stage("bench-pod-succeeded", stages, stage_ms)])
+            cluster.apply(
+                [
+                    pod_succeeded_stage("bench-pod-succeeded", stages, stage_ms, failing),
+                    *(
+                        [pod_succeeded_stage("bench-pod-failed", stages[:1], stage_ms, failing, fail=True)]
+                        * bool(failing)
+                    ),
+                ]
+            )
             create_runs(cluster, names, interval=3.0 / args.rate)
         else:
             create_runs(cluster, names, interval=0)
@@ -910,7 +948,10 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
                     )
                     result.wave_served_s.append(round(_wave_served(tracker, stage, following), 2))
                     result.wave_completed_s.append(round(_wave_completed(tracker, stage), 2))
-        wait_until(f"{size} runs Succeeded", lambda: runs_succeeded(cluster.api) >= size, args.timeout, 1.0)
+        wait_until(
+            f"{size} runs finished", lambda: runs_in(cluster.api, "Succeeded", "Failed") >= size, args.timeout, 1.0
+        )
+        result.failed_runs = runs_in(cluster.api, "Failed")
         done = time.time()
         result.all_runs_s = round(done - t0, 1)
         result.operator_cpu_share = round((operator.cpu_seconds() - cpu0) / (done - t0), 2)
@@ -921,6 +962,10 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         log(f"{size} runs ({mode}) finished in {result.all_runs_s} s; idle for {args.idle_seconds} s")
         time.sleep(args.idle_seconds)
         result.peak_rss_first_mib = round(operator.peak_rss_mib(), 1)
+        warned, result.warning_events = warnings_by_run(cluster.api)
+        result.failing_runs = len(failing)
+        result.failing_runs_warned = sum(1 for name in failing if name in warned)
+        result.warning_reasons = dict(Counter(r for name in failing for r in warned.get(name, ())))
 
         latencies = [created - completed for _, _, completed, created in tracker.transitions()]
         result.transitions = len(latencies)
@@ -1094,6 +1139,14 @@ ROWS: list[tuple[str, Any]] = [
         "peak RSS, first start / after a restart",
         lambda r: f"{r.peak_rss_first_mib:.0f} / {r.peak_rss_restart_mib:.0f} MiB",
     ),
+    (
+        "--failing: runs made to fail / Failed / with their Warning event (reasons) after the idle window",
+        lambda r: (
+            f"{r.failing_runs} / {r.failed_runs} / {r.failing_runs_warned} ({_counts(r.warning_reasons)})"
+            if r.failing_runs
+            else "-"
+        ),
+    ),
     ("first start: /readyz after", lambda r: _seconds(r.first_start_ready_s)),
     (
         "restart: RLHFRun watch open / /readyz / all runs in its rlhf_runs gauge",
@@ -1101,6 +1154,10 @@ ROWS: list[tuple[str, Any]] = [
     ),
     ("restart: status writes", lambda r: r.restart_status_writes),
 ]
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
 def _triple(values: list[float] | None) -> str:
@@ -1152,6 +1209,13 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds after adoption before reading the restarted operator's peak RSS",
     )
     parser.add_argument("--unrelated", type=int, default=0, help="Pods and Jobs in 10 other namespaces, created first")
+    parser.add_argument(
+        "--failing",
+        type=int,
+        default=0,
+        help="paced: this many runs (spread over the creation order) fail in their first stage (their Pods exit 1);"
+        " the benchmark counts which of them got their Warning event under the load (default 0)",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="limit for each wait (default 1800 s)")
     parser.add_argument(
         "--workdir", type=Path, help="keep logs and the audit log here (default: a temporary directory, removed)"
@@ -1165,6 +1229,8 @@ def main(argv: list[str] | None = None) -> int:
         help="a chart value other than its default (e.g. operator.workers=16); repeatable; say so with the figures",
     )
     args = parser.parse_args(argv)
+    if args.failing and "burst" in args.modes.split(","):
+        parser.error("--failing: paced mode only (a burst wave waits for every run's Pod of a stage)")
     results = []
     for size in (int(s) for s in args.sizes.split(",")):
         for mode in args.modes.split(","):
