@@ -16,6 +16,10 @@ Modes:
          (3 transitions per run: sft -> reward -> ppo -> merge).
   burst  all runs at once, and each stage's Pods are held Running until every run has one, then released
          together (a KWOK Stage created at that moment): N simultaneous transitions per wave.
+  --handover (burst): the operator is stopped before the first wave is released and started once every
+         Job of it is Complete, so N transitions wait for it at once whatever pace the cluster side has
+         (on this machine a released wave takes about a minute to complete); the wave's rows are its
+         own, and the latency rows leave it out.
   --failing K (paced): K of the runs fail in their first stage (their Pods exit 1 with a failed
          StageResult); once the idle window has ended the benchmark counts which of them got their
          Warning event, the one a user looks for first, while the event queue is full of others.
@@ -742,6 +746,25 @@ def parse_pass_writes(text: str) -> dict[str, list[float]]:
     return out
 
 
+def merge_pass_writes(*counts: dict[str, list[float]]) -> dict[str, list[float]]:
+    """parse_pass_writes's summaries of several operator processes (before and after a --handover) as one."""
+    out: dict[str, list[float]] = {}
+    for count in counts:
+        for created, (passes, mean, over, most) in count.items():
+            if created not in out:
+                out[created] = [passes, mean, over, most]
+                continue
+            before = out[created]
+            total = before[0] + passes
+            out[created] = [
+                total,
+                round((before[0] * before[1] + passes * mean) / total, 2),
+                round((before[0] * before[2] + passes * over) / total, 4),
+                max(before[3], most),
+            ]
+    return out
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of all cores so far, from /proc/stat."""
     cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -787,8 +810,11 @@ def between(requests: list[Request], start: float, end: float) -> list[Request]:
 
 
 def decided_at(operator_log: Path) -> dict[str, float]:
-    """Job name -> when the operator's pass decided to create it (its ``CreateJob <name>`` log line)."""
+    """Job name -> when the operator's pass decided to create it (its ``CreateJob <name>`` log line);
+    empty for a log that is not there (no --handover)."""
     out: dict[str, float] = {}
+    if not operator_log.exists():
+        return out
     for line in operator_log.read_text(errors="replace").splitlines():
         head, sep, job = line.partition(": CreateJob ")
         if sep:
@@ -880,6 +906,10 @@ class Result:
     restart_ready_s: float | None = None
     restart_adopted_s: float | None = None
     restart_status_writes: int = 0
+    # --handover: the first wave's transitions, all waiting when the operator starts: from its start
+    handover_ready_s: float | None = None  # to /readyz
+    handover_first_s: float | None = None  # to the first next-stage Job seen created
+    handover_served_s: float | None = None  # to the last one
     failing_runs: int = 0  # --failing: runs whose first stage's Pods exit 1
     failed_runs: int = 0  # runs in phase Failed once every run finished
     failing_runs_warned: int = 0  # of the failing runs, those with a Warning event once the idle window ended
@@ -922,6 +952,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         t0 = time.time()
         cpu0, busy0 = operator.cpu_seconds(), machine_busy()
         failing = failing_runs(names, args.failing)
+        carried_writes: dict[str, list[float]] = {}  # --handover: the first process's count, before it stopped
         if mode == "paced":
             cluster.apply(
                 [
@@ -939,8 +970,17 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
                 wait_until(
                     f"{size} running {stage} Pods", lambda s=stage: tracker.running(s) >= size, args.timeout, 0.2
                 )
+                handover = args.handover and stage == stages[0]
+                if handover:  # the operator stops before the wave is released, and starts once it is Complete
+                    carried = operator.cpu_seconds() - cpu0
+                    carried_writes = operator.pass_writes()
+                    operator.stop()
                 cluster.apply([pod_succeeded_stage(f"bench-release-{stage}", [stage], 0)])
                 cluster.restart_kwok()
+                if handover:
+                    _serve_handover(args, cluster, operator, tracker, result, size, stage, stages[1])
+                    cpu0 = -carried  # the new process's CPU counts from 0
+                    continue
                 if stage != stages[-1]:
                     following = stages[stages.index(stage) + 1]
                     wait_until(
@@ -958,7 +998,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         busy1 = machine_busy()
         result.machine_cpu_busy = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 2)
         result.operator_waits, result.operator_counters = operator.histograms()
-        result.pass_writes = operator.pass_writes()
+        result.pass_writes = merge_pass_writes(carried_writes, operator.pass_writes())
         log(f"{size} runs ({mode}) finished in {result.all_runs_s} s; idle for {args.idle_seconds} s")
         time.sleep(args.idle_seconds)
         result.peak_rss_first_mib = round(operator.peak_rss_mib(), 1)
@@ -967,7 +1007,13 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         result.failing_runs_warned = sum(1 for name in failing if name in warned)
         result.warning_reasons = dict(Counter(r for name in failing for r in warned.get(name, ())))
 
-        latencies = [created - completed for _, _, completed, created in tracker.transitions()]
+        # A handed-over wave's transitions waited for the operator's start: its own rows tell them.
+        handed_over = stages[1] if args.handover and mode == "burst" else None
+        latencies = [
+            created - completed
+            for _, following, completed, created in tracker.transitions()
+            if following != handed_over
+        ]
         result.transitions = len(latencies)
         if latencies:
             result.latency_p50_s = round(percentile(latencies, 0.5), 2)
@@ -975,7 +1021,9 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
             result.latency_max_s = round(max(latencies), 2)
         requests = operator_requests(cluster.audit_log)
         result.latency_breakdown = latency_breakdown(
-            tracker.transition_jobs(), decided_at(cluster.workdir / "operator.log"), requests
+            [t for t in tracker.transition_jobs() if tracker.job_run[t[0]][1] != handed_over],
+            {**decided_at(cluster.workdir / "operator.log"), **decided_at(cluster.workdir / "operator-handover.log")},
+            requests,
         )
         active = between(requests, t0, done)
         verbs = Counter(r.verb for r in active)
@@ -1027,6 +1075,37 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         if operator is not None:
             operator.stop()
         cluster.stop()
+
+
+def _serve_handover(
+    args: argparse.Namespace,
+    cluster: Cluster,
+    operator: Operator,
+    tracker: Tracker,
+    result: Result,
+    size: int,
+    stage: str,
+    following: str,
+) -> None:
+    """--handover: with the operator stopped, wait until every ``stage`` Job is Complete, start it, and
+    time how long it takes to create every ``following`` Job: ``size`` transitions waiting at once,
+    handed over together whatever pace the cluster side has."""
+    wait_until(f"{size} {stage} Jobs Complete", lambda: _completed_of(tracker, stage) >= size, args.timeout, 0.2)
+    log(f"{size} {stage} Jobs Complete with the operator stopped; starting it")
+    started = time.time()
+    operator.start(cluster, "operator-handover")
+    with contextlib.suppress(TimeoutError):
+        wait_until("the operator's /readyz", lambda: operator.http("/readyz")[0] == 200, 120, 0.2)
+        result.handover_ready_s = round(time.time() - started, 2)
+    wait_until(f"{size} {following} Jobs", lambda: _jobs_of(tracker, following) >= size, args.timeout, 0.2)
+    created = _seen(tracker, tracker.job_added, following)
+    result.handover_first_s = round(min(created) - started, 2)
+    result.handover_served_s = round(max(created) - started, 2)
+
+
+def _completed_of(tracker: Tracker, stage: str) -> int:
+    with tracker.lock:
+        return sum(1 for job in tracker.job_complete if tracker.job_run[job][1] == stage)
 
 
 def _seen(tracker: Tracker, times: dict[str, float], stage: str) -> list[float]:
@@ -1107,6 +1186,14 @@ ROWS: list[tuple[str, Any]] = [
     (
         "burst: the wave's Jobs seen Complete over (first -> last)",
         lambda r: ", ".join(f"{w} s" for w in r.wave_completed_s) or "-",
+    ),
+    (
+        "--handover: operator started with every first-stage Job Complete -> /readyz / first / last next Job",
+        lambda r: (
+            " / ".join(_seconds(v) for v in (r.handover_ready_s, r.handover_first_s, r.handover_served_s))
+            if r.handover_served_s is not None
+            else "-"
+        ),
     ),
     ("all runs done after", lambda r: f"{r.all_runs_s} s"),
     ("API requests per run", lambda r: r.requests_per_run),
@@ -1228,7 +1315,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="a chart value other than its default (e.g. operator.workers=16); repeatable; say so with the figures",
     )
+    parser.add_argument(
+        "--handover",
+        action="store_true",
+        help="burst: stop the operator before the first wave is released and start it once every one of its"
+        " Jobs is Complete: N transitions waiting at once, whatever pace the cluster side has",
+    )
     args = parser.parse_args(argv)
+    if args.handover and "paced" in args.modes.split(","):
+        parser.error("--handover: burst mode only")
     if args.failing and "burst" in args.modes.split(","):
         parser.error("--failing: paced mode only (a burst wave waits for every run's Pod of a stage)")
     results = []

@@ -27,7 +27,7 @@ from rlhf_api.run import RLHFRunSpec, RLHFRunStatus
 from rlhf_api.timestamps import format_timestamp
 
 from . import conditions as cond
-from .actions import CreateJob, EnsurePVC, PostEvent
+from .actions import Action, CreateJob, EnsurePVC, PostEvent
 from .defaults import OperatorDefaults
 from .kube import Cluster
 from .metrics import Metrics
@@ -49,7 +49,7 @@ class Reads(Protocol):
     def created(self, plural: str, body: dict[str, Any]) -> None: ...
 
 
-def _created(actions: list[Any]) -> str:
+def _created(actions: list[Action]) -> str:
     """What a pass created, for rlhf_reconcile_writes: its writes are the run's start (the volume
     claim, with the first stage's Job), a stage transition (a Job) or neither."""
     if any(isinstance(a, EnsurePVC) for a in actions):
