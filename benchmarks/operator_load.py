@@ -438,22 +438,18 @@ class Operator:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def histograms(self) -> tuple[dict[str, list[float]], dict[str, float]]:
-        """Its wait histograms (name -> [count, mean seconds, share over 1 s]) and the Events it dropped
-        (``rlhf_events_dropped_total`` -> [count]); its COUNTERS (``name{labels}`` -> value); from /metrics."""
+    def scrape(self) -> tuple[dict[str, list[float]], dict[str, float], dict[str, list[float]]]:
+        """From one read of /metrics: its wait histograms (name -> [count, mean seconds, share over 1 s])
+        and the Events it dropped (``rlhf_events_dropped_total`` -> [count]); its COUNTERS (``name{labels}``
+        -> value); its own count of each pass's writes (parse_pass_writes)."""
         status, text = self.http("/metrics")
         if status != 200:
-            return {}, {}
+            return {}, {}, {}
         dropped = [
             float(line.split()[-1]) for line in text.splitlines() if line.startswith("rlhf_events_dropped_total ")
         ]
         waits = {**parse_histograms(text), **({"rlhf_events_dropped_total": dropped} if dropped else {})}
-        return waits, parse_counters(text)
-
-    def pass_writes(self) -> dict[str, list[float]]:
-        """Its own count of each pass's writes (parse_pass_writes), from /metrics."""
-        status, text = self.http("/metrics")
-        return parse_pass_writes(text) if status == 200 else {}
+        return waits, parse_counters(text), parse_pass_writes(text)
 
     def runs_known(self) -> int:
         """The runs the operator reports (its rlhf_runs gauge, every phase)."""
@@ -973,7 +969,7 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
                 handover = args.handover and stage == stages[0]
                 if handover:  # the operator stops before the wave is released, and starts once it is Complete
                     carried = operator.cpu_seconds() - cpu0
-                    carried_writes = operator.pass_writes()
+                    carried_writes = operator.scrape()[2]
                     operator.stop()
                 cluster.apply([pod_succeeded_stage(f"bench-release-{stage}", [stage], 0)])
                 cluster.restart_kwok()
@@ -997,8 +993,8 @@ def run_case(args: argparse.Namespace, size: int, mode: str, workdir: Path) -> R
         result.operator_cpu_share = round((operator.cpu_seconds() - cpu0) / (done - t0), 2)
         busy1 = machine_busy()
         result.machine_cpu_busy = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 2)
-        result.operator_waits, result.operator_counters = operator.histograms()
-        result.pass_writes = merge_pass_writes(carried_writes, operator.pass_writes())
+        result.operator_waits, result.operator_counters, pass_writes = operator.scrape()
+        result.pass_writes = merge_pass_writes(carried_writes, pass_writes)
         log(f"{size} runs ({mode}) finished in {result.all_runs_s} s; idle for {args.idle_seconds} s")
         time.sleep(args.idle_seconds)
         result.peak_rss_first_mib = round(operator.peak_rss_mib(), 1)
@@ -1090,7 +1086,12 @@ def _serve_handover(
     """--handover: with the operator stopped, wait until every ``stage`` Job is Complete, start it, and
     time how long it takes to create every ``following`` Job: ``size`` transitions waiting at once,
     handed over together whatever pace the cluster side has."""
-    wait_until(f"{size} {stage} Jobs Complete", lambda: _completed_of(tracker, stage) >= size, args.timeout, 0.2)
+    wait_until(
+        f"{size} {stage} Jobs Complete",
+        lambda: len(_seen(tracker, tracker.job_complete, stage)) >= size,
+        args.timeout,
+        0.2,
+    )
     log(f"{size} {stage} Jobs Complete with the operator stopped; starting it")
     started = time.time()
     operator.start(cluster, "operator-handover")
@@ -1101,11 +1102,6 @@ def _serve_handover(
     created = _seen(tracker, tracker.job_added, following)
     result.handover_first_s = round(min(created) - started, 2)
     result.handover_served_s = round(max(created) - started, 2)
-
-
-def _completed_of(tracker: Tracker, stage: str) -> int:
-    with tracker.lock:
-        return sum(1 for job in tracker.job_complete if tracker.job_run[job][1] == stage)
 
 
 def _seen(tracker: Tracker, times: dict[str, float], stage: str) -> list[float]:
