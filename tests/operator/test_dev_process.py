@@ -94,3 +94,28 @@ def test_only_thread_counts_and_basics_pass_from_the_host_environment(
     seen = json.loads((proc.pod_dir / "volumes" / "tmp" / "scratch").read_text())
     assert seen["OMP_NUM_THREADS"] == "1"
     assert "RLHF_TEST_HOST_SECRET" not in seen
+
+
+class _ExitsBetweenLooks:
+    """A fake process (a real one cannot be made to exit at an exact instant): running at its first
+    look, exited (code 0) at every later one, as a gang's last Pod finishing mid-sync."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def poll(self) -> int | None:
+        self.looks += 1
+        return None if self.looks == 1 else 0
+
+
+def test_a_pod_exiting_mid_sync_is_either_running_or_exited_never_both() -> None:
+    """The tiny pipeline's gang once lost its index-1 Pod: it exited between the kubelet's "running"
+    look and its "exited" look, so it counted toward the Job's completion and was then deleted as a
+    straggler of the finished Job. Each process is looked at once now."""
+    from rlhf_operator.dev.local_kubelet import split_exited
+
+    done, racing = _ExitsBetweenLooks(), _ExitsBetweenLooks()
+    done.poll()  # exited before this sync
+    exited, running = split_exited([done, racing])  # type: ignore[list-item]
+    assert exited == [done] and running == [racing]
+    assert racing.looks == 1

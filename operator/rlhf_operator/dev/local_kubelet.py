@@ -101,6 +101,17 @@ def _finished(status: dict[str, Any]) -> bool:
     return any((_cond(status, k) or {}).get("status") == "True" for k in ("Complete", "Failed"))
 
 
+def split_exited(procs: list[LocalProcess]) -> tuple[list[LocalProcess], list[LocalProcess]]:
+    """(exited, running), looking at each process once. Two looks (one for "running", one for "exited")
+    let a Pod that exits between them count as both: a gang whose last Pod succeeded just then was
+    Complete with that Pod still listed as running, and deleted as a straggler after its success."""
+    exited: list[LocalProcess] = []
+    running: list[LocalProcess] = []
+    for proc in procs:
+        (running if proc.poll() is None else exited).append(proc)
+    return exited, running
+
+
 def _json(resp: Any) -> dict[str, Any]:
     """The decoded body of a ``_preload_content=False`` response (typed by the client as the model)."""
     return json.loads(resp.data)
@@ -221,10 +232,9 @@ class DevJobController:
     def _observe(self, job: dict[str, Any], status: dict[str, Any], procs: list[LocalProcess]) -> None:
         """The Job's running Pods: count those that exited; a failed Job stops the rest."""
         uid = job["metadata"]["uid"]
-        running = [proc for proc in procs if proc.poll() is None]
-        for proc in procs:
-            if proc.poll() is not None:
-                self._exited(job, status, proc)
+        exited, running = split_exited(procs)
+        for proc in exited:
+            self._exited(job, status, proc)
         if running and _finished(status):  # a gang's Pod failed: the Job controller deletes the others
             for proc in running:
                 proc.terminate(self.grace_seconds)
