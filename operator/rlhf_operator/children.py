@@ -174,12 +174,19 @@ def stage_config(run: RunRef, spec: RLHFRunSpec, stage: str) -> str:
     Secret references only (spec.secrets, publish credentials), never a Secret's value, so nothing
     secret reaches the annotation.
     """
-    return yaml.safe_dump(build_invocation(run, spec, stage).to_wire(), sort_keys=True)
+    return yaml.dump(build_invocation(run, spec, stage).to_wire(), Dumper=_YAML_DUMPER, sort_keys=True)
 
 
-def config_too_large(run: RunRef, spec: RLHFRunSpec, stage: str) -> str | None:
-    """Why the stage's config cannot ride on its Job (above STAGE_CONFIG_LIMIT), or None when it can."""
-    size = len(stage_config(run, spec, stage).encode())
+# libyaml's emitter where PyYAML was built with it (its wheels are): the same text as the pure-Python
+# SafeDumper for these plain values (tests/operator/test_children.py compares them), at a fifth of the CPU.
+# Rendering the config was a third of the operator's CPU in a burst of transitions (docs/benchmarks.md).
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def config_too_large(job: dict[str, Any], stage: str) -> str | None:
+    """Why the stage's config cannot ride on its Job (:func:`build_job`'s, above STAGE_CONFIG_LIMIT),
+    or None when it can. Measured on the Job made, so the config is rendered once per Job."""
+    size = len(job["spec"]["template"]["metadata"]["annotations"][STAGE_CONFIG_ANNOTATION].encode())
     if size <= STAGE_CONFIG_LIMIT:
         return None
     return (

@@ -366,13 +366,13 @@ def _start(st: StageStatus, p: _Pass) -> Decision:
     """No Job for the stage: create it, unless the run is suspended or finished."""
     spec = p.run.spec
     if not spec.suspend and p.old.phase not in ("Failed", "Succeeded"):
-        too_large = config_too_large(p.run.ref, spec, st.name)
+        job_manifest = build_job(p.run.ref, spec, st.name)
+        too_large = config_too_large(job_manifest, st.name)
         if too_large is not None:
             # The API server would refuse the Job on every pass: fail the stage once, saying why.
             update = {"phase": "Failed", "completion_time": p.ts, "reason": cond.CONFIG_TOO_LARGE, "message": too_large}
             failed = st.model_copy(update=update)
             return Decision(failed, stop=True, failure=(cond.CONFIG_TOO_LARGE, too_large), finished=True)
-        job_manifest = build_job(p.run.ref, spec, st.name)
         name = job_manifest["metadata"]["name"]
         service = build_rendezvous_service(p.run.ref, spec, st.name)
         actions: list[Action] = [CreateJob(job_manifest, service)]
