@@ -761,6 +761,22 @@ def merge_pass_writes(*counts: dict[str, list[float]]) -> dict[str, list[float]]
     return out
 
 
+def cpu_by_process(named: dict[int, str]) -> dict[str, float]:
+    """CPU seconds (user + system, every thread) each process on the machine has used so far, summed by
+    its name (``named``'s for the pids it names, else the kernel's comm): who a window's CPU went to."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: Counter[str] = Counter()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited meanwhile
+            continue
+        comm, rest = text[text.index("(") + 1 :].rsplit(")", 1)
+        fields = rest.split()
+        out[named.get(int(stat.parent.name), comm)] += (int(fields[11]) + int(fields[12])) / tick
+    return dict(out)
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of all cores so far, from /proc/stat."""
     cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -906,6 +922,7 @@ class Result:
     handover_ready_s: float | None = None  # to /readyz
     handover_first_s: float | None = None  # to the first next-stage Job seen created
     handover_served_s: float | None = None  # to the last one
+    handover_cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds by process while it served
     failing_runs: int = 0  # --failing: runs whose first stage's Pods exit 1
     failed_runs: int = 0  # runs in phase Failed once every run finished
     failing_runs_warned: int = 0  # of the failing runs, those with a Warning event once the idle window ended
@@ -1093,12 +1110,17 @@ def _serve_handover(
         0.2,
     )
     log(f"{size} {stage} Jobs Complete with the operator stopped; starting it")
+    before = cpu_by_process({os.getpid(): "benchmark (its watches)"})
     started = time.time()
     operator.start(cluster, "operator-handover")
     with contextlib.suppress(TimeoutError):
         wait_until("the operator's /readyz", lambda: operator.http("/readyz")[0] == 200, 120, 0.2)
         result.handover_ready_s = round(time.time() - started, 2)
     wait_until(f"{size} {following} Jobs", lambda: _jobs_of(tracker, following) >= size, args.timeout, 0.2)
+    assert operator.proc is not None
+    after = cpu_by_process({os.getpid(): "benchmark (its watches)", operator.proc.pid: "operator"})
+    spent = {name: round(cpu - before.get(name, 0.0), 1) for name, cpu in after.items()}
+    result.handover_cpu_s = dict(sorted(((n, c) for n, c in spent.items() if c >= 0.5), key=lambda nc: -nc[1]))
     created = _seen(tracker, tracker.job_added, following)
     result.handover_first_s = round(min(created) - started, 2)
     result.handover_served_s = round(max(created) - started, 2)
@@ -1190,6 +1212,10 @@ ROWS: list[tuple[str, Any]] = [
             if r.handover_served_s is not None
             else "-"
         ),
+    ),
+    (
+        f"--handover: CPU seconds by process from the operator's start to the last next Job ({os.cpu_count()} cores)",
+        lambda r: ", ".join(f"{name} {cpu}" for name, cpu in r.handover_cpu_s.items()) or "-",
     ),
     ("all runs done after", lambda r: f"{r.all_runs_s} s"),
     ("API requests per run", lambda r: r.requests_per_run),
