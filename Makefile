@@ -59,7 +59,7 @@ test: setup ## run the whole test suite: the node tier, tests/stages in two part
 test-serial: setup ## the whole suite in one pytest process (as plain `pytest` from the root runs it)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup ## the inner loop: no training, no node, no fault injection; two parts side by side
+test-fast: setup ## the inner loop: no training, no node, no fault injection; three parts side by side
 	$(PY) -m tests.run_suite --fast -- $(PYTEST_ARGS)
 
 cluster: venv controlplane ## a real single-node cluster (root; builds the images on first use); Ctrl-C stops it
