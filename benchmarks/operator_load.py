@@ -28,6 +28,8 @@ Measured (every figure from this process's own watch or from the audit log, neve
 word, except "adopted", which is its rlhf_runs gauge):
   transition latency   a stage Job seen Complete -> the run's next stage Job seen created (p50, p99, max)
   wave served          burst: a wave's first Job seen Complete -> the last next-stage Job seen created
+  --handover CPU       every process's CPU seconds (/proc, all threads) from the operator's start to the
+                       last next-stage Job: who the served wave's time went to
   wave completed over  burst: a wave's first Job seen Complete -> its last one (the Job controller's and the
                        simulated kubelet's part of "served": a transition starts when its Job is Complete)
   requests per run     the operator's API requests while the runs ran, / N (writes and LISTs apart)
