@@ -38,6 +38,8 @@ def test_benchmark_reports_every_figure_for_a_tiny_burst_with_a_handover(tmp_pat
     assert 0 < result["latency_p50_s"] <= result["latency_p99_s"] <= result["latency_max_s"] < 120
     handover = [result[f"handover_{k}_s"] for k in ("ready", "first", "served")]
     assert 0 < handover[0] <= handover[1] + 0.5 and handover[1] <= handover[2] < 120, handover
+    # Who spent the CPU meanwhile: at least the operator (its start alone takes over a second).
+    assert result["handover_cpu_s"].get("operator", 0) >= 0.5, result["handover_cpu_s"]
     # The two later waves were released together (reward, ppo); each was served after it began.
     assert len(result["wave_served_s"]) == 2 and all(0 < w < 120 for w in result["wave_served_s"])
     # A wave is served after its last Job is seen Complete: its completions' spread is a part of it.
