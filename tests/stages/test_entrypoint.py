@@ -14,6 +14,7 @@ import yaml
 from conftest import PYTHON_PATH, REPO, read_result, tiny_spec, write_invocation
 from rlhf_api.layout import StageResult
 from rlhf_api.watch import EvaluationRow
+from rlhf_stages.runtime.context import StageConfigError
 from rlhf_stages.runtime.entrypoint import main
 from rlhf_stages.runtime.outputs import result_json
 
@@ -71,6 +72,27 @@ def test_config_file_errors(tmp_path: Path, in_process: Path, capsys: pytest.Cap
     (tmp_path / "broken.yaml").write_text("stage: [\n")
     assert main(["sft", "--config", str(tmp_path / "broken.yaml")]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_a_json_config_is_read_as_json(tmp_path: Path) -> None:
+    """A config written as JSON reads back as the invocation it was made from, a learning rate of
+    1e-05 included: PyYAML reads JSON's 1e-05 as a string, which validation refuses."""
+    from rlhf_api.layout import RunRef
+    from rlhf_api.run import RLHFRunSpec
+    from rlhf_operator.children import build_invocation
+    from rlhf_stages.runtime.entrypoint import load_invocation
+
+    run = RunRef(namespace="ns", name="tiny", uid="uid-1")
+    spec = RLHFRunSpec.model_validate(tiny_spec(sft={"training": {"learningRate": 1e-05}}), strict=False)
+    wire = build_invocation(run, spec, "sft").to_wire()
+    config = tmp_path / "invocation.yaml"
+    config.write_text(json.dumps(wire, sort_keys=True, indent=2, ensure_ascii=False))
+    read = load_invocation(config)
+    assert read.to_wire() == wire and read.spec.sft.training.learning_rate == 1e-05
+    assert yaml.safe_load(config.read_text())["spec"]["sft"]["training"]["learningRate"] == "1e-05"  # the reason
+    config.write_text('{"stage": "sft", ')
+    with pytest.raises(StageConfigError, match="not valid YAML/JSON"):
+        load_invocation(config)
 
 
 def test_config_error_imports_no_ml_library(tmp_path: Path) -> None:
