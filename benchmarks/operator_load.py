@@ -437,8 +437,7 @@ class Operator:
     def cpu_seconds(self) -> float:
         """User + system CPU time the operator process has used so far."""
         assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_stat_cpu(Path(f"/proc/{self.proc.pid}/stat").read_text())[1]
 
     def scrape(self) -> tuple[dict[str, list[float]], dict[str, float], dict[str, list[float]]]:
         """From one read of /metrics: its wait histograms (name -> [count, mean seconds, share over 1 s])
@@ -763,19 +762,24 @@ def merge_pass_writes(*counts: dict[str, list[float]]) -> dict[str, list[float]]
     return out
 
 
+def proc_stat_cpu(text: str) -> tuple[str, float]:
+    """(comm, user + system CPU seconds of every thread) from a /proc/<pid>/stat text. The comm is
+    cut at the last ")": it may itself hold spaces and parentheses."""
+    comm, rest = text[text.index("(") + 1 :].rsplit(")", 1)
+    fields = rest.split()
+    return comm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_by_process(named: dict[int, str]) -> dict[str, float]:
-    """CPU seconds (user + system, every thread) each process on the machine has used so far, summed by
-    its name (``named``'s for the pids it names, else the kernel's comm): who a window's CPU went to."""
-    tick = os.sysconf("SC_CLK_TCK")
+    """CPU seconds each process on the machine has used so far, summed by its name (``named``'s for
+    the pids it names, else the kernel's comm): who a window's CPU went to."""
     out: Counter[str] = Counter()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            text = stat.read_text()
+            comm, cpu = proc_stat_cpu(stat.read_text())
         except OSError:  # exited meanwhile
             continue
-        comm, rest = text[text.index("(") + 1 :].rsplit(")", 1)
-        fields = rest.split()
-        out[named.get(int(stat.parent.name), comm)] += (int(fields[11]) + int(fields[12])) / tick
+        out[named.get(int(stat.parent.name), comm)] += cpu
     return dict(out)
 
 
