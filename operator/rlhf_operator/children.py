@@ -61,7 +61,7 @@ from rlhf_api.podtemplate import (
 from rlhf_api.publish import HUB_TOKEN_ENV, OPERATOR_VERSION_ENV, S3_ACCESS_KEY_ID_ENV, S3_SECRET_ACCESS_KEY_ENV
 from rlhf_api.run import RLHFRunSpec
 from rlhf_api.runtime import INPUT_CACHE_MOUNT_PATH, WORKSPACE_INPUT_CACHE, WORKSPACE_MOUNT_PATH
-from rlhf_operator import __version__
+from rlhf_operator import __version__, wire_json
 
 CONTAINER_NAME = "stage"
 DEFAULT_PVC_SIZE = "100Gi"
@@ -166,7 +166,8 @@ STAGE_CONFIG_LIMIT = 128 * 1024
 
 
 def stage_config(run: RunRef, spec: RLHFRunSpec, stage: str) -> str:
-    """The stage's invocation (YAML): a snapshot of the spec taken when the stage's Job is created.
+    """The stage's invocation: a snapshot of the spec taken when the stage's Job is created, as JSON
+    that YAML readers read the same (:mod:`wire_json`), or as YAML where it cannot be.
 
     It rides on the Job's Pod template as the STAGE_CONFIG_ANNOTATION, which a downwardAPI volume
     projects as the container's config file: no ConfigMap, so creating the Job is the stage's one
@@ -174,12 +175,15 @@ def stage_config(run: RunRef, spec: RLHFRunSpec, stage: str) -> str:
     Secret references only (spec.secrets, publish credentials), never a Secret's value, so nothing
     secret reaches the annotation.
     """
-    return yaml.dump(build_invocation(run, spec, stage).to_wire(), Dumper=_YAML_DUMPER, sort_keys=True)
+    wire = build_invocation(run, spec, stage).to_wire()
+    text = wire_json.dumps(wire)
+    return text if text is not None else yaml.dump(wire, Dumper=_YAML_DUMPER, sort_keys=True)
 
 
-# libyaml's emitter where PyYAML was built with it (its wheels are): the same text as the pure-Python
-# SafeDumper for these plain values (tests/operator/test_children.py compares them), at a fifth of the CPU.
-# Rendering the config was a third of the operator's CPU in a burst of transitions (docs/benchmarks.md).
+# JSON is written because rendering the config was the largest part of the operator's CPU in a burst
+# of transitions (docs/benchmarks.md): a seventh of libyaml's time for the same config. Stage images
+# from before the entrypoint read JSON parse it with PyYAML, which reads this JSON as the same value.
+# libyaml's emitter for the rare config JSON cannot carry: the pure-Python one's text at a fifth of its CPU.
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 

@@ -108,19 +108,52 @@ def test_job_carries_every_setting() -> None:
     )
 
 
-def test_the_config_text_is_what_the_pure_python_emitter_writes() -> None:
-    """The config is rendered with libyaml's emitter (a fifth of the CPU in a burst of transitions):
-    the text must not change with it, long, quoted and non-ASCII strings included."""
+def _read_by_every_reader(text: str) -> list[object]:
+    """The config as the stage images read it: today's entrypoint (JSON when it starts with ``{``,
+    else YAML) and the older ones (PyYAML, with or without libyaml)."""
+    import json
+
     import yaml
 
+    readers = [yaml.load(text, Loader=yaml.SafeLoader), yaml.load(text, Loader=yaml.CSafeLoader)]
+    return [*readers, json.loads(text)] if text.startswith("{") else readers
+
+
+def test_the_config_reads_back_as_the_invocation_in_every_stage_image() -> None:
+    """The config is written as JSON (a seventh of libyaml's CPU, which was a third of the operator's in
+    a burst of transitions); images from before the entrypoint read JSON parse it with PyYAML, so both
+    must read the invocation itself: small floats, long, quoted, non-ASCII and line-separator strings."""
     from rlhf_operator.children import build_invocation
 
-    assert yaml.__with_libyaml__, "PyYAML without libyaml: the operator would render configs 5x slower"
-    odd = ["Be kind. " * 30, "Quote: 'single' and \"double\": # not a comment", "Répondre en français — ✓"]
-    for spec, stages in ((full_spec(), ("sft", "reward", "ppo", "merge")), (rlaif_spec(constitution=odd), ("rlaif",))):
+    odd = ["Be kind. " * 30, "Quote: 'single' and \"double\": # not a comment", "Répondre — ✓ 😀", "a\u2028b\x85c"]
+    doc = tiny_run()["spec"]
+    doc["ppo"].update(learningRate=1e-05, initKlCoef=2e-06)  # JSON's 1e-05 is a string to YAML 1.1
+    small = RLHFRunSpec.model_validate(doc, strict=False)
+    cases = [
+        (full_spec(), ("sft", "reward", "ppo", "merge")),
+        (small, ("ppo",)),
+        (rlaif_spec(constitution=odd), ("rlaif",)),
+    ]
+    for spec_, stages in cases:
         for stage in stages:
-            wire = build_invocation(RUN, spec, stage).to_wire()
-            assert stage_config(RUN, spec, stage) == yaml.safe_dump(wire, sort_keys=True), stage
+            text = stage_config(RUN, spec_, stage)
+            assert text.startswith("{") and "\n" not in text, stage
+            wire = build_invocation(RUN, spec_, stage).to_wire()
+            assert all(read == wire for read in _read_by_every_reader(text)), stage
+
+
+def test_a_config_yaml_cannot_read_as_json_is_written_as_yaml() -> None:
+    """A YAML reader takes a flow mapping's key only within 1,024 characters: a free-form map with a
+    longer key (generation.extra) is written as YAML, which every stage image reads."""
+    from rlhf_operator.children import build_invocation
+
+    doc = tiny_run()["spec"]
+    doc["ppo"]["generation"] = {"extra": {"k" * 1500: 1, "repetition_penalty": 1e-05}}
+    long_key = RLHFRunSpec.model_validate(doc, strict=False)
+    text = stage_config(RUN, long_key, "ppo")
+    assert not text.startswith("{")
+    wire = build_invocation(RUN, long_key, "ppo").to_wire()
+    assert all(read == wire for read in _read_by_every_reader(text))
 
 
 def test_the_entrypoint_is_the_command() -> None:
@@ -133,10 +166,13 @@ def test_builders_are_deterministic() -> None:
 
 
 def test_the_stage_config_holds_the_invocation_and_no_secret_value() -> None:
+    import json
+
     text = stage_config(RUN, full_spec(), "reward")
-    assert "kind: StageInvocation" in text and "stage: reward" in text and "uid: uid-1" in text
+    config = json.loads(text)
+    assert (config["kind"], config["stage"], config["run"]["uid"]) == ("StageInvocation", "reward", "uid-1")
     # Secrets by reference only: the annotation names the Secret and key, as the env does.
-    assert "name: hf" in text and "key: token" in text
+    assert config["spec"]["secrets"]["hfToken"] == {"name": "hf", "key": "token"}
     assert len(text.encode()) < STAGE_CONFIG_LIMIT // 10  # far from the limit the planner enforces
 
 
