@@ -39,6 +39,25 @@ DETECTORS = (
     JUDGE_FALLING,
 )
 
+# The signals that know what a good answer is, each an evaluation record's key -> the watch field that
+# turns it on. Without any of them the watch sees only the answers' shape (score, length, diversity,
+# KL), and a hack that keeps length and vocabulary passes silently (docs/watch.md, "Other holes"):
+# the report and rlhfctl say so when such a run raised no alarm.
+ANSWER_SIGNALS = {"preference_accuracy": "preferenceSet", "check_pass_rate": "checks", "judge_win_rate": "judge"}
+
+
+def shape_only_note(measured: set[str]) -> str | None:
+    """For a run without an alarm whose evaluations measured the keys ``measured``: the note that says
+    which answer signals were off, or None when at least one was on."""
+    if measured & set(ANSWER_SIGNALS):
+        return None
+    return (
+        f"no alarm, but this watch had no {', no '.join(ANSWER_SIGNALS.values())}: it saw only the answers' shape "
+        "(score, length, diversity, KL), so a hack that keeps their length and vocabulary (a flipped sentiment, "
+        'a wrong topic) would not show (docs/watch.md, "What they cannot see")'
+    )
+
+
 WatchAction = Literal["warn", "stop", "rollback"]
 CheckpointSelection = Literal["lastBeforeAlarm", "last", "bestReward"]
 

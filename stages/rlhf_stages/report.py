@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_api.methods import ALIGNED_POLICY_STAGES
+from rlhf_api.watch import ANSWER_SIGNALS, shape_only_note
 
 # Curves worth plotting per stage: (history key, label). The first key a stage has is used.
 CURVES: dict[str, list[tuple[str, str]]] = {
@@ -218,13 +219,12 @@ def watch_markdown(watched: dict[str, Any] | None) -> list[str]:
         return []
     lines = ["", "## Reward-hacking watch", ""]
     findings = watched.get("findings") or []
-    lines.append(
-        f"**ALARM**: {'; '.join(findings)}"
-        if findings
-        else "No detector fired (docs/watch.md says what they cannot see)."
-    )
-    lines += ["", f"Output: step {watched.get('selectedStep')} ({watched.get('selection')}).", ""]
     table = watched.get("evaluations") or []
+    measured = {key for row in table for key, value in row.items() if value is not None}
+    note = shape_only_note(measured)
+    quiet = f"No detector fired: {note}." if note else "No detector fired (docs/watch.md says what they cannot see)."
+    lines.append(f"**ALARM**: {'; '.join(findings)}" if findings else quiet)
+    lines += ["", f"Output: step {watched.get('selectedStep')} ({watched.get('selection')}).", ""]
     # The optional signals get a column only when this run measured them (a preference set, checks).
     columns = [k for k in WATCH_TABLE if k not in WATCH_OPTIONAL or any(e.get(k) is not None for e in table)]
     lines += [
@@ -260,7 +260,7 @@ WATCH_TABLE = {
     "check_pass_rate": "checks passed",
     "judge_win_rate": "judge win rate",
 }
-WATCH_OPTIONAL = ("preference_accuracy", "check_pass_rate", "judge_win_rate")
+WATCH_OPTIONAL = tuple(ANSWER_SIGNALS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,3 +88,32 @@ def test_the_report_shows_the_watch_its_alarm_table_samples_and_the_kept_checkpo
     assert "| 0 | -1.000 | n/a | n/a | 11.000 | n/a | n/a | n/a | output |" in markdown
     assert "| 5 | 2.000 | n/a | n/a | 4.000 | n/a | n/a | 0.500 | alarm |" in markdown
     assert "| 5 | q? | a (fails sentence) | 2.000 |" in markdown and "| 0 | q? | a. | -1.000 |" in markdown
+
+
+def test_a_quiet_watch_says_which_signals_that_know_a_good_answer_were_off() -> None:
+    """No finding is not "no hack": without a judge, checks or a preference set the watch sees only the
+    answers' shape (docs/watch.md measured a flipped-sentiment hack that no shape signal saw). The report
+    and rlhfctl say so; with one of them on, they do not."""
+    from rlhf_api.watch import EvaluationRow
+    from rlhf_operator.cli.cluster import watch_lines
+    from rlhf_stages.report import watch_markdown
+
+    shape_only = [{"step": 0, "score_mean": 1.0, "length_mean": 9.0}, {"step": 5, "score_mean": 3.0}]
+    judged = [{**row, "judge_win_rate": 0.5} for row in shape_only]
+
+    def quiet_line(table: list[dict[str, float]]) -> str:
+        watched = {"findings": [], "selectedStep": 5, "selection": "final", "evaluations": table}
+        return next(line for line in watch_markdown(watched) if line.startswith("No detector fired"))
+
+    note = "no alarm, but this watch had no preferenceSet, no checks, no judge: it saw only the answers' shape"
+    assert quiet_line(shape_only).startswith(f"No detector fired: {note}")
+    assert quiet_line(judged) == "No detector fired (docs/watch.md says what they cannot see)."
+
+    def rows(table: list[dict[str, float]]) -> list[EvaluationRow]:
+        return [
+            EvaluationRow(step=r["step"], score=r["score_mean"], judge_win_rate=r.get("judge_win_rate")) for r in table
+        ]
+
+    assert watch_lines([], "final", rows(shape_only), 2)[-1].startswith(f"  {note}")
+    assert not any("no alarm" in line for line in watch_lines([], "final", rows(judged), 2))
+    assert not any("no alarm" in line for line in watch_lines(["x at step 5: y"], None, rows(shape_only), 2))

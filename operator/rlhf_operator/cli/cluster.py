@@ -11,7 +11,7 @@ from typing import Any
 from rlhf_api.names import GROUP, LEGACY_JOB_NAME_LABEL, PLURAL, VERSION
 from rlhf_api.run import RLHFRunStatus
 from rlhf_api.timestamps import parse_timestamp
-from rlhf_api.watch import EvaluationRow
+from rlhf_api.watch import ANSWER_SIGNALS, EvaluationRow, shape_only_note
 from rlhf_operator import children
 
 
@@ -85,6 +85,7 @@ def watch_lines(
         ("distinct2", "DIST-2", ".2f"),
     ]
     # Only the signals this run measured (a preference set, checks, a judge): the others would be columns of '-'.
+    measured = {key for key in ANSWER_SIGNALS if any(getattr(r, key) is not None for r in rows)}
     columns += [
         (key, head, ".2f")
         for key, head in (
@@ -92,7 +93,7 @@ def watch_lines(
             ("check_pass_rate", "CHECKS"),
             ("judge_win_rate", "JUDGE"),
         )
-        if any(getattr(r, key) is not None for r in rows)
+        if key in measured
     ]
     lines.append(pad + f"{'EVAL STEP':>9}" + "".join(f" {head:>8}" for _, head, _ in columns))
     for r in rows:
@@ -101,7 +102,8 @@ def watch_lines(
         )
         marks = " ".join(m for m, on in (("ALARM", r.alarm), ("<- output", r.selected)) if on)
         lines.append(f"{pad}{r.step:>9}{cells}  {marks}".rstrip())
-    return lines
+    note = None if findings else shape_only_note(measured)
+    return [*lines, f"{pad}{note}"] if note else lines
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
