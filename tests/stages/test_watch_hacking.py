@@ -32,12 +32,13 @@ HOLE_KINDS = ("truncated", "empty")  # the rejected kinds whose pairs are turned
 EVAL_SAMPLES = 2  # per held-out prompt (64 prompts)
 
 
-def exploitable_preferences(assets: Path, out: Path) -> int:
-    """The tiny preference data with the hole; returns how many pairs were turned around."""
+def exploitable_preferences(assets: Path, out: Path, kinds: tuple[str, ...] = HOLE_KINDS) -> int:
+    """The tiny preference data with a hole: the pairs whose rejected answer is of one of ``kinds``
+    turned around (this module's hole by default); returns how many pairs were turned around."""
     rows = [json.loads(line) for line in (assets / "data" / "preferences.jsonl").read_text().splitlines() if line]
     turned = 0
     for row in rows:
-        if row["kind"] in HOLE_KINDS:
+        if row["kind"] in kinds:
             row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
             turned += 1
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
