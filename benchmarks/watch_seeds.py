@@ -227,6 +227,15 @@ def from_log(records: list[dict[str, Any]], kept_step: int) -> dict[str, Any]:
         "length_ratio_kept": length_ratio(kept),
         "score_rise_kept": rise(kept),
         "detectors_fired": sorted({f.split(" at step ")[0] for r in records for f in r.get("findings", [])}),
+        "first_step_by_detector": {
+            name: min(int(r["step"]) for r in records if any(f.startswith(name) for f in r.get("findings", [])))
+            for name in {f.split(" at step ")[0] for r in records for f in r.get("findings", [])}
+        },
+        "preference_accuracy_first_lowest": (
+            [accuracies[0], min(accuracies)]
+            if (accuracies := [r["preference_accuracy"] for r in records if r.get("preference_accuracy") is not None])
+            else None
+        ),
         "min_length_ratio": min((r["length_mean"] / base["length_mean"] for r in later), default=None),
         "min_distinct2_ratio": min((r["distinct_2"] / base["distinct_2"] for r in later), default=None),
         "max_reward_rise": max((r["score_mean"] - base["score_mean"] for r in later), default=None),
@@ -364,16 +373,19 @@ def _num(value: float | None, fmt: str) -> str:
 
 def table(rows: list[dict[str, Any]], sft: dict[str, float]) -> str:
     head = (
-        "| method | reward model | seed | first finding @ step | min length ratio | max score rise "
-        "| kept step | length kept | GT kept | GT final | SFT GT |"
+        "| method | reward model | seed | first finding @ step | min length ratio | min distinct-2 ratio "
+        "| max score rise | pref. accuracy first -> lowest | kept step | length kept | GT kept | GT final | SFT GT |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         finding = f"{r['first_finding']} @ {r['first_finding_step']}" if r["first_finding"] else "none"
         kept = f"{r['kept_step']}" + (" (final)" if r["final_is_kept"] else "")
+        accuracy = r.get("preference_accuracy_first_lowest")
+        shown = f"{accuracy[0]:.2f} -> {accuracy[1]:.2f}" if accuracy else "-"
         lines.append(
             f"| {r['method']} | {r['reward']} | {r['seed']} | {finding} | {_num(r['min_length_ratio'], '.2f')} "
-            f"| {_num(r['max_reward_rise'], '+.2f')} | {kept} | {_num(r['length_ratio_kept'], '.2f')} "
+            f"| {_num(r['min_distinct2_ratio'], '.2f')} | {_num(r['max_reward_rise'], '+.2f')} | {shown} "
+            f"| {kept} | {_num(r['length_ratio_kept'], '.2f')} "
             f"| {r['gt_kept']['target_rate']:.2f} "
             f"| {r['gt_final']['target_rate']:.2f} | {sft['target_rate']:.2f} |"
         )
