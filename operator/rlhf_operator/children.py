@@ -180,10 +180,10 @@ def stage_config(run: RunRef, spec: RLHFRunSpec, stage: str) -> str:
     return text if text is not None else yaml.dump(wire, Dumper=_YAML_DUMPER, sort_keys=True)
 
 
-# JSON is written because rendering the config was the largest part of the operator's CPU in a burst
-# of transitions (docs/benchmarks.md): a seventh of libyaml's time for the same config. Stage images
-# from before the entrypoint read JSON parse it with PyYAML, which reads this JSON as the same value.
-# libyaml's emitter for the rare config JSON cannot carry: the pure-Python one's text at a fifth of its CPU.
+# JSON is written because rendering the config with libyaml was 12.7 % of the operator's GIL samples in a
+# burst of transitions (docs/benchmarks.md); json.dumps takes about a fifth of its time. Stage images from
+# before the entrypoint read JSON parse it with PyYAML, which reads this JSON as the same value. libyaml's
+# emitter for the rare config JSON cannot carry: the pure-Python one's text at a fifth of its CPU.
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
